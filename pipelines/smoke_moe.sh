@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The MoE smoke: like pipelines/smoke.sh, with routed experts at 3 bits. With CUDA and the hub it runs
+# OLMoE-1B-7B-Instruct; offline, a tiny qwen3_moe with RANDOM weights (plumbing only: no accuracy claims).
+#   bash pipelines/smoke_moe.sh [smoke.py flags]    recipe: configs/smoke_moe.env; docs/SMOKE.md
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck disable=SC1091
+source "$ROOT/env.sh"
+# shellcheck disable=SC1091
+source "$ROOT/configs/smoke_moe.env"
+moe_lowbit_ensure_venv
+cd "$ROOT"
+exec python -m smoke --expert-bits "$EXPERT_BITS" --linear-bits "$LINEAR_BITS" --mtp-bits "$MTP_BITS" \
+  --group "$GROUP" --clip-steps "$CLIP_STEPS" --clip-lo "$CLIP_LO" "$@"
