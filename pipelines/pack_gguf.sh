@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Pack the ORIGINAL BF16 checkpoint into a deployable llama.cpp GGUF:
+#   convert (BF16 GGUF, + *-mmproj-f16.gguf for a vision tower) -> imatrix on calibration text ->
+#   llama-quantize with the tensor-type recipe -> meta JSON (size, bpw, types read back, fallbacks, commands).
+#   BASE_TYPE=IQ3_XXS MODEL=/ckpt OUT=/out bash pipelines/pack_gguf.sh
+#   bash pipelines/pack_gguf.sh --help
+# Knobs (defaults in configs/gguf.env, RECIPE=configs/other.env to swap the file): MODEL OUT NAME BASE_TYPE
+# TENSOR_TYPES MTP MMPROJ CALIB_FILE CALIB_DATASET IMATRIX IMATRIX_CHUNKS IMATRIX_CTX IMATRIX_ARGS THREADS
+# FORCE. LLAMA_CPP=/path uses an existing llama.cpp build. Finished steps are reused on a rerun (each
+# output is written to *.part and renamed when complete); delete a file to redo its step.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+case "${1:-}" in
+  -h|--help) sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; echo; echo "configs/gguf.env:"; cat "$ROOT/configs/gguf.env"; exit 0 ;;
+  "") ;;
+  *) echo "pack_gguf: unknown argument '$1' (settings come from the environment; see --help)" >&2; exit 2 ;;
+esac
+# shellcheck disable=SC1091
+source "$ROOT/env.sh"
+RECIPE="${RECIPE:-$ROOT/configs/gguf.env}"
+[ -f "$RECIPE" ] || { echo "pack_gguf: recipe '$RECIPE' not found" >&2; exit 2; }
+# shellcheck disable=SC1090
+source "$RECIPE"
+cd "$ROOT"
+moe_lowbit_ensure_venv
+
+if [ -z "$TENSOR_TYPES" ]; then
+  case "${BASE_TYPE^^}" in Q3_K*) TENSOR_TYPES="$RECIPE_Q3K" ;; *) TENSOR_TYPES="$RECIPE_IQ3" ;; esac
+fi
+[ -f "$TENSOR_TYPES" ] || { echo "pack_gguf: TENSOR_TYPES='$TENSOR_TYPES' not found" >&2; exit 2; }
+
+# 0. input: the original checkpoint, never a dequantized PTQ clip (unless FORCE=1)
+MODEL_DIR="$(python -m gguf_pack resolve-model "$MODEL" ${REVISION:+--revision "$REVISION"} | tail -n 1)"
+python -m gguf_pack check-input "$MODEL_DIR" $([ "$FORCE" = 1 ] && echo --force)
+python -m gguf_pack check-tokenizer "$MODEL_DIR"
+
+# 1. llama.cpp tools, converter and gguf-py of ONE version (built once, cached)
+LLAMA_PREFIX="$(bash "$ROOT/pipelines/install_llamacpp.sh" | tail -n 1)"
+BIN="$LLAMA_PREFIX/bin"; [ -x "$BIN/llama-quantize" ] || BIN="$LLAMA_PREFIX/build/bin"
+TREE="$LLAMA_PREFIX/llama.cpp"; [ -f "$TREE/convert_hf_to_gguf.py" ] || TREE="$LLAMA_PREFIX"
+export PYTHONPATH="$TREE/gguf-py:$PYTHONPATH"
+export LLAMA_CPP_VERSION
+LLAMA_CPP_BUILD_INFO="$("$BIN/llama-server" --version 2>&1 | grep -m1 -i version || true)"
+CONVERT_FLAGS="$(python -m gguf_pack converter-flags "$MODEL_DIR" --mtp "$MTP" --tree "$TREE")"
+export LLAMA_CPP_BUILD_INFO
+
+STEM="${NAME:-$(basename "$MODEL_DIR")}"
+mkdir -p "$OUT"
+BF16="$OUT/$STEM-BF16.gguf"
+MMPROJ_GGUF="$OUT/$STEM-mmproj-f16.gguf"
+IMAT="${IMATRIX:-$OUT/$STEM-imatrix.gguf}"
+QUANT="$OUT/$STEM-$BASE_TYPE.gguf"
+META="$OUT/$STEM-$BASE_TYPE.meta.json"
+COMMANDS="$OUT/$STEM-$BASE_TYPE.commands.jsonl"
+LOG="$OUT/$STEM-$BASE_TYPE.log"
+QLOG="$OUT/$STEM-$BASE_TYPE.quantize.log"
+TYPES_FILE="$OUT/$STEM-$BASE_TYPE.tensor_types.txt"
+: > "$COMMANDS"
+echo "pack_gguf: $(date -u +%FT%TZ) MODEL=$MODEL_DIR BASE_TYPE=$BASE_TYPE TENSOR_TYPES=$TENSOR_TYPES" >> "$LOG"
+
+run() {  # run a command (output also appended to $LOG), record argv/rc/seconds for the meta JSON, stop on failure
+  local t0 rc ms; t0=$(date +%s%N)
+  echo "pack_gguf: + $*" | tee -a "$LOG" >&2
+  set +e; "$@" 2>&1 | tee -a "$LOG" >&2; rc=${PIPESTATUS[0]}; set -e
+  ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+  python -m gguf_pack log-command --file "$COMMANDS" --rc "$rc" --seconds "$((ms / 1000)).$(printf %03d $((ms % 1000)))" -- "$@"
+  if [ "$rc" -ne 0 ]; then echo "pack_gguf: step failed (exit $rc): $1" >&2; exit "$rc"; fi
+}
+reuse() {  # log that an existing output was reused
+  echo "pack_gguf: reusing $1" >&2
+  python -m gguf_pack log-command --file "$COMMANDS" --rc 0 --seconds 0 --status reused -- "reuse" "$1"
+}
+
+# 2. BF16 GGUF (+ mmproj)
+if [ -f "$BF16" ]; then reuse "$BF16"; else
+  # shellcheck disable=SC2086
+  run python "$TREE/convert_hf_to_gguf.py" "$MODEL_DIR" --outtype bf16 --outfile "$BF16.part" $CONVERT_FLAGS
+  mv "$BF16.part" "$BF16"
+fi
+WANT_MMPROJ="$MMPROJ"
+if [ "$MMPROJ" = auto ]; then
+  WANT_MMPROJ=$(python -c "import json,sys; print(int('vision_config' in json.load(open(sys.argv[1]))))" "$MODEL_DIR/config.json")
+fi
+if [ "$WANT_MMPROJ" = 1 ]; then
+  if [ -f "$MMPROJ_GGUF" ]; then reuse "$MMPROJ_GGUF"; else
+    run python "$TREE/convert_hf_to_gguf.py" "$MODEL_DIR" --mmproj --outtype f16 --outfile "$MMPROJ_GGUF.part"
+    mv "$MMPROJ_GGUF.part" "$MMPROJ_GGUF"
+  fi
+fi
+
+# 3. importance matrix
+if [ "$IMAT" = none ]; then IMAT=""
+elif [ -f "$IMAT" ]; then reuse "$IMAT"
+else
+  CALIB="$CALIB_FILE"
+  if [ -z "$CALIB" ]; then
+    CALIB="$OUT/$STEM-calibration.txt"
+    [ -f "$CALIB" ] || run python -m gguf_pack calib-text --dataset "$CALIB_DATASET" --chunks "$IMATRIX_CHUNKS" \
+                          --ctx "$IMATRIX_CTX" --out "$CALIB"
+  fi
+  [ -s "$CALIB" ] || { echo "pack_gguf: calibration text '$CALIB' is missing or empty (set CALIB_FILE)" >&2; exit 2; }
+  # shellcheck disable=SC2086
+  run "$BIN/llama-imatrix" -m "$BF16" -f "$CALIB" -o "$IMAT.part.gguf" --chunks "$IMATRIX_CHUNKS" \
+      -c "$IMATRIX_CTX" -t "$THREADS" --no-ppl $IMATRIX_ARGS
+  mv "$IMAT.part.gguf" "$IMAT"
+fi
+
+# 4. recipe -> stripped rule file (validated against the BF16 GGUF; fails on typos and a missing imatrix)
+python -m gguf_pack tensor-types --recipe "$TENSOR_TYPES" --gguf "$BF16" --base-type "$BASE_TYPE" \
+  ${IMAT:+--imatrix "$IMAT"} --out "$TYPES_FILE"
+
+# 5. quantize
+rm -f "$QUANT.part"
+LOG_BEFORE=$(wc -c < "$LOG")
+run "$BIN/llama-quantize" ${IMAT:+--imatrix "$IMAT"} --tensor-type-file "$TYPES_FILE" \
+    --output-tensor-type "$OUTPUT_TENSOR_TYPE" --token-embedding-type "$TOKEN_EMBEDDING_TYPE" \
+    "$BF16" "$QUANT.part" "$BASE_TYPE" "$THREADS"
+mv "$QUANT.part" "$QUANT"
+tail -c +"$((LOG_BEFORE + 1))" "$LOG" > "$QLOG"
+
+# 6. meta JSON: read the file back with gguf-py
+python -m gguf_pack meta --gguf "$QUANT" --source "$BF16" --recipe "$TENSOR_TYPES" --base-type "$BASE_TYPE" \
+  --commands "$COMMANDS" --quantize-log "$QLOG" --out "$META" ${IMAT:+--imatrix "$IMAT"} \
+  $([ -f "$MMPROJ_GGUF" ] && echo --mmproj "$MMPROJ_GGUF")
+echo "$QUANT"
