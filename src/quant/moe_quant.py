@@ -110,13 +110,37 @@ def quantize_groups(groups: torch.Tensor, scales: torch.Tensor, qmax: int) -> to
     return torch.where(s > 0, q, torch.zeros_like(q))
 
 
+SUM_LANES = 8  # quant_kernels_cpu.LANES: the CPU kernel sums in the same lanes
+
+
+def lane_sum(v: torch.Tensor) -> torch.Tensor:
+    """Row sums of [G, g] fp32 in one fixed order (the CPU kernel's): element i goes to lane i % 8, lanes
+    accumulate block by block, combine pairwise, then the tail (g % 8) adds in order.
+
+    A plain `.sum(1)` is associated however this machine's SIMD kernels like, so picks and reported errors
+    would differ between CPUs and between the two paths; every add here is a separate elementwise op.
+    """
+    full = v.shape[1] - v.shape[1] % SUM_LANES
+    acc = torch.zeros(v.shape[0], dtype=v.dtype, device=v.device)
+    if full:
+        blocks = v[:, :full].reshape(v.shape[0], -1, SUM_LANES)
+        lane = blocks[:, 0, :].clone()
+        for b in range(1, blocks.shape[1]):
+            lane += blocks[:, b, :]
+        acc = ((lane[:, 0] + lane[:, 1]) + (lane[:, 2] + lane[:, 3])) + \
+              ((lane[:, 4] + lane[:, 5]) + (lane[:, 6] + lane[:, 7]))
+    for i in range(full, v.shape[1]):
+        acc = acc + v[:, i]
+    return acc
+
+
 def group_errors(groups: torch.Tensor, scales: torch.Tensor, qmax: int) -> torch.Tensor:
-    """[G, g] groups, [G, C] candidate scales -> [G, C] squared error (fp32, like the CPU kernel)."""
+    """[G, g] groups, [G, C] candidate scales -> [G, C] squared error (fp32, summed like the CPU kernel)."""
     errs = torch.empty(scales.shape, dtype=torch.float32, device=groups.device)
     for c in range(scales.shape[1]):
         s = scales[:, c]
         d = quantize_groups(groups, s, qmax) * s[:, None] - groups
-        errs[:, c] = (d * d).sum(1)
+        errs[:, c] = lane_sum(d * d)
     return errs
 
 
@@ -157,8 +181,14 @@ def quantize_groups_into(groups: torch.Tensor, spec: QuantSpec, codes, deq, chos
     chosen.copy_(s)
     deq.copy_(q * s[:, None])
     d = deq - groups
-    err.copy_((d * d).sum(1))
-    ref.copy_((groups * groups).sum(1))
+    err.copy_(lane_sum(d * d))
+    ref.copy_(lane_sum(groups * groups))
+
+
+def fixed_order_total(per_group: torch.Tensor) -> float:
+    """fp64 total of per-group fp32 sums, in an order that depends on nothing but the values (numpy's
+    pairwise sum; torch's CPU reduction splits by thread count and SIMD width)."""
+    return float(per_group.detach().to("cpu", torch.float64).numpy().sum())
 
 
 @torch.no_grad()
@@ -201,8 +231,8 @@ def quantize_tensor(w: torch.Tensor, spec: QuantSpec, axis: int = -1, use_kernel
         err = torch.empty(groups.shape[0], dtype=torch.float32, device=w.device)
         ref = torch.empty(groups.shape[0], dtype=torch.float32, device=w.device)
         quantize_groups_into(groups, spec, codes, deq, chosen, err, ref, use_kernel)
-        sq_err += float(err.sum(dtype=torch.float64))
-        sq_ref += float(ref.sum(dtype=torch.float64))
+        sq_err += fixed_order_total(err)
+        sq_ref += fixed_order_total(ref)
         limit = torch.finfo(spec.scale_dtype).max
         if not bool(torch.isfinite(chosen).all()) or float(chosen.max()) > limit:
             raise ValueError(f"rows {r0}..{r1} hold non-finite weights, or |w|max/qmax exceeds the "
