@@ -5,7 +5,7 @@
 #   BASE_TYPE=IQ3_XXS MODEL=/ckpt OUT=/out bash pipelines/pack_gguf.sh
 #   bash pipelines/pack_gguf.sh --help
 # Knobs (defaults in configs/gguf.env, RECIPE=configs/other.env to swap the file): MODEL OUT NAME BASE_TYPE
-# TENSOR_TYPES MTP MMPROJ CALIB_FILE CALIB_DATASET IMATRIX IMATRIX_CHUNKS IMATRIX_CTX IMATRIX_ARGS THREADS
+# TENSOR_TYPES ROUTER_TYPE MTP MMPROJ CALIB_FILE CALIB_DATASET IMATRIX IMATRIX_CHUNKS IMATRIX_CTX IMATRIX_ARGS THREADS
 # FORCE. LLAMA_CPP=/path uses an existing llama.cpp build. Finished steps are reused on a rerun (each
 # output is written to *.part and renamed when complete); delete a file to redo its step.
 set -euo pipefail
@@ -28,6 +28,7 @@ if [ -z "$TENSOR_TYPES" ]; then
   case "${BASE_TYPE^^}" in Q3_K*) TENSOR_TYPES="$RECIPE_Q3K" ;; *) TENSOR_TYPES="$RECIPE_IQ3" ;; esac
 fi
 [ -f "$TENSOR_TYPES" ] || { echo "pack_gguf: TENSOR_TYPES='$TENSOR_TYPES' not found" >&2; exit 2; }
+case "$ROUTER_TYPE" in f16|bf16|f32) ;; *) echo "pack_gguf: ROUTER_TYPE must be f16, bf16 or f32, got '$ROUTER_TYPE'" >&2; exit 2 ;; esac
 
 # 0. input: the original checkpoint, never a dequantized PTQ clip (unless FORCE=1)
 MODEL_DIR="$(python -m gguf_pack resolve-model "$MODEL" ${REVISION:+--revision "$REVISION"} | tail -n 1)"
@@ -74,7 +75,8 @@ reuse() {  # log that an existing output was reused
 # 2. BF16 GGUF (+ mmproj)
 if [ -f "$BF16" ]; then reuse "$BF16"; else
   # shellcheck disable=SC2086
-  run python "$TREE/convert_hf_to_gguf.py" "$MODEL_DIR" --outtype bf16 --outfile "$BF16.part" $CONVERT_FLAGS
+  run python -m gguf_convert --tree "$TREE" --router-type "$ROUTER_TYPE" -- \
+      "$MODEL_DIR" --outtype bf16 --outfile "$BF16.part" $CONVERT_FLAGS
   mv "$BF16.part" "$BF16"
 fi
 WANT_MMPROJ="$MMPROJ"

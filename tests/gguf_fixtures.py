@@ -113,7 +113,7 @@ def run_pack(env: dict) -> subprocess.CompletedProcess:
 def packed(name: str, model_dir: Path, prefix: Path, base_type: str = "IQ3_XXS", **env) -> tuple[Path, dict]:
     """(output dir, meta JSON) of pack_gguf.sh on model_dir, reused while its inputs are unchanged."""
     model_dir = gguf_source(model_dir)
-    key = _key(ROOT / "pipelines" / "pack_gguf.sh", ROOT / "src" / "quant" / "gguf_pack.py",
+    key = _key(ROOT / "pipelines" / "pack_gguf.sh", ROOT / "src" / "quant" / "gguf_pack.py", ROOT / "src" / "quant" / "gguf_convert.py",
                ROOT / "configs" / "gguf.env", ROOT / "configs" / "gguf_tensor_types_iq3.txt",
                ROOT / "configs" / "gguf_tensor_types_q3k.txt", model_dir / "config.json", base_type,
                sorted(env.items()), str(prefix))

@@ -333,7 +333,7 @@ def test_tiny_qwen35_moe_packs_with_the_iq3_recipe(tiny_moe, llama_prefix):
         assert of_kind(types, kind) == {"iq3_xxs"}, kind
     for kind in ("ffn_gate_shexp.weight", "ffn_up_shexp.weight", "ffn_down_shexp.weight"):
         assert of_kind(types, kind) == {"q8_0"}, kind
-    assert of_kind(types, "ffn_gate_inp.weight") == {"f32"}  # router: never quantized
+    assert of_kind(types, "ffn_gate_inp.weight") == {"f16"}  # router: ROUTER_TYPE at conversion, never quantized
     assert of_kind(types, "ffn_gate_inp_shexp.weight") == {"f32"}  # [hidden, 1]: 1-D to ggml, kept
     for kind in ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "attn_qkv.weight",
                  "attn_gate.weight", "ssm_out.weight"):

@@ -9,7 +9,7 @@ The rules below mirror llama.cpp's src/llama-quant.cpp of the pinned version (co
   - a recipe rule `PATTERN=TYPE` is a regex searched in the lower-cased tensor name; the first match wins;
   - token_embd / output take --token-embedding-type / --output-tensor-type before any rule;
   - some tensors are never quantized (1-D, norms, expert router ffn_gate_inp, ssm_conv1d, ...): they keep
-    the type the converter wrote (F32 for the router and SSM scalars);
+    the type of the BF16 GGUF (the router: ROUTER_TYPE via gguf_convert.py; SSM scalars F32);
   - a row length (ne[0]) not divisible by the type's block falls back (IQ3_XXS -> IQ4_NL, Q3_K -> Q4_0,
     ...), and to F16 when even the fallback does not divide it.
 A test compares these predictions with what llama-quantize actually wrote, so a llama.cpp bump that
