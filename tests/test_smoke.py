@@ -387,3 +387,22 @@ def test_pipeline_names_a_failing_step_with_the_childs_own_error(tmp_path, smoll
     assert res.returncode == 1, res.stderr[-2000:]
     assert "SMOKE FAILED at step quantize" in res.stderr and "no *.safetensors files" in res.stderr
     assert "SMOKE OK" not in res.stdout and not (tmp_path / "r" / "smoke").exists()
+
+
+def test_tiny_moe_cache_that_cannot_be_written_is_one_clear_error(tmp_path, smollm2_dir):
+    import smoke_models
+
+    blocker = tmp_path / "cache-is-a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(smoke_models.SmokeModelError, match="could not write the tiny MoE.*fix: check that "
+                                                           "MOE_LOWBIT_CACHE is writable"):
+        smoke_models.tiny_moe_dir(smollm2_dir, blocker, log=lambda m: None)
+
+
+def test_cache_write_hint_names_the_full_disk():
+    import errno
+
+    import verified_cache
+
+    assert "free some disk space" in verified_cache.write_failure_hint(OSError(errno.ENOSPC, "No space left"))
+    assert "writable" in verified_cache.write_failure_hint(PermissionError(errno.EACCES, "denied"))

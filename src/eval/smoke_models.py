@@ -92,9 +92,8 @@ def tiny_moe_dir(tokenizer_dir: Path, cache_root: Path | None = None, seed: int 
         verified_cache.build_dir(final, lambda tmp: _write_tiny_moe(tokenizer_dir, tmp, seed), FORMAT_VERSION,
                                  {"seed": seed, "random_weights": True})
     except OSError as e:
-        hint = "free some disk space or set MOE_LOWBIT_CACHE to a larger disk" if e.errno == 28 else \
-            "check that MOE_LOWBIT_CACHE is writable"
-        raise SmokeModelError(f"could not write the tiny MoE under {root}: {e}; fix: {hint}") from e
+        raise SmokeModelError(f"could not write the tiny MoE under {root}: {e}; "
+                              f"fix: {verified_cache.write_failure_hint(e)}") from e
     return final
 
 

@@ -85,8 +85,8 @@ def smollm2_bf16_dir(cache_root: Path | None = None, force: bool = False, log=pr
         verified_cache.build_dir(final, lambda tmp: convert_gguf_to_bf16(gguf, tmp), FORMAT_VERSION,
                                  {"source": str(gguf), "source_sha256": provenance.sha256_file(gguf)})
     except OSError as e:
-        hint = "free some disk space or set MOE_LOWBIT_CACHE to a larger disk" if e.errno == 28 else "check permissions"
-        raise EmbeddedModelError(f"could not write the embedded model cache under {root}: {e}; fix: {hint}") from e
+        raise EmbeddedModelError(f"could not write the embedded model cache under {root}: {e}; "
+                                 f"fix: {verified_cache.write_failure_hint(e)}") from e
     return final
 
 

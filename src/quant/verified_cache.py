@@ -6,6 +6,7 @@ use it, so a half-written or corrupted entry is rebuilt, never trusted.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -35,6 +36,13 @@ def verify_dir(entry: Path, format_version: int) -> str | None:
         if provenance.sha256_file(f) != digest:
             return f"checksum mismatch in {name}"
     return None
+
+
+def write_failure_hint(error: OSError) -> str:
+    """The fix to print when a cache entry could not be written (a full disk or an unwritable cache root)."""
+    if error.errno == errno.ENOSPC:
+        return "free some disk space or set MOE_LOWBIT_CACHE to a larger disk"
+    return "check that MOE_LOWBIT_CACHE is writable"
 
 
 def build_dir(final: Path, build, format_version: int, extra: dict | None = None) -> Path:
