@@ -18,8 +18,8 @@ if [ "${PROBE:-0}" != "0" ]; then
   exit 3
 fi
 moe_lowbit_ensure_venv
-if [ "$MODEL" = "embedded:smollm2" ]; then
-  MODEL="$(python "$ROOT/src/quant/embedded_model.py" | tail -n 1)"
+if [[ "$MODEL" == embedded:* ]]; then
+  MODEL="$(python "$ROOT/src/quant/embedded_model.py" "$MODEL" | tail -n 1)"
 fi
 ARGS=(--model "$MODEL" --out "$OUT" --expert-bits "$EXPERT_BITS" --linear-bits "$LINEAR_BITS" --mtp-bits "$MTP_BITS"
       --group "$GROUP" --clip-steps "$CLIP_STEPS" --clip-lo "$CLIP_LO" --device "$DEVICE")

