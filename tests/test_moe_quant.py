@@ -21,7 +21,7 @@ def weights(*shape, seed=0, dtype=torch.bfloat16):
     return w.to(dtype)
 
 
-@pytest.mark.parametrize("bits", [1.58, 2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("bits", [1.58, 3, 4, 5, 6, 8])
 def test_codes_are_symmetric_ints_and_dequant_is_code_times_stored_scale(bits):
     spec = mq.QuantSpec(bits, group=64)
     w = weights(48, 320, seed=1)
@@ -46,9 +46,9 @@ def test_level_count_bound_int3():
     assert set(torch.unique(res.codes).tolist()) <= set(range(-3, 4))
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [1.58, 3, 4, 8])
 def test_clip_search_never_worse_than_absmax(bits):
-    w = weights(64, 512, seed=bits)
+    w = weights(64, 512, seed=int(bits))
     clipped = mq.fake_quant(w, mq.QuantSpec(bits, clip_steps=16))
     absmax = mq.fake_quant(w, mq.QuantSpec(bits, clip_steps=0))
     e_clip, e_abs = mq.quant_error(w, clipped), mq.quant_error(w, absmax)
@@ -59,7 +59,7 @@ def test_clip_search_never_worse_than_absmax(bits):
 
 def test_error_decreases_with_bits():
     w = weights(64, 512, seed=3)
-    errs = [mq.quant_error(w, mq.fake_quant(w, mq.QuantSpec(b))) for b in (2, 3, 4, 5, 6, 8)]
+    errs = [mq.quant_error(w, mq.fake_quant(w, mq.QuantSpec(b))) for b in (1.58, 3, 4, 5, 6, 8)]
     assert all(a > b for a, b in zip(errs, errs[1:])), errs
 
 
@@ -93,7 +93,7 @@ def test_kernel_and_torch_reference_are_bit_identical(shape, group):
     w = weights(*shape, seed=5)
     w[3] = 0.0  # an all-zero row: scale 0, codes 0
     w[4, :5] = -0.0
-    for bits in (2, 3, 4):
+    for bits in (1.58, 3, 4):
         spec = mq.QuantSpec(bits, group=group)
         fast = mq.quantize_tensor(w, spec, use_kernel=True)
         ref = mq.quantize_tensor(w, spec, use_kernel=False)
@@ -134,14 +134,29 @@ def test_axis_argument_groups_along_that_axis():
     assert torch.equal(along.dequant, manual.dequant.transpose(1, 2))
 
 
-def test_ternary_and_int2_use_three_levels():
+def test_ternary_uses_three_levels_and_is_charged_log2_3():
     w = weights(8, 256, seed=9)
-    for bits in (1.58, 2):
-        res = mq.quantize_tensor(w, mq.QuantSpec(bits))
-        assert set(torch.unique(res.codes).tolist()) <= {-1, 0, 1}
+    res = mq.quantize_tensor(w, mq.QuantSpec(1.58))
+    assert set(torch.unique(res.codes).tolist()) <= {-1, 0, 1}
     assert mq.QuantSpec(1.58).stored_bits_per_weight == pytest.approx(math.log2(3) + 16 / 128)
     assert mq.QuantSpec(3).stored_bits_per_weight == pytest.approx(3.125)
     assert mq.QuantSpec(16).stored_bits_per_weight == 16
+
+
+def test_two_bits_means_four_levels_never_ternary_charged_as_two():
+    with pytest.raises(ValueError, match="bits=2 on the symmetric grid has only 3 levels.*grid='full'"):
+        mq.QuantSpec(2)
+    with pytest.raises(ValueError, match="ternary"):
+        mq.QuantSpec(1.58, grid="full")
+    w = weights(64, 256, seed=9)
+    for grid in ("full", "asym"):
+        spec = mq.QuantSpec(2, grid=grid)
+        assert spec.levels == 4 and spec.code_range == (-2, 1)
+        res = mq.quantize_tensor(w, spec)
+        per_group = res.codes.reshape(-1, 128)
+        counts = [len(torch.unique(g)) for g in per_group]
+        assert max(counts) == 4, f"{grid}: 2-bit groups should use all 4 levels on tailed weights"
+        assert set(torch.unique(res.codes).tolist()) <= {-2, -1, 0, 1}
 
 
 def test_sixteen_bits_is_identity_and_refused_by_quantize_tensor():

@@ -2,8 +2,11 @@
 
 Pure arithmetic on shapes and QuantSpecs, shared by the builder's `_ptq_meta.json` and `--dry-run`
 so the footprint printed before a 20-hour build is the one recorded after it. A quantized tensor
-costs code bits per weight plus one fp16 scale per group, where a row of K inputs has ceil(K / group)
-groups (the tail group has its own scale); a tensor left alone costs its source dtype's bits.
+costs code bits per weight plus, per group, one fp16 scale (and on the asym grid one zero-point at the
+code width), where a row of K inputs has ceil(K / group) groups (the tail group has its own scale); a
+tensor left alone costs its source dtype's bits. The grid and group decide the cost, never the method
+(clip, gptq, ... all write the same codes + scales), so a recipe's effective bits do not change with
+the method. The one method-specific extra, AWQ's per-input-channel scale, is `method_overhead_bits`.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ def dtype_bits(dtype: str) -> int:
 
 def code_bits(spec: moe_quant.QuantSpec) -> float:
     """Bits per code: log2(3) for ternary, else the integer width."""
-    return math.log2(3) if math.isclose(float(spec.bits), moe_quant.TERNARY_BITS) else float(spec.bits)
+    return spec.code_bits
 
 
 def n_scale_groups(shape, axis: int, group: int) -> int:
@@ -40,10 +43,20 @@ def n_scale_groups(shape, axis: int, group: int) -> int:
 
 
 def packed_bits(shape, axis: int, spec: moe_quant.QuantSpec) -> float:
-    """Exact packed size in bits: codes + one scale per group."""
+    """Exact packed size in bits: codes + per group one scale (+ one zero-point on the asym grid)."""
     numel = math.prod(int(s) for s in shape)
-    scale_bits = moe_quant.torch.finfo(spec.scale_dtype).bits
-    return numel * code_bits(spec) + n_scale_groups(shape, axis, spec.group) * scale_bits
+    return numel * code_bits(spec) + n_scale_groups(shape, axis, spec.group) * spec.group_overhead_bits
+
+
+def method_overhead_bits(shape, axis: int, method: str, matrix_ndim: int = 2) -> int:
+    """Bits a method stores beyond codes + group scales: AWQ keeps one fp16 scale per input channel of
+    each matrix (a fused 3-D expert tensor [E, ..] has E matrices; a real deployment folds it into the
+    previous op when it can, a per-expert one on a shared input it cannot). Every other method: 0."""
+    if method != "awq":
+        return 0
+    shape = tuple(int(s) for s in shape)
+    matrices = math.prod(shape[:len(shape) - matrix_ndim]) if len(shape) > matrix_ndim else 1
+    return matrices * shape[axis % len(shape)] * 16
 
 
 @dataclass

@@ -1,20 +1,30 @@
-"""Group-wise symmetric fake-quantization: the math, as pure functions on tensors.
+"""Group-wise fake-quantization on one shared grid: the math, as pure functions on tensors.
 
-Every function takes a `QuantSpec` (bits, group, clip search) and returns new tensors; nothing here
-reads files or keeps state. The builder (`quant_save.py`) and training (STE) call the same code, so
-what is evaluated is exactly what would be packed:
+Every function takes a `QuantSpec` (bits, grid, group, clip search) and returns new tensors; nothing here
+reads files or keeps state. The builder (`quant_save.py`), the calibrated methods (`quant_methods.py`) and
+training (STE) call the same code, so what is evaluated is exactly what would be packed:
 
 * groups of `spec.group` values run along the contraction (input) axis; when that axis is not a
   multiple of the group, the tail group gets its own scale (zero padding changes neither the absmax
   nor the error, so this is exact, never a per-row fallback);
-* symmetric codes in [-qmax, qmax] with qmax = 2^(bits-1) - 1, i.e. at most 2^bits - 1 levels;
+* three grids (`spec.grid`), each charged its exact overhead by `footprint.py`:
+  - "sym" (default, the seed's): codes in [-qmax, qmax], qmax = 2^(bits-1) - 1, so 2^bits - 1 levels
+    (int3: 7). At bits=2 this would be the ternary {-1, 0, 1} charged as 2 bits, so it is refused:
+    use bits=1.58 for ternary, or grid "full"/"asym" for 4 levels;
+  - "full": codes in [-2^(bits-1), 2^(bits-1) - 1], all 2^bits levels; the scale may be negative so the
+    group's largest-magnitude value can sit on the long (negative) side, as llama.cpp's Q4_0 does;
+  - "asym": 2^bits levels with a per-group integer zero-point (stored, and charged, at `bits` bits):
+    dequant = (code - zero) * scale. Codes and zeros are stored offset by -2^(bits-1) so they fit int8.
 * the scale is rounded to its stored dtype (fp16) *before* it is used, so fake-quant == packed (up to
-  the one rounding of code*scale to the checkpoint's dtype, bf16: < 2^-8 relative, levels unchanged);
+  the one rounding of dequant to the checkpoint's dtype, bf16: < 2^-8 relative, levels unchanged);
 * the scale is chosen per group by an MSE search over clip ratios in [clip_lo, 1.0] (1.0 = absmax is
-  always a candidate, so the search can never be worse than absmax); ties go to the larger ratio.
+  always a candidate, so the search can never be worse than absmax); ties go to the later candidate
+  (the larger ratio). An optional per-weight importance turns the MSE into a weighted one (wclip, and
+  GPTQ's group scales).
 
-The search is the hot loop (16 candidates x every weight). On CPU it runs in a numba kernel
-(parallel over groups); elsewhere, or without numba, a chunked torch loop computes the same thing.
+The search is the hot loop (16+ candidates x every weight). On CPU it runs in numba kernels
+(quant_kernels_cpu.py, parallel over groups); elsewhere, or without numba, a chunked torch loop computes
+the same thing, summed in the same fixed order, so both paths write the same bytes.
 """
 from __future__ import annotations
 
@@ -28,6 +38,7 @@ import torch
 
 SUPPORTED_BITS = (1.58, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 16.0)
 TERNARY_BITS = 1.58
+GRIDS = ("sym", "full", "asym")
 
 
 @dataclass(frozen=True)
@@ -40,11 +51,14 @@ class QuantSpec:
     clip_lo: float = 0.65
     scale_dtype: torch.dtype = torch.float16
     chunk_groups: int = 1 << 15  # groups per work chunk: bounds the fp32 temporaries (~40 MiB at g128)
+    grid: str = "sym"
 
     def __post_init__(self):
         bits = float(self.bits)
         if not any(math.isclose(bits, b) for b in SUPPORTED_BITS):
             raise ValueError(f"bits must be one of {list(SUPPORTED_BITS)}, got {self.bits}")
+        if self.grid not in GRIDS:
+            raise ValueError(f"unknown grid {self.grid!r}; known grids: {', '.join(GRIDS)}")
         if not isinstance(self.group, int) or self.group <= 0:
             raise ValueError(f"group must be a positive integer, got {self.group!r}")
         if not isinstance(self.clip_steps, int) or self.clip_steps < 0:
@@ -53,6 +67,16 @@ class QuantSpec:
             raise ValueError(f"clip_lo must be in (0, 1], got {self.clip_lo}")
         if self.chunk_groups <= 0:
             raise ValueError(f"chunk_groups must be > 0, got {self.chunk_groups}")
+        if self.is_identity:
+            return
+        if math.isclose(bits, TERNARY_BITS) and self.grid != "sym":
+            raise ValueError(f"bits=1.58 is the ternary grid {{-1, 0, 1}} (grid 'sym'); grid {self.grid!r} "
+                             f"has 2^bits levels: use bits=2 with it")
+        if bits == 2.0 and self.grid == "sym":
+            raise ValueError("bits=2 on the symmetric grid has only 3 levels ({-1, 0, 1}: ternary, worth "
+                             "log2(3) bits): use grid='full' or grid='asym' for 4 levels, or bits=1.58 for ternary")
+        if self.grid != "sym" and self.scale_dtype != torch.float16:
+            raise ValueError(f"grid {self.grid!r} stores fp16 scales; got scale_dtype {self.scale_dtype}")
 
     @property
     def is_identity(self) -> bool:
@@ -60,28 +84,58 @@ class QuantSpec:
 
     @property
     def qmax(self) -> int:
+        """Largest positive code (sym: also the largest magnitude)."""
         return qmax_for_bits(self.bits)
 
     @property
+    def code_range(self) -> tuple[int, int]:
+        """(lowest, highest) stored code: sym [-qmax, qmax]; full and asym [-2^(b-1), 2^(b-1) - 1]."""
+        if self.grid == "sym":
+            return -self.qmax, self.qmax
+        half = 2 ** (int(self.bits) - 1)
+        return -half, half - 1
+
+    @property
+    def levels(self) -> int:
+        """Distinct codes a group can use: sym 2^b - 1 (ternary 3), full and asym 2^b."""
+        lo, hi = self.code_range
+        return hi - lo + 1
+
+    @property
+    def code_bits(self) -> float:
+        """Bits a packer spends per code: log2(3) for ternary, else the integer width."""
+        return math.log2(3) if math.isclose(float(self.bits), TERNARY_BITS) else float(self.bits)
+
+    @property
+    def zero_bits(self) -> int:
+        """Bits per group for the zero-point (asym: an integer code, stored at the code width)."""
+        return int(self.bits) if self.grid == "asym" else 0
+
+    @property
+    def group_overhead_bits(self) -> int:
+        """Bits stored once per group: the scale, plus the zero-point on the asym grid."""
+        return torch.finfo(self.scale_dtype).bits + self.zero_bits
+
+    @property
     def stored_bits_per_weight(self) -> float:
-        """Bits a packer spends per weight, scale overhead included (what the footprint counts)."""
+        """Bits a packer spends per weight, scale and zero-point overhead included (what the footprint counts)."""
         if self.is_identity:
             return 16.0
-        code_bits = math.log2(3) if math.isclose(float(self.bits), TERNARY_BITS) else float(self.bits)
-        scale_bits = torch.finfo(self.scale_dtype).bits
-        return code_bits + scale_bits / self.group
+        return self.code_bits + self.group_overhead_bits / self.group
 
 
 class QuantResult(NamedTuple):
     dequant: torch.Tensor  # same shape/dtype as the input
     codes: torch.Tensor  # int8, same shape as the input (empty when return_codes=False)
     scales: torch.Tensor  # scale_dtype: the input's other axes, then n_groups last
-    sq_err: float = 0.0  # sum of (code*scale - w)^2, before rounding to the output dtype (fp32 per group, fp64 total)
+    sq_err: float = 0.0  # sum of (dequant_fp32 - w)^2, before rounding to the output dtype (fp32 per group, fp64 total)
     sq_ref: float = 0.0  # sum of w^2: sq_err / sq_ref is the relative error the builder reports
+    zeros: torch.Tensor | None = None  # asym grid: int8 zero-points shaped like scales; dequant = (code - zero) * scale
+    in_scale: torch.Tensor | None = None  # awq: per-input-channel scale s; dequant = ((code - zero) * scale) / s
 
 
 def qmax_for_bits(bits: float) -> int:
-    """Largest code magnitude: int3 -> 3 (7 levels), int4 -> 7; ternary and int2 -> 1 ({-1, 0, 1})."""
+    """Largest positive code: int3 -> 3 (sym: 7 levels), int4 -> 7; ternary and int2 -> 1."""
     bits = float(bits)
     if math.isclose(bits, TERNARY_BITS) or bits == 2.0:
         return 1
@@ -96,7 +150,7 @@ def clip_ratios(spec: QuantSpec) -> torch.Tensor:
 
 
 def candidate_scales(absmax: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """[G] absmax -> [G, C] scales, already rounded to the stored dtype."""
+    """[G] absmax -> [G, C] scales (sym grid), already rounded to the stored dtype."""
     ratios = clip_ratios(spec).to(absmax.device)
     raw = absmax[:, None] * ratios[None, :] / spec.qmax
     return raw.to(spec.scale_dtype).to(torch.float32)
@@ -152,9 +206,90 @@ def search_torch(groups: torch.Tensor, scales: torch.Tensor, qmax: int) -> tuple
     return quantize_groups(groups, s, qmax), s
 
 
+# ------------------------------------------------------------------ every grid, optionally weighted
+def grid_candidates(groups: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[G, g] fp32 groups -> candidate (scales [G, C], zeros [G, C] or None), scales rounded to fp16.
+
+    sym: absmax * r / qmax. full: the extreme value goes to the long negative side (scale sign
+    -sign(extreme)); candidates absmax * r / 2^(b-1) (extreme exactly on the extra level at r = 1), plus,
+    when there is a search, absmax * r / qmax (the sym candidates, so full's search is never worse than
+    sym's). asym: the range [min(w, 0), max(w, 0)] shrunk by r, zero-point = round(-r * min / scale).
+    """
+    ratios = clip_ratios(spec).to(groups.device)
+    if spec.grid == "sym":
+        return candidate_scales(groups.abs().amax(dim=1), spec), None
+    lo, hi = spec.code_range
+    if spec.grid == "full":
+        absmax, where = groups.abs().max(dim=1)
+        extreme = groups.gather(1, where[:, None]).squeeze(1)
+        sign = torch.where(extreme > 0, -1.0, 1.0).to(torch.float32)
+        mags = [absmax[:, None] * ratios[None, :] / float(-lo)]
+        if ratios.numel() > 1:
+            mags.append(absmax[:, None] * ratios[None, :] / float(hi if hi > 0 else 1))
+        raw = sign[:, None] * torch.cat(mags, dim=1)
+        return raw.to(spec.scale_dtype).to(torch.float32), None
+    xmin = groups.amin(dim=1).clamp(max=0.0)
+    xmax = groups.amax(dim=1).clamp(min=0.0)
+    span = (xmax - xmin)[:, None] * ratios[None, :]
+    scales = (span / float(hi - lo)).to(spec.scale_dtype).to(torch.float32)
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    zeros = (torch.round(-(xmin[:, None] * ratios[None, :]) / safe) + lo).clamp_(lo, hi)
+    zeros = torch.where(scales > 0, zeros, torch.zeros_like(zeros))
+    return scales, zeros
+
+
+def grid_codes(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    """Codes (fp32, within spec.code_range) for values [G, g] (or [G]) under per-row scales/zeros [G] or [G, 1].
+
+    A zero scale (an all-zero group) gives code = zero, i.e. dequant 0.
+    """
+    lo, hi = spec.code_range
+    s = scales if scales.ndim == values.ndim else scales[:, None]
+    nonzero = s != 0
+    safe = torch.where(nonzero, s, torch.ones_like(s))
+    q = torch.round(values / safe)
+    if zeros is not None:
+        z = zeros if zeros.ndim == values.ndim else zeros[:, None]
+        q = q + z
+        return torch.where(nonzero, q.clamp_(lo, hi), z.expand_as(q))
+    return torch.where(nonzero, q.clamp_(lo, hi), torch.zeros_like(q))
+
+
+def grid_dequant(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
+    s = scales if scales.ndim == codes.ndim else scales[:, None]
+    if zeros is None:
+        return codes * s
+    z = zeros if zeros.ndim == codes.ndim else zeros[:, None]
+    return (codes - z) * s
+
+
+def search_grid(groups: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None):
+    """Any grid, optionally importance-weighted: -> (codes fp32 [G, g], scale [G], zero [G] or None).
+
+    The error of a candidate is sum(importance * (dequant - w)^2) over the group (plain MSE without
+    importance), summed in lane order; ties go to the later candidate. For the sym grid without
+    importance this picks exactly what `search_torch` and the CPU kernel pick.
+    """
+    cands, zcands = grid_candidates(groups, spec)
+    n = cands.shape[1]
+    errs = torch.empty(cands.shape, dtype=torch.float32, device=groups.device)
+    for c in range(n):
+        s = cands[:, c]
+        z = None if zcands is None else zcands[:, c]
+        d = grid_dequant(grid_codes(groups, s, z, spec), s, z) - groups
+        e = d * d
+        if importance is not None:
+            e = e * importance
+        errs[:, c] = lane_sum(e)
+    pick = (n - 1) - torch.argmin(errs.flip(1), dim=1)
+    s = cands.gather(1, pick[:, None]).squeeze(1)
+    z = None if zcands is None else zcands.gather(1, pick[:, None]).squeeze(1)
+    return grid_codes(groups, s, z, spec), s, z
+
+
 @functools.lru_cache(maxsize=1)
-def _numba_kernel():
-    """The fused CPU kernel (quant_kernels_cpu.py), or None where numba is missing (torch path then)."""
+def _numba_kernels():
+    """The CPU kernels module (quant_kernels_cpu.py), or None where numba is missing (torch path then)."""
     try:
         import quant_kernels_cpu
     except ModuleNotFoundError as e:
@@ -162,24 +297,40 @@ def _numba_kernel():
             raise  # a broken PYTHONPATH must not silently cost a 40x slowdown
         warnings.warn("numba is not installed: CPU quantization uses the (much slower) torch path", stacklevel=3)
         return None
-    return quant_kernels_cpu.fused_kernel
+    return quant_kernels_cpu
+
+
+def _numba_kernel():
+    kernels = _numba_kernels()
+    return None if kernels is None else kernels.fused_kernel
 
 
 def quantize_groups_into(groups: torch.Tensor, spec: QuantSpec, codes, deq, chosen, err, ref,
-                         use_kernel: bool = True):
-    """Fill codes (int8), deq (fp32), chosen scale, and per-group squared error / squared norm (fp32)."""
-    kernel = _numba_kernel() if (use_kernel and groups.device.type == "cpu" and spec.scale_dtype == torch.float16) else None
-    if kernel is not None:
+                         use_kernel: bool = True, zeros=None, importance: torch.Tensor | None = None):
+    """Fill codes (int8), deq (fp32), chosen scale (and zero-point on the asym grid), and per-group squared
+    error / squared norm (fp32, unweighted). `importance` [G, g] weights the search only."""
+    on_cpu = use_kernel and groups.device.type == "cpu" and spec.scale_dtype == torch.float16
+    kernels = _numba_kernels() if on_cpu else None
+    if kernels is not None and spec.grid == "sym" and importance is None:
         import numpy as np
 
-        kernel(groups.numpy(), clip_ratios(spec).numpy(), np.float32(spec.qmax), codes.numpy(), deq.numpy(),
-               chosen.numpy(), err.numpy(), ref.numpy())
+        kernels.fused_kernel(groups.numpy(), clip_ratios(spec).numpy(), np.float32(spec.qmax), codes.numpy(),
+                             deq.numpy(), chosen.numpy(), err.numpy(), ref.numpy())
         return
-    cands = candidate_scales(groups.abs().amax(dim=1), spec)
-    q, s = search_torch(groups, cands, spec.qmax)
+    if kernels is not None and hasattr(kernels, "grid_kernel"):
+        kernels.run_grid_kernel(groups, spec, clip_ratios(spec), codes, deq, chosen, zeros, err, ref, importance)
+        return
+    if spec.grid == "sym" and importance is None:
+        cands = candidate_scales(groups.abs().amax(dim=1), spec)
+        q, s = search_torch(groups, cands, spec.qmax)
+        z = None
+    else:
+        q, s, z = search_grid(groups, spec, importance)
     codes.copy_(q.to(torch.int8))
     chosen.copy_(s)
-    deq.copy_(q * s[:, None])
+    if zeros is not None:
+        zeros.copy_(z)
+    deq.copy_(grid_dequant(q, s, z))
     d = deq - groups
     err.copy_(lane_sum(d * d))
     ref.copy_(lane_sum(groups * groups))
@@ -193,8 +344,12 @@ def fixed_order_total(per_group: torch.Tensor) -> float:
 
 @torch.no_grad()
 def quantize_tensor(w: torch.Tensor, spec: QuantSpec, axis: int = -1, use_kernel: bool = True,
-                    return_codes: bool = True) -> QuantResult:
-    """Fake-quantize `w` with groups along `axis`; also return the int codes and stored scales.
+                    return_codes: bool = True, importance: torch.Tensor | None = None) -> QuantResult:
+    """Fake-quantize `w` with groups along `axis`; also return the int codes and stored scales (and zeros).
+
+    `importance` (optional, >= 0) weights the clip search's squared error per weight (wclip: diag(H) per
+    input channel). It is given in the contraction-axis-last layout: broadcastable to
+    `w.movedim(axis, -1).shape`, e.g. [in] for a 2-D weight, [E, 1, in] for a 3-D expert tensor.
 
     Works through the rows of the (contraction-axis-last) view in chunks of about `spec.chunk_groups`
     groups, writing each chunk straight into the output, so the fp32 temporaries stay bounded and peak
@@ -213,10 +368,19 @@ def quantize_tensor(w: torch.Tensor, spec: QuantSpec, axis: int = -1, use_kernel
     n_rows = rows.shape[0]
     groups_per_row = -(-k // spec.group)
     pad = groups_per_row * spec.group - k
+    imp_rows = None
+    if importance is not None:
+        imp = importance.to(device=w.device, dtype=torch.float32)
+        try:
+            imp_rows = imp.expand(moved.shape).reshape(-1, k)
+        except RuntimeError:
+            raise ValueError(f"importance of shape {tuple(importance.shape)} does not broadcast to the "
+                             f"contraction-axis-last weight {tuple(moved.shape)}") from None
 
     out_rows = torch.empty((n_rows, k), dtype=w.dtype, device=w.device)
     codes_rows = torch.empty((n_rows, k), dtype=torch.int8, device=w.device) if return_codes else None
     scales = torch.empty((n_rows, groups_per_row), dtype=spec.scale_dtype, device=w.device)
+    zeros_rows = torch.empty((n_rows, groups_per_row), dtype=torch.int8, device=w.device) if spec.grid == "asym" else None
     rows_per_chunk = max(1, spec.chunk_groups // groups_per_row)
     sq_err = sq_ref = 0.0
     for r0 in range(0, n_rows, rows_per_chunk):
@@ -225,28 +389,38 @@ def quantize_tensor(w: torch.Tensor, spec: QuantSpec, axis: int = -1, use_kernel
         if pad:
             chunk = torch.nn.functional.pad(chunk, (0, pad))
         groups = chunk.reshape(-1, spec.group)
+        imp_groups = None
+        if imp_rows is not None:
+            ic = imp_rows[r0:r1]
+            imp_groups = (torch.nn.functional.pad(ic, (0, pad)) if pad else ic).reshape(-1, spec.group).contiguous()
         codes = torch.empty(groups.shape, dtype=torch.int8, device=w.device)
         deq = torch.empty(groups.shape, dtype=torch.float32, device=w.device)
         chosen = torch.empty(groups.shape[0], dtype=torch.float32, device=w.device)
+        zero = torch.empty(groups.shape[0], dtype=torch.float32, device=w.device) if zeros_rows is not None else None
         err = torch.empty(groups.shape[0], dtype=torch.float32, device=w.device)
         ref = torch.empty(groups.shape[0], dtype=torch.float32, device=w.device)
-        quantize_groups_into(groups, spec, codes, deq, chosen, err, ref, use_kernel)
+        quantize_groups_into(groups, spec, codes, deq, chosen, err, ref, use_kernel, zero, imp_groups)
         sq_err += fixed_order_total(err)
         sq_ref += fixed_order_total(ref)
         limit = torch.finfo(spec.scale_dtype).max
-        if not bool(torch.isfinite(chosen).all()) or float(chosen.max()) > limit:
+        if not bool(torch.isfinite(chosen).all()) or float(chosen.abs().max()) > limit or \
+                not bool(torch.isfinite(groups).all()):
             raise ValueError(f"rows {r0}..{r1} hold non-finite weights, or |w|max/qmax exceeds the "
                              f"{spec.scale_dtype} scale range ({limit}); this tensor cannot be quantized as asked")
         out_rows[r0:r1] = deq.reshape(r1 - r0, -1)[:, :k]
         if codes_rows is not None:
             codes_rows[r0:r1] = codes.reshape(r1 - r0, -1)[:, :k]
         scales[r0:r1] = chosen.reshape(r1 - r0, groups_per_row)  # exact: candidates are representable
+        if zeros_rows is not None:
+            zeros_rows[r0:r1] = zero.reshape(r1 - r0, groups_per_row).to(torch.int8)
 
     def restore(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(*lead, k).movedim(-1, axis)
 
     codes_out = restore(codes_rows) if codes_rows is not None else torch.empty(0, dtype=torch.int8)
-    return QuantResult(restore(out_rows), codes_out, scales.reshape(*lead, groups_per_row), sq_err, sq_ref)
+    zeros_out = zeros_rows.reshape(*lead, groups_per_row) if zeros_rows is not None else None
+    return QuantResult(restore(out_rows), codes_out, scales.reshape(*lead, groups_per_row), sq_err, sq_ref,
+                       zeros_out)
 
 
 def fake_quant(w: torch.Tensor, spec: QuantSpec, axis: int = -1) -> torch.Tensor:

@@ -1,0 +1,165 @@
+"""GPTQ on the shared grid, batched over the experts of a fused tensor: error-compensated rounding in H's metric.
+
+Columns (input channels) are quantized one at a time; the rounding error of column j, divided by the
+j-th diagonal of U = chol(H^-1) (upper), is pushed onto the columns not yet quantized along U's row j,
+so their later rounding compensates it (Frantar et al., 2022). Work is done in blocks of columns: inside
+a block every update is applied at once, to the columns beyond it as one matmul at the block's end
+("lazy batch"), which is the same arithmetic reordered.
+
+Groups are static: group k is always columns [k*g, (k+1)*g), so codes + scales pack exactly like clip's.
+Without act-order a group's scale (and zero-point) is chosen when its first column is reached, by the
+grid's clip search on the group's current (error-updated) values weighted by diag(H). With act-order the
+columns go by decreasing diag(H) and every group's scale is fixed beforehand by the same weighted search
+on the original weights (a group's columns are then scattered through the order).
+
+Everything runs on [B, R, K] (B experts, R output rows, K inputs) with batched Cholesky and matmuls, on
+whatever device the weight is on. Damping adds damp * mean(diag H) to the diagonal; an input channel no
+token reached (H_jj = 0) gets the mean diagonal so it couples to nothing; an expert that saw no token at
+all (H = 0) uses the identity, which makes GPTQ exactly the grid's plain clip search. A Cholesky that
+still fails gets 10x more damping, up to 4 times, then an error naming the expert.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+import moe_quant
+from moe_quant import QuantSpec
+
+DAMP_RETRIES = 4
+
+
+def prepare_hessian(h: torch.Tensor, damp: float, dtype: torch.dtype) -> torch.Tensor:
+    """[B, K, K] -> damped, fully usable H in `dtype` (zero-token experts -> identity; dead channels -> mean)."""
+    H = h.to(dtype).clone()
+    b, k, _ = H.shape
+    diag = H.diagonal(dim1=-2, dim2=-1)
+    mean = diag.clamp(min=0).mean(dim=-1)  # [B]
+    empty = mean <= 0
+    if bool(empty.any()):
+        H[empty] = torch.eye(k, dtype=dtype, device=H.device)
+        mean = torch.where(empty, torch.ones_like(mean), mean)
+        diag = H.diagonal(dim1=-2, dim2=-1)
+    dead = diag <= 0
+    if bool(dead.any()):
+        diag.copy_(torch.where(dead, mean[:, None].expand_as(diag), diag))
+    diag.add_(damp * mean[:, None])
+    return H
+
+
+def upper_inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """U with U^T U = H^-1 (upper triangular), batched; experts whose factorization fails get more damping."""
+    mean = H.diagonal(dim1=-2, dim2=-1).mean(dim=-1)
+    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+    extra = max(damp, 1e-4)
+    for attempt in range(DAMP_RETRIES + 1):
+        L, info = torch.linalg.cholesky_ex(H)
+        if not bool((info != 0).any()):
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if not bool((info != 0).any()):
+                return U
+        if attempt == DAMP_RETRIES:
+            bad = torch.nonzero(info != 0).flatten().tolist()
+            raise ValueError(f"GPTQ: H is not positive definite for expert(s) {bad[:8]} even with extra damping; "
+                             f"check the calibration statistics")
+        extra *= 10
+        bad = (info != 0)
+        H = torch.where(bad[:, None, None], H + (extra * mean)[:, None, None] * eye, H)
+    raise AssertionError("unreachable")
+
+
+def _search(values: torch.Tensor, importance: torch.Tensor, spec: QuantSpec):
+    """Weighted grid search on [N, w] fp32 groups -> (scale [N], zero [N] or None), both fp32."""
+    _, s, z = moe_quant.search_grid(values.float().contiguous(), spec, importance.float().contiguous())
+    return s, z
+
+
+@torch.no_grad()
+def gptq_batched(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float = 0.01, act_order: bool = False,
+                 block: int = 128):
+    """GPTQ for [B, R, K] weights under [B, K, K] fp32 H.
+
+    Returns (codes int8 [B, R, K], scales fp16 [B, R, n_groups], zeros int8 [B, R, n_groups] or None,
+    dequant [B, R, K] in the compute dtype: fp64 for fp64 weights, else fp32).
+    """
+    B, R, K = w.shape
+    g = spec.group
+    n_groups = -(-K // g)
+    cd = torch.float64 if w.dtype == torch.float64 else torch.float32
+    dev = w.device
+    W = w.to(cd).clone()
+    H = prepare_hessian(h, damp, cd)
+    imp = H.diagonal(dim1=-2, dim2=-1).clone()  # [B, K]: the group searches' weights (damped diag)
+    asym = spec.grid == "asym"
+
+    perm = None
+    if act_order:
+        # static groups: every scale from the original weights, chosen before any column moves
+        pre = moe_quant.quantize_tensor(W.float(), spec, -1, importance=imp.float()[:, None, :], return_codes=False)
+        group_scale = pre.scales.to(cd)
+        group_zero = pre.zeros.to(cd) if asym else None
+        perm = torch.argsort(-imp, dim=-1, stable=True)  # [B, K]
+        W = W.gather(-1, perm[:, None, :].expand(B, R, K))
+        H = H.gather(-1, perm[:, None, :].expand(B, K, K)).gather(-2, perm[:, :, None].expand(B, K, K))
+        gidx = (perm // g)[:, None, :].expand(B, R, K)
+        pos_scale = group_scale.gather(-1, gidx)  # [B, R, K]: the scale each permuted column uses
+        pos_zero = group_zero.gather(-1, gidx) if asym else None
+    else:
+        group_scale = torch.zeros((B, R, n_groups), dtype=cd, device=dev)
+        group_zero = torch.zeros((B, R, n_groups), dtype=cd, device=dev) if asym else None
+
+    U = upper_inverse_cholesky(H, damp)
+    del H
+    codes = torch.empty((B, R, K), dtype=cd, device=dev)
+    deq = torch.empty((B, R, K), dtype=cd, device=dev)
+    lo, hi = spec.code_range
+    bs = g * max(1, math.ceil(block / g))  # blocks hold whole groups: a group is entered at its block's start
+    S = Z = None
+    for j0 in range(0, K, bs):
+        j1 = min(K, j0 + bs)
+        n = j1 - j0
+        Wb = W[..., j0:j1].clone()
+        Ub = U[:, j0:j1, j0:j1]
+        Err = torch.empty((B, R, n), dtype=cd, device=dev)
+        d_inv = 1.0 / Ub.diagonal(dim1=-2, dim2=-1)  # [B, n]
+        for i in range(n):
+            col = j0 + i
+            if act_order:
+                S = pos_scale[..., col]
+                Z = pos_zero[..., col] if asym else None
+            elif col % g == 0:
+                width = min(g, K - col)
+                vals = Wb[..., i:i + width].reshape(B * R, width)
+                wts = imp[:, None, col:col + width].expand(B, R, width).reshape(B * R, width)
+                s, z = _search(vals, wts, spec)
+                S = s.to(cd).view(B, R)
+                group_scale[..., col // g] = S
+                if asym:
+                    Z = z.to(cd).view(B, R)
+                    group_zero[..., col // g] = Z
+            x = Wb[..., i]
+            nonzero = S != 0
+            q = torch.round(x / torch.where(nonzero, S, torch.ones_like(S)))
+            if asym:
+                q = torch.where(nonzero, (q + Z).clamp_(lo, hi), Z)
+                dq = (q - Z) * S
+            else:
+                q = torch.where(nonzero, q.clamp_(lo, hi), torch.zeros_like(q))
+                dq = q * S
+            codes[..., col] = q
+            deq[..., col] = dq
+            e = (x - dq) * d_inv[:, None, i]
+            Err[..., i] = e
+            if i + 1 < n:
+                Wb[..., i + 1:] -= e[..., None] * Ub[:, None, i, i + 1:]
+        if j1 < K:
+            W[..., j1:] -= Err @ U[:, j0:j1, j1:]
+
+    if perm is not None:
+        inv = torch.argsort(perm, dim=-1)[:, None, :].expand(B, R, K)
+        codes = codes.gather(-1, inv)
+        deq = deq.gather(-1, inv)
+    scales16 = group_scale.to(spec.scale_dtype)
+    zeros8 = group_zero.to(torch.int8) if asym else None
+    return codes.to(torch.int8), scales16, zeros8, deq
