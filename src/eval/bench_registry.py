@@ -219,12 +219,14 @@ def grade_both(sample, output: str) -> tuple:
     return grade_output(sample, output), grade_official(sample, output)
 
 
-def grading_environment(benches) -> dict:
+def grading_environment(benches, allow_weak_sandbox: bool = False) -> dict:
     """Call once before an eval: raises if a code benchmark is asked for and no sandbox can run here
-    (rather than scoring every program wrong), and returns what to record in the results' provenance."""
+    (rather than scoring every program wrong), and returns what to record in the results (the sandbox's
+    isolation tier, and whether a weak tier was allowed)."""
     out = {"math_verify": _math_verify_version()}
     if any(BENCHMARKS[b].needs_sandbox for b in benches):
         out["sandbox"] = sandbox.detect_isolation().describe()
+        out["allow_weak_sandbox"] = bool(allow_weak_sandbox)
     return out
 
 

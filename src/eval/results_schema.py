@@ -23,6 +23,9 @@ SCHEMA_VERSION = 1
 CI_METHOD = "wilson"
 Z_95 = 1.959963984540054  # two-sided 95 % normal quantile
 TRUNCATED = "length"
+GRADER_ERROR = "grader_error"
+JUDGE_ERROR = "judge_error"
+GRADE_STATUSES = ("ok", GRADER_ERROR, JUDGE_ERROR)
 
 # Keys every per-sample JSONL line must carry to be trusted on resume.
 SAMPLE_KEYS = ("id", "bench", "prompt_hash", "config_hash", "output", "finish_reason", "tokens",
@@ -82,13 +85,18 @@ def compact_gold(gold):
     return {"sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "chars": len(text)}
 
 
-def sample_record(sample, generation: Mapping, graded, cfg_hash: str) -> dict:
+def sample_record(sample, generation: Mapping, graded, cfg_hash: str, official=None, status: str = "ok") -> dict:
     """One JSONL line: what was asked (by hash), what came back, and how it was graded.
 
     ``correct`` applies the truncation rule (a cut-off answer is wrong); ``graded_correct`` is what the
-    grader said about the text it was given, kept so the rule stays auditable.
+    grader said about the text it was given, kept so the rule stays auditable. ``official_*`` is the
+    benchmark's own scorer's verdict (None official = the grader is the official rule).
+    ``grade_status`` is ok | grader_error | judge_error.
     """
+    if status not in GRADE_STATUSES:
+        raise ValueError(f"grade status {status!r} not one of {GRADE_STATUSES}")
     truncated = generation["finish_reason"] == TRUNCATED
+    off = graded if official is None else official
     rec = {
         "id": sample.id,
         "bench": sample.bench,
@@ -103,6 +111,11 @@ def sample_record(sample, generation: Mapping, graded, cfg_hash: str) -> dict:
         "graded_correct": bool(graded.correct),
         "correct": bool(graded.correct) and not truncated,
         "no_answer": bool(graded.no_answer),
+        "grade_status": status,
+        "official_extracted": off.extracted,
+        "official_correct": bool(off.correct),
+        "official_stage": (off.detail or {}).get("stage"),
+        "grade_detail": graded.detail,
     }
     if generation.get("reasoning") is not None:
         rec["reasoning"] = generation["reasoning"]
@@ -142,13 +155,33 @@ def _rate_block(records: Sequence[Mapping]) -> dict:
     }
 
 
-def summarize_bench(records: Sequence[Mapping]) -> dict:
+def _official_block(records: Sequence[Mapping], scorer: Mapping | None) -> dict:
+    n = len(records)
+    errors = sum(1 for r in records if r.get("grade_status") == GRADER_ERROR)
+    correct = sum(1 for r in records if r.get("official_correct"))
+    graded = [r for r in records if r.get("grade_status") != GRADER_ERROR]
+    correct_graded = sum(1 for r in graded if r.get("official_correct"))
+    lo, hi = wilson_interval(correct_graded, len(graded)) if graded else (math.nan, math.nan)
+    return {"scorer": dict(scorer) if scorer else None, "n": n, "correct": correct, "acc": _pct(correct, n),
+            "n_graded": len(graded), "correct_graded": correct_graded, "acc_graded": _pct(correct_graded, len(graded)),
+            "ci95_graded": None if not graded else [lo, hi], "n_grader_error": errors}
+
+
+def summarize_bench(records: Sequence[Mapping], official_scorer: Mapping | None = None) -> dict:
     """The per-benchmark block of a results JSON, from its per-sample records (in sample order).
 
     Includes ``paired``: the id / correct / truncated vectors that the paired comparison needs, so
-    comparisons and RESULTS.md work from the JSON alone.
+    comparisons and RESULTS.md work from the JSON alone. ``official_scorer`` ({name, source, exact})
+    names the benchmark's own scorer whose verdicts the records carry as ``official_correct``.
     """
     block = _rate_block(records)
+    block["acc_robust"] = block["acc"]
+    block["official"] = _official_block(records, official_scorer)
+    block["acc_official"] = block["official"]["acc"]
+    differ = sum(1 for r in records if bool(r.get("official_correct")) != bool(r.get("graded_correct")))
+    block["disagreement"] = _pct(differ, len(records))
+    block["n_disagree"] = differ
+    block["grade_errors"] = {s: sum(1 for r in records if r.get("grade_status") == s) for s in (GRADER_ERROR, JUDGE_ERROR)}
     block["ci_method"] = CI_METHOD
     tokens = [int(r["tokens"]) for r in records]
     block["tokens_mean"] = statistics.fmean(tokens) if tokens else None
@@ -165,6 +198,7 @@ def summarize_bench(records: Sequence[Mapping]) -> dict:
         "ids": [r["id"] for r in records],
         "correct": [1 if r["correct"] else 0 for r in records],
         "truncated": [1 if r["finish_reason"] == TRUNCATED else 0 for r in records],
+        "grader_error": [1 if r.get("grade_status") == GRADER_ERROR else 0 for r in records],
     }
     return block
 

@@ -1,0 +1,269 @@
+"""One eval run: load samples, resume from the JSONL, generate what is missing, grade in the pool while
+the engine runs, append+fsync every graded sample at once, then summarize and write <tag>.json.
+
+The same code for every backend (vllm / hf / openai / replay): prompts, extraction and grading do not
+depend on what generated the text. The summary math lives in results_schema.py, the gate in
+official_scores.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from typing import Callable, Mapping, Sequence
+
+import atomic_io
+import bench_registry
+import eval_backends
+import official_scores
+import provenance
+import resume_log
+import results_schema
+from eval_config import EvalConfig, build_parser, config_for_record, config_from_args, generation_config
+from grading_pool import GradingPool, default_grade_fn, default_grade_workers
+from resume_log import ResumeMismatch
+
+
+def load_all_samples(cfg: EvalConfig) -> tuple[list, dict]:
+    """Samples of every benchmark in order, plus per-benchmark dataset provenance."""
+    unknown = [b for b in cfg.benchmarks if b not in bench_registry.BENCHMARKS]
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {unknown}; known: {sorted(bench_registry.BENCHMARKS)}")
+    samples, datasets = [], {}
+    for bench in cfg.benchmarks:
+        options = dict(cfg.bench_options.get(bench, {}))
+        data_file = cfg.data_files.get(bench)
+        got = bench_registry.load_samples(bench, n=cfg.n_for(bench), data_file=data_file, seed=cfg.data_seed,
+                                          **options)
+        if not got:
+            raise ValueError(f"{bench}: no samples loaded (data_file={data_file!r}, n={cfg.n_for(bench)})")
+        spec = bench_registry.BENCHMARKS[bench]
+        datasets[bench] = {"dataset": spec.dataset, "config": spec.config, "split": spec.split,
+                           "revision": spec.dataset_revision, "n_requested": cfg.n_for(bench),
+                           "default_n": spec.default_n, "n": len(got), "data_seed": cfg.data_seed,
+                           "ids_sha256": results_schema.ids_hash(s.id for s in got),
+                           "source": bench_registry.source_info(bench, data_file, **options)}
+        samples.extend(got)
+    ids = [s.id for s in samples]
+    if len(set(ids)) != len(ids):
+        raise ValueError("sample ids collide across benchmarks; bench ids must carry their bench prefix")
+    return samples, datasets
+
+
+def _generation_of(rec: Mapping) -> dict:
+    gen = {"output": rec["output"], "finish_reason": rec["finish_reason"], "tokens": rec["tokens"]}
+    if rec.get("reasoning") is not None:
+        gen["reasoning"] = rec["reasoning"]
+    return gen
+
+
+def _status(robust, official) -> str:
+    statuses = {bench_registry.grade_status(robust), bench_registry.grade_status(official) if official else "ok"}
+    for s in (results_schema.GRADER_ERROR, results_schema.JUDGE_ERROR):
+        if s in statuses:
+            return s
+    return "ok"
+
+
+def official_scorer_info(bench: str) -> dict:
+    o = bench_registry.BENCHMARKS[bench].official
+    return {"name": o.name, "source": o.source, "exact": o.exact}
+
+
+def grading_environment(cfg: EvalConfig) -> dict:
+    """What grades this run (math-verify version, sandbox tier), checked before any generation."""
+    return bench_registry.grading_environment(cfg.benchmarks, allow_weak_sandbox=cfg.allow_weak_sandbox)
+
+
+def run_eval(cfg: EvalConfig, backend: eval_backends.Backend | None = None, argv: Sequence[str] | None = None,
+             grade_fn: Callable = default_grade_fn) -> dict:
+    """Run (or resume) one evaluation and write <results_dir>/<tag>.json + .jsonl; returns the JSON dict.
+
+    `backend` may be passed in (tests, or to reuse a loaded engine across tags); it is then not closed
+    here. Otherwise the backend named by cfg is built only if some sample still needs generating.
+    `grade_fn(sample, output) -> (robust, official)` must be a module-level function (the pool pickles it).
+    """
+    if backend is not None and backend.name != cfg.backend:
+        raise ValueError(f"run_eval got a {backend.name!r} backend but cfg.backend is {cfg.backend!r}; "
+                         "the config hash must describe the backend that generates")
+    t_start, start_utc = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    json_path, jsonl_path = cfg.results_paths()
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    samples, datasets = load_all_samples(cfg)
+    load_s = time.perf_counter() - t0
+    grading_env = grading_environment(cfg)
+    by_id = {s.id: s for s in samples}
+    gen_cfg = generation_config(cfg)
+    cfg_hash = results_schema.config_hash(gen_cfg)
+
+    try:
+        trusted, others, torn = resume_log.read_resumable(jsonl_path, by_id, gen_cfg, cfg_hash)
+    except ResumeMismatch as err:
+        if not cfg.restart:
+            raise ResumeMismatch(f"{err}. Refusing to mix generations: use a new --tag, or pass --restart to move "
+                                 f"{jsonl_path.name} aside and start fresh") from None
+        stale = jsonl_path.with_name(f"{jsonl_path.name}.stale-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+        os.replace(jsonl_path, stale)
+        print(f"eval: {err}; moved it to {stale.name}, starting fresh", file=sys.stderr)
+        trusted, others, torn = {}, [], 0
+    regrade = [s for s in samples if s.id in trusted and resume_log.needs_regrade(trusted[s.id])]
+    if trusted or torn:
+        print(f"vllm_eval8: resuming {cfg.tag}: {len(trusted)} finished samples reused"
+              + (f", {len(regrade)} of them graded again" if regrade else "")
+              + (f", {torn} incomplete line(s) dropped" if torn else ""), file=sys.stderr)
+    # Rewrite before appending: drops a torn last line so the next append starts on a fresh line.
+    resume_log.rewrite(jsonl_path, resume_log.header(gen_cfg, cfg_hash, "graded"), [*trusted.values(), *others])
+
+    todo = [s for s in samples if s.id not in trusted]
+    own_backend = backend is None
+    backend_init_s = gen_s = prep_s = 0.0
+    records = dict(trusted)
+    lock = threading.Lock()
+    pool = stream = bar = None
+    counters = {"write_s": 0.0}
+    if todo or regrade:
+        log = resume_log.SampleLog(jsonl_path)
+        if cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(samples), initial=len(trusted) - len(regrade), desc=f"eval {cfg.tag}", unit="sample")
+
+        def on_graded(sample, generation, robust, official):
+            t_w = time.perf_counter()
+            rec = results_schema.sample_record(sample, generation, robust, cfg_hash, official, _status(robust, official))
+            log.append([rec])  # fsynced before it returns: a kill after this line loses nothing graded
+            with lock:
+                records[sample.id] = rec
+                counters["write_s"] += time.perf_counter() - t_w
+                if bar is not None:
+                    bar.update(1)
+
+        try:
+            workers = default_grade_workers() if cfg.grade_workers is None else int(cfg.grade_workers)
+            probes = list({s.bench: s for s in reversed(todo or regrade)}.values())
+            pool = GradingPool(min(workers, len(todo) + len(regrade)), on_graded, grade_fn, probes)
+            for sample in regrade:
+                pool.submit(sample, _generation_of(trusted[sample.id]))
+            if todo:
+                t0 = time.perf_counter()
+                if own_backend:
+                    backend = eval_backends.make_backend(cfg)
+                backend_init_s = time.perf_counter() - t0
+                stream = iter(backend.stream(todo))
+                while True:
+                    t_g = time.perf_counter()
+                    try:
+                        index, generation = next(stream)
+                    except StopIteration:
+                        gen_s += time.perf_counter() - t_g
+                        break
+                    gen_s += time.perf_counter() - t_g
+                    pool.submit(todo[index], generation)
+            pool.drain()
+        except BaseException:
+            # Interrupted (Ctrl-C, backend error): grades already arrived are on disk; finish the ones in flight.
+            if pool is not None:
+                try:
+                    pool.drain()
+                except BaseException as err:  # do not mask the original error
+                    print(f"vllm_eval8: could not log the last graded samples: {err}", file=sys.stderr)
+            raise
+        finally:
+            if hasattr(stream, "close"):
+                stream.close()  # run the backend's clean-up now (abort queued requests), not at GC
+            if pool is not None:
+                pool.close()
+            log.close()
+            if bar is not None:
+                bar.close()
+            prep_s = backend.prep_seconds() if backend is not None else 0.0
+            if own_backend and backend is not None:
+                backend.close()
+
+    ordered = [records[s.id] for s in samples]
+    resume_log.rewrite(jsonl_path, resume_log.header(gen_cfg, cfg_hash, "sample"), [*ordered, *others])
+    benchmarks = {}
+    for bench in cfg.benchmarks:
+        block = results_schema.summarize_bench([r for r in ordered if r["bench"] == bench], official_scorer_info(bench))
+        block["dataset"] = datasets[bench]
+        benchmarks[bench] = block
+    doc = {
+        "schema": results_schema.SCHEMA_VERSION,
+        "tag": cfg.tag,
+        "role": cfg.role,
+        "reference_tag": cfg.reference_tag,
+        "official_model": cfg.official_model,
+        "model": cfg.model,
+        "model_path": cfg.model_path,
+        "backend": cfg.backend,
+        "generation": gen_cfg,
+        "config_hash": cfg_hash,
+        "samples_file": jsonl_path.name,
+        "grading": grading_env,
+        "benchmarks": benchmarks,
+    }
+    doc["gate"] = official_scores.gate_for_result(doc)
+    end_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    gen_only = max(gen_s - prep_s, 0.0)
+    wall = time.perf_counter() - t_start
+    harness = wall - backend_init_s - gen_only
+    doc["resumed"] = {"reused": len(trusted), "generated": len(todo), "torn_lines_dropped": torn,
+                      "regraded": len(regrade)}
+    doc["timing"] = {"start_utc": start_utc, "end_utc": end_utc, "wall_s": wall, "load_samples_s": load_s,
+                     "backend_init_s": backend_init_s, "generate_s": gen_only, "prompt_render_s": prep_s,
+                     "grade_wait_s": pool.grade_s if pool else 0.0, "write_s": counters["write_s"],
+                     "harness_s": harness,
+                     "harness_overhead_pct": 100.0 * harness / gen_only if gen_only > 0 else None}
+    doc["provenance"] = provenance.record(
+        argv=argv, config_hash=cfg_hash, eval_config=config_for_record(cfg),
+        backend_info=backend.identity() if backend is not None else None,
+        datasets={b: {k: v for k, v in d.items() if k != "source"} for b, d in datasets.items()},
+        start_utc=start_utc, end_utc=end_utc)
+    text = provenance.redact(json.dumps(doc, indent=1, ensure_ascii=False, default=str, allow_nan=False))
+    atomic_io.write_text(json_path, text + "\n")
+    return json.loads(text)
+
+
+def format_summary(doc: Mapping) -> str:
+    lines = [f"{doc['tag']}  ({doc['backend']}, {doc['model']})",
+             f"{'benchmark':<10} {'n':>5} {'acc':>7} {'95% CI':>17} {'acc_off':>8} {'differ':>7} {'acc_fin':>8} "
+             f"{'trunc':>6} {'no_ans':>7} {'tok_med':>8} {'gate':>18}"]
+    warnings = []
+    for bench, b in doc["benchmarks"].items():
+        ci = "[%.1f, %.1f]" % tuple(b["ci95"]) if b["ci95"] else "-"
+        fin = "-" if b["acc_finished"] is None else f"{b['acc_finished']:.1f}"
+        off = "-" if b.get("acc_official") is None else f"{b['acc_official']:.1f}"
+        differ = "-" if b.get("disagreement") is None else f"{b['disagreement']:.1f}"
+        lines.append(f"{bench:<10} {b['n']:>5} {b['acc']:>7.1f} {ci:>17} {off:>8} {differ:>7} {fin:>8} "
+                     f"{b['trunc']:>6.1f} {b['no_answer']:>7.1f} {b['tokens_median']:>8.0f} "
+                     f"{doc['gate'][bench]['status']:>18}")
+        errs = b.get("grade_errors") or {}
+        if any(errs.values()):
+            warnings.append(f"WARNING {bench}: {errs.get('grader_error', 0)} grader error(s), "
+                            f"{errs.get('judge_error', 0)} judge error(s); see grade_detail in {doc['samples_file']}")
+    return "\n".join(lines + warnings)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "compare":
+        import compare
+
+        return compare.main(argv[1:])
+    import vllm_eval8
+
+    args = build_parser(vllm_eval8.__doc__).parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        doc = run_eval(cfg, argv=[sys.argv[0], *argv])
+    except (ValueError, FileNotFoundError, ResumeMismatch, RuntimeError) as err:
+        print(f"vllm_eval8: {provenance.redact(str(err))}", file=sys.stderr)
+        return 2
+    print(format_summary(doc))
+    print(f"wrote {cfg.results_paths()[0]}")
+    return 0
+

@@ -1,0 +1,132 @@
+"""The per-sample JSONL of a run (<tag>.jsonl): what a killed run resumes from.
+
+Line 1 is a header (schema, config hash, generation config, record order). Every graded sample is
+appended and fsynced the moment its grade exists, in whatever order grading finishes ("record_order":
+"graded"); a reader keys records by id. When a run completes, the file is rewritten atomically in
+sample order ("record_order": "sample"), so two complete runs of the same evaluation are byte-identical.
+
+A line is reused on resume only when it is complete and its prompt hash and config hash match this run.
+A reused line whose grade is missing or failed (a grader crash, no official verdict yet) keeps its
+generation and is graded again. Outputs with invalid Unicode (a lone surrogate) are stored \\u-escaped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import atomic_io
+import results_schema
+
+
+class ResumeMismatch(RuntimeError):
+    """The results JSONL on disk was produced under a different config or prompt; reusing it would lie."""
+
+
+def header(gen_cfg: dict, cfg_hash: str, record_order: str) -> dict:
+    return {"header": {"schema": results_schema.SCHEMA_VERSION, "config_hash": cfg_hash, "generation": gen_cfg,
+                       "record_order": record_order,
+                       "note": "graded: lines in grading-completion order (keyed by id); sample: dataset order"}}
+
+
+def record_line(rec: Mapping) -> str:
+    """One JSON line; readable UTF-8 where possible, \\u-escaped when the text is not valid Unicode."""
+    line = json.dumps(rec, ensure_ascii=False, default=str)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(rec, ensure_ascii=True, default=str)
+    return line + "\n"
+
+
+def _config_diff(old: Mapping, new: Mapping) -> str:
+    keys = sorted(set(old) | set(new))
+    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)) or "(unknown)"
+
+
+def needs_regrade(rec: Mapping) -> bool:
+    """A reusable generation whose grade must be redone: the grader failed, or no official verdict yet."""
+    return rec.get("grade_status", "ok") == results_schema.GRADER_ERROR or "official_correct" not in rec
+
+
+def read_resumable(path: Path, samples_by_id: Mapping, gen_cfg: dict, cfg_hash: str) -> tuple[dict, list, int]:
+    """(trusted records by id, records of samples not in this run, torn lines skipped).
+
+    Raises ResumeMismatch when the file was written under another generation config, or a sample's
+    prompt changed: mixing those with new generations would make the result describe no single setup.
+    A later line for the same id wins (a re-graded sample is appended again).
+    """
+    trusted, others, torn = {}, {}, 0
+    if not path.exists():
+        return trusted, [], torn
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                torn += 1
+                continue
+            if isinstance(rec, dict) and "header" in rec:
+                old = rec["header"].get("generation", {})
+                if rec["header"].get("config_hash") != cfg_hash:
+                    raise ResumeMismatch(f"{path} was generated with a different config ({_config_diff(old, gen_cfg)})")
+                continue
+            if not results_schema.is_complete_record(rec):
+                torn += 1
+                continue
+            if rec["config_hash"] != cfg_hash:
+                raise ResumeMismatch(f"{path}: sample {rec['id']!r} was generated with config {rec['config_hash']}, "
+                                     f"this run is {cfg_hash}")
+            sample = samples_by_id.get(rec["id"])
+            if sample is None:
+                others[rec["id"]] = rec
+            elif rec["prompt_hash"] != results_schema.prompt_hash(sample.messages):
+                raise ResumeMismatch(f"{path}: the prompt of {rec['id']!r} changed since it was generated "
+                                     "(new dataset revision or prompt builder)")
+            else:
+                trusted[rec["id"]] = rec
+    return trusted, list(others.values()), torn
+
+
+def rewrite(path: Path, head: Mapping, records: Sequence[Mapping]) -> None:
+    """Replace the whole file atomically (readers see the old file or the new one, never a torn one)."""
+    with atomic_io.writing(path, "w", encoding="utf-8") as f:
+        for rec in (head, *records):
+            f.write(record_line(rec))
+
+
+class SampleLog:
+    """Append-only, thread-safe writer of graded samples; each append is flushed and fsynced before it
+    returns, so a SIGKILL right after loses nothing that was graded."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._f = open(self.path, "a", encoding="utf-8")
+        self._lock = threading.Lock()
+
+    def append(self, records: Sequence[Mapping]) -> None:
+        if not records:
+            return
+        lines = []
+        for rec in records:
+            try:
+                lines.append(record_line(rec))
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{self.path}: cannot store sample {rec.get('id')!r}: {err}") from None
+        with self._lock:
+            self._f.write("".join(lines))
+            self._f.flush()
+            os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._f.closed:
+                self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
