@@ -63,9 +63,18 @@ class TensorRole:
 
 
 # ------------------------------------------------------------------------------------------ recipe
+METHODS = ("clip", "rtn", "wclip", "gptq", "awq")  # quant_methods.METHODS; checked here so a recipe fails early
+CALIBRATED_METHODS = frozenset({"wclip", "gptq", "awq"})  # need activation statistics H
+GRIDS = ("sym", "full", "asym")
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """Role -> bits. The one place bit widths live; validated on construction (fails early)."""
+    """Role -> bits, plus how every quantized tensor is rounded (method, grid, group, clip search).
+
+    The one place bit widths live; validated on construction (fails early). `role_bits` overrides the
+    bits of any role, e.g. (("embed", 8.0), ("lm_head", 8.0)) for a tied embedding.
+    """
 
     expert_bits: float = 3.0
     linear_bits: float = 4.0
@@ -73,16 +82,41 @@ class Recipe:
     group: int = 128
     clip_steps: int = 16
     clip_lo: float = 0.65
+    method: str = "clip"
+    grid: str = "sym"
+    role_bits: tuple = ()
+    damp: float = 0.01
+    act_order: bool = False
 
     def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method: unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.grid not in GRIDS:
+            raise ValueError(f"grid: unknown grid {self.grid!r}; choose one of {', '.join(GRIDS)}")
+        if not 0.0 <= float(self.damp) < 1.0:
+            raise ValueError(f"damp must be in [0, 1), got {self.damp}")
+        object.__setattr__(self, "role_bits", normalize_role_bits(self.role_bits))
         self.spec(16.0)  # group / clip knobs, with QuantSpec's own message
         for knob in ("expert_bits", "linear_bits", "mtp_bits"):
             try:
                 self.spec(getattr(self, knob))
             except ValueError as e:
                 raise ValueError(f"{knob.replace('_', '-')}: {e}") from None
+        for role, bits in self.role_bits:
+            try:
+                self.spec(bits)
+            except ValueError as e:
+                raise ValueError(f"role-bits {role}={bits:g}: {e}") from None
+
+    @property
+    def calibrated(self) -> bool:
+        """True when the method needs activation statistics (a calibration pass)."""
+        return self.method in CALIBRATED_METHODS
 
     def bits_for(self, role: Role) -> float:
+        for name, bits in self.role_bits:
+            if name == role.value:
+                return float(bits)
         if role == Role.ROUTED_EXPERT:
             return float(self.expert_bits)
         if role == Role.MTP:
@@ -93,7 +127,7 @@ class Recipe:
 
     def spec(self, bits: float) -> moe_quant.QuantSpec:
         return moe_quant.QuantSpec(bits=float(bits), group=self.group, clip_steps=self.clip_steps,
-                                   clip_lo=self.clip_lo)
+                                   clip_lo=self.clip_lo, grid=self.grid)
 
     def spec_for(self, tensor_role: TensorRole, dtype_is_float: bool, ndim: int) -> moe_quant.QuantSpec | None:
         """The QuantSpec to apply, or None when the tensor is copied unchanged."""
@@ -105,7 +139,34 @@ class Recipe:
     def as_dict(self) -> dict:
         return {"expert_bits": float(self.expert_bits), "linear_bits": float(self.linear_bits),
                 "mtp_bits": float(self.mtp_bits), "group": self.group, "clip_steps": self.clip_steps,
-                "clip_lo": float(self.clip_lo)}
+                "clip_lo": float(self.clip_lo), "method": self.method, "grid": self.grid,
+                "role_bits": {r: float(b) for r, b in self.role_bits}, "damp": float(self.damp),
+                "act_order": bool(self.act_order)}
+
+
+def normalize_role_bits(value) -> tuple:
+    """'embed=8,lm_head=8' | {'embed': 8} | (('embed', 8),) -> sorted (('embed', 8.0), ...); unknown roles refused."""
+    if isinstance(value, str):
+        pairs = []
+        for item in filter(None, (x.strip() for x in value.split(","))):
+            role, sep, bits = item.partition("=")
+            if not sep:
+                raise ValueError(f"role-bits: {item!r} is not ROLE=BITS (e.g. embed=8,lm_head=8)")
+            try:
+                pairs.append((role.strip(), float(bits)))
+            except ValueError:
+                raise ValueError(f"role-bits: {item!r}: bits must be a number") from None
+    elif isinstance(value, dict):
+        pairs = list(value.items())
+    else:
+        pairs = [tuple(p) for p in value]
+    known = {r.value for r in Role}
+    out = {}
+    for role, bits in pairs:
+        if role not in known:
+            raise ValueError(f"role-bits: unknown role {role!r}; roles: {', '.join(sorted(known))}")
+        out[role] = float(bits)
+    return tuple(sorted(out.items()))
 
 
 # ---------------------------------------------------------------------------------------- adapters

@@ -1,0 +1,226 @@
+"""A model skeleton with no weights, and one decoder layer at a time materialised from the shards.
+
+The skeleton is the transformers model built from config.json with every *parameter* on the meta device
+(buffers such as rotary frequencies are real: they are computed, not loaded), so memory is flat in depth.
+`materialise` loads one module's parameters from the source shards (in the compute dtype) and `release`
+puts them back on meta.
+
+On-disk names and in-memory names differ in one systematic way in transformers 5: MoE checkpoints store
+routed experts per expert (`mlp.experts.N.gate_proj.weight`, mixtral `block_sparse_moe.experts.N.w1`) while
+the module holds them fused ([E, 2I, H] `gate_up_proj` = cat(gate, up), [E, H, I] `down_proj`). `memory_slot`
+maps a disk name to (in-memory name, expert index, gate/up half), so a disk tensor can be loaded into, and
+its statistics read from, the fused module.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ckpt_source import BuildError
+
+PER_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<idx>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
+PART = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": None, "w2": None}
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where a disk tensor lives in memory: a parameter, optionally one expert's slice (and gate/up half)."""
+
+    name: str
+    expert: int | None = None
+    part: str | None = None  # "gate" | "up" (first / second half of a fused gate_up_proj) | None
+
+
+def memory_slot(disk_name: str, params: dict) -> Slot | None:
+    """The in-memory slot of a disk tensor in a skeleton with parameter names `params`, or None."""
+    if disk_name in params:
+        return Slot(disk_name)
+    m = PER_EXPERT.match(disk_name)
+    if not m:
+        return None
+    prefix = m["prefix"].replace(".block_sparse_moe.", ".mlp.")
+    fused = f"{prefix}.{'down_proj' if PART[m['proj']] is None else 'gate_up_proj'}"
+    if fused in params:
+        return Slot(fused, int(m["idx"]), PART[m["proj"]])
+    return None
+
+
+def slot_view(param: torch.Tensor, slot: Slot) -> torch.Tensor:
+    """The part of an in-memory parameter a disk tensor occupies (a view, so it can be written)."""
+    t = param if slot.expert is None else param[slot.expert]
+    if slot.part is not None:
+        half = t.shape[0] // 2
+        t = t[:half] if slot.part == "gate" else t[half:]
+    return t
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Every nn.Parameter registered inside the block is moved to the meta device (buffers stay real)."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=False)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+@dataclass
+class Skeleton:
+    model: nn.Module
+    text_model: nn.Module  # holds embed_tokens / layers / norm
+    layers: nn.ModuleList
+    layers_prefix: str  # qualified name of the ModuleList, e.g. "model.layers"
+    params: dict  # qualified parameter name -> (module, attribute)
+
+    def layer_prefix(self, i: int) -> str:
+        return f"{self.layers_prefix}.{i}."
+
+    def qualified(self, module: nn.Module) -> str:
+        for name, m in self.model.named_modules():
+            if m is module:
+                return name
+        raise KeyError("module not in the skeleton")
+
+
+def build_skeleton(root, config: dict) -> Skeleton:
+    import transformers
+
+    model_type = config.get("model_type")
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(root)
+        with _parameters_on_meta():
+            if config.get("vision_config") is not None:
+                arch = (config.get("architectures") or [None])[0]
+                cls = getattr(transformers, arch, None) if arch else None
+                if cls is None:
+                    raise BuildError(f"calibration: no transformers class {arch!r} for the multimodal {model_type}")
+                model = cls._from_config(cfg, dtype=torch.float32)
+            else:
+                model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    except BuildError:
+        raise
+    except Exception as e:
+        raise BuildError(f"calibration: transformers cannot build model_type {model_type!r} ({e.__class__.__name__}: "
+                         f"{e}); use --method clip or rtn, which need no forward pass") from None
+    model.eval()
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n.endswith("layers")
+             and "visual" not in n and "vision" not in n and not n.startswith("mtp")]
+    if not found:
+        raise BuildError(f"calibration: no decoder `layers` list in the {model_type} model")
+    layers_prefix, layers = min(found, key=lambda x: len(x[0]))
+    text_model = model.get_submodule(layers_prefix.rsplit(".", 1)[0]) if "." in layers_prefix else model
+    params = {}
+    for mname, module in model.named_modules():
+        for pname in module._parameters:
+            params[f"{mname}.{pname}" if mname else pname] = (module, pname)
+    return Skeleton(model, text_model, layers, layers_prefix, params)
+
+
+def _compose(slots_of: dict, name: str, shape, dtype, device, read) -> torch.Tensor:
+    """Build one in-memory parameter from the disk tensors mapped to it (`slots_of[name]` = [(disk, slot)])."""
+    pieces = slots_of.get(name)
+    if not pieces:
+        raise BuildError(f"calibration: the checkpoint has no tensor for parameter {name}")
+    if len(pieces) == 1 and pieces[0][1].expert is None:
+        t = read(pieces[0][0]).to(device=device, dtype=dtype)
+        if tuple(t.shape) != tuple(shape):
+            raise BuildError(f"calibration: {pieces[0][0]} has shape {list(t.shape)}, the model expects {list(shape)}")
+        return t
+    out = torch.empty(shape, dtype=dtype, device=device)
+    covered = 0
+    for disk, slot in pieces:
+        view = slot_view(out, slot)
+        t = read(disk)
+        if tuple(t.shape) != tuple(view.shape):
+            raise BuildError(f"calibration: {disk} has shape {list(t.shape)}, its slot in {name} is {list(view.shape)}")
+        view.copy_(t.to(device=device, dtype=dtype))
+        covered += t.numel()
+    if covered != out.numel():
+        raise BuildError(f"calibration: the per-expert tensors cover {covered} of the {out.numel()} values of {name}")
+    return out
+
+
+def materialise(skel: Skeleton, module: nn.Module, slots_of: dict, read, device, dtype) -> None:
+    """Load every parameter of `module` (a layer, the embedding, the final norm) from the shards."""
+    prefix = skel.qualified(module)
+    for pname, p in list(module.named_parameters()):
+        full = f"{prefix}.{pname}" if prefix else pname
+        owner, attr = skel.params[full]
+        t = _compose(slots_of, full, p.shape, dtype, device, read)
+        owner._parameters[attr] = nn.Parameter(t, requires_grad=False)
+
+
+def release(module: nn.Module) -> None:
+    """Back to meta: the layer's memory is freed."""
+    for m in module.modules():
+        for attr, p in list(m._parameters.items()):
+            if p is not None:
+                m._parameters[attr] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                                   requires_grad=False)
+
+
+def write_slot(skel: Skeleton, slot: Slot, value: torch.Tensor) -> None:
+    """Put a (quantized) disk tensor into its in-memory place."""
+    owner, attr = skel.params[slot.name]
+    view = slot_view(owner._parameters[attr].data, slot)
+    view.copy_(value.to(view.dtype))
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for a decoder layer: records the arguments the model passes it, returns its input."""
+
+    def __init__(self, inner: nn.Module, store: list, last: bool):
+        super().__init__()
+        self.inner = inner
+        self.store = store
+        self.last = last
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.store.append((hidden_states, args, kwargs))
+        if self.last:
+            raise _Stop()
+        return hidden_states
+
+
+def catch_layer_inputs(skel: Skeleton, input_ids: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """Run the text model up to its first layer: (layer-0 input hidden states, per-layer (args, kwargs)).
+
+    The embedding must be materialised; the layers are replaced by catchers (identity), so the attention
+    masks, position ids and rotary embeddings each layer receives are recorded whatever the family."""
+    stores = [[] for _ in skel.layers]
+    originals = list(skel.layers)
+    n = len(originals)
+    for i, layer in enumerate(originals):
+        skel.layers[i] = _Catcher(layer, stores[i], last=(i == n - 1))
+    try:
+        with torch.no_grad():
+            skel.text_model(input_ids=input_ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for i, layer in enumerate(originals):
+            skel.layers[i] = layer
+    hidden = stores[0][0][0]
+    per_layer = [(s[0][1], s[0][2]) for s in stores]
+    return hidden, per_layer

@@ -1,0 +1,115 @@
+"""One planned tensor in, its fake-quantized copy out: the method dispatch shared by the streaming shard writer
+and the calibration pass.
+
+* `clip` without statistics is the seed's path (`moe_quant.quantize_tensor`), byte for byte;
+* every other method goes through `quant_methods.quantize_with_method` with the tensor's Hessian proxy
+  H = E[x xᵀ] ([in, in], or [E, in, in] for fused experts); a calibrated method with no statistics for a
+  tensor (an untied embedding is a lookup, not a product) falls back to clip, and says so;
+* fused 3-D experts under a per-expert bits plan are quantized slice by slice, each at its own bits;
+* a weight holding NaN/Inf is refused with its name (the quantizer would otherwise spread it over a group).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import moe_quant
+from build_plan import TensorPlan
+from ckpt_source import BuildError
+from model_adapters import Recipe
+
+
+@dataclass
+class WeightResult:
+    dequant: torch.Tensor
+    sq_err: float
+    sq_ref: float
+    method: str  # the method actually applied ("clip" when a calibrated method had no statistics)
+    proxy: float | None = None  # tr(dW H dWᵀ) of the result, when H is known
+    proxy_clip: float | None = None  # the same for plain clip, for comparison
+
+
+def check_finite(name: str, w: torch.Tensor) -> None:
+    if not bool(torch.isfinite(w).all()):
+        bad = int((~torch.isfinite(w)).sum())
+        raise BuildError(f"tensor {name} holds {bad} NaN/Inf value(s); fix the checkpoint (it cannot be quantized)")
+
+
+def _sq(a: torch.Tensor) -> float:
+    flat = a.float().reshape(-1, a.shape[-1]) if a.ndim else a.float().reshape(1, 1)
+    return moe_quant.fixed_order_total((flat * flat).sum(dim=1))
+
+
+def _method_spec(recipe: Recipe, method: str):
+    import quant_methods
+
+    return quant_methods.MethodSpec(name=method, damp=recipe.damp, act_order=recipe.act_order)
+
+
+def _quantize_one(w, spec, axis, method, recipe, hessian):
+    """(dequant, sq_err, sq_ref) of one tensor (2-D, or 3-D fused experts) with one spec."""
+    if method == "clip" and hessian is None:
+        res = moe_quant.quantize_tensor(w, spec, axis=axis, return_codes=False)
+        return res.dequant, res.sq_err, res.sq_ref
+    import quant_methods
+
+    res = quant_methods.quantize_with_method(w, spec, _method_spec(recipe, method), axis=axis, hessian=hessian)
+    dq = res.dequant
+    sq_ref = res.sq_ref if res.sq_ref else _sq(w)
+    sq_err = res.sq_err if res.sq_ref else _sq(dq.float() - w.float())
+    return dq, sq_err, sq_ref
+
+
+def _proxy(w, dq, hessian, axis) -> float:
+    import quant_methods
+
+    return float(quant_methods.proxy_loss(w, dq, hessian, axis=axis))
+
+
+def quantize_weight(name: str, w: torch.Tensor, plan: TensorPlan, recipe: Recipe, hessian: torch.Tensor | None = None,
+                    compare_clip: bool = False) -> WeightResult:
+    """Quantize `w` as `plan` says, with `recipe.method` (clip when the method needs H and there is none)."""
+    check_finite(name, w)
+    method = recipe.method
+    if recipe.calibrated and hessian is None:
+        method = "clip"
+    axis = plan.role.axis
+    try:
+        if plan.slice_specs is None:
+            dq, sq_err, sq_ref = _quantize_one(w, plan.spec, axis, method, recipe, hessian)
+        else:
+            dq = torch.empty_like(w)
+            sq_err = sq_ref = 0.0
+            for e, spec in enumerate(plan.slice_specs):
+                if spec is None:
+                    dq[e] = w[e]
+                    continue
+                h = hessian[e] if hessian is not None and hessian.ndim == 3 else hessian
+                d, a, b = _quantize_one(w[e], spec, axis, method, recipe, h)
+                dq[e] = d
+                sq_err, sq_ref = sq_err + a, sq_ref + b
+    except ValueError as e:
+        raise BuildError(f"tensor {name}: {e}") from None
+    if not bool(torch.isfinite(dq).all()):
+        raise BuildError(f"tensor {name}: method {method} produced NaN/Inf (statistics degenerate?)")
+    result = WeightResult(dq, sq_err, sq_ref, method)
+    if hessian is not None:
+        result.proxy = _proxy(w, dq, hessian, axis)
+        if compare_clip:
+            if method == "clip":
+                result.proxy_clip = result.proxy
+            else:
+                clip_plan = plan
+                clip_dq = (moe_quant.quantize_tensor(w, plan.spec, axis=axis, return_codes=False).dequant
+                           if plan.slice_specs is None else _sliced_clip(w, clip_plan))
+                result.proxy_clip = _proxy(w, clip_dq, hessian, axis)
+    return result
+
+
+def _sliced_clip(w, plan: TensorPlan) -> torch.Tensor:
+    out = torch.empty_like(w)
+    for e, spec in enumerate(plan.slice_specs):
+        out[e] = w[e] if spec is None else moe_quant.quantize_tensor(w[e], spec, axis=plan.role.axis,
+                                                                     return_codes=False).dequant
+    return out
