@@ -1,0 +1,195 @@
+"""LoRA through the student's fake quantizer: W_eff = Q_s(W + B A), with the build's scales s fixed.
+
+Why this shape:
+* what is trained is what is shipped. The forward uses the student's own grid: the per-group fp16
+  scales the builder chose for the source weight W (recomputed here with `moe_quant.quantize_tensor`
+  and the recipe from `_ptq_meta.json`, and checked bit for bit against the student's tensor), the
+  same codes range and the same rounding. `merge_adapter.py` applies exactly this function once more
+  and writes the result, so the merged checkpoint's logits are the training forward's logits;
+* the straight-through estimator: forward value = Q_s(W + BA) exactly, gradient = identity through Q,
+  so A and B learn from the quantized model's loss;
+* targets are chosen by tensor ROLE (`model_adapters.adapter_for(config).classify`), never by family
+  name patterns. Fused 3-D experts [E, a, b] get one adapter per expert (A [E, r, b], B [E, a, r]);
+  per-expert 2-D weights and other Linears get A [r, in], B [out, r];
+* B starts at zero, so at step 0 the model IS the student (checked).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.utils.parametrize as parametrize
+
+import model_adapters
+import moe_quant
+from model_adapters import Recipe, Role
+
+DEFAULT_ROLES = (Role.ROUTED_EXPERT.value,)
+ALLOWED_ROLES = tuple(r.value for r in (Role.ROUTED_EXPERT, Role.SHARED_EXPERT, Role.ATTENTION,
+                                       Role.LINEAR_ATTENTION, Role.DENSE_MLP))
+
+
+class LoraTargetError(ValueError):
+    """A user-facing problem choosing or checking LoRA targets."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """One parameter trained through LoRA: its in-memory name, role, grid axis and quant spec."""
+
+    name: str
+    role: str
+    shape: tuple[int, ...]
+    axis: int
+    spec: moe_quant.QuantSpec
+
+
+def recipe_from_meta(meta: dict) -> Recipe:
+    """The student's Recipe from its _ptq_meta.json; refuses builds this fake-quant cannot reproduce."""
+    rec = dict(meta.get("recipe") or {})
+    known = set(Recipe.__dataclass_fields__)
+    extra = sorted(set(rec) - known)
+    if extra:
+        raise LoraTargetError(f"the student's recipe has fields {extra} this model_adapters.Recipe does not know; "
+                              f"the trainer cannot promise to reproduce that grid")
+    if "role_bits" in rec:
+        rec["role_bits"] = tuple(tuple(x) for x in rec["role_bits"])
+    try:
+        recipe = Recipe(**rec)
+    except (TypeError, ValueError) as e:
+        raise LoraTargetError(f"the student's recipe {rec} is not valid here: {e}") from None
+    if getattr(recipe, "calibrated", False) or meta.get("bits_plan"):
+        raise LoraTargetError(f"the student was built with method {getattr(recipe, 'method', '?')!r}"
+                              f"{' and a per-tensor bits plan' if meta.get('bits_plan') else ''}: OPD trains through "
+                              f"fixed-scale round-to-nearest on the recipe's grid, which reproduces only clip/rtn builds")
+    return recipe
+
+
+def choose_targets(named_shapes, config: dict, recipe: Recipe, roles=DEFAULT_ROLES) -> list[Target]:
+    """Parameters whose role is in `roles` and that the recipe quantizes (a LoRA on a BF16 tensor would
+    still be trainable, but then merging could not keep the footprint: those are refused by omission)."""
+    bad = sorted(set(roles) - set(ALLOWED_ROLES))
+    if bad:
+        raise LoraTargetError(f"--lora-roles {bad} not allowed; choose from {list(ALLOWED_ROLES)}")
+    adapter = model_adapters.adapter_for(config)
+    out = []
+    for name, shape in named_shapes:
+        tr = adapter.classify(name, shape)
+        if tr.role.value not in roles or not tr.quantizable:
+            continue
+        spec = recipe.spec_for(tr, True, len(shape))
+        if spec is None:
+            continue
+        out.append(Target(name, tr.role.value, tuple(int(s) for s in shape), tr.axis % len(shape), spec))
+    if not out:
+        raise LoraTargetError(f"no quantized tensor has a role in {list(roles)} (model_type "
+                              f"{config.get('model_type')!r}); a dense model has no routed experts: pass "
+                              f"--lora-roles dense_mlp,attention")
+    return out
+
+
+# ---------------------------------------------------------------------------------------- the grid
+def _grouped(w: torch.Tensor, axis: int, group: int) -> tuple[torch.Tensor, tuple, int]:
+    moved = w.movedim(axis, -1)
+    lead, k = tuple(moved.shape[:-1]), moved.shape[-1]
+    n_groups = -(-k // group)
+    pad = n_groups * group - k
+    if pad:
+        moved = torch.nn.functional.pad(moved, (0, pad))
+    return moved.reshape(*lead, n_groups, group), lead, k
+
+
+def quantize_fixed(w: torch.Tensor, scales: torch.Tensor, axis: int, spec: moe_quant.QuantSpec,
+                   zeros: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 dequantized w on the grid of FIXED `scales` (and zero-points on an asym grid), shaped
+    [..lead.., n_groups] as quantize_tensor returns them: the builder's own code/dequant functions,
+    without its scale search. A zero scale gives zeros, as in the builder."""
+    groups, lead, k = _grouped(w.float(), axis, spec.group)
+    flat = groups.reshape(-1, spec.group)
+    s = scales.to(device=w.device, dtype=torch.float32).reshape(-1)
+    if hasattr(moe_quant, "grid_codes"):  # every grid (sym / full / asym)
+        z = None if zeros is None else zeros.to(device=w.device, dtype=torch.float32).reshape(-1)
+        deq = moe_quant.grid_dequant(moe_quant.grid_codes(flat, s, z, spec), s, z)
+    else:  # older moe_quant: the symmetric grid only
+        deq = moe_quant.quantize_groups(flat, s, spec.qmax) * s[:, None]
+    return deq.reshape(*lead, -1)[..., :k].movedim(-1, axis)
+
+
+def build_scales(w: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(scales, zeros or None, dequant) the builder chooses for source weight w (its own search)."""
+    res = moe_quant.quantize_tensor(w, target.spec, target.axis, return_codes=False)
+    return res.scales, getattr(res, "zeros", None), res.dequant
+
+
+# ------------------------------------------------------------------------------------- LoRA module
+def lora_shapes(shape: tuple[int, ...], rank: int) -> tuple[tuple, tuple]:
+    """A and B shapes for a 2-D [a, b] or fused 3-D [E, a, b] weight (delta = B @ A has its shape)."""
+    if len(shape) == 2:
+        return (rank, shape[1]), (shape[0], rank)
+    if len(shape) == 3:
+        return (shape[0], rank, shape[2]), (shape[0], shape[1], rank)
+    raise LoraTargetError(f"LoRA needs a 2-D or fused 3-D weight, got shape {list(shape)}")
+
+
+class QuantLora(torch.nn.Module):
+    """Parametrization: original W -> Q_s(W + scale * B A) with the straight-through estimator."""
+
+    def __init__(self, target: Target, scales: torch.Tensor, zeros: torch.Tensor | None, rank: int, alpha: float,
+                 generator=None, store_dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        a_shape, b_shape = lora_shapes(target.shape, rank)
+        fan_in = a_shape[-1]
+        self.A = torch.nn.Parameter(torch.randn(a_shape, generator=generator) / math.sqrt(fan_in))
+        self.B = torch.nn.Parameter(torch.zeros(b_shape))
+        self.register_buffer("scales", scales.clone(), persistent=False)
+        self.register_buffer("zeros", None if zeros is None else zeros.clone(), persistent=False)
+        self.axis, self.spec, self.scaling, self.store_dtype = target.axis, target.spec, alpha / rank, store_dtype
+
+    def delta(self) -> torch.Tensor:
+        return (self.B.float() @ self.A.float()) * self.scaling
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return ste_quant(w, self.delta(), self.scales, self.axis, self.spec, self.store_dtype, self.zeros)
+
+
+def ste_quant(w: torch.Tensor, delta: torch.Tensor, scales: torch.Tensor, axis: int,
+              spec: moe_quant.QuantSpec, store_dtype: torch.dtype = torch.bfloat16,
+              zeros: torch.Tensor | None = None) -> torch.Tensor:
+    """Value: Q_s(w + delta) rounded to the checkpoint dtype (exactly what merge writes), in w's dtype;
+    gradient: identity into delta."""
+    x = w.float() + delta
+    q = quantize_fixed(x.detach(), scales, axis, spec, zeros).to(store_dtype).to(w.dtype)
+    return q + (x - x.detach()).to(w.dtype)  # value exactly q; d/d delta = 1 (STE)
+
+
+def merged_weight(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, scales: torch.Tensor,
+                  axis: int, spec: moe_quant.QuantSpec, dtype: torch.dtype,
+                  zeros: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight merge_adapter writes: Q_s(W + scaling * B A), in the checkpoint dtype."""
+    delta = (B.float() @ A.float()) * scaling
+    return quantize_fixed(w.float() + delta, scales, axis, spec, zeros).to(dtype)
+
+
+def attach(model: torch.nn.Module, targets: list[Target], scales: dict, rank: int, alpha: float,
+           seed: int = 0, store_dtype: torch.dtype = torch.bfloat16, zeros: dict | None = None) -> dict[str, QuantLora]:
+    """Register a QuantLora on each target parameter (in place); returns name -> module."""
+    gen = torch.Generator().manual_seed(seed)
+    mods = {}
+    for t in targets:
+        owner_name, _, param = t.name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        mod = QuantLora(t, scales[t.name], (zeros or {}).get(t.name), rank, alpha, gen, store_dtype)
+        parametrize.register_parametrization(owner, param, mod, unsafe=True)
+        mods[t.name] = mod
+    return mods
+
+
+def check_base_is_student(target: Target, dequant: torch.Tensor, student_w: torch.Tensor,
+                          store_dtype: torch.dtype = torch.bfloat16) -> None:
+    """The recipe's Q(source) must BE the student's tensor, else these are not the build's scales."""
+    if dequant.shape != student_w.shape or not torch.equal(dequant.to(store_dtype), student_w.to(store_dtype)):
+        diff = (dequant.float() - student_w.float()).abs().max().item() if dequant.shape == student_w.shape else None
+        raise LoraTargetError(f"tensor {target.name}: the recipe re-applied to the source weight does not give the "
+                              f"student's tensor (max |diff| {diff}); the student was not built from this source "
+                              f"with this recipe, so its scales cannot be recovered")
