@@ -1,11 +1,15 @@
 """Paired comparison: McNemar and bootstrap against hand-computable cases; unpaired inputs refused."""
 import json
 import math
+from fractions import Fraction
+from pathlib import Path
 
 import pytest
 
 import compare
 import results_schema
+
+FIX = Path(__file__).resolve().parent / "fixtures" / "bench"
 
 
 def _block(ids, correct, truncated=None):
@@ -75,11 +79,68 @@ def test_compare_bench_counts_and_reordering():
     assert r["delta"] == 0.0 and r["p_mcnemar"] == 1.0 and r["n"] == 5
 
 
-def test_truncated_answers_count_as_wrong_in_the_comparison():
-    a = _block(["q1", "q2"], [1, 1])
-    b = _block(["q1", "q2"], [1, 1], truncated=[0, 1])  # summarize keeps 'correct' as given ...
-    b["paired"]["correct"] = [1, 0]  # ... the runner's record already applies truncation = wrong
-    assert compare.compare_bench(a, b)["delta"] == -50.0
+def _exact_two_sided(b, c):
+    """Reference without scipy: the binomial tail as an exact Fraction, built term by term from the
+    ratio C(m, i+1) / C(m, i) = (m - i) / (i + 1)."""
+    m, k = b + c, min(b, c)
+    term, tail = Fraction(1, 2 ** m), Fraction(0)
+    for i in range(k + 1):
+        tail += term
+        term = term * (m - i) / (i + 1)
+    return min(Fraction(1), 2 * tail)
+
+
+@pytest.mark.parametrize("b, c", [(2400, 2600), (2450, 2550), (2300, 2700), (1, 4999), (0, 5000), (2500, 2500),
+                                  (600, 500), (1023, 1)])
+def test_mcnemar_exact_for_thousands_of_discordant_pairs(b, c):
+    # 2.0 ** m overflowed at m >= 1024; a full MMLU-Pro compare has that many discordant pairs.
+    want = _exact_two_sided(b, c)
+    got = compare.mcnemar_exact_p(b, c)
+    assert got == pytest.approx(float(want), rel=1e-12, abs=0.0)
+    assert compare.mcnemar_exact_p(c, b) == got
+
+
+def test_mcnemar_m5000_near_the_normal_approximation():
+    # b=2400, c=2600: z = (2400.5 - 2500) / sqrt(1250) = -2.814; two-sided normal p = 0.00489.
+    assert compare.mcnemar_exact_p(2400, 2600) == pytest.approx(0.00489, rel=0.02)
+    assert compare.mcnemar_exact_p(2500, 2500) == 1.0
+
+
+def _replay_doc(tmp_path, tag, outputs):
+    """A results JSON produced by the real runner (replay backend) from designed generations."""
+    import vllm_eval8
+
+    cfg = vllm_eval8.EvalConfig(model="m", tag=tag, backend="replay", benchmarks=("mmlu_pro",),
+                                data_files={"mmlu_pro": str(FIX / "mmlu_pro.jsonl")},
+                                results_dir=str(tmp_path / "vllm_eval"), grade_workers=0, progress=False)
+    samples, _ = vllm_eval8.load_all_samples(cfg)
+    replay = tmp_path / f"{tag}.replay.jsonl"
+    replay.write_text("".join(json.dumps({"id": s.id, "output": f"The answer is ({s.gold})", "finish_reason": fr,
+                                          "tokens": 7}) + "\n" for s, fr in zip(samples, outputs)))
+    import dataclasses
+
+    return vllm_eval8.run_eval(dataclasses.replace(cfg, replay_file=str(replay)))
+
+
+def test_truncated_answers_count_as_wrong_in_the_comparison(tmp_path):
+    # Both runs write the right letter for all 4 questions; B was cut off by the budget on two of them.
+    # The runner's truncation rule (not this test) must turn those into wrong answers.
+    a = _replay_doc(tmp_path, "teacher", ["stop"] * 4)
+    b = _replay_doc(tmp_path, "quant", ["stop", "length", "stop", "length"])
+    assert a["benchmarks"]["mmlu_pro"]["acc"] == 100.0 and b["benchmarks"]["mmlu_pro"]["acc"] == 50.0
+    assert b["benchmarks"]["mmlu_pro"]["acc_finished"] == 100.0
+    r = compare.compare_results(a, b)["benchmarks"]["mmlu_pro"]
+    assert r["delta"] == -50.0 and (r["only_a_correct"], r["only_b_correct"]) == (2, 0)
+    assert r["p_mcnemar"] == pytest.approx(0.5)
+
+
+def test_grader_errors_are_left_out_of_the_pairing():
+    ids = ["q1", "q2", "q3"]
+    a = _block(ids, [1, 1, 1])
+    b = _block(ids, [1, 0, 0])
+    b["paired"]["grader_error"] = [0, 1, 0]  # q2's grader crashed on B: no verdict, not a wrong answer
+    r = compare.compare_bench(a, b)
+    assert r["n"] == 2 and r["excluded_grader_errors"] == 1 and r["only_a_correct"] == 1
 
 
 def test_unpaired_inputs_are_refused(tmp_path, capsys):

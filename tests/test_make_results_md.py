@@ -60,7 +60,7 @@ def test_headline_has_roles_deltas_gate_links_and_commands(tmp_path):
     delta = quant["acc"] - teacher["acc"]
     assert f"[{teacher['acc']:.1f}](vllm_eval/teacher-bf16.json)" in gpqa
     assert f"[{delta:+.1f}](vllm_eval/quant-w3.json)" in gpqa and "p=" in gpqa
-    assert "n-too-small (86.6)" in gpqa  # carded model, but 3 questions cannot decide the gate
+    assert "undecided (86.6)" in gpqa  # carded model, but 3 questions cannot decide the gate
     assert "## Validation gate" in text and "Qwen3.5-122B-A10B" in text
     assert "## Per-group breakdown" in text and "### mmmlu by group" in text and "| ES_LA |" in text
     assert '<a id="run-quant-w3"></a>quant-w3 (quant)' in text and "- command: `" in text

@@ -4,7 +4,8 @@ Two runs on the same questions are compared per question, not as two independent
 paired bootstrap interval of the accuracy difference and McNemar's exact test use the fact that most
 questions are answered the same way by both models, which makes the comparison far tighter than the
 two separate Wilson intervals suggest. Inputs over different sample-id sets are refused, since any
-"delta" between them would mix model change with question change.
+"delta" between them would mix model change with question change. A question whose grader crashed
+on either side is left out of the pairing (counted as excluded_grader_errors), never scored as wrong.
 
     python -m compare A.json B.json        # delta = B - A, e.g. teacher.json quant.json
 """
@@ -19,6 +20,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+import atomic_io
 import results_schema
 
 DEFAULT_BOOTSTRAP = 10_000
@@ -33,6 +35,8 @@ def mcnemar_exact_p(b: int, c: int) -> float:
 
     Under H0 each discordant pair is a fair coin, so p = P(Binomial(b+c, 1/2) as extreme as observed),
     doubled and capped at 1. Exact (not chi-square) because discordant counts are often small here.
+    Computed in integers (the binomial coefficients summed exactly, one correctly rounded division at the
+    end), so it holds for any m: a full MMLU-Pro compare has thousands of discordant pairs.
     """
     if b < 0 or c < 0:
         raise ValueError(f"discordant counts must be >= 0, got b={b} c={c}")
@@ -40,8 +44,13 @@ def mcnemar_exact_p(b: int, c: int) -> float:
     if m == 0:
         return 1.0
     k = min(b, c)
-    tail = sum(math.comb(m, i) for i in range(k + 1)) / 2.0 ** m
-    return min(1.0, 2.0 * tail)
+    if 2 * k >= m:
+        return 1.0
+    term, tail = 1, 1  # C(m, 0)
+    for i in range(k):
+        term = term * (m - i) // (i + 1)  # C(m, i + 1), exact
+        tail += term
+    return min(1.0, (2 * tail) / (1 << m))
 
 
 def paired_bootstrap_ci(correct_a: Sequence[int], correct_b: Sequence[int], n_boot: int = DEFAULT_BOOTSTRAP,
@@ -85,6 +94,15 @@ def compare_bench(block_a: Mapping, block_b: Mapping, n_boot: int = DEFAULT_BOOT
     else:
         correct_b = list(pb["correct"])
     correct_a = list(pa["correct"])
+    errors_a = list(pa.get("grader_error") or [0] * len(correct_a))
+    errors_b = list(pb.get("grader_error") or [0] * len(correct_b))
+    if list(pa["ids"]) != list(pb["ids"]) and pb.get("grader_error"):
+        order = {sid: i for i, sid in enumerate(pb["ids"])}
+        errors_b = [pb["grader_error"][order[sid]] for sid in pa["ids"]]
+    keep = [i for i in range(len(correct_a)) if not errors_a[i] and not errors_b[i]]
+    excluded = len(correct_a) - len(keep)
+    correct_a = [correct_a[i] for i in keep]
+    correct_b = [correct_b[i] for i in keep]
     n = len(correct_a)
     only_a = sum(1 for x, y in zip(correct_a, correct_b) if x and not y)
     only_b = sum(1 for x, y in zip(correct_a, correct_b) if y and not x)
@@ -94,7 +112,8 @@ def compare_bench(block_a: Mapping, block_b: Mapping, n_boot: int = DEFAULT_BOOT
     return {"n": n, "acc_a": acc_a, "acc_b": acc_b, "delta": acc_b - acc_a, "ci95": [lo, hi],
             "ci_method": f"paired percentile bootstrap, {n_boot} resamples, seed {seed}",
             "only_a_correct": only_a, "only_b_correct": only_b,
-            "p_mcnemar": mcnemar_exact_p(only_a, only_b)}
+            "p_mcnemar": mcnemar_exact_p(only_a, only_b),
+            "excluded_grader_errors": excluded}
 
 
 def compare_results(doc_a: Mapping, doc_b: Mapping, benchmarks: Sequence[str] | None = None,
@@ -148,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(format_table(comparison))
     if args.json:
-        args.json.write_text(json.dumps(comparison, indent=2) + "\n")
+        atomic_io.write_json(args.json, comparison, sort_keys=False)
     return 0
 
 

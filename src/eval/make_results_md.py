@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import atomic_io
 import compare
 import official_scores
 import results_schema
@@ -177,23 +178,32 @@ def render_headline(teacher: Mapping, members: Sequence[Mapping], roles: Mapping
 
 
 def render_gate(docs: Sequence[Mapping], out_dir: Path) -> list[str]:
+    """The gate per carded run: the official scorer's accuracy, its interval, the verdict and the n that
+    would decide it; the robust accuracy and how often the two scorers disagree, beside it."""
     rows = []
     for doc in docs:
         for bench, g in official_scores.gate_for_result(doc).items():
             if g["official"] is not None:
+                block = doc["benchmarks"][bench]
                 delta = "–" if g["delta"] is None else f"{g['delta']:+.1f}"
-                half = "–" if g["half_width"] is None else f"{g['half_width']:.1f}"
+                ci = "–" if not g.get("ci95") else "[%.1f, %.1f]" % tuple(g["ci95"])
+                need = "–" if g.get("n_needed") is None else str(g["n_needed"])
+                differ = "–" if block.get("disagreement") is None else f"{block['disagreement']:.1f}%"
                 rows.append(f"| {doc['tag']} | {g['model']} | {bench} | {g['official']:.1f} | "
-                            f"{_link(_pct(g['acc']), doc, out_dir)} | {delta} | {half} | {g['status']} |")
+                            f"{_link(_pct(g['acc']), doc, out_dir)} ({g.get('scorer') or '-'}) | "
+                            f"{_pct(block.get('acc_robust', block.get('acc')))} | {differ} | {delta} | {ci} | "
+                            f"{need} | {g['status']} |")
     if not rows:
         return []
     return ["## Validation gate", "",
-            f"A benchmark axis is validated when the BF16 teacher's acc is within ±{official_scores.TOLERANCE_PT:.0f} "
-            f"pt of the model card's number and the run's Wilson 95% half-width is ≤ "
-            f"{official_scores.MAX_HALF_WIDTH_PT:.0f} pt (else n-too-small); thinking-off runs and models "
-            "without a card number are no-official-number. Rule: src/eval/official_scores.py.", "",
-            "| run | carded model | benchmark | official | ours | Δ | ±95% | status |",
-            "|---|---|---|---|---|---|---|---|", *rows, ""]
+            f"Equivalence rule on the benchmark's official scorer: validated when the whole Wilson 95% interval "
+            f"lies within ±{official_scores.TOLERANCE_PT:.0f} pt of the model card's number, failed when the card "
+            "number lies outside the interval, undecided otherwise; 'n to decide' is the sample count that would "
+            "decide it at the observed accuracy. Thinking-off runs and models without a card number are "
+            "no-official-number. Rule: src/eval/official_scores.py.", "",
+            "| run | carded model | benchmark | official | ours (scorer) | robust | scorers differ | Δ | 95% CI "
+            "| n to decide | status |",
+            "|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def render_groups(docs: Sequence[Mapping], out_dir: Path) -> list[str]:
@@ -347,8 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"make_results_md: {out} is stale; regenerate it", file=sys.stderr)
             return 1
         return 0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
+    atomic_io.write_text(out, text)
     print(f"wrote {out}")
     return 0
 

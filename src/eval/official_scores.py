@@ -2,22 +2,29 @@
 
 Quant-vs-teacher deltas are only worth reading on a benchmark where the harness (prompt, extraction,
 grading, budget) is shown to reproduce the official score of the unquantized model. This module holds
-the one table of official scores and the rule that turns a result into a gate status:
+the one table of official scores and the rule that turns a result into a gate status. The gate reads
+the benchmark's *official* scorer (acc_official: the benchmark's own answer cascade, e.g. MMLU-Pro's
+TIGER-Lab regexes with their seeded guess), with grader-error samples left out.
 
+It is an equivalence test on the Wilson 95 % interval [lo, hi] of that accuracy:
+
+* ``validated``           the whole interval lies within official +- TOLERANCE_PT;
+* ``failed-gate``         the official number lies outside the interval;
+* ``undecided``           neither: the run is too small to tell (n_needed says how many samples would
+                          decide it at the observed accuracy);
 * ``no-official-number``  no official score for this (model, benchmark), or the run had thinking off
                           (the card numbers are thinking-mode numbers), or the model is not one of the
-                          carded models (a quant is never matched implicitly: pass official_model);
-* ``n-too-small``         the run's Wilson 95 % half-width exceeds MAX_HALF_WIDTH_PT, so a match or a
-                          miss of 2 pt would be mostly sampling noise;
-* ``validated``           |acc - official| <= TOLERANCE_PT (acc counts truncated answers as wrong,
-                          as the cards do);
-* ``failed-gate``         otherwise.
+                          carded models (a quant is never matched implicitly: pass official_model).
+
+Every verdict carries ``n_needed``: the smallest n at the observed accuracy for which the interval
+would validate (when |acc - official| < tolerance) or fail (otherwise); None when no n can.
 
     python -m official_scores            # print the table and the rule
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import PurePath
 from typing import Mapping, Sequence
@@ -25,8 +32,8 @@ from typing import Mapping, Sequence
 import results_schema
 
 TOLERANCE_PT = 2.0
-MAX_HALF_WIDTH_PT = 7.0
-STATUSES = ("validated", "failed-gate", "no-official-number", "n-too-small")
+STATUSES = ("validated", "failed-gate", "undecided", "no-official-number")
+N_SEARCH_MAX = 10 ** 9
 
 # Model-card scores (thinking mode), in percent, as quoted in issue #3. lcb = LiveCodeBench v6,
 # gpqa = GPQA-Diamond.
@@ -59,34 +66,91 @@ def official_model_key(model: str | None, explicit: str | None = None) -> str | 
     return None
 
 
+def wilson_bounds(p: float, n: int, z: float = results_schema.Z_95) -> tuple[float, float]:
+    """Wilson 95 % interval (percent) of an accuracy p (0..1) observed on n samples."""
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return 100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half)
+
+
+def _verdict(lo: float, hi: float, official: float, tolerance: float) -> str:
+    if lo >= official - tolerance and hi <= official + tolerance:
+        return "validated"
+    if official < lo or official > hi:
+        return "failed-gate"
+    return "undecided"
+
+
+def n_needed(p: float, official: float, tolerance: float, want: str) -> int | None:
+    """Smallest n at which accuracy p (0..1) would give verdict `want`; None if no n reaches it."""
+    ok = lambda n: _verdict(*wilson_bounds(p, n), official, tolerance) == want  # noqa: E731
+    if not ok(N_SEARCH_MAX):
+        return None
+    lo, hi = 1, N_SEARCH_MAX  # the interval only shrinks with n, so the verdict, once reached, stays
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 def gate_status(model_key: str | None, bench: str, correct: int, n: int, thinking: bool = True,
-                tolerance: float = TOLERANCE_PT, max_half_width: float = MAX_HALF_WIDTH_PT) -> dict:
+                tolerance: float = TOLERANCE_PT) -> dict:
     """Gate verdict for one (model, benchmark) result; see the module docstring for the rule."""
     official = OFFICIAL_SCORES.get(model_key or "", {}).get(bench)
     acc = 100.0 * correct / n if n else None
-    out = {"model": model_key, "official": official, "acc": acc, "delta": None, "tolerance": tolerance,
-           "half_width": None, "max_half_width": max_half_width}
+    out = {"model": model_key, "official": official, "acc": acc, "n": n, "delta": None, "tolerance": tolerance,
+           "ci95": None, "n_needed": None, "rule": "equivalence: validated iff the Wilson 95% CI lies within "
+                                                    "official +- tolerance; failed iff official lies outside it"}
     if official is None or not thinking:
         return {**out, "status": "no-official-number",
                 "reason": "thinking off: card numbers are thinking-mode" if official is not None and not thinking
                 else "no official score for this model/benchmark"}
-    lo, hi = results_schema.wilson_interval(correct, n) if n else (float("nan"), float("nan"))
-    half = (hi - lo) / 2.0 if n else float("inf")
-    out.update(delta=None if acc is None else acc - official, half_width=half)
-    if not n or half > max_half_width:
-        return {**out, "status": "n-too-small",
-                "reason": f"95% half-width {half:.1f} pt > {max_half_width:.1f} pt; raise n"}
-    if abs(acc - official) <= tolerance:
-        return {**out, "status": "validated", "reason": f"|{acc:.1f} - {official:.1f}| <= {tolerance:.1f}"}
-    return {**out, "status": "failed-gate", "reason": f"|{acc:.1f} - {official:.1f}| > {tolerance:.1f}"}
+    if not n:
+        return {**out, "status": "undecided", "reason": "no graded samples"}
+    lo, hi = results_schema.wilson_interval(correct, n)
+    status = _verdict(lo, hi, official, tolerance)
+    delta = acc - official
+    target = "validated" if abs(delta) < tolerance else "failed-gate"
+    need = n_needed(correct / n, official, tolerance, status if status != "undecided" else target)
+    out.update(delta=delta, ci95=[lo, hi], n_needed=need)
+    ci = f"CI [{lo:.1f}, {hi:.1f}]"
+    if status == "validated":
+        reason = f"{ci} within {official:.1f} +- {tolerance:.1f}"
+    elif status == "failed-gate":
+        reason = f"official {official:.1f} outside {ci}"
+    else:
+        goal = "validate" if target == "validated" else "fail"
+        reason = (f"{ci} straddles {official:.1f} +- {tolerance:.1f}; "
+                  + (f"~{need} samples at this accuracy would {goal}" if need else "no n decides at this accuracy"))
+    return {**out, "status": status, "reason": reason}
 
 
 def gate_for_result(doc: Mapping) -> dict[str, dict]:
-    """Gate verdict per benchmark of a results JSON (recomputed from the table, never trusted from disk)."""
+    """Gate verdict per benchmark of a results JSON (recomputed from the table, never trusted from disk).
+
+    Uses the official scorer's counts with grader-error samples left out; older JSONs without them fall
+    back to acc."""
     key = official_model_key(doc.get("model_path") or doc.get("model"), doc.get("official_model"))
     thinking = bool(doc.get("generation", {}).get("thinking", True))
-    return {bench: gate_status(key, bench, block["correct"], block["n"], thinking)
-            for bench, block in doc["benchmarks"].items()}
+    out = {}
+    for bench, block in doc["benchmarks"].items():
+        off = block.get("official")
+        if off and off.get("n_graded") is not None:
+            g = gate_status(key, bench, off["correct_graded"], off["n_graded"], thinking)
+            scorer = off.get("scorer") or {}
+            g.update(scorer=scorer.get("name"), scorer_exact=scorer.get("exact"),
+                     excluded_grader_errors=off.get("n_grader_error", 0))
+            if scorer.get("exact") is False and g["status"] != "no-official-number":
+                g["reason"] += f" (scorer {scorer.get('name')} only approximates the official rule)"
+        else:
+            g = gate_status(key, bench, block["correct"], block["n"], thinking)
+            g.update(scorer="robust", scorer_exact=False, excluded_grader_errors=0)
+        out[bench] = g
+    return out
 
 
 def format_table() -> str:
@@ -95,7 +159,8 @@ def format_table() -> str:
     for model, scores in OFFICIAL_SCORES.items():
         lines.append(model.ljust(20) + "".join(
             (f"{scores[b]:.1f}" if b in scores else "-").rjust(10) for b in benches))
-    lines.append(f"tolerance {TOLERANCE_PT} pt; n-too-small when the Wilson 95% half-width > {MAX_HALF_WIDTH_PT} pt")
+    lines.append(f"tolerance {TOLERANCE_PT} pt; validated iff the Wilson 95% CI lies within official +- tolerance, "
+                 "failed iff official lies outside the CI, else undecided")
     return "\n".join(lines)
 
 
