@@ -53,25 +53,34 @@ def _stage_letter(stage: Stage, text: str, valid: str) -> str | None:
     return got if got and got in valid else None
 
 
-def seeded_guess(seed: int, sample_id: str, n_options: int) -> int:
-    """Index of a uniform random option, a function of (seed, sample id) only.
-
-    MMLU-Pro's script seeds Python's random once (12345) and draws in its own iteration order; a
-    resumable, parallel harness has no such order, so the draw is seeded per sample instead. The
-    expectation (1 / n_options) is the same; which few questions the guess hits can differ.
-    """
-    return random.Random(f"{seed}:{sample_id}").randrange(n_options)
-
-
-def run_cascade(cascade: Cascade, text: str | None, sample_id: str = "", n_options: int = 0) -> CascadeAnswer:
+def run_cascade(cascade: Cascade, text: str | None) -> CascadeAnswer:
+    """The first stage that answers; ("none") when none does (the fallback is applied per run, below)."""
     text = text if isinstance(text, str) else ""
     for i, stage in enumerate(cascade.stages, start=1):
         letter = _stage_letter(stage, text, cascade.valid)
         if letter is not None:
             return CascadeAnswer(letter, f"stage{i}")
-    if cascade.fallback == "seeded_guess" and n_options > 0:
-        return CascadeAnswer("ABCDEFGHIJKLMNOP"[seeded_guess(cascade.guess_seed, sample_id, n_options)], "guess")
     return CascadeAnswer(None, "none")
+
+
+def stream_guesses(records: list, seed: int) -> list:
+    """MMLU-Pro's fallback over one run: Python's random seeded once (12345), one randint(0, n_options - 1)
+    per unanswered question, in evaluation order. Applied to the records of one benchmark in sample order,
+    every time a summary is made, so a resumed or re-graded run draws exactly the same guesses.
+
+    Records to guess carry "official_guess": {"options": n}; returns new records with the guessed letter
+    as official_extracted, official_stage "guess" and official_correct set against the gold letter.
+    """
+    rng = random.Random(seed)
+    out = []
+    for rec in records:
+        guess = rec.get("official_guess")
+        if guess:
+            letter = "ABCDEFGHIJKLMNOP"[rng.randint(0, int(guess["options"]) - 1)]
+            rec = {**rec, "official_extracted": letter, "official_stage": "guess",
+                   "official_correct": letter == rec.get("gold")}
+        out.append(rec)
+    return out
 
 
 # TIGER-AI-Lab/MMLU-Pro evaluate_from_local.py (extract_answer -> extract_again -> extract_final, then

@@ -33,11 +33,13 @@ def grade_mc(sample: Sample, output: str) -> Graded:
 
 def grade_cascade(cascade: answer_cascades.Cascade, sample: Sample, output: str) -> Graded:
     """A verdict from an official cascade; detail names the stage that answered (or 'guess')."""
-    got = answer_cascades.run_cascade(cascade, output, sample.id, int(sample.meta.get("n_options", 0)))
+    got = answer_cascades.run_cascade(cascade, output)
     detail = {"scorer": cascade.name, "stage": got.stage}
     if got.letter is None:
+        if cascade.fallback == "seeded_guess":  # drawn per run, in order: answer_cascades.stream_guesses
+            detail.update(guess_options=int(sample.meta["n_options"]), guess_seed=cascade.guess_seed)
         return Graded(None, False, True, detail)
-    return Graded(got.letter, got.letter == sample.gold, got.stage == "guess", detail)
+    return Graded(got.letter, got.letter == sample.gold, False, detail)
 
 
 def _official(cascade: answer_cascades.Cascade) -> OfficialScorer:

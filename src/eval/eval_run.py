@@ -185,10 +185,12 @@ def run_eval(cfg: EvalConfig, backend: eval_backends.Backend | None = None, argv
                 backend.close()
 
     ordered = [records[s.id] for s in samples]
+    by_bench = {b: results_schema.apply_official_guesses([r for r in ordered if r["bench"] == b]) for b in cfg.benchmarks}
+    ordered = [r for b in cfg.benchmarks for r in by_bench[b]]
     resume_log.rewrite(jsonl_path, resume_log.header(gen_cfg, cfg_hash, "sample"), [*ordered, *others])
     benchmarks = {}
     for bench in cfg.benchmarks:
-        block = results_schema.summarize_bench([r for r in ordered if r["bench"] == bench], official_scorer_info(bench))
+        block = results_schema.summarize_bench(by_bench[bench], official_scorer_info(bench))
         block["dataset"] = datasets[bench]
         benchmarks[bench] = block
     doc = {

@@ -117,9 +117,22 @@ def sample_record(sample, generation: Mapping, graded, cfg_hash: str, official=N
         "official_stage": (off.detail or {}).get("stage"),
         "grade_detail": graded.detail,
     }
+    if (off.detail or {}).get("guess_options"):  # the official rule guesses; drawn per run in sample order
+        rec["official_guess"] = {"options": int(off.detail["guess_options"]), "seed": int(off.detail["guess_seed"])}
     if generation.get("reasoning") is not None:
         rec["reasoning"] = generation["reasoning"]
     return rec
+
+
+def apply_official_guesses(records: Sequence[Mapping]) -> list:
+    """The official fallback guesses of one benchmark's records (in sample order); see
+    answer_cascades.stream_guesses. Records without a pending guess are returned unchanged."""
+    seeds = {r["official_guess"]["seed"] for r in records if r.get("official_guess")}
+    if not seeds:
+        return list(records)
+    import answer_cascades
+
+    return answer_cascades.stream_guesses(list(records), seeds.pop())
 
 
 def is_complete_record(rec) -> bool:
