@@ -4,8 +4,8 @@ to a callback the moment it exists (the runner appends and fsyncs it there), in 
 Workers are spawned processes (safe next to torch/vLLM; each grades in its main thread, so math-verify's
 SIGALRM timeouts work), started while the engine loads. A worker dies with the process that started it
 (PR_SET_PDEATHSIG, plus a parent watchdog). If a worker crashes (BrokenProcessPool), the pool is rebuilt
-and every sample that had no grade yet is graded again; a sample in flight during two crashes gets a
-grader_error verdict instead of a third try. workers=0 grades inline in the calling thread.
+and every sample that had no grade yet is graded again, one at a time: the one that crashes a worker
+again, alone, gets a grader_error verdict; the others get their grade. workers=0 grades inline in the calling thread.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from typing import Callable, Sequence
 from graders import Graded
 
 WARM_UP_OUTPUT = "The answer is (A).\nAnswer: A\n\\boxed{1}"
-MAX_CRASHES_PER_SAMPLE = 2
 
 
 def default_grade_workers() -> int:
@@ -85,7 +84,6 @@ class GradingPool:
         self._lock = threading.Lock()
         self._pending: dict = {}  # future -> (sample, generation)
         self._broken: list = []  # (sample, generation) whose worker crashed, to resubmit
-        self._crashes: dict = {}  # sample id -> crashes seen
         self._idle = threading.Condition(self._lock)
         self.grade_s = 0.0  # time this process spent grading inline or waiting for grades
         self.regraded_after_crash: list = []
@@ -94,19 +92,23 @@ class GradingPool:
         elif self.probes:
             threading.Thread(target=warm_up, args=(self.probes, grade_fn), daemon=True).start()
 
-    def _start_pool(self) -> None:
+    def _start_pool(self, warm: bool = True) -> None:
         import multiprocessing
 
         self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
                                         initializer=_die_with_parent, initargs=(os.getpid(),))
-        for _ in range(self.workers):  # start the workers and load the graders' imports while generation runs
-            self.pool.submit(warm_up, self.probes, self.grade_fn)
+        if warm:  # start the workers and load the graders' imports while generation runs (not after a crash:
+            for _ in range(self.workers):  # a warm-up probe may be the very sample that kills a worker)
+                self.pool.submit(warm_up, self.probes, self.grade_fn)
 
     def submit(self, sample, generation) -> None:
         self._recover()
         if self.pool is None:
             t0 = time.perf_counter()
-            robust, official = self.grade_fn(sample, generation["output"])
+            try:
+                robust, official = self.grade_fn(sample, generation["output"])
+            except Exception as exc:  # a grade_fn bug becomes this sample's grader_error
+                robust, official = crash_verdict(f"grading failed: {type(exc).__name__}: {str(exc)[:300]}")
             self.grade_s += time.perf_counter() - t0
             self.on_graded(sample, generation, robust, official)
             return
@@ -144,26 +146,34 @@ class GradingPool:
                 self._idle.notify_all()
 
     def _recover(self) -> None:
-        """Rebuild a broken pool and grade its lost samples again (the crash is logged on stderr)."""
+        """Rebuild a broken pool and grade its lost samples again, one at a time, so that a sample which
+        kills its worker is found exactly: it alone gets a grader_error, the bystanders are graded."""
         with self._lock:
             broken, self._broken = self._broken, []
         if not broken:
             return
-        print(f"grading_pool: a grading worker crashed; re-grading {len(broken)} sample(s) in a new pool",
-              file=sys.stderr)
+        print(f"grading_pool: a grading worker crashed; re-grading {len(broken)} sample(s) one at a time in a "
+              "new pool", file=sys.stderr)
+        for sample, generation in broken:
+            self._restart_if_broken()
+            t0 = time.perf_counter()
+            try:
+                robust, official = self.pool.submit(self.grade_fn, sample, generation["output"]).result()
+                self.regraded_after_crash.append(sample.id)
+            except BrokenProcessPool:
+                robust, official = crash_verdict("the grading worker crashed on this sample, again when graded alone")
+                self._restart_if_broken(force=True)
+            except Exception as exc:  # noqa: BLE001
+                robust, official = crash_verdict(f"grading failed: {type(exc).__name__}: {str(exc)[:300]}")
+            self.grade_s += time.perf_counter() - t0
+            self.on_graded(sample, generation, robust, official)
+
+    def _restart_if_broken(self, force: bool = False) -> None:
+        if self.pool is not None and not force and not getattr(self.pool, "_broken", False):
+            return
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
-            self.pool = None
-        self._start_pool()
-        for sample, generation in broken:
-            crashes = self._crashes.get(sample.id, 0) + 1
-            self._crashes[sample.id] = crashes
-            if crashes >= MAX_CRASHES_PER_SAMPLE:
-                robust, official = crash_verdict(f"grading worker crashed {crashes} times on this sample")
-                self.on_graded(sample, generation, robust, official)
-            else:
-                self.regraded_after_crash.append(sample.id)
-                self.submit(sample, generation)
+        self._start_pool(warm=False)
 
     def drain(self) -> None:
         """Wait until every submitted sample has been handed to on_graded."""

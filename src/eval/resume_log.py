@@ -33,11 +33,11 @@ def header(gen_cfg: dict, cfg_hash: str, record_order: str) -> dict:
 
 def record_line(rec: Mapping) -> str:
     """One JSON line; readable UTF-8 where possible, \\u-escaped when the text is not valid Unicode."""
-    line = json.dumps(rec, ensure_ascii=False, default=str)
+    line = json.dumps(rec, ensure_ascii=False, default=str, allow_nan=False)
     try:
         line.encode("utf-8")
     except UnicodeEncodeError:
-        line = json.dumps(rec, ensure_ascii=True, default=str)
+        line = json.dumps(rec, ensure_ascii=True, default=str, allow_nan=False)
     return line + "\n"
 
 
