@@ -43,10 +43,26 @@ def test_replay_skips_header_and_torn_lines_and_names_missing_ids(tmp_path):
     backend = eval_backends.ReplayBackend(path)
     got = backend.generate(samples[:3])
     assert [g["output"] for g in got] == [f"out {s.id}" for s in samples[:3]]
-    with pytest.raises(KeyError, match="no generation for 1 of 4 samples"):
+    with pytest.raises(eval_backends.ReplayMissing, match="no generation for 1 of 4 samples"):
         backend.generate(samples)
     with pytest.raises(FileNotFoundError, match="replay file"):
         eval_backends.ReplayBackend(tmp_path / "nope.jsonl")
+
+
+def test_replay_missing_id_is_a_one_line_cli_error(tmp_path, capsys):
+    samples = mmlu_samples()
+    path = tmp_path / "gen.jsonl"
+    path.write_text("".join(json.dumps({"id": s.id, "output": "x", "finish_reason": "stop"}) + "\n" for s in samples[:2]))
+    rc = vllm_eval8.main(["--model", "m", "--tag", "t", "--backend", "replay", "--replay-file", str(path),
+                          "--benchmarks", "mmlu_pro", "--data-file", f"mmlu_pro={MMLU_PRO}", "--grade-workers", "0",
+                          "--results-dir", str(tmp_path / "r"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no generation for 2 of 4 samples" in err and "mmlu_pro/72" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "mmlu_pro/70", "output": 3, "finish_reason": "stop"}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1: record 'mmlu_pro/70'"):
+        eval_backends.ReplayBackend(bad)
 
 
 def test_enforce_eager_is_automatic_for_gemma_only():

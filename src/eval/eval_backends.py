@@ -353,6 +353,10 @@ class OpenAIBackend(Backend):
 
 
 # ------------------------------------------------------------------------------------------- replay
+class ReplayMissing(ValueError):
+    """The replay file lacks generations this run asks for (a different --n, benchmark set or data)."""
+
+
 class ReplayBackend(Backend):
     """Re-grade saved generations (a JSONL of {id, output, finish_reason[, tokens]}) without a model.
 
@@ -368,7 +372,7 @@ class ReplayBackend(Backend):
             raise FileNotFoundError(f"replay file {self.path} does not exist; pass the <tag>.jsonl of an earlier run")
         self.generations: dict[str, dict] = {}
         with open(self.path, encoding="utf-8") as f:
-            for line in f:
+            for n, line in enumerate(f, start=1):
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
@@ -376,7 +380,7 @@ class ReplayBackend(Backend):
                 if not isinstance(rec, Mapping) or "id" not in rec:
                     continue
                 if not isinstance(rec.get("output"), str) or not isinstance(rec.get("finish_reason"), str):
-                    raise ValueError(f"{self.path}: record {rec.get('id')!r} lacks a string output/finish_reason")
+                    raise ValueError(f"{self.path}:{n}: record {rec.get('id')!r} lacks a string output/finish_reason")
                 gen = {"output": rec["output"], "finish_reason": rec["finish_reason"],
                        "tokens": int(rec.get("tokens") or 0)}
                 if rec.get("reasoning") is not None:
@@ -387,8 +391,9 @@ class ReplayBackend(Backend):
     def stream(self, samples):
         missing = [s.id for s in samples if s.id not in self.generations]
         if missing:
-            raise KeyError(f"replay file {self.path} has no generation for {len(missing)} of {len(samples)} "
-                           f"samples (first: {missing[:3]}); replay the same benchmarks/--n as the original run")
+            raise ReplayMissing(f"replay file {self.path} has no generation for {len(missing)} of {len(samples)} "
+                                f"samples (first: {missing[:3]}); replay the same benchmarks/--n/--data-file as "
+                                "the original run")
         for i, sample in enumerate(samples):
             yield i, dict(self.generations[sample.id])
 
