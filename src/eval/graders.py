@@ -178,15 +178,16 @@ def _short(result: sandbox.RunResult) -> str:
 
 def run_test_cases(code: str, tests: list, func_name: str | None, limits: sandbox.SandboxLimits,
                    isolation: sandbox.Isolation | None = None) -> dict:
-    """All tests must pass; stops at the first failure. tests: [{"input", "output", "testtype"}]."""
+    """All tests must pass; stops at the first failure. tests: [{"input", "output", "testtype"}].
+    The verdict is the output compared with the expected one, so an exit code cannot forge it."""
     passed = 0
-    iso = isolation or sandbox.detect_isolation()
+    iso = isolation or sandbox.isolation_for(limits)
+    base = {"total": len(tests), "isolation": iso.describe(), **({} if iso.strong else {"weak_sandbox": True})}
     for i, test in enumerate(tests):
         functional = test.get("testtype") == "functional"
         if functional:
             if not func_name:
-                return {"passed": passed, "total": len(tests), "error": "functional test but no func_name in metadata",
-                        "isolation": iso.describe()}
+                return {"passed": passed, **base, "error": "functional test but no func_name in metadata"}
             marker = "@@moe-result-" + secrets.token_hex(8)
             result = sandbox.run_python(_functional_program(code, func_name, marker), stdin=test["input"],
                                         limits=limits, isolation=iso)
@@ -202,9 +203,9 @@ def run_test_cases(code: str, tests: list, func_name: str | None, limits: sandbo
             ok = result.ok and stdout_matches(result.stdout, test["output"])
         if not ok:
             err = _short(result) if not result.ok else "wrong answer"
-            return {"passed": passed, "total": len(tests), "failed_test": i, "error": err, "isolation": iso.describe()}
+            return {"passed": passed, **base, "failed_test": i, "error": err}
         passed += 1
-    return {"passed": passed, "total": len(tests), "isolation": iso.describe()}
+    return {"passed": passed, **base}
 
 
 def grade_code_tests(tests: list, func_name: str | None, output: str, limits: sandbox.SandboxLimits) -> Graded:
@@ -215,17 +216,32 @@ def grade_code_tests(tests: list, func_name: str | None, output: str, limits: sa
     return Graded(code, detail["passed"] == detail["total"] and "error" not in detail, False, detail)
 
 
-def grade_code_program(program_parts: tuple, output: str, limits: sandbox.SandboxLimits) -> Graded:
-    """HumanEval/MBPP: one program = prefix + model code + assertions; it passes iff it exits 0."""
+TEST_PROGRAM_NAME = "__moe_program__"  # not "__main__": the official harness execs the program as a module
+
+
+def code_program(program_parts: tuple, code: str) -> str:
+    """HumanEval/MBPP: prefix (prompt or setup) + model code + the assertions, as one program."""
+    prefix, suffix = program_parts
+    return prefix + "\n" + code + "\n\n" + suffix
+
+
+def grade_code_program(program_parts: tuple, output: str, limits: sandbox.SandboxLimits,
+                       isolation: sandbox.Isolation | None = None) -> Graded:
+    """HumanEval/MBPP: passes only when the sandbox's own epilogue reports the run's nonce, i.e. the
+    program (its last assertion included) ran to its end without raising. The exit code is not evidence:
+    sys.exit(0), os._exit(0), atexit or excepthook tricks end the run before the epilogue. As in the
+    official harness, an `if __name__ == "__main__":` block in the answer does not run."""
     code = extractors.extract_code(output)
     if code is None:
         return no_answer()
-    prefix, suffix = program_parts
-    result = sandbox.run_python(prefix + "\n" + code + "\n\n" + suffix, limits=limits)
-    detail = {"passed": int(result.ok), "total": 1, "isolation": result.isolation}
-    if not result.ok:
-        detail["error"] = _short(result)
-    return Graded(code, result.ok, False, detail)
+    iso = isolation or sandbox.isolation_for(limits)
+    result = sandbox.run_python(code_program(program_parts, code), limits=limits, isolation=iso,
+                                run_name=TEST_PROGRAM_NAME)
+    detail = {"passed": int(result.completed), "total": 1, "isolation": result.isolation,
+              **({} if iso.strong else {"weak_sandbox": True})}
+    if not result.completed:
+        detail["error"] = _short(result) if not result.ok else "exited before the tests finished"
+    return Graded(code, result.completed, False, detail)
 
 
 # ---------------------------------------------------------------------------------------- HLE

@@ -1,24 +1,25 @@
 """Run model-written Python where it cannot hurt the grader, the machine or the secrets on it.
 
-Layers, strongest first; `detect_isolation()` probes which of them this kernel allows and every result
-names the one that was used:
-  1. `unshare` namespaces: a fresh network namespace (no interfaces up: nothing to connect to), a pid
-     namespace (the whole tree dies with the program; /proc shows only the sandbox), a mount namespace
-     in which every mount is read-only except the run's temp dir. As a non-root user this needs a user
-     namespace (`unshare -r`); as root the program additionally drops to a throwaway uid, because the
-     kernel does not apply RLIMIT_NPROC to root (a fork bomb would otherwise be bounded only by time).
-  2. Always: rlimits (CPU seconds, address space, file size, processes, open files, no core dumps), a
-     new session so the whole process group is killed on timeout, an environment built from a short
-     allow-list (HF_TOKEN and friends never reach the child), stdout/stderr capped, a fresh temp dir
-     removed afterwards, and an audit hook in the child's interpreter that refuses sockets, writes
-     outside the temp dir and reading /proc/*/environ (the only network barrier where namespaces are
-     not allowed).
+Real isolation is bubblewrap (Debian: `apt-get install bubblewrap`), run as an unprivileged user: a root
+grader first drops to a throwaway uid, so the program is never the machine's root (root is exempt from
+RLIMIT_NPROC) and bubblewrap builds a user namespace owned by that uid. Inside: every namespace
+unshared (no network, not even the host's unix sockets; its own pids; its own mounts), all
+capabilities dropped and no nested user namespaces (so no mount can be made writable again), a root
+filesystem of read-only binds of what Python needs (/usr and the merged-/usr links, the linker cache),
+the only writable place a size-limited tmpfs work dir, a new session, SIGKILL when the grader dies.
+
+Memory and processes are bounded per run, not per process: the program may hold at most
+`max_processes` tasks, each with an address space of (memory_mb - workdir_mb) / max_processes, so the
+whole run, work dir included, fits in memory_mb. (cgroup v2 would allow a finer split; it is not used
+because the grading machines seen so far have no writable cgroup v2 memory controller.)
+
+Weak tiers (the old `unshare` launcher, or rlimits and an audit hook alone) are used only when asked
+for with allow_weak_sandbox, and every result they produce says WEAK SANDBOX in its isolation.
 """
 from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import secrets
 import selectors
@@ -33,47 +34,79 @@ from pathlib import Path
 
 LAUNCHER = Path(__file__).with_name("sandbox_launcher.py")
 LAUNCHER_SETUP_FAILED = 97
+STARTED = b"R"
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 THROWAWAY_UID_RANGE = (200_000, 900_000)  # root only: a fresh uid per run, so NPROC counts this run alone
 PROBE_MARK = "sandbox-probe-ok"
+MIN_PROCESS_MB = 48  # a Python interpreter with the grading prelude and one thread needs ~24 MiB of address space
+BWRAP_WORKDIR = "/sandbox"
+BWRAP_HARNESS = "/harness"
+WEAK_LABEL = "WEAK SANDBOX (allow_weak_sandbox; a hostile program can escape it): "
+NO_REAL_SANDBOX_HINT = ("install bubblewrap (`apt-get install bubblewrap`) on a kernel that allows unprivileged "
+                        "user namespaces, or pass --allow-weak-sandbox to grade code under the weak tiers "
+                        "(recorded as WEAK SANDBOX in every result)")
 
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    """Per-run limits. timeout_s is wall clock for one run (one test); CPU seconds follow from it."""
+    """Per-run limits. timeout_s is wall clock for one run (one test); CPU seconds follow from it.
+    memory_mb is the budget of the whole run: every process's address space plus the work dir."""
     timeout_s: float = 6.0
     memory_mb: int = 2048
+    max_processes: int = 4  # tasks (processes and threads) the program may have, itself included
+    workdir_mb: int = 64
     file_size_mb: int = 32
-    max_processes: int = 32
     max_open_files: int = 256
     max_output_bytes: int = 1_000_000
+    allow_weak_sandbox: bool = False
 
     def __post_init__(self):
         if not self.timeout_s > 0:
             raise ValueError(f"SandboxLimits.timeout_s must be > 0, got {self.timeout_s}")
-        if self.memory_mb < 64:
-            raise ValueError(f"SandboxLimits.memory_mb={self.memory_mb} is too small for a Python interpreter; use >= 64")
+        if self.max_processes < 1:
+            raise ValueError(f"SandboxLimits.max_processes must be >= 1, got {self.max_processes}")
+        if not 1 <= self.workdir_mb < self.memory_mb:
+            raise ValueError(f"SandboxLimits.workdir_mb={self.workdir_mb} must be >= 1 and below "
+                             f"memory_mb={self.memory_mb} (the work dir is part of the run's memory budget)")
+        if self.process_memory_mb() < MIN_PROCESS_MB:
+            raise ValueError(f"SandboxLimits.memory_mb={self.memory_mb} leaves {self.process_memory_mb()} MiB per "
+                             f"process for max_processes={self.max_processes} after a {self.workdir_mb} MiB work "
+                             f"dir; a Python interpreter needs >= {MIN_PROCESS_MB}: raise memory_mb or lower "
+                             "max_processes")
 
-    def rlimits(self) -> dict:
-        return {"cpu_s": math.ceil(self.timeout_s) + 1,
-                "address_space_bytes": self.memory_mb << 20,
+    def process_memory_mb(self) -> int:
+        """Address space of one process: the processes together and the work dir fit in memory_mb."""
+        return (self.memory_mb - self.workdir_mb) // self.max_processes
+
+    def rlimits(self, extra_tasks: int = 0) -> dict:
+        """extra_tasks: tasks of the sandbox tool counted by RLIMIT_NPROC beside the program's own."""
+        return {"cpu_s": int(self.timeout_s) + 2,
+                "address_space_bytes": self.process_memory_mb() << 20,
                 "file_size_bytes": self.file_size_mb << 20,
-                "processes": self.max_processes,
+                "processes": self.max_processes + extra_tasks,
                 "open_files": self.max_open_files,
                 "core_bytes": 0}
 
 
 @dataclass(frozen=True)
 class Isolation:
-    """One way of starting the child; `name` is what results record."""
+    """One way of starting the child; `describe()` is what results record.
+    kind: bwrap (real isolation) | unshare | plain (weak tiers, opt-in only)."""
     name: str
+    kind: str = "plain"
     unshare_args: tuple = ()
     readonly_fs: bool = False
     drop_uid: bool = False
     python: str = field(default_factory=lambda: os.path.realpath(sys.executable))
+    tool: str = ""  # the bwrap binary, for kind == "bwrap"
+
+    @property
+    def strong(self) -> bool:
+        return self.kind == "bwrap"
 
     def describe(self) -> str:
-        return f"{self.name} (python={self.python})"
+        text = f"{self.name} (python={self.python})"
+        return text if self.strong else WEAK_LABEL + text
 
 
 @dataclass(frozen=True)
@@ -84,50 +117,71 @@ class RunResult:
     stderr: str
     wall_s: float
     isolation: str
+    completed: bool = False  # the launcher's epilogue reported this run's nonce: the program ran to its end
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
 
 
-def candidate_isolations(is_root: bool, pythons: tuple) -> list:
-    """Strongest first. `unshare` flags differ for root (no user namespace needed, uid dropped instead)."""
+# ------------------------------------------------------------------------------------- tiers
+
+def candidate_isolations(is_root: bool, pythons: tuple, bwrap: str | None = None) -> list:
+    """Strongest first: bubblewrap for each interpreter, then the weak tiers."""
+    bwrap = bwrap if bwrap is not None else (shutil.which("bwrap") or "")
+    strong = "bwrap(userns+netns+pidns+mountns+ipcns, ro binds, tmpfs workdir, no caps" + \
+             (", throwaway uid" if is_root else "") + ")+aggregate rlimits"
     ns = ("--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc")
     user = () if is_root else ("--user", "--map-root-user")
-    out = []
+    who = "+uid-drop" if is_root else "+userns"
+    out = [Isolation(strong, "bwrap", readonly_fs=True, drop_uid=is_root, python=py, tool=bwrap)
+           for py in pythons] if bwrap else []
     for py in pythons:
-        out.append(Isolation("netns+pidns+mountns(ro-fs)" + ("+uid-drop" if is_root else "+userns") + "+rlimits+audit-hook",
-                             ("unshare", *user, *ns), readonly_fs=True, drop_uid=is_root, python=py))
-        out.append(Isolation("netns" + ("+uid-drop" if is_root else "+userns") + "+rlimits+audit-hook",
-                             ("unshare", *user, "--net"), drop_uid=is_root, python=py))
-        out.append(Isolation(("uid-drop+" if is_root else "") + "rlimits+audit-hook(no namespaces)",
-                             (), drop_uid=is_root, python=py))
+        out.append(Isolation(f"netns+pidns+mountns(ro-fs){who}+rlimits+audit-hook", "unshare", ("unshare", *user, *ns),
+                             readonly_fs=True, drop_uid=is_root, python=py))
+        out.append(Isolation(f"netns{who}+rlimits+audit-hook", "unshare", ("unshare", *user, "--net"),
+                             drop_uid=is_root, python=py))
+        out.append(Isolation(("uid-drop+" if is_root else "") + "rlimits+audit-hook(no namespaces)", "plain",
+                             drop_uid=is_root, python=py))
     return out
 
 
 def sandbox_pythons() -> tuple:
-    """Interpreters to try. The dropped uid cannot enter /root, so a venv under /root falls back to the
+    """Interpreters to try. A dropped uid cannot enter /root, so a venv under /root falls back to the
     system python; untrusted programs only get the standard library either way (-I)."""
     env = os.environ.get("MOE_LOWBIT_SANDBOX_PYTHON")
     found = [env] if env else []
     found += [os.path.realpath(sys.executable), "/usr/bin/python3", "/usr/local/bin/python3"]
-    return tuple(dict.fromkeys(p for p in found if p and os.path.exists(p)))
+    return tuple(dict.fromkeys(os.path.realpath(p) for p in found if p and os.path.exists(p)))
 
 
-@functools.lru_cache(maxsize=1)
-def detect_isolation() -> Isolation:
-    """The strongest isolation that actually runs a program here (memoised: a fact about this machine)."""
-    probe_limits = SandboxLimits(timeout_s=10, memory_mb=512)
+@functools.lru_cache(maxsize=2)
+def detect_isolation(allow_weak: bool = False) -> Isolation:
+    """The strongest isolation that actually runs a program here (memoised: a fact about this machine).
+    Without allow_weak, raises unless bubblewrap works: code benchmarks refuse to run unisolated."""
+    probe_limits = SandboxLimits(timeout_s=10, memory_mb=512, max_processes=2)
     failures = []
-    for iso in candidate_isolations(os.geteuid() == 0, sandbox_pythons()):
+    candidates = candidate_isolations(os.geteuid() == 0, sandbox_pythons())
+    if not any(c.strong for c in candidates):
+        failures.append("bubblewrap: `bwrap` is not on PATH")
+    for iso in candidates:
+        if not (iso.strong or allow_weak):
+            continue
         if iso.unshare_args and shutil.which(iso.unshare_args[0]) is None:
             failures.append(f"{iso.name}: unshare not installed")
             continue
         result = run_python(f"print({PROBE_MARK!r})", limits=probe_limits, isolation=iso)
-        if result.ok and result.stdout.strip() == PROBE_MARK:
+        if result.ok and result.completed and result.stdout.strip() == PROBE_MARK:
             return iso
-        failures.append(f"{iso.describe()}: {result.status} {result.stderr.strip()[-200:]}")
-    raise RuntimeError("no sandbox configuration can run Python here; tried:\n  " + "\n  ".join(failures))
+        failures.append(f"{iso.describe()}: {result.status} {result.stderr.strip()[-300:]}")
+    what = "no sandbox configuration can run Python here" if allow_weak else \
+        "no real sandbox for model-written code here (code benchmarks refuse to run without one): " + NO_REAL_SANDBOX_HINT
+    raise RuntimeError(what + "; tried:\n  " + "\n  ".join(failures))
+
+
+def isolation_for(limits: SandboxLimits) -> Isolation:
+    """The isolation a run under these limits gets: real, or a weak tier when the limits allow one."""
+    return detect_isolation(allow_weak=limits.allow_weak_sandbox)
 
 
 def clean_environment(workdir: str) -> dict:
@@ -136,15 +190,104 @@ def clean_environment(workdir: str) -> dict:
             "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def _remove_tree(path: str) -> None:
-    def retry_writable(func, p, _exc):
+# ------------------------------------------------------------------------------------- bwrap
+
+def root_links() -> list:
+    """bwrap args recreating the host's top-level merged-/usr links (/bin -> usr/bin ...) or binding the
+    real dirs where the host has no merged /usr."""
+    args = []
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        host = f"/{name}"
+        if os.path.islink(host):
+            args += ["--symlink", os.readlink(host), host]
+        elif os.path.isdir(host):
+            args += ["--ro-bind", host, host]
+    return args
+
+
+def python_binds(python: str) -> list:
+    """The interpreter's prefix, when it lives outside /usr (pyenv, conda)."""
+    prefix = os.path.dirname(os.path.dirname(os.path.realpath(python)))
+    return [] if prefix == "/usr" or prefix.startswith("/usr/") else ["--ro-bind", prefix, prefix]
+
+
+def bwrap_command(iso: Isolation, limits: SandboxLimits, program_fd: int, launcher_fd: int,
+                  launcher_config: dict, info_fd: int) -> list:
+    """The full bwrap argv. Order matters: every mount, then the read-only remounts of / and /dev."""
+    args = [iso.tool, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
+            "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox", "--info-fd", str(info_fd),
+            "--ro-bind", "/usr", "/usr", *root_links(), *python_binds(iso.python)]
+    for path in ("/etc/ld.so.cache", "/etc/localtime"):
+        if os.path.exists(path):
+            args += ["--ro-bind", path, path]
+    args += ["--proc", "/proc", "--dev", "/dev",
+             "--size", str(limits.workdir_mb << 20), "--tmpfs", BWRAP_WORKDIR, "--symlink", BWRAP_WORKDIR, "/tmp",
+             "--ro-bind-data", str(program_fd), f"{BWRAP_HARNESS}/main.py",
+             "--ro-bind-data", str(launcher_fd), f"{BWRAP_HARNESS}/launcher.py",
+             "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", BWRAP_WORKDIR, "--clearenv"]
+    for key, value in clean_environment(BWRAP_WORKDIR).items():
+        args += ["--setenv", key, value]
+    return args + ["--", iso.python, "-I", "-B", f"{BWRAP_HARNESS}/launcher.py", json.dumps(launcher_config)]
+
+
+def _memfd(name: str, data: bytes) -> int:
+    fd = os.memfd_create(name)  # close-on-exec; pass_fds hands it to the one child that needs it
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+# ------------------------------------------------------------------------------------- running
+
+def remove_tree(path: str) -> None:
+    """rm -rf without recursion and with one open fd (a program can leave a tree deeper than Python's
+    recursion limit, than PATH_MAX and than the open-files limit); unreadable dirs are made readable."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+
+    def open_dir(name, parent=None):
         try:
-            os.chmod(os.path.dirname(p), 0o700)
-            os.chmod(p, 0o700)
-            func(p)
-        except OSError:
-            pass
-    shutil.rmtree(path, onerror=retry_writable)
+            return os.open(name, flags, dir_fd=parent)
+        except PermissionError:
+            os.chmod(name, 0o700, dir_fd=parent)
+            return os.open(name, flags, dir_fd=parent)
+
+    try:
+        fd = open_dir(path)
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        os.unlink(path)
+        return
+    names, pending = [], [None]  # the path below `path` by name; per level, subdirs still to remove
+    try:
+        while True:
+            if pending[-1] is None:
+                subdirs = []
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        if entry.is_dir(follow_symlinks=False):
+                            subdirs.append(entry.name)
+                        else:
+                            os.unlink(entry.name, dir_fd=fd)
+                pending[-1] = subdirs
+            if pending[-1]:
+                child = pending[-1].pop()
+                down = open_dir(child, fd)
+                os.close(fd)
+                fd = down
+                names.append(child)
+                pending.append(None)
+                continue
+            pending.pop()
+            if not names:
+                break
+            up = os.open("..", flags & ~os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = up
+            os.rmdir(names.pop(), dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(path)
 
 
 def _kill_group(proc: subprocess.Popen, grace_s: float = 0.0) -> None:
@@ -161,8 +304,35 @@ def _kill_group(proc: subprocess.Popen, grace_s: float = 0.0) -> None:
         time.sleep(0.01)
 
 
-def _collect(proc: subprocess.Popen, limits: SandboxLimits) -> tuple:
-    """Read both pipes until EOF, the deadline or the output cap; returns (stdout, stderr, why_killed)."""
+def _stop_group(proc: subprocess.Popen) -> None:
+    _kill_group(proc)
+    proc.wait()
+    _kill_group(proc, grace_s=2.0)
+
+
+def _stop_bwrap(proc: subprocess.Popen, info_fd: int) -> None:
+    """SIGKILL the sandbox's pid 1 first: the kernel then kills everything in its pid namespace, and
+    bwrap (our child) exits only once that pid 1 is reaped, so when this returns nothing of the run is
+    left. (Killing bwrap first would return while the namespace is still being torn down.)"""
+    try:
+        child = json.loads(_read_report(info_fd).decode() or "{}").get("child-pid")
+    except ValueError:
+        child = None
+    if child and proc.poll() is None:
+        try:
+            os.kill(int(child), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            pass
+    _stop_group(proc)
+
+
+def _collect(proc: subprocess.Popen, limits: SandboxLimits, stop) -> tuple:
+    """Read both pipes until EOF, the deadline or the output cap, then stop(proc);
+    returns (stdout, stderr, why_killed)."""
     deadline = time.monotonic() + limits.timeout_s
     buffers = {proc.stdout: bytearray(), proc.stderr: bytearray()}
     sel = selectors.DefaultSelector()
@@ -193,63 +363,111 @@ def _collect(proc: subprocess.Popen, limits: SandboxLimits) -> tuple:
         if killed:
             break
     sel.close()
-    _kill_group(proc)
-    proc.wait()
-    _kill_group(proc, grace_s=2.0)
+    stop(proc)
     out, err = (bytes(buffers[s][: limits.max_output_bytes]).decode("utf-8", "replace")
                 for s in (proc.stdout, proc.stderr))
     return out, err, killed
 
 
-def run_python(source: str, stdin: str = "", limits: SandboxLimits = SandboxLimits(),
-               isolation: Isolation | None = None) -> RunResult:
-    """Run `source` as a Python program in a fresh temp dir under `isolation` (probed when None).
+def _read_report(fd: int, limit: int = 1 << 16) -> bytes:
+    os.set_blocking(fd, False)
+    data = bytearray()
+    while len(data) < limit:
+        try:
+            chunk = os.read(fd, limit - len(data))
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
 
-    Never raises for anything the program does; a program that cannot even be started is
-    status="sandbox_error" (scored wrong by callers, and visible in their detail).
+
+def _status(killed, rc, started: bool) -> str:
+    if killed:
+        return killed
+    if not started:
+        return "sandbox_error"
+    if rc == 0:
+        return "ok"
+    if rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
+        return "timeout"
+    return "error"
+
+
+def _throwaway_uid() -> int:
+    return secrets.randbelow(THROWAWAY_UID_RANGE[1] - THROWAWAY_UID_RANGE[0]) + THROWAWAY_UID_RANGE[0]
+
+
+def run_python(source: str, stdin: str = "", limits: SandboxLimits = SandboxLimits(),
+               isolation: Isolation | None = None, run_name: str = "__main__") -> RunResult:
+    """Run `source` as a Python program under `isolation` (probed from the limits when None).
+
+    run_name is the program's __name__ (HumanEval-style test programs run as a module, not __main__, as
+    the official harness execs them). Never raises for anything the program does; a sandbox that cannot
+    even start is status="sandbox_error" (scored wrong by callers, and visible in their detail).
     """
-    iso = isolation or detect_isolation()
+    iso = isolation or isolation_for(limits)
     start = time.monotonic()
-    workdir = tempfile.mkdtemp(prefix="moe-sbx-")
+    nonce = secrets.token_hex(16).encode()
+    nonce_r, nonce_w = os.pipe()
+    os.write(nonce_w, nonce)
+    os.close(nonce_w)
+    report_r, report_w = os.pipe()
+    stdin_fd = _memfd("stdin", stdin.encode("utf-8", "surrogatepass"))
+    owned = [nonce_r, report_w, stdin_fd]
+    workdir = info_r = None
+    uid = _throwaway_uid() if iso.drop_uid else None
     try:
-        uid = secrets.randbelow(THROWAWAY_UID_RANGE[1] - THROWAWAY_UID_RANGE[0]) + THROWAWAY_UID_RANGE[0] \
-            if iso.drop_uid else None
-        Path(workdir, "main.py").write_text(source, encoding="utf-8", errors="surrogatepass")
-        shutil.copyfile(LAUNCHER, Path(workdir, "_launcher.py"))
-        config = {"workdir": workdir, "program": "main.py", "readonly_fs": iso.readonly_fs,
-                  "drop_to_uid": uid, "rlimits": limits.rlimits(), "block_network_hook": True}
-        Path(workdir, "_config.json").write_text(json.dumps(config), encoding="utf-8")
-        if uid is not None:
-            os.chown(workdir, uid, uid)
-        os.chmod(workdir, 0o755 if uid is not None else 0o700)
-        cmd = [*iso.unshare_args, "--", iso.python, "-I", "-B", str(Path(workdir, "_launcher.py")),
-               str(Path(workdir, "_config.json"))] if iso.unshare_args else \
-              [iso.python, "-I", "-B", str(Path(workdir, "_launcher.py")), str(Path(workdir, "_config.json"))]
-        with tempfile.TemporaryFile() as stdin_file:
-            stdin_file.write(stdin.encode("utf-8", "surrogatepass"))
-            stdin_file.seek(0)
-            try:
-                proc = subprocess.Popen(cmd, stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        cwd=workdir, env=clean_environment(workdir), start_new_session=True,
-                                        close_fds=True)
-            except OSError as exc:
-                return RunResult("sandbox_error", None, "", f"could not start sandbox: {exc}",
-                                 time.monotonic() - start, iso.describe())
-            out, err, killed = _collect(proc, limits)
-        rc = proc.returncode
-        if killed:
-            status = killed
-        elif rc == LAUNCHER_SETUP_FAILED and "sandbox setup failed" in err:
-            status = "sandbox_error"
-        elif rc == 0:
-            status = "ok"
-        elif rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
-            status = "timeout"
+        program = source.encode("utf-8", "surrogatepass")
+        if iso.strong:
+            program_fd, launcher_fd = _memfd("main.py", program), _memfd("launcher.py", LAUNCHER.read_bytes())
+            owned += [program_fd, launcher_fd]
+            config = {"workdir": BWRAP_WORKDIR, "program": f"{BWRAP_HARNESS}/main.py", "run_name": run_name,
+                      "nonce_fd": nonce_r, "report_fd": report_w, "rlimits": limits.rlimits(extra_tasks=1)}
+            info_r, info_w = os.pipe()
+            owned.append(info_w)
+            cmd = bwrap_command(iso, limits, program_fd, launcher_fd, config, info_w)
+            stop = functools.partial(_stop_bwrap, info_fd=info_r)
+            popen_kw = {"cwd": "/", "env": {"PATH": SAFE_PATH}}
+            if uid is not None:  # bwrap itself runs as the throwaway uid: the sandbox is never real root
+                popen_kw.update(user=uid, group=uid, extra_groups=[])
         else:
-            status = "error"
-        return RunResult(status, rc, out, err, time.monotonic() - start, iso.describe())
+            workdir = tempfile.mkdtemp(prefix="moe-sbx-")
+            Path(workdir, "main.py").write_bytes(program)
+            shutil.copyfile(LAUNCHER, Path(workdir, "_launcher.py"))
+            config = {"workdir": workdir, "program": str(Path(workdir, "main.py")), "run_name": run_name,
+                      "nonce_fd": nonce_r, "report_fd": report_w, "readonly_fs": iso.readonly_fs,
+                      "drop_to_uid": uid, "rlimits": limits.rlimits(), "audit_hook": True}
+            if uid is not None:
+                os.chown(workdir, uid, uid)
+            os.chmod(workdir, 0o755 if uid is not None else 0o700)
+            cmd = [*iso.unshare_args, *(["--"] if iso.unshare_args else []), iso.python, "-I", "-B",
+                   str(Path(workdir, "_launcher.py")), json.dumps(config)]
+            popen_kw = {"cwd": workdir, "env": clean_environment(workdir)}
+            stop = _stop_group
+        try:
+            proc = subprocess.Popen(cmd, stdin=stdin_fd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    start_new_session=True, close_fds=True, pass_fds=tuple(owned), **popen_kw)
+        except OSError as exc:
+            return RunResult("sandbox_error", None, "", f"could not start sandbox: {exc}",
+                             time.monotonic() - start, iso.describe())
+        for fd in owned:  # the child has them now; the report pipe reaches EOF when the sandbox is gone
+            os.close(fd)
+        owned = []
+        out, err, killed = _collect(proc, limits, stop)
+        report = _read_report(report_r)
+        rc = proc.returncode
+        started = report.startswith(STARTED)
+        if rc == LAUNCHER_SETUP_FAILED and "sandbox setup failed" in err:
+            started = False
+        return RunResult(_status(killed, rc, started), rc, out, err, time.monotonic() - start, iso.describe(),
+                         completed=started and nonce in report)
     finally:
-        _remove_tree(workdir)
+        for fd in owned + [report_r] + ([info_r] if info_r is not None else []):
+            os.close(fd)
+        if workdir is not None:
+            remove_tree(workdir)
 
 
 def main(argv=None) -> None:
@@ -259,15 +477,22 @@ def main(argv=None) -> None:
                                              "or run a Python file through it.")
     ap.add_argument("program", nargs="?", help="a .py file to run sandboxed (stdin is passed through)")
     ap.add_argument("--timeout", type=float, default=SandboxLimits.timeout_s)
+    ap.add_argument("--allow-weak-sandbox", action="store_true",
+                    help="fall back to the weak tiers (rlimits + audit hook) where bubblewrap cannot run")
     args = ap.parse_args(argv)
-    iso = detect_isolation()
+    try:
+        iso = detect_isolation(allow_weak=args.allow_weak_sandbox)
+    except RuntimeError as exc:
+        sys.exit(f"sandbox: {exc}")
     print(f"isolation: {iso.describe()}", file=sys.stderr)
     if args.program:
         result = run_python(Path(args.program).read_text(), stdin="" if sys.stdin.isatty() else sys.stdin.read(),
-                            limits=SandboxLimits(timeout_s=args.timeout), isolation=iso)
+                            limits=SandboxLimits(timeout_s=args.timeout, allow_weak_sandbox=args.allow_weak_sandbox),
+                            isolation=iso)
         sys.stdout.write(result.stdout)
         sys.stderr.write(result.stderr)
-        print(f"status: {result.status} rc={result.returncode} wall={result.wall_s:.2f}s", file=sys.stderr)
+        print(f"status: {result.status} rc={result.returncode} completed={result.completed} "
+              f"wall={result.wall_s:.2f}s", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,21 @@
-"""First stage of a sandboxed run: lock the process down, then run the untrusted program in-process.
+"""The test runner inside a sandboxed run: lock the process down, run the program, then report.
 
-Runs as `python -I -B sandbox_launcher.py CONFIG.json` inside the child that `sandbox.py` starts (possibly
-already inside fresh user/net/pid/mount namespaces made by `unshare`). It must stay importable with the
-standard library only: the project's PYTHONPATH is not visible here (-I), and the untrusted program runs
-in this same interpreter right after the lock-down, so every restriction below applies to it.
+Runs as `python -I -B sandbox_launcher.py CONFIG_JSON` inside the child that `sandbox.py` starts
+(inside bubblewrap, or in a weak tier inside `unshare` or nothing). Standard library only: the
+project's PYTHONPATH is not visible here (-I), and the untrusted program runs in this same interpreter
+right after the lock-down, so every restriction below applies to it.
 
-Order matters: mounts need privileges, so they come first; then the uid drop; then rlimits (after the
-drop, so the program cannot raise them back); the audit hook last, because installing it cannot be undone.
+The report channel: the harness hands in two pipes. The launcher writes b"R" to the report pipe before
+the program starts (so the harness can tell a sandbox that never came up from a program that failed),
+and, only after the program ran to its end without raising, reads the per-run nonce from the nonce pipe
+and writes it to the report pipe. The nonce is in no file, argv or environment variable and enters this
+process's memory only after the last statement of the program (its last assertion) has run, so exiting
+early in any way -- sys.exit(0), os._exit(0), atexit, an excepthook, exit() in a __main__ block -- leaves
+no nonce behind and the run counts as failed, whatever its exit code.
+
+Order of the weak-tier steps matters: mounts need privileges, so they come first; then the uid drop;
+then rlimits (after the drop, so the program cannot raise them back); the audit hook last, because
+installing it cannot be undone.
 """
 import ctypes
 import json
@@ -14,6 +23,7 @@ import os
 import resource
 import runpy
 import sys
+import traceback
 
 MS_BIND = 0x1000
 MS_REC = 0x4000
@@ -22,6 +32,7 @@ AT_RECURSIVE = 0x8000
 MOUNT_ATTR_RDONLY = 0x1
 SYS_MOUNT_SETATTR = 442  # same number on x86_64 and aarch64 (generic syscall table)
 EXIT_SETUP_FAILED = 97
+STARTED = b"R"
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 PATH_MUTATING_EVENTS = {"os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.symlink", "os.link",
@@ -44,12 +55,8 @@ def _check(result: int, what: str) -> None:
 
 
 def make_filesystem_read_only_except(workdir: str) -> None:
-    """Whole tree read-only (recursively, every mount), the work dir alone writable.
-
-    Needs a private mount namespace (unshare --mount) and CAP_SYS_ADMIN in it (real root, or a user
-    namespace where we are root). The bind mount of the work dir onto itself makes it a mount of its own,
-    so its read-only flag can be cleared again after the recursive pass.
-    """
+    """Weak tier only (bubblewrap builds its own read-only root): whole tree read-only, the work dir
+    alone writable. Needs a private mount namespace and CAP_SYS_ADMIN in it."""
     libc = ctypes.CDLL(None, use_errno=True)
     path = workdir.encode()
     _check(libc.mount(path, path, None, MS_BIND | MS_REC, None), f"bind-mount {workdir}")
@@ -77,6 +84,17 @@ def apply_rlimits(limits: dict) -> None:
         resource.setrlimit(names[key], (int(value), int(value)))
 
 
+def close_fds_except(keep: set) -> None:
+    """Nothing the sandbox tool or the harness left open reaches the program but stdio and our pipes."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the fd of the listdir itself, already gone
+
+
 def _inside(path, root: str) -> bool:
     if isinstance(path, int):
         return True  # an already-open fd: its opening was checked (or it is stdin/stdout/stderr)
@@ -87,13 +105,10 @@ def _inside(path, root: str) -> bool:
     return full == root or full.startswith(root + os.sep) or full in ("/dev/null", "/dev/zero")
 
 
-def install_audit_hook(workdir: str, block_network: bool) -> None:
-    """In-interpreter guard, the layer that exists even where namespaces do not.
-
-    Refuses writes outside the work dir, reading other processes' environments, and (when asked)
-    every socket connect/bind/name lookup. Python's own C-level code is bound by it; ctypes tricks are
-    not, which is why the namespaces/mount/uid layers come first where the kernel allows them.
-    """
+def install_audit_hook(workdir: str) -> None:
+    """Weak tiers only: an in-interpreter guard refusing writes outside the work dir, reading other
+    processes' environments and every socket connect/bind/name lookup. ctypes and gc tricks get past
+    it, which is why bubblewrap is the default and these tiers need allow_weak_sandbox."""
     root = os.path.realpath(workdir)
 
     def hook(event, args):
@@ -110,17 +125,53 @@ def install_audit_hook(workdir: str, block_network: bool) -> None:
             for arg in args[:2]:
                 if isinstance(arg, (str, bytes, os.PathLike)) and not _inside(arg, root):
                     raise PermissionError(f"sandbox: {event} outside the work dir is not allowed: {arg!r}")
-        elif block_network and event in NETWORK_EVENTS:
+        elif event in NETWORK_EVENTS:
             raise PermissionError(f"sandbox: network access is not allowed ({event})")
 
     sys.addaudithook(hook)
 
 
-def main(config_path: str) -> None:
-    with open(config_path, encoding="utf-8") as f:
-        cfg = json.load(f)
-    os.unlink(config_path)  # the program has no business reading its own policy
-    workdir = cfg["workdir"]
+def _print_program_traceback(exc: BaseException, program: str) -> None:
+    """The traceback as `python program.py` would print it: frames from the launcher and runpy cut."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename != program:
+        tb = tb.tb_next
+    traceback.print_exception(type(exc), exc, tb or exc.__traceback__)
+
+
+def exit_status(exc: SystemExit) -> int:
+    """What the interpreter would exit with for this SystemExit (None -> 0, int -> itself, else 1)."""
+    code = exc.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    try:
+        print(code, file=sys.stderr)
+    except Exception:  # a program-made object whose __str__ raises
+        pass
+    return 1
+
+
+def run_program(program: str, run_name: str, workdir: str) -> int | None:
+    """Run the program to its end. None = it returned normally; else the exit status it asked for."""
+    sys.argv = [program]
+    sys.path.insert(0, workdir)
+    try:
+        runpy.run_path(program, run_name=run_name)
+    except SystemExit as exc:
+        return exit_status(exc)
+    except BaseException as exc:  # noqa: BLE001 -- the program's failure, reported like the interpreter does
+        _print_program_traceback(exc, program)
+        return 1
+    return None
+
+
+def main(argv: list) -> None:
+    cfg = json.loads(argv[1])
+    workdir, nonce_fd, report_fd = cfg["workdir"], int(cfg["nonce_fd"]), int(cfg["report_fd"])
+    # The epilogue's tools, taken before the program can rebind them in the os module.
+    read, write, close, flush_out, flush_err = os.read, os.write, os.close, sys.stdout.flush, sys.stderr.flush
     try:
         if cfg.get("readonly_fs"):
             make_filesystem_read_only_except(workdir)
@@ -128,16 +179,35 @@ def main(config_path: str) -> None:
             drop_privileges(int(cfg["drop_to_uid"]))
         apply_rlimits(cfg.get("rlimits", {}))
         os.chdir(workdir)
+        close_fds_except({0, 1, 2, nonce_fd, report_fd})
+        os.set_inheritable(nonce_fd, False)
+        os.set_inheritable(report_fd, False)
+        write(report_fd, STARTED)
     except OSError as exc:
         sys.stderr.write(f"sandbox setup failed: {exc}\n")
         sys.stderr.flush()
         os._exit(EXIT_SETUP_FAILED)
-    install_audit_hook(workdir, block_network=bool(cfg.get("block_network_hook", True)))
-    program = os.path.join(workdir, cfg["program"])
-    sys.argv = [program]
-    sys.path.insert(0, workdir)
-    runpy.run_path(program, run_name="__main__")
+    if cfg.get("audit_hook"):
+        install_audit_hook(workdir)
+    status = run_program(cfg["program"], cfg.get("run_name", "__main__"), workdir)
+    if status is None:  # the epilogue: the program's last statement has run
+        for flush in (flush_out, flush_err):
+            try:
+                flush()
+            except Exception:  # a closed or replaced stream is the program's business
+                pass
+        try:
+            write(report_fd, read(nonce_fd, 256))
+        except OSError:
+            pass  # the program closed or stuffed our pipes: no nonce, the run counts as failed
+        status = 0
+    for fd in (report_fd, nonce_fd):
+        try:
+            close(fd)
+        except OSError:
+            pass
+    sys.exit(status)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv)
