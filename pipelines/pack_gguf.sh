@@ -6,12 +6,14 @@
 #   bash pipelines/pack_gguf.sh --help
 # Knobs (defaults in configs/gguf.env, RECIPE=configs/other.env to swap the file): MODEL OUT NAME BASE_TYPE
 # TENSOR_TYPES ROUTER_TYPE MTP MMPROJ CALIB_FILE CALIB_DATASET IMATRIX IMATRIX_CHUNKS IMATRIX_CTX IMATRIX_ARGS THREADS
-# FORCE. LLAMA_CPP=/path uses an existing llama.cpp build. Finished steps are reused on a rerun (each
-# output is written to *.part and renamed when complete); delete a file to redo its step.
+# FORCE. LLAMA_CPP=/path uses an existing llama.cpp build. A finished step is reused on a rerun only when
+# it was made from the same inputs (each output is written to *.part, renamed when complete, and gets a
+# <file>.inputs.json: checkpoint identity, ROUTER_TYPE, MTP, llama.cpp version, calibration settings...);
+# change any of them and the stale file is rebuilt. Delete a file to redo its step anyway.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 case "${1:-}" in
-  -h|--help) sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; echo; echo "configs/gguf.env:"; cat "$ROOT/configs/gguf.env"; exit 0 ;;
+  -h|--help) sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; echo; echo "configs/gguf.env:"; cat "$ROOT/configs/gguf.env"; exit 0 ;;
   "") ;;
   *) echo "pack_gguf: unknown argument '$1' (settings come from the environment; see --help)" >&2; exit 2 ;;
 esac
@@ -72,39 +74,56 @@ reuse() {  # log that an existing output was reused
   python -m gguf_pack log-command --file "$COMMANDS" --rc 0 --seconds 0 --status reused -- "reuse" "$1"
 }
 
+# What each intermediate is made from (python -m gguf_pack fresh/record; see --help there).
+LLAMA_KEY=(--value "llama_cpp=$LLAMA_CPP_VERSION" --value "llama_cpp_build=$LLAMA_CPP_BUILD_INFO")
+BF16_KEY=("${LLAMA_KEY[@]}" --checkpoint "model=$MODEL_DIR" --value "router_type=$ROUTER_TYPE" --value "mtp=$MTP"
+          --value "convert_flags=$CONVERT_FLAGS" --file "gguf_convert=$ROOT/src/quant/gguf_convert.py")
+
 # 2. BF16 GGUF (+ mmproj)
-if [ -f "$BF16" ]; then reuse "$BF16"; else
+if python -m gguf_pack fresh "$BF16" "${BF16_KEY[@]}"; then reuse "$BF16"; else
   # shellcheck disable=SC2086
   run python -m gguf_convert --tree "$TREE" --router-type "$ROUTER_TYPE" -- \
       "$MODEL_DIR" --outtype bf16 --outfile "$BF16.part" $CONVERT_FLAGS
   mv "$BF16.part" "$BF16"
+  python -m gguf_pack record "$BF16" "${BF16_KEY[@]}"
 fi
 WANT_MMPROJ="$MMPROJ"
 if [ "$MMPROJ" = auto ]; then
   WANT_MMPROJ=$(python -c "import json,sys; print(int('vision_config' in json.load(open(sys.argv[1]))))" "$MODEL_DIR/config.json")
 fi
 if [ "$WANT_MMPROJ" = 1 ]; then
-  if [ -f "$MMPROJ_GGUF" ]; then reuse "$MMPROJ_GGUF"; else
+  MMPROJ_KEY=("${LLAMA_KEY[@]}" --checkpoint "model=$MODEL_DIR")
+  if python -m gguf_pack fresh "$MMPROJ_GGUF" "${MMPROJ_KEY[@]}"; then reuse "$MMPROJ_GGUF"; else
     run python "$TREE/convert_hf_to_gguf.py" "$MODEL_DIR" --mmproj --outtype f16 --outfile "$MMPROJ_GGUF.part"
     mv "$MMPROJ_GGUF.part" "$MMPROJ_GGUF"
+    python -m gguf_pack record "$MMPROJ_GGUF" "${MMPROJ_KEY[@]}"
   fi
 fi
 
-# 3. importance matrix
+# 3. importance matrix (IMATRIX=/path: the user's own file, used as given)
 if [ "$IMAT" = none ]; then IMAT=""
-elif [ -f "$IMAT" ]; then reuse "$IMAT"
+elif [ -n "$IMATRIX" ] && [ -f "$IMAT" ]; then reuse "$IMAT"
 else
   CALIB="$CALIB_FILE"
   if [ -z "$CALIB" ]; then
     CALIB="$OUT/$STEM-calibration.txt"
-    [ -f "$CALIB" ] || run python -m gguf_pack calib-text --dataset "$CALIB_DATASET" --chunks "$IMATRIX_CHUNKS" \
-                          --ctx "$IMATRIX_CTX" --out "$CALIB"
+    CALIB_KEY=(--value "dataset=$CALIB_DATASET" --value "chunks=$IMATRIX_CHUNKS" --value "ctx=$IMATRIX_CTX")
+    if python -m gguf_pack fresh "$CALIB" "${CALIB_KEY[@]}"; then reuse "$CALIB"; else
+      run python -m gguf_pack calib-text --dataset "$CALIB_DATASET" --chunks "$IMATRIX_CHUNKS" \
+          --ctx "$IMATRIX_CTX" --out "$CALIB"
+      python -m gguf_pack record "$CALIB" "${CALIB_KEY[@]}"
+    fi
   fi
   [ -s "$CALIB" ] || { echo "pack_gguf: calibration text '$CALIB' is missing or empty (set CALIB_FILE)" >&2; exit 2; }
-  # shellcheck disable=SC2086
-  run "$BIN/llama-imatrix" -m "$BF16" -f "$CALIB" -o "$IMAT.part.gguf" --chunks "$IMATRIX_CHUNKS" \
-      -c "$IMATRIX_CTX" -t "$THREADS" --no-ppl $IMATRIX_ARGS
-  mv "$IMAT.part.gguf" "$IMAT"
+  IMAT_KEY=("${LLAMA_KEY[@]}" --file "bf16_inputs=$BF16.inputs.json" --file "calibration=$CALIB"
+            --value "chunks=$IMATRIX_CHUNKS" --value "ctx=$IMATRIX_CTX" --value "args=$IMATRIX_ARGS")
+  if python -m gguf_pack fresh "$IMAT" "${IMAT_KEY[@]}"; then reuse "$IMAT"; else
+    # shellcheck disable=SC2086
+    run "$BIN/llama-imatrix" -m "$BF16" -f "$CALIB" -o "$IMAT.part.gguf" --chunks "$IMATRIX_CHUNKS" \
+        -c "$IMATRIX_CTX" -t "$THREADS" --no-ppl $IMATRIX_ARGS
+    mv "$IMAT.part.gguf" "$IMAT"
+    python -m gguf_pack record "$IMAT" "${IMAT_KEY[@]}"
+  fi
 fi
 
 # 4. recipe -> stripped rule file (validated against the BF16 GGUF; fails on typos and a missing imatrix)

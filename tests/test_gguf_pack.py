@@ -292,6 +292,71 @@ def test_pack_script_has_help():
     assert r.returncode == 0 and "LLAMA_CPP" in r.stdout
 
 
+# ------------------------------------------------------------------------------- intermediate keys
+def _checkpoint(root: Path, weights: bytes = b"\x00" * 16) -> Path:
+    """A checkpoint-shaped dir: config.json and one safetensors file (header + payload)."""
+    from safetensors.numpy import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    save_file({"w": np.frombuffer(weights, dtype=np.uint8).copy()}, str(root / "model.safetensors"))
+    return root
+
+
+def test_a_stale_intermediate_is_detected_for_every_input(tmp_path):
+    ckpt = _checkpoint(tmp_path / "a" / "Model")
+    conv = tmp_path / "convert.py"
+    conv.write_text("v1")
+    target = tmp_path / "Model-BF16.gguf"
+    target.write_bytes(b"gguf")
+
+    def key(router="f16", mtp="drop", llama="11434.0.0", model=ckpt):
+        return gp.intermediate_key({"router_type": router, "mtp": mtp, "llama_cpp": llama}, {"convert": str(conv)},
+                                   {"model": str(model)})
+
+    assert "has no" in gp.stale_reason(target, key())  # made before keys existed: rebuild
+    gp.record_key(target, key())
+    assert gp.stale_reason(target, key()) is None
+    assert "router_type: f16 -> bf16" in gp.stale_reason(target, key(router="bf16"))
+    assert "mtp" in gp.stale_reason(target, key(mtp="keep"))
+    assert "llama_cpp" in gp.stale_reason(target, key(llama="11500.0.0"))
+    other = _checkpoint(tmp_path / "b" / "Model", weights=b"\x01" * 32)  # same basename, other weights
+    assert "checkpoints.model" in gp.stale_reason(target, key(model=other))
+    conv.write_text("v2")
+    assert "files.convert" in gp.stale_reason(target, key())
+    target.unlink()
+    assert "does not exist" in gp.stale_reason(target, key())
+
+
+def test_rewritten_weights_with_the_same_layout_are_a_different_checkpoint(tmp_path):
+    ckpt = _checkpoint(tmp_path / "Model")
+    before = gp.checkpoint_identity(ckpt)
+    os.utime(ckpt / "model.safetensors", ns=(1, 1))
+    assert gp.checkpoint_identity(ckpt) != before
+
+
+def test_fresh_and_record_cli_rebuild_only_when_an_input_changed(tmp_path):
+    ckpt = _checkpoint(tmp_path / "Model")
+    target = tmp_path / "Model-BF16.gguf"
+    target.write_bytes(b"gguf")
+    args = ["--checkpoint", f"model={ckpt}", "--value", "router_type=f16"]
+    assert run_cli("record", target, *args).returncode == 0
+    assert run_cli("fresh", target, *args).returncode == 0 and target.exists()
+    r = run_cli("fresh", target, "--checkpoint", f"model={ckpt}", "--value", "router_type=f32")
+    assert r.returncode == 1 and "rebuilding" in r.stderr and "router_type: f16 -> f32" in r.stderr
+    assert not target.exists() and not Path(str(target) + gp.KEY_SUFFIX).exists()  # stale file removed
+    assert run_cli("record", target, *args).returncode == 2  # nothing to record
+
+
+def test_pack_script_consults_the_keys_for_every_intermediate():
+    text = (ROOT / "pipelines" / "pack_gguf.sh").read_text()
+    for name in ("BF16", "MMPROJ_GGUF", "CALIB", "IMAT"):
+        assert f'gguf_pack fresh "${name}"' in text and f'gguf_pack record "${name}"' in text, name
+    for needle in ("router_type=$ROUTER_TYPE", "mtp=$MTP", "llama_cpp=$LLAMA_CPP_VERSION", "model=$MODEL_DIR",
+                   "bf16_inputs=$BF16.inputs.json", "calibration=$CALIB"):
+        assert needle in text, needle
+
+
 def test_fallbacks_reported_by_llama_quantize_are_parsed():
     # the exact format of llama-quantize's warning (src/llama-quant.cpp, tensor_type_fallback)
     line1 = ("warning: %-36s - ncols %6d not divisible by %3d (required for type %7s) -> falling back to %7s\n"

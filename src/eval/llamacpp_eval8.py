@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import atomic_io
 import llama_server
 import provenance
 import vllm_eval8
@@ -105,9 +106,7 @@ def run(cfg: vllm_eval8.EvalConfig, opts: ServerOptions, argv: Sequence[str] | N
     block["server_exit_code"] = server.proc.returncode if server.proc else None
     doc["llamacpp"] = block
     text = provenance.redact(json.dumps(doc, indent=1, ensure_ascii=False, default=str, allow_nan=False))
-    tmp = json_path.with_name(json_path.name + ".tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, json_path)
+    atomic_io.write_text(json_path, text + "\n")
     return json.loads(text)
 
 

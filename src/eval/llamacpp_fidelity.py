@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import atomic_io
 import provenance
 
 SCHEMA = "moe-lowbit/fidelity/v1"  # the schema moe_eval writes
@@ -205,10 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FidelityError, FileNotFoundError, ValueError, llama_server.ServerError) as err:
         print(f"llamacpp_fidelity: {err}", file=sys.stderr)
         return 2
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(str(args.out) + ".tmp")
-    tmp.write_text(provenance.redact(json.dumps(doc, indent=1, default=str)) + "\n")
-    os.replace(tmp, args.out)
+    atomic_io.write_text(args.out, provenance.redact(json.dumps(doc, indent=1, default=str)) + "\n")
     for s in doc["students"]:
         print(f"{s['name']}: KL {s['kl_mean']:.5f} ± {s['kl_mean_stderr']:.5f}, top-1 {100 * s['top1_agree']:.2f}%, "
               f"PPL {s['ppl_student']:.3f} vs base {s['ppl_teacher']:.3f}")

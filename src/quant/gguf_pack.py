@@ -21,6 +21,8 @@ CLI (used by pack_gguf.sh; every subcommand has --help):
     python -m gguf_pack converter-flags MODEL_DIR --mtp drop|keep --tree LLAMA_CPP_TREE
     python -m gguf_pack tensor-types --recipe R --gguf BF16.gguf --base-type IQ3_XXS --out types.txt [--imatrix F]
     python -m gguf_pack meta --gguf OUT.gguf --source BF16.gguf --recipe R --base-type T --commands C --out M.json
+    python -m gguf_pack fresh FILE --value K=V --file K=PATH --checkpoint K=DIR   (0: reuse; 1: stale, removed)
+    python -m gguf_pack record FILE --value K=V ...                              (after FILE is complete)
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
+
+import atomic_io
 
 PTQ_META = "_ptq_meta.json"  # written by quant_save.py into dequantized (fake-quant) checkpoints
 
@@ -411,7 +415,7 @@ def byte_level_bpe_view(src: Path, dst: Path) -> Path:
     tok = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
     tok["model"]["byte_fallback"] = False
     tok["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
-    (dst / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
+    atomic_io.write_text(dst / "tokenizer.json", json.dumps(tok, ensure_ascii=False))
     return dst
 
 
@@ -504,6 +508,122 @@ def build_meta(out_gguf: Path, source_gguf: Path, recipe_path: Path, base_type: 
     return meta
 
 
+# --------------------------------------------------------------------------------- intermediate keys
+# pack_gguf.sh reuses an intermediate (BF16 GGUF, mmproj, calibration text, imatrix) only when the inputs
+# that made it are the inputs of this run, like quant_save's done records: each one gets a sidecar
+# <file>.inputs.json written after it is complete; a missing or different sidecar means rebuild.
+KEY_SUFFIX = ".inputs.json"
+KEY_VERSION = 1
+
+
+def file_identity(path: Path) -> dict:
+    """Content identity of a small input file (recipe, calibration text, converter source): its sha256."""
+    import provenance
+
+    path = Path(path)
+    if not path.is_file():
+        raise PackError(f"input {path} does not exist")
+    return {"size": path.stat().st_size, "sha256": provenance.sha256_file(path)}
+
+
+def checkpoint_identity(model_dir: Path) -> dict:
+    """Identity of a checkpoint without hashing its weights: resolved path, config/tokenizer hashes, and per
+    weight file its size, mtime and safetensors header hash (names, dtypes, shapes, offsets). Two
+    checkpoints with the same directory name but other weights differ here."""
+    import provenance
+
+    model_dir = Path(model_dir).resolve()
+    small = {}
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (model_dir / name).is_file():
+            small[name] = provenance.sha256_file(model_dir / name)
+    weights = []
+    for f in sorted(model_dir.iterdir()):
+        if f.suffix not in (".safetensors", ".bin", ".gguf") or not f.is_file():
+            continue
+        st = f.stat()
+        entry = {"name": f.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        if f.suffix == ".safetensors":
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                entry["header_sha256"] = provenance.sha256_json(fh.read(min(n, 100 << 20)).decode("utf-8", "replace"))
+        weights.append(entry)
+    if not small and not weights:
+        raise PackError(f"checkpoint {model_dir} has no config or weight files")
+    return {"path": str(model_dir), "files": small, "weights": weights}
+
+
+def intermediate_key(values: Mapping[str, str], files: Mapping[str, str], checkpoints: Mapping[str, str]) -> dict:
+    """Everything an intermediate was made from: plain values, files by content, checkpoints by identity."""
+    return {"version": KEY_VERSION, "values": {k: str(v) for k, v in sorted(values.items())},
+            "files": {k: file_identity(Path(v)) for k, v in sorted(files.items())},
+            "checkpoints": {k: checkpoint_identity(Path(v)) for k, v in sorted(checkpoints.items())}}
+
+
+def _key_diff(old: Mapping, new: Mapping, prefix: str = "") -> list:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += _key_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {str(a)[:60]} -> {str(b)[:60]}")
+    return out
+
+
+def stale_reason(target: Path, key: Mapping) -> str | None:
+    """Why `target` cannot be reused under `key` (missing, no record, different inputs), or None."""
+    target = Path(target)
+    record = Path(str(target) + KEY_SUFFIX)
+    if not target.is_file():
+        return f"{target.name} does not exist"
+    if not record.is_file():
+        return f"{target.name} has no {record.name} (made by an older pack_gguf or by hand)"
+    try:
+        old = json.loads(record.read_text(encoding="utf-8"))
+    except ValueError:
+        return f"{record.name} is unreadable"
+    if old != json.loads(json.dumps(key)):
+        changes = _key_diff(old, json.loads(json.dumps(key)))
+        return f"{target.name} was made from other inputs ({'; '.join(changes[:4])})"
+    return None
+
+
+def record_key(target: Path, key: Mapping) -> None:
+    atomic_io.write_json(Path(str(target) + KEY_SUFFIX), key)
+
+
+def _key_from_args(args) -> dict:
+    def pairs(items, what):
+        out = {}
+        for item in items or ():
+            name, sep, value = item.partition("=")
+            if not sep or not name:
+                raise PackError(f"--{what} {item!r} must look like NAME=VALUE")
+            out[name] = value
+        return out
+
+    return intermediate_key(pairs(args.value, "value"), pairs(args.file, "file"), pairs(args.checkpoint, "checkpoint"))
+
+
+def _cmd_fresh(args) -> int:
+    """Exit 0 when TARGET may be reused; else say why on stderr, remove the stale file, exit 1."""
+    why = stale_reason(Path(args.target), _key_from_args(args))
+    if why is None:
+        return 0
+    print(f"gguf_pack: rebuilding: {why}", file=sys.stderr)
+    for p in (Path(args.target), Path(args.target + KEY_SUFFIX)):
+        p.unlink(missing_ok=True)
+    return 1
+
+
+def _cmd_record(args) -> int:
+    if not Path(args.target).is_file():
+        raise PackError(f"cannot record inputs of {args.target}: it does not exist")
+    record_key(Path(args.target), _key_from_args(args))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 def _cmd_check_input(args) -> int:
     note = check_input(Path(args.model), force=args.force)
@@ -535,7 +655,7 @@ def _cmd_tensor_types(args) -> int:
     for p in plan:
         if p.fallback_reason:
             print(f"gguf_pack: fallback {p.name}: {p.fallback_reason}", file=sys.stderr)
-    Path(args.out).write_text(render_tensor_type_file(rules))
+    atomic_io.write_text(args.out, render_tensor_type_file(rules))
     return 0
 
 
@@ -560,7 +680,7 @@ def _cmd_resolve_model(args) -> int:
 def _cmd_calib_text(args) -> int:
     # ~4 characters per token, 25% spare so llama-imatrix gets its chunks * ctx tokens
     text = calibration_text(args.dataset, int(args.chunks * args.ctx * 4 * 1.25))
-    Path(args.out).write_text(text, encoding="utf-8")
+    atomic_io.write_text(args.out, text)
     print(f"gguf_pack: {len(text)} characters of calibration text from {args.dataset} -> {args.out}", file=sys.stderr)
     return 0
 
@@ -585,9 +705,7 @@ def _cmd_meta(args) -> int:
     import provenance
 
     text = provenance.redact(json.dumps(meta, indent=1, default=str))
-    tmp = Path(args.out).with_suffix(".tmp")
-    tmp.write_text(text + "\n")
-    os.replace(tmp, args.out)
+    atomic_io.write_text(args.out, text + "\n")
     n_fb = len({f["tensor"] for f in meta["fallbacks"] + (meta["llama_quantize_fallbacks"] or [])})
     print(f"gguf_pack: {args.gguf}: {meta['size_gib']:.3f} GiB, {meta['bits_per_weight']:.3f} bpw, "
           f"types {meta['type_counts']}, {n_fb} tensor(s) fell back", file=sys.stderr)
@@ -640,6 +758,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--status", default="ran", help="ran | reused")
     s.add_argument("command", nargs=argparse.REMAINDER)
     s.set_defaults(func=_cmd_log_command)
+    for name, func, text in (("fresh", _cmd_fresh, "exit 0 if TARGET was made from these inputs, else remove it, exit 1"),
+                             ("record", _cmd_record, "record the inputs TARGET was made from (TARGET.inputs.json)")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("target")
+        s.add_argument("--value", action="append", metavar="NAME=VALUE", help="a setting the step depends on")
+        s.add_argument("--file", action="append", metavar="NAME=PATH", help="an input file, by content")
+        s.add_argument("--checkpoint", action="append", metavar="NAME=DIR", help="a checkpoint, by identity")
+        s.set_defaults(func=func)
     s = sub.add_parser("meta", help="read a written GGUF back and write its meta JSON")
     for name in ("--gguf", "--source", "--recipe", "--base-type", "--out"):
         s.add_argument(name, required=True)
