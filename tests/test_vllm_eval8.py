@@ -277,3 +277,25 @@ def test_killed_subprocess_resumes_to_the_uninterrupted_result(tmp_path, smollm2
     assert b["resumed"]["reused"] == done and b["resumed"]["generated"] == 4 - done
     assert results_schema.without_volatile(a) == results_schema.without_volatile(b)
     assert (clean / "kill.jsonl").read_text() == jsonl.read_text()
+
+
+def test_code_runs_record_the_sandbox_tier_and_the_weak_sandbox_switch(tmp_path):
+    data = {"humaneval": str(FIX / "humaneval.jsonl")}
+    base = dict(benchmarks=("humaneval",), data_files=data, bench_options={})
+    samples, _ = vllm_eval8.load_all_samples(fixture_cfg(tmp_path, **base))
+    replay = tmp_path / "he.jsonl"
+    replay.write_text("".join(json.dumps({"id": s.id, "output": "no code here", "finish_reason": "stop"}) + "\n"
+                              for s in samples))
+    doc = vllm_eval8.run_eval(fixture_cfg(tmp_path, **base, replay_file=str(replay)))
+    grading = doc["grading"]
+    assert grading["allow_weak_sandbox"] is False and grading["sandbox"] and grading["sandbox_strong"] is True
+    assert "sandbox:" in vllm_eval8.format_summary(doc)
+    weak_cfg = fixture_cfg(tmp_path, tag="weak", **base, replay_file=str(replay), allow_weak_sandbox=True)
+    weak_samples, _ = vllm_eval8.load_all_samples(weak_cfg)
+    assert all(s.meta["allow_weak_sandbox"] for s in weak_samples)  # what the grading workers' limits read
+    assert vllm_eval8.run_eval(weak_cfg)["grading"]["allow_weak_sandbox"] is True
+    args = vllm_eval8.build_parser().parse_args(["--model", "m", "--tag", "t", "--allow-weak-sandbox"])
+    assert vllm_eval8.config_from_args(args, environ={}).allow_weak_sandbox is True
+    args = vllm_eval8.build_parser().parse_args(["--model", "m", "--tag", "t"])
+    assert vllm_eval8.config_from_args(args, environ={"EVAL_ALLOW_WEAK_SANDBOX": "1"}).allow_weak_sandbox is True
+    assert vllm_eval8.config_from_args(args, environ={}).allow_weak_sandbox is False

@@ -112,8 +112,11 @@ def _lcb_sample(spec, row, index, source, options):
 
 
 def _code_limits(sample: Sample) -> sandbox.SandboxLimits:
+    """The sandbox limits of one sample; allow_weak_sandbox is set on the samples by the runner (the
+    --allow-weak-sandbox flag), so the grading workers see the user's choice."""
     return sandbox.SandboxLimits(timeout_s=float(sample.meta.get("timeout_s", 6.0)),
-                                 memory_mb=int(sample.meta.get("memory_mb", 2048)))
+                                 memory_mb=int(sample.meta.get("memory_mb", 2048)),
+                                 allow_weak_sandbox=bool(sample.meta.get("allow_weak_sandbox", False)))
 
 
 def grade_lcb(sample: Sample, output: str) -> Graded:

@@ -225,7 +225,10 @@ def grading_environment(benches, allow_weak_sandbox: bool = False) -> dict:
     isolation tier, and whether a weak tier was allowed)."""
     out = {"math_verify": _math_verify_version()}
     if any(BENCHMARKS[b].needs_sandbox for b in benches):
-        out["sandbox"] = sandbox.detect_isolation().describe()
+        iso = sandbox.detect_isolation(allow_weak=bool(allow_weak_sandbox))
+        out["sandbox"] = iso.describe()
+        out["sandbox_kind"] = iso.kind
+        out["sandbox_strong"] = iso.strong
         out["allow_weak_sandbox"] = bool(allow_weak_sandbox)
     return out
 

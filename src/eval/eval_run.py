@@ -7,6 +7,7 @@ official_scores.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -40,6 +41,8 @@ def load_all_samples(cfg: EvalConfig) -> tuple[list, dict]:
         if not got:
             raise ValueError(f"{bench}: no samples loaded (data_file={data_file!r}, n={cfg.n_for(bench)})")
         spec = bench_registry.BENCHMARKS[bench]
+        if spec.needs_sandbox and cfg.allow_weak_sandbox:  # the grading workers read it from each sample
+            got = [dataclasses.replace(s, meta={**s.meta, "allow_weak_sandbox": True}) for s in got]
         datasets[bench] = {"dataset": spec.dataset, "config": spec.config, "split": spec.split,
                            "revision": spec.dataset_revision, "n_requested": cfg.n_for(bench),
                            "default_n": spec.default_n, "n": len(got), "data_seed": cfg.data_seed,
@@ -231,7 +234,8 @@ def run_eval(cfg: EvalConfig, backend: eval_backends.Backend | None = None, argv
 
 
 def format_summary(doc: Mapping) -> str:
-    lines = [f"{doc['tag']}  ({doc['backend']}, {doc['model']})",
+    sandbox_line = (doc.get("grading") or {}).get("sandbox")
+    lines = [f"{doc['tag']}  ({doc['backend']}, {doc['model']})" + (f"  sandbox: {sandbox_line}" if sandbox_line else ""),
              f"{'benchmark':<10} {'n':>5} {'acc':>7} {'95% CI':>17} {'acc_off':>8} {'differ':>7} {'acc_fin':>8} "
              f"{'trunc':>6} {'no_ans':>7} {'tok_med':>8} {'gate':>18}"]
     warnings = []
