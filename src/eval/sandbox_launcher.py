@@ -17,13 +17,11 @@ Order of the weak-tier steps matters: mounts need privileges, so they come first
 then rlimits (after the drop, so the program cannot raise them back); the audit hook last, because
 installing it cannot be undone.
 """
-import ctypes
 import json
 import os
 import resource
 import runpy
 import sys
-import traceback
 
 MS_BIND = 0x1000
 MS_REC = 0x4000
@@ -43,20 +41,20 @@ NETWORK_EVENTS = {"socket.connect", "socket.bind", "socket.sendto", "socket.send
                   "socket.getnameinfo"}
 
 
-class _MountAttr(ctypes.Structure):
-    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"{what}: {os.strerror(errno)}")
-
-
 def make_filesystem_read_only_except(workdir: str) -> None:
     """Weak tier only (bubblewrap builds its own read-only root): whole tree read-only, the work dir
     alone writable. Needs a private mount namespace and CAP_SYS_ADMIN in it."""
+    import ctypes  # here, not at the top: ~10 ms of every bubblewrap run's start-up otherwise
+
+    class _MountAttr(ctypes.Structure):
+        _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                    ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+    def _check(result: int, what: str) -> None:
+        if result != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"{what}: {os.strerror(errno)}")
+
     libc = ctypes.CDLL(None, use_errno=True)
     path = workdir.encode()
     _check(libc.mount(path, path, None, MS_BIND | MS_REC, None), f"bind-mount {workdir}")
@@ -133,6 +131,8 @@ def install_audit_hook(workdir: str) -> None:
 
 def _print_program_traceback(exc: BaseException, program: str) -> None:
     """The traceback as `python program.py` would print it: frames from the launcher and runpy cut."""
+    import traceback
+
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename != program:
         tb = tb.tb_next
