@@ -241,3 +241,23 @@ def test_reported_error_sums_match_a_direct_computation(use_kernel):
     res = mq.quantize_tensor(w, mq.QuantSpec(3), use_kernel=use_kernel)
     assert res.sq_err == pytest.approx(mq.quant_error(w, res.dequant), rel=1e-5)
     assert res.sq_ref == pytest.approx(float((w.double() ** 2).sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize("grid,bits", [("sym", 3), ("sym", 4), ("full", 2), ("full", 3), ("full", 4), ("asym", 2),
+                                       ("asym", 4), ("asym", 8)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_every_grid_kernel_and_torch_path_are_bit_identical(grid, bits, weighted):
+    w = weights(37, 300, seed=13)
+    w[3] = 0.0
+    w[4, :5] = -0.0
+    w[5, 128:256] = torch.linspace(0.001, 0.002, 128)  # an all-positive group: asym zero-point at the bottom
+    imp = torch.rand(300, generator=torch.Generator().manual_seed(3)) ** 4 if weighted else None
+    for group in (128, 100, 7):
+        spec = mq.QuantSpec(bits, group=group, grid=grid)
+        fast = mq.quantize_tensor(w, spec, use_kernel=True, importance=imp)
+        ref = mq.quantize_tensor(w, spec, use_kernel=False, importance=imp)
+        assert torch.equal(fast.scales, ref.scales)
+        assert torch.equal(fast.codes, ref.codes)
+        assert (fast.zeros is None) == (grid != "asym") and (fast.zeros is None or torch.equal(fast.zeros, ref.zeros))
+        assert same_bits(fast.dequant, ref.dequant)
+        assert (fast.sq_err, fast.sq_ref) == (ref.sq_err, ref.sq_ref)

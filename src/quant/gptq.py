@@ -71,16 +71,16 @@ def upper_inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 def _search(values: torch.Tensor, importance: torch.Tensor, spec: QuantSpec):
     """Weighted grid search on [N, w] fp32 groups -> (scale [N], zero [N] or None), both fp32."""
-    _, s, z = moe_quant.search_grid(values.float().contiguous(), spec, importance.float().contiguous())
-    return s, z
+    return moe_quant.search_groups(values, spec, importance)
 
 
 @torch.no_grad()
 def gptq_batched(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float = 0.01, act_order: bool = False,
-                 block: int = 128):
+                 block: int = 128, use_kernel: bool = True):
     """GPTQ for [B, R, K] weights under [B, K, K] fp32 H.
 
-    Returns (codes int8 [B, R, K], scales fp16 [B, R, n_groups], zeros int8 [B, R, n_groups] or None,
+    On CPU (with numba, unless use_kernel=False) the row-parallel kernel runs the same column loop without
+    lazy batches; elsewhere the batched torch loop below. Returns (codes int8 [B, R, K], scales fp16 [B, R, n_groups], zeros int8 [B, R, n_groups] or None,
     dequant [B, R, K] in the compute dtype: fp64 for fp64 weights, else fp32).
     """
     B, R, K = w.shape
@@ -111,6 +111,11 @@ def gptq_batched(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float 
 
     U = upper_inverse_cholesky(H, damp)
     del H
+    kernels = moe_quant._numba_kernels() if (use_kernel and dev.type == "cpu") else None
+    if kernels is not None:
+        codes, deq = _gptq_cpu_kernel(kernels, W, U, imp, spec, group_scale, group_zero,
+                                      pos_scale if act_order else None, pos_zero if act_order else None)
+        return _unpermute_and_pack(codes, deq, perm, group_scale, group_zero, spec)
     codes = torch.empty((B, R, K), dtype=cd, device=dev)
     deq = torch.empty((B, R, K), dtype=cd, device=dev)
     lo, hi = spec.code_range
@@ -122,7 +127,7 @@ def gptq_batched(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float 
         Wb = W[..., j0:j1].clone()
         Ub = U[:, j0:j1, j0:j1]
         Err = torch.empty((B, R, n), dtype=cd, device=dev)
-        d_inv = 1.0 / Ub.diagonal(dim1=-2, dim2=-1)  # [B, n]
+        diag_u = Ub.diagonal(dim1=-2, dim2=-1)  # [B, n]
         for i in range(n):
             col = j0 + i
             if act_order:
@@ -149,17 +154,49 @@ def gptq_batched(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float 
                 dq = q * S
             codes[..., col] = q
             deq[..., col] = dq
-            e = (x - dq) * d_inv[:, None, i]
+            e = (x - dq) / diag_u[:, None, i]
             Err[..., i] = e
             if i + 1 < n:
                 Wb[..., i + 1:] -= e[..., None] * Ub[:, None, i, i + 1:]
         if j1 < K:
             W[..., j1:] -= Err @ U[:, j0:j1, j1:]
 
+    return _unpermute_and_pack(codes, deq, perm, group_scale, group_zero, spec)
+
+
+def _unpermute_and_pack(codes, deq, perm, group_scale, group_zero, spec: QuantSpec):
     if perm is not None:
-        inv = torch.argsort(perm, dim=-1)[:, None, :].expand(B, R, K)
+        inv = torch.argsort(perm, dim=-1)[:, None, :].expand(codes.shape)
         codes = codes.gather(-1, inv)
         deq = deq.gather(-1, inv)
-    scales16 = group_scale.to(spec.scale_dtype)
-    zeros8 = group_zero.to(torch.int8) if asym else None
-    return codes.to(torch.int8), scales16, zeros8, deq
+    zeros8 = group_zero.to(torch.int8) if group_zero is not None else None
+    return codes.to(torch.int8), group_scale.to(spec.scale_dtype), zeros8, deq
+
+
+def _gptq_cpu_kernel(kernels, W, U, imp, spec: QuantSpec, group_scale, group_zero, pos_scale, pos_zero):
+    """The numba row-parallel kernel (quant_kernels_cpu.gptq_rows_kernel): same method, no per-column
+    Python overhead. Fills group_scale/group_zero [B, R, n_groups] in place unless the scales are static."""
+    import numpy as np
+
+    B, R, K = W.shape
+    cd = W.dtype
+    lo, hi = spec.code_range
+    grid = {"sym": kernels.GRID_SYM, "full": kernels.GRID_FULL, "asym": kernels.GRID_ASYM}[spec.grid]
+    w_rows = W.reshape(B * R, K).contiguous()
+    codes = torch.empty((B * R, K), dtype=torch.int8)
+    deq = torch.empty((B * R, K), dtype=cd)
+    n_groups = group_scale.shape[-1]
+    gs = torch.zeros((B * R, n_groups), dtype=torch.float32)
+    gz = torch.zeros((B * R, n_groups), dtype=torch.float32)
+    static = pos_scale is not None
+    dummy = torch.zeros((1, 1), dtype=cd)
+    ps = pos_scale.reshape(B * R, K).contiguous() if static else dummy
+    pz = (pos_zero.reshape(B * R, K).contiguous() if pos_zero is not None else torch.zeros_like(ps)) if static else dummy
+    kernels.gptq_rows_kernel(w_rows.numpy(), U.contiguous().numpy(), R, imp.float().contiguous().numpy(), spec.group,
+                             static, ps.numpy(), pz.numpy(), moe_quant.clip_ratios(spec).numpy(), grid, lo, hi,
+                             codes.numpy(), deq.numpy(), gs.numpy(), gz.numpy())
+    if not static:
+        group_scale.copy_(gs.view(B, R, n_groups))
+        if group_zero is not None:
+            group_zero.copy_(gz.view(B, R, n_groups))
+    return codes.view(B, R, K).to(cd), deq.view(B, R, K)

@@ -210,8 +210,8 @@ def search_torch(groups: torch.Tensor, scales: torch.Tensor, qmax: int) -> tuple
 def grid_candidates(groups: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
     """[G, g] fp32 groups -> candidate (scales [G, C], zeros [G, C] or None), scales rounded to fp16.
 
-    sym: absmax * r / qmax. full: the extreme value goes to the long negative side (scale sign
-    -sign(extreme)); candidates absmax * r / 2^(b-1) (extreme exactly on the extra level at r = 1), plus,
+    sym: absmax * r / qmax. full: the extreme value goes to the long negative side (the scale is negative
+    when the largest magnitude is a positive value, max(w) >= -min(w) > 0); candidates absmax * r / 2^(b-1) (extreme exactly on the extra level at r = 1), plus,
     when there is a search, absmax * r / qmax (the sym candidates, so full's search is never worse than
     sym's). asym: the range [min(w, 0), max(w, 0)] shrunk by r, zero-point = round(-r * min / scale).
     """
@@ -220,9 +220,9 @@ def grid_candidates(groups: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor
         return candidate_scales(groups.abs().amax(dim=1), spec), None
     lo, hi = spec.code_range
     if spec.grid == "full":
-        absmax, where = groups.abs().max(dim=1)
-        extreme = groups.gather(1, where[:, None]).squeeze(1)
-        sign = torch.where(extreme > 0, -1.0, 1.0).to(torch.float32)
+        absmax = groups.abs().amax(dim=1)
+        vmin, vmax = groups.amin(dim=1).clamp(max=0.0), groups.amax(dim=1).clamp(min=0.0)
+        sign = torch.where((vmax >= -vmin) & (vmax > 0), -1.0, 1.0).to(torch.float32)  # extreme > 0: scale < 0
         mags = [absmax[:, None] * ratios[None, :] / float(-lo)]
         if ratios.numel() > 1:
             mags.append(absmax[:, None] * ratios[None, :] / float(hi if hi > 0 else 1))
@@ -334,6 +334,20 @@ def quantize_groups_into(groups: torch.Tensor, spec: QuantSpec, codes, deq, chos
     d = deq - groups
     err.copy_(lane_sum(d * d))
     ref.copy_(lane_sum(groups * groups))
+
+
+def search_groups(groups: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None,
+                  use_kernel: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chosen (scale [G], zero-point [G] or None) for [G, g] fp32 groups: the kernel on CPU, else torch."""
+    groups = groups.float().contiguous()
+    n = groups.shape[0]
+    codes = torch.empty(groups.shape, dtype=torch.int8, device=groups.device)
+    deq = torch.empty(groups.shape, dtype=torch.float32, device=groups.device)
+    chosen, err, ref = (torch.empty(n, dtype=torch.float32, device=groups.device) for _ in range(3))
+    zeros = torch.empty(n, dtype=torch.float32, device=groups.device) if spec.grid == "asym" else None
+    imp = None if importance is None else importance.float().contiguous()
+    quantize_groups_into(groups, spec, codes, deq, chosen, err, ref, use_kernel, zeros, imp)
+    return chosen, zeros
 
 
 def fixed_order_total(per_group: torch.Tensor) -> float:
