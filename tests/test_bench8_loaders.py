@@ -433,3 +433,43 @@ def _code_fuzz_samples():
     short = {"timeout_s": 1.0}
     return (load("lcb", "lcb.jsonl", **short)[:2] + load("humaneval", "humaneval.jsonl", **short)[:1]
             + load("mbpp", "mbpp_sanitized.jsonl", **short)[:1])
+
+
+# ------------------------------------------------------------------------ data-file errors name file/line/field
+def test_data_file_errors_name_the_file_line_and_field(tmp_path):
+    he = [json.loads(x) for x in (FIX / "humaneval.jsonl").read_text().splitlines()]
+    rows = [dict(he[0]), {k: v for k, v in he[1].items() if k != "test"}]
+    path = tmp_path / "he.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(bl.DataFileError, match=rf"{path}:2: humaneval row lacks required field\(s\) \['test'\]"):
+        bl.load_samples("humaneval", data_file=str(path))
+    rows[1] = {k: v for k, v in he[1].items() if k != "entry_point"}
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(bl.DataFileError, match=r"he.jsonl:2: .*\['entry_point'\]"):
+        bl.load_samples("humaneval", data_file=str(path))
+
+    mp = [json.loads(x) for x in (FIX / "mmlu_pro.jsonl").read_text().splitlines()]
+    bad = tmp_path / "mp.jsonl"
+    bad.write_text(json.dumps(mp[0]) + "\n" + json.dumps(list(mp[1].values())) + "\n")
+    with pytest.raises(bl.DataFileError, match=r"mp.jsonl:2: mmlu_pro row is a list, expected an object"):
+        bl.load_samples("mmlu_pro", data_file=str(bad))
+    bad.write_text(json.dumps(mp[0]) + "\n\n" + '{"question_id": 9, "question": "x"' + "\n")
+    with pytest.raises(bl.DataFileError, match=r"mp.jsonl:3: not a JSON object"):
+        bl.load_samples("mmlu_pro", data_file=str(bad))
+    no_index = {k: v for k, v in mp[0].items() if k != "answer_index"}
+    bad.write_text(json.dumps({**no_index, "answer": "Z"}) + "\n")
+    with pytest.raises(bl.DataFileError, match=r"mp.jsonl:1: mmlu_pro: ValueError: field 'answer' is 'Z'"):
+        bl.load_samples("mmlu_pro", data_file=str(bad))
+    js = tmp_path / "rows.json"
+    js.write_text(json.dumps([mp[0], {"question": "q"}]))
+    with pytest.raises(bl.DataFileError, match=r"rows.json row 1: mmlu_pro row lacks required field\(s\) \['options', 'answer'\]"):
+        bl.load_samples("mmlu_pro", data_file=str(js))
+
+
+def test_every_spec_declares_its_official_scorer():
+    for spec in bl.BENCHMARKS.values():
+        assert spec.official.name and spec.official.source, spec.name
+    assert bl.BENCHMARKS["mmlu_pro"].official.name == "mmlu_pro/tiger-lab"
+    assert bl.BENCHMARKS["gpqa"].official.name == "gpqa/idavidrein"
+    assert bl.BENCHMARKS["math500"].official.name == "math-verify"
+    assert bl.BENCHMARKS["humaneval"].official.grade is None  # the tests are the official rule
