@@ -307,10 +307,11 @@ def run_grader_as_nobody(stage: Path, grader_script: str, timeout: float = 90) -
     python = "/usr/bin/python3"
     if not os.path.exists(python):
         pytest.skip("no /usr/bin/python3 for the unprivileged grader")
-    for name in ("sandbox.py", "sandbox_launcher.py"):
+    modules = ("sandbox.py", "sandbox_exec.py", "sandbox_launcher.py")
+    for name in modules:
         shutil.copyfile(Path(sandbox.__file__).with_name(name), stage / name)
     (stage / "grader.py").write_text(f"import sys\nsys.path.insert(0, {str(stage)!r})\n" + grader_script)
-    for name in ("sandbox.py", "sandbox_launcher.py", "grader.py"):
+    for name in (*modules, "grader.py"):
         (stage / name).chmod(0o644)
     prefix = ["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups"] if os.geteuid() == 0 else []
     env = {"PATH": "/usr/bin:/bin", "HOME": str(stage / "home")}

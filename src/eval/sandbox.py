@@ -22,7 +22,6 @@ import functools
 import json
 import os
 import secrets
-import selectors
 import shutil
 import signal
 import subprocess
@@ -32,6 +31,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sandbox_exec import (BWRAP_HARNESS, BWRAP_WORKDIR, bwrap_command, collect, memfd, read_available,
+                          remove_tree, stop_bwrap, stop_group)
+
 LAUNCHER = Path(__file__).with_name("sandbox_launcher.py")
 LAUNCHER_SETUP_FAILED = 97
 STARTED = b"R"
@@ -39,8 +41,6 @@ SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 THROWAWAY_UID_RANGE = (200_000, 900_000)  # root only: a fresh uid per run, so NPROC counts this run alone
 PROBE_MARK = "sandbox-probe-ok"
 MIN_PROCESS_MB = 48  # a Python interpreter with the grading prelude and one thread needs ~24 MiB of address space
-BWRAP_WORKDIR = "/sandbox"
-BWRAP_HARNESS = "/harness"
 WEAK_LABEL = "WEAK SANDBOX (allow_weak_sandbox; a hostile program can escape it): "
 NO_REAL_SANDBOX_HINT = ("install bubblewrap (`apt-get install bubblewrap`) on a kernel that allows unprivileged "
                         "user namespaces, or pass --allow-weak-sandbox to grade code under the weak tiers "
@@ -192,197 +192,6 @@ def clean_environment(workdir: str) -> dict:
 
 # ------------------------------------------------------------------------------------- bwrap
 
-def root_links() -> list:
-    """bwrap args recreating the host's top-level merged-/usr links (/bin -> usr/bin ...) or binding the
-    real dirs where the host has no merged /usr."""
-    args = []
-    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
-        host = f"/{name}"
-        if os.path.islink(host):
-            args += ["--symlink", os.readlink(host), host]
-        elif os.path.isdir(host):
-            args += ["--ro-bind", host, host]
-    return args
-
-
-def python_binds(python: str) -> list:
-    """The interpreter's prefix, when it lives outside /usr (pyenv, conda)."""
-    prefix = os.path.dirname(os.path.dirname(os.path.realpath(python)))
-    return [] if prefix == "/usr" or prefix.startswith("/usr/") else ["--ro-bind", prefix, prefix]
-
-
-def bwrap_command(iso: Isolation, limits: SandboxLimits, program_fd: int, launcher_fd: int,
-                  launcher_config: dict, info_fd: int) -> list:
-    """The full bwrap argv. Order matters: every mount, then the read-only remounts of / and /dev."""
-    args = [iso.tool, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
-            "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox", "--info-fd", str(info_fd),
-            "--ro-bind", "/usr", "/usr", *root_links(), *python_binds(iso.python)]
-    for path in ("/etc/ld.so.cache", "/etc/localtime"):
-        if os.path.exists(path):
-            args += ["--ro-bind", path, path]
-    args += ["--proc", "/proc", "--dev", "/dev",
-             "--size", str(limits.workdir_mb << 20), "--tmpfs", BWRAP_WORKDIR, "--symlink", BWRAP_WORKDIR, "/tmp",
-             "--ro-bind-data", str(program_fd), f"{BWRAP_HARNESS}/main.py",
-             "--ro-bind-data", str(launcher_fd), f"{BWRAP_HARNESS}/launcher.py",
-             "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", BWRAP_WORKDIR, "--clearenv"]
-    for key, value in clean_environment(BWRAP_WORKDIR).items():
-        args += ["--setenv", key, value]
-    return args + ["--", iso.python, "-I", "-B", f"{BWRAP_HARNESS}/launcher.py", json.dumps(launcher_config)]
-
-
-def _memfd(name: str, data: bytes) -> int:
-    fd = os.memfd_create(name)  # close-on-exec; pass_fds hands it to the one child that needs it
-    os.write(fd, data)
-    os.lseek(fd, 0, os.SEEK_SET)
-    return fd
-
-
-# ------------------------------------------------------------------------------------- running
-
-def remove_tree(path: str) -> None:
-    """rm -rf without recursion and with one open fd (a program can leave a tree deeper than Python's
-    recursion limit, than PATH_MAX and than the open-files limit); unreadable dirs are made readable."""
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-
-    def open_dir(name, parent=None):
-        try:
-            return os.open(name, flags, dir_fd=parent)
-        except PermissionError:
-            os.chmod(name, 0o700, dir_fd=parent)
-            return os.open(name, flags, dir_fd=parent)
-
-    try:
-        fd = open_dir(path)
-    except FileNotFoundError:
-        return
-    except NotADirectoryError:
-        os.unlink(path)
-        return
-    names, pending = [], [None]  # the path below `path` by name; per level, subdirs still to remove
-    try:
-        while True:
-            if pending[-1] is None:
-                subdirs = []
-                with os.scandir(fd) as entries:
-                    for entry in entries:
-                        if entry.is_dir(follow_symlinks=False):
-                            subdirs.append(entry.name)
-                        else:
-                            os.unlink(entry.name, dir_fd=fd)
-                pending[-1] = subdirs
-            if pending[-1]:
-                child = pending[-1].pop()
-                down = open_dir(child, fd)
-                os.close(fd)
-                fd = down
-                names.append(child)
-                pending.append(None)
-                continue
-            pending.pop()
-            if not names:
-                break
-            up = os.open("..", flags & ~os.O_NOFOLLOW, dir_fd=fd)
-            os.close(fd)
-            fd = up
-            os.rmdir(names.pop(), dir_fd=fd)
-    finally:
-        os.close(fd)
-    os.rmdir(path)
-
-
-def _kill_group(proc: subprocess.Popen, grace_s: float = 0.0) -> None:
-    """SIGKILL the whole process group; with grace_s, keep at it until the group is gone (a killed
-    process with a large address space takes a moment to exit on a loaded machine)."""
-    deadline = time.monotonic() + grace_s
-    while True:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            return
-        if time.monotonic() >= deadline:
-            return
-        time.sleep(0.01)
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    _kill_group(proc)
-    proc.wait()
-    _kill_group(proc, grace_s=2.0)
-
-
-def _stop_bwrap(proc: subprocess.Popen, info_fd: int) -> None:
-    """SIGKILL the sandbox's pid 1 first: the kernel then kills everything in its pid namespace, and
-    bwrap (our child) exits only once that pid 1 is reaped, so when this returns nothing of the run is
-    left. (Killing bwrap first would return while the namespace is still being torn down.)"""
-    try:
-        child = json.loads(_read_report(info_fd).decode() or "{}").get("child-pid")
-    except ValueError:
-        child = None
-    if child and proc.poll() is None:
-        try:
-            os.kill(int(child), signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            proc.wait(timeout=5.0)
-        except subprocess.TimeoutExpired:
-            pass
-    _stop_group(proc)
-
-
-def _collect(proc: subprocess.Popen, limits: SandboxLimits, stop) -> tuple:
-    """Read both pipes until EOF, the deadline or the output cap, then stop(proc);
-    returns (stdout, stderr, why_killed)."""
-    deadline = time.monotonic() + limits.timeout_s
-    buffers = {proc.stdout: bytearray(), proc.stderr: bytearray()}
-    sel = selectors.DefaultSelector()
-    for stream in buffers:
-        os.set_blocking(stream.fileno(), False)
-        sel.register(stream, selectors.EVENT_READ)
-    killed = None
-    exited_at = None
-    while sel.get_map():
-        now = time.monotonic()
-        if now >= deadline:
-            killed = "timeout"
-            break
-        if exited_at is None and proc.poll() is not None:
-            exited_at = now
-        if exited_at is not None and now - exited_at > 0.2:
-            break  # the program is gone; a leftover grandchild holding the pipe gets killed below
-        for key, _ in sel.select(timeout=min(0.05, deadline - now)):
-            chunk = key.fileobj.read(65536)
-            if not chunk:
-                sel.unregister(key.fileobj)
-                continue
-            buf = buffers[key.fileobj]
-            buf += chunk[: max(0, limits.max_output_bytes + 1 - len(buf))]
-            if len(buf) > limits.max_output_bytes:
-                killed = "output_limit"
-                break
-        if killed:
-            break
-    sel.close()
-    stop(proc)
-    out, err = (bytes(buffers[s][: limits.max_output_bytes]).decode("utf-8", "replace")
-                for s in (proc.stdout, proc.stderr))
-    return out, err, killed
-
-
-def _read_report(fd: int, limit: int = 1 << 16) -> bytes:
-    os.set_blocking(fd, False)
-    data = bytearray()
-    while len(data) < limit:
-        try:
-            chunk = os.read(fd, limit - len(data))
-        except BlockingIOError:
-            break
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data)
-
-
 def _status(killed, rc, started: bool) -> str:
     if killed:
         return killed
@@ -414,21 +223,22 @@ def run_python(source: str, stdin: str = "", limits: SandboxLimits = SandboxLimi
     os.write(nonce_w, nonce)
     os.close(nonce_w)
     report_r, report_w = os.pipe()
-    stdin_fd = _memfd("stdin", stdin.encode("utf-8", "surrogatepass"))
+    stdin_fd = memfd("stdin", stdin.encode("utf-8", "surrogatepass"))
     owned = [nonce_r, report_w, stdin_fd]
     workdir = info_r = None
     uid = _throwaway_uid() if iso.drop_uid else None
     try:
         program = source.encode("utf-8", "surrogatepass")
         if iso.strong:
-            program_fd, launcher_fd = _memfd("main.py", program), _memfd("launcher.py", LAUNCHER.read_bytes())
+            program_fd, launcher_fd = memfd("main.py", program), memfd("launcher.py", LAUNCHER.read_bytes())
             owned += [program_fd, launcher_fd]
             config = {"workdir": BWRAP_WORKDIR, "program": f"{BWRAP_HARNESS}/main.py", "run_name": run_name,
                       "nonce_fd": nonce_r, "report_fd": report_w, "rlimits": limits.rlimits(extra_tasks=1)}
             info_r, info_w = os.pipe()
             owned.append(info_w)
-            cmd = bwrap_command(iso, limits, program_fd, launcher_fd, config, info_w)
-            stop = functools.partial(_stop_bwrap, info_fd=info_r)
+            cmd = bwrap_command(iso.tool, iso.python, limits.workdir_mb << 20, clean_environment(BWRAP_WORKDIR),
+                                program_fd, launcher_fd, config, info_w)
+            stop = functools.partial(stop_bwrap, info_fd=info_r)
             popen_kw = {"cwd": "/", "env": {"PATH": SAFE_PATH}}
             if uid is not None:  # bwrap itself runs as the throwaway uid: the sandbox is never real root
                 popen_kw.update(user=uid, group=uid, extra_groups=[])
@@ -445,7 +255,7 @@ def run_python(source: str, stdin: str = "", limits: SandboxLimits = SandboxLimi
             cmd = [*iso.unshare_args, *(["--"] if iso.unshare_args else []), iso.python, "-I", "-B",
                    str(Path(workdir, "_launcher.py")), json.dumps(config)]
             popen_kw = {"cwd": workdir, "env": clean_environment(workdir)}
-            stop = _stop_group
+            stop = stop_group
         try:
             proc = subprocess.Popen(cmd, stdin=stdin_fd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     start_new_session=True, close_fds=True, pass_fds=tuple(owned), **popen_kw)
@@ -455,8 +265,8 @@ def run_python(source: str, stdin: str = "", limits: SandboxLimits = SandboxLimi
         for fd in owned:  # the child has them now; the report pipe reaches EOF when the sandbox is gone
             os.close(fd)
         owned = []
-        out, err, killed = _collect(proc, limits, stop)
-        report = _read_report(report_r)
+        out, err, killed = collect(proc, limits.timeout_s, limits.max_output_bytes, stop)
+        report = read_available(report_r)
         rc = proc.returncode
         started = report.startswith(STARTED)
         if rc == LAUNCHER_SETUP_FAILED and "sandbox setup failed" in err:

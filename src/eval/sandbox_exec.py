@@ -1,0 +1,205 @@
+"""The host side of one sandboxed run: the bubblewrap command line, collecting the program's output,
+stopping the whole run, and removing what a weak tier left on disk. Standard library only, no policy:
+`sandbox.py` decides what runs where and with which limits."""
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import time
+
+BWRAP_WORKDIR = "/sandbox"
+BWRAP_HARNESS = "/harness"
+
+
+def root_links() -> list:
+    """bwrap args recreating the host's top-level merged-/usr links (/bin -> usr/bin ...) or binding the
+    real dirs where the host has no merged /usr."""
+    args = []
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        host = f"/{name}"
+        if os.path.islink(host):
+            args += ["--symlink", os.readlink(host), host]
+        elif os.path.isdir(host):
+            args += ["--ro-bind", host, host]
+    return args
+
+
+def python_binds(python: str) -> list:
+    """The interpreter's prefix, when it lives outside /usr (pyenv, conda)."""
+    prefix = os.path.dirname(os.path.dirname(os.path.realpath(python)))
+    return [] if prefix == "/usr" or prefix.startswith("/usr/") else ["--ro-bind", prefix, prefix]
+
+
+def bwrap_command(tool: str, python: str, workdir_bytes: int, environment: dict, program_fd: int,
+                  launcher_fd: int, launcher_config: dict, info_fd: int) -> list:
+    """The full bwrap argv. Order matters: every mount, then the read-only remounts of / and /dev."""
+    args = [tool, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
+            "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox", "--info-fd", str(info_fd),
+            "--ro-bind", "/usr", "/usr", *root_links(), *python_binds(python)]
+    for path in ("/etc/ld.so.cache", "/etc/localtime"):
+        if os.path.exists(path):
+            args += ["--ro-bind", path, path]
+    args += ["--proc", "/proc", "--dev", "/dev",
+             "--size", str(workdir_bytes), "--tmpfs", BWRAP_WORKDIR, "--symlink", BWRAP_WORKDIR, "/tmp",
+             "--ro-bind-data", str(program_fd), f"{BWRAP_HARNESS}/main.py",
+             "--ro-bind-data", str(launcher_fd), f"{BWRAP_HARNESS}/launcher.py",
+             "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", BWRAP_WORKDIR, "--clearenv"]
+    for key, value in environment.items():
+        args += ["--setenv", key, value]
+    return args + ["--", python, "-I", "-B", f"{BWRAP_HARNESS}/launcher.py", json.dumps(launcher_config)]
+
+
+def memfd(name: str, data: bytes) -> int:
+    fd = os.memfd_create(name)  # close-on-exec; pass_fds hands it to the one child that needs it
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+# ------------------------------------------------------------------------------------- running
+
+def remove_tree(path: str) -> None:
+    """rm -rf without recursion and with one open fd (a program can leave a tree deeper than Python's
+    recursion limit, than PATH_MAX and than the open-files limit); unreadable dirs are made readable."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+
+    def open_dir(name, parent=None):
+        try:
+            return os.open(name, flags, dir_fd=parent)
+        except PermissionError:
+            os.chmod(name, 0o700, dir_fd=parent)
+            return os.open(name, flags, dir_fd=parent)
+
+    try:
+        fd = open_dir(path)
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        os.unlink(path)
+        return
+    names, pending = [], [None]  # the path below `path` by name; per level, subdirs still to remove
+    try:
+        while True:
+            if pending[-1] is None:
+                subdirs = []
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        if entry.is_dir(follow_symlinks=False):
+                            subdirs.append(entry.name)
+                        else:
+                            os.unlink(entry.name, dir_fd=fd)
+                pending[-1] = subdirs
+            if pending[-1]:
+                child = pending[-1].pop()
+                down = open_dir(child, fd)
+                os.close(fd)
+                fd = down
+                names.append(child)
+                pending.append(None)
+                continue
+            pending.pop()
+            if not names:
+                break
+            up = os.open("..", flags & ~os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = up
+            os.rmdir(names.pop(), dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(path)
+
+
+def kill_group(proc: subprocess.Popen, grace_s: float = 0.0) -> None:
+    """SIGKILL the whole process group; with grace_s, keep at it until the group is gone (a killed
+    process with a large address space takes a moment to exit on a loaded machine)."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.01)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    kill_group(proc)
+    proc.wait()
+    kill_group(proc, grace_s=2.0)
+
+
+def stop_bwrap(proc: subprocess.Popen, info_fd: int) -> None:
+    """SIGKILL the sandbox's pid 1 first: the kernel then kills everything in its pid namespace, and
+    bwrap (our child) exits only once that pid 1 is reaped, so when this returns nothing of the run is
+    left. (Killing bwrap first would return while the namespace is still being torn down.)"""
+    try:
+        child = json.loads(read_available(info_fd).decode() or "{}").get("child-pid")
+    except ValueError:
+        child = None
+    if child and proc.poll() is None:
+        try:
+            os.kill(int(child), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            pass
+    stop_group(proc)
+
+
+def collect(proc: subprocess.Popen, timeout_s: float, max_output_bytes: int, stop) -> tuple:
+    """Read both pipes until EOF, the deadline or the output cap, then stop(proc);
+    returns (stdout, stderr, why_killed)."""
+    deadline = time.monotonic() + timeout_s
+    buffers = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    sel = selectors.DefaultSelector()
+    for stream in buffers:
+        os.set_blocking(stream.fileno(), False)
+        sel.register(stream, selectors.EVENT_READ)
+    killed = None
+    exited_at = None
+    while sel.get_map():
+        now = time.monotonic()
+        if now >= deadline:
+            killed = "timeout"
+            break
+        if exited_at is None and proc.poll() is not None:
+            exited_at = now
+        if exited_at is not None and now - exited_at > 0.2:
+            break  # the program is gone; a leftover grandchild holding the pipe gets killed below
+        for key, _ in sel.select(timeout=min(0.05, deadline - now)):
+            chunk = key.fileobj.read(65536)
+            if not chunk:
+                sel.unregister(key.fileobj)
+                continue
+            buf = buffers[key.fileobj]
+            buf += chunk[: max(0, max_output_bytes + 1 - len(buf))]
+            if len(buf) > max_output_bytes:
+                killed = "output_limit"
+                break
+        if killed:
+            break
+    sel.close()
+    stop(proc)
+    out, err = (bytes(buffers[s][: max_output_bytes]).decode("utf-8", "replace")
+                for s in (proc.stdout, proc.stderr))
+    return out, err, killed
+
+
+def read_available(fd: int, limit: int = 1 << 16) -> bytes:
+    os.set_blocking(fd, False)
+    data = bytearray()
+    while len(data) < limit:
+        try:
+            chunk = os.read(fd, limit - len(data))
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
