@@ -190,7 +190,7 @@ def clean_environment(workdir: str) -> dict:
             "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-# ------------------------------------------------------------------------------------- bwrap
+# ----------------------------------------------------------------------------------- running
 
 def _status(killed, rc, started: bool) -> str:
     if killed:
