@@ -63,3 +63,23 @@ def test_tally_roundtrips_through_json_and_merges():
 def test_unknown_dtype_is_named():
     with pytest.raises(ValueError, match="unknown safetensors dtype 'Q9'"):
         footprint.dtype_bits("Q9")
+
+
+@pytest.mark.parametrize("grid,bits,group,per_group", [("sym", 4, 128, 16), ("sym", 3, 64, 16), ("full", 3, 32, 16),
+                                                       ("full", 2, 64, 16), ("asym", 4, 128, 16 + 4),
+                                                       ("asym", 2, 32, 16 + 2), ("asym", 8, 64, 16 + 8)])
+def test_each_grid_and_group_is_charged_its_exact_overhead(grid, bits, group, per_group):
+    spec = moe_quant.QuantSpec(bits, group=group, grid=grid)
+    shape = (4, 96, 300)  # 300 inputs: ceil(300 / group) groups per row, the tail with its own scale/zero
+    n_groups = 4 * 96 * math.ceil(300 / group)
+    assert footprint.packed_bits(shape, -1, spec) == 4 * 96 * 300 * bits + n_groups * per_group
+    res = moe_quant.quantize_tensor(torch.randn(shape), spec)
+    assert res.scales.numel() == n_groups and (res.zeros is None or res.zeros.numel() == n_groups)
+    assert (res.zeros is not None) == (grid == "asym")
+    assert spec.stored_bits_per_weight == pytest.approx(bits + per_group / group)
+
+
+def test_awq_channel_scales_are_the_only_method_overhead():
+    assert footprint.method_overhead_bits((96, 300), -1, "gptq") == 0
+    assert footprint.method_overhead_bits((96, 300), -1, "awq") == 300 * 16
+    assert footprint.method_overhead_bits((8, 300, 96), 1, "awq") == 8 * 300 * 16

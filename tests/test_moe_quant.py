@@ -260,3 +260,29 @@ def test_every_grid_kernel_and_torch_path_are_bit_identical(grid, bits, weighted
         assert (fast.zeros is None) == (grid != "asym") and (fast.zeros is None or torch.equal(fast.zeros, ref.zeros))
         assert same_bits(fast.dequant, ref.dequant)
         assert (fast.sq_err, fast.sq_ref) == (ref.sq_err, ref.sq_ref)
+
+
+@pytest.mark.parametrize("grid,bits,levels", [("sym", 3, 7), ("sym", 4, 15), ("full", 2, 4), ("full", 3, 8),
+                                              ("full", 4, 16), ("asym", 2, 4), ("asym", 3, 8), ("asym", 4, 16)])
+def test_levels_per_group_per_grid_and_dequant_is_code_minus_zero_times_scale(grid, bits, levels):
+    spec = mq.QuantSpec(bits, group=64, grid=grid)
+    assert spec.levels == levels
+    w = weights(64, 256, seed=14)
+    w[1, 64:128] = w[1, 64:128].abs()  # an all-positive group
+    res = mq.quantize_tensor(w, spec)
+    lo, hi = spec.code_range
+    assert int(res.codes.min()) >= lo and int(res.codes.max()) <= hi
+    groups = res.codes.reshape(64, 4, 64).float()
+    counts = torch.tensor([[len(torch.unique(groups[r, g])) for g in range(4)] for r in range(64)])
+    assert int(counts.max()) == levels, "the grid's levels must all be usable (and never more)"
+    zeros = res.zeros.float()[..., None] if res.zeros is not None else 0.0
+    expect = ((groups - zeros) * res.scales.float()[..., None]).reshape(64, 256).to(w.dtype)
+    assert torch.equal(res.dequant, expect)
+
+
+def test_full_and_asym_grids_beat_sym_at_equal_code_bits():
+    w = weights(128, 512, seed=15)
+    sym = mq.quant_error(w, mq.fake_quant(w, mq.QuantSpec(3)))
+    full = mq.quant_error(w, mq.fake_quant(w, mq.QuantSpec(3, grid="full")))
+    asym = mq.quant_error(w, mq.fake_quant(w, mq.QuantSpec(3, grid="asym")))
+    assert full < 0.9 * sym and asym < 0.9 * sym, (sym, full, asym)
