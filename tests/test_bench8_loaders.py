@@ -317,6 +317,7 @@ def test_hle_judge_endpoint_decides_and_failures_fall_back(monkeypatch):
         failed = bl.grade_output(prime, "Answer: 101")  # the fake judge answers 500 here
         assert failed.correct and failed.detail["graded_by"] == "normalized_string_match"
         assert "judge_error" in failed.detail and failed.detail["judge"] == f"judge-m@{url}"
+        assert bl.grade_status(failed) == bl.JUDGE_ERROR and bl.grade_status(g) == "ok"  # counted apart
     finally:
         server.shutdown()
     with pytest.raises(ValueError, match="judge model"):

@@ -459,3 +459,46 @@ def test_pack_refuses_missing_imatrix_typo_and_dequantized_input(smollm2_dir, ll
     (clip / gp.PTQ_META).write_text("{}")
     r = gf.run_pack({**env, "MODEL": str(clip), "OUT": str(tmp_path / "o")})
     assert r.returncode != 0 and "dequantized PTQ checkpoint" in r.stderr and not (tmp_path / "o").exists()
+
+
+def _statuses(out: Path, stem: str) -> dict:
+    """{step: ran|reused} from the commands JSONL of the last pack_gguf.sh run."""
+    out_status = {}
+    for line in (out / f"{stem}-IQ3_XXS.commands.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        text = " ".join(rec["cmd"])
+        step = ("bf16" if "BF16.gguf" in text and ("gguf_convert" in text or rec["cmd"][0] == "reuse") else
+                "imatrix" if "imatrix" in text and "llama-quantize" not in text else None)
+        if step:
+            out_status[step] = rec["status"]
+    return out_status
+
+
+@pytest.mark.slow
+@pytest.mark.llamacpp
+def test_a_stale_gguf_intermediate_is_rebuilt(tmp_path, smollm2_dir, llama_prefix):
+    """The real pipeline on a tiny llama: a rerun reuses the BF16 GGUF and the imatrix; another ROUTER_TYPE
+    and another checkpoint under the same directory name rebuild them (and the imatrix made from them)."""
+    import tiny_models
+
+    dims = dict(hidden_size=256, intermediate_size=256, head_dim=64, num_attention_heads=4, num_key_value_heads=2,
+                vocab_size=49152)
+    a = gf.gguf_source(tiny_models.build_tiny_checkpoint("llama", tmp_path / "a" / "Model", seed=0,
+                                                         tokenizer_dir=smollm2_dir, **dims))
+    b = gf.gguf_source(tiny_models.build_tiny_checkpoint("llama", tmp_path / "b" / "Model", seed=1,
+                                                         tokenizer_dir=smollm2_dir, **dims))
+    assert a.name == b.name  # same basename, other weights
+    out, calib = tmp_path / "out", gf.calibration_file(tmp_path / "calib.txt")
+
+    def pack(model, **env):
+        proc = gf.run_pack(gf.pack_env(model, out, calib, llama_prefix, IMATRIX_CHUNKS=2, **env))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return _statuses(out, a.name), proc.stderr
+
+    assert pack(a)[0] == {"bf16": "ran", "imatrix": "ran"}
+    assert pack(a)[0] == {"bf16": "reused", "imatrix": "reused"}
+    got, err = pack(b, ROUTER_TYPE="f32")  # each change alone is covered by the fast stale_reason test
+    assert got == {"bf16": "ran", "imatrix": "ran"}
+    assert "router_type: f16 -> f32" in err and "checkpoints.model" in err
+    meta = json.loads((out / f"{a.name}-IQ3_XXS.meta.json").read_text())
+    assert meta["source_gguf"]["path"].endswith(f"{a.name}-BF16.gguf")

@@ -127,6 +127,9 @@ class GradingPool:
         """Runs in the pool's thread as each grade arrives: hand it on at once (the runner fsyncs it)."""
         with self._lock:
             item = self._pending.pop(future, None)
+            if future.cancelled():  # the run is closing: nothing graded, nothing to record
+                self._idle.notify_all()
+                return
         if item is None:
             return
         sample, generation = item

@@ -116,6 +116,8 @@ class SampleLog:
             except (TypeError, ValueError) as err:
                 raise ValueError(f"{self.path}: cannot store sample {rec.get('id')!r}: {err}") from None
         with self._lock:
+            if self._f.closed:  # a grade that arrived after the run closed its log (an interrupt): not kept
+                return
             self._f.write("".join(lines))
             self._f.flush()
             os.fsync(self._f.fileno())
