@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import gguf_fixtures as gf
+import gguf_intermediates as gi
 import gguf_pack as gp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -311,28 +312,28 @@ def test_a_stale_intermediate_is_detected_for_every_input(tmp_path):
     target.write_bytes(b"gguf")
 
     def key(router="f16", mtp="drop", llama="11434.0.0", model=ckpt):
-        return gp.intermediate_key({"router_type": router, "mtp": mtp, "llama_cpp": llama}, {"convert": str(conv)},
+        return gi.intermediate_key({"router_type": router, "mtp": mtp, "llama_cpp": llama}, {"convert": str(conv)},
                                    {"model": str(model)})
 
-    assert "has no" in gp.stale_reason(target, key())  # made before keys existed: rebuild
-    gp.record_key(target, key())
-    assert gp.stale_reason(target, key()) is None
-    assert "router_type: f16 -> bf16" in gp.stale_reason(target, key(router="bf16"))
-    assert "mtp" in gp.stale_reason(target, key(mtp="keep"))
-    assert "llama_cpp" in gp.stale_reason(target, key(llama="11500.0.0"))
+    assert "has no" in gi.stale_reason(target, key())  # made before keys existed: rebuild
+    gi.record_key(target, key())
+    assert gi.stale_reason(target, key()) is None
+    assert "router_type: f16 -> bf16" in gi.stale_reason(target, key(router="bf16"))
+    assert "mtp" in gi.stale_reason(target, key(mtp="keep"))
+    assert "llama_cpp" in gi.stale_reason(target, key(llama="11500.0.0"))
     other = _checkpoint(tmp_path / "b" / "Model", weights=b"\x01" * 32)  # same basename, other weights
-    assert "checkpoints.model" in gp.stale_reason(target, key(model=other))
+    assert "checkpoints.model" in gi.stale_reason(target, key(model=other))
     conv.write_text("v2")
-    assert "files.convert" in gp.stale_reason(target, key())
+    assert "files.convert" in gi.stale_reason(target, key())
     target.unlink()
-    assert "does not exist" in gp.stale_reason(target, key())
+    assert "does not exist" in gi.stale_reason(target, key())
 
 
 def test_rewritten_weights_with_the_same_layout_are_a_different_checkpoint(tmp_path):
     ckpt = _checkpoint(tmp_path / "Model")
-    before = gp.checkpoint_identity(ckpt)
+    before = gi.checkpoint_identity(ckpt)
     os.utime(ckpt / "model.safetensors", ns=(1, 1))
-    assert gp.checkpoint_identity(ckpt) != before
+    assert gi.checkpoint_identity(ckpt) != before
 
 
 def test_fresh_and_record_cli_rebuild_only_when_an_input_changed(tmp_path):
@@ -344,7 +345,7 @@ def test_fresh_and_record_cli_rebuild_only_when_an_input_changed(tmp_path):
     assert run_cli("fresh", target, *args).returncode == 0 and target.exists()
     r = run_cli("fresh", target, "--checkpoint", f"model={ckpt}", "--value", "router_type=f32")
     assert r.returncode == 1 and "rebuilding" in r.stderr and "router_type: f16 -> f32" in r.stderr
-    assert not target.exists() and not Path(str(target) + gp.KEY_SUFFIX).exists()  # stale file removed
+    assert not target.exists() and not Path(str(target) + gi.KEY_SUFFIX).exists()  # stale file removed
     assert run_cli("record", target, *args).returncode == 2  # nothing to record
 
 
