@@ -329,7 +329,10 @@ def test_grading_environment_names_the_sandbox_and_fails_loudly(monkeypatch):
     assert env["sandbox"] and env["math_verify"]
     assert "sandbox" not in bl.grading_environment(["mmlu_pro"])
 
-    def broken():
+    asked = []
+
+    def broken(allow_weak=False):
+        asked.append(allow_weak)
         raise RuntimeError("no sandbox configuration can run Python here")
 
     import sandbox
@@ -337,6 +340,9 @@ def test_grading_environment_names_the_sandbox_and_fails_loudly(monkeypatch):
     monkeypatch.setattr(sandbox, "detect_isolation", broken)
     with pytest.raises(RuntimeError, match="no sandbox"):
         bl.grading_environment(["humaneval"])
+    with pytest.raises(RuntimeError, match="no sandbox"):
+        bl.grading_environment(["humaneval"], allow_weak_sandbox=True)
+    assert asked == [False, True]  # the weak tiers are asked for only when the user allowed them
     bl.grading_environment(["math500"])  # no code, no sandbox needed
 
 
