@@ -91,11 +91,15 @@ def load_smollm2(cache: Path | None, n_calib: int, n_eval: int, ctx: int, keep=(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ckpt = embedded_model.smollm2_bf16_dir(log=lambda *a: print(*a, file=sys.stderr))
-    key = f"smollm2-{n_calib}x{ctx}-{n_eval}-{'-'.join(keep) or 'none'}".replace("/", "_")
-    path = cache / f"{key}.pt" if cache else None
-    if path and path.is_file():
-        blob = torch.load(path)
-    else:
+    base = f"smollm2-{n_calib}x{ctx}-{n_eval}-"
+    path = cache / f"{base}{'-'.join(keep) or 'none'}.pt" if cache else None
+    blob = None
+    for cand in sorted(cache.glob(base + "*.pt")) if cache and cache.is_dir() else []:
+        loaded = torch.load(cand)
+        if all(k in loaded["x_cal"] for k in keep):  # any cached capture that kept what we need
+            blob = loaded
+            break
+    if blob is None:
         tok = AutoTokenizer.from_pretrained(str(ckpt))
         model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
         calib, held = split_texts()
@@ -161,14 +165,16 @@ def cmd_smollm2(args) -> None:
 
 
 def expert_case(e, k, n, seed, dtype, device):
-    g = torch.Generator().manual_seed(seed)
-    w = (torch.randn(e, k, n, generator=g) * 0.02).to(dtype).to(device)
-    base = torch.randn(k, k, generator=g) / k ** 0.5 + torch.eye(k)
-    h = torch.empty(e, k, k)
-    for i in range(e):
-        x = torch.randn(max(256, k // 4), k, generator=g) @ base
-        h[i] = x.T @ x / x.shape[0] + 0.05 * torch.eye(k)
-    return w, h.to(device)
+    """[E, k, n] weights (contraction axis 1) and per-expert correlated H [E, k, k], made on `device`."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    w = (torch.randn(e, k, n, generator=g, device=device) * 0.02).to(dtype)
+    base = torch.randn(k, k, generator=g, device=device) / k ** 0.5 + torch.eye(k, device=device)
+    h = torch.empty(e, k, k, device=device)
+    tokens = max(256, k // 4)
+    for e0 in range(0, e, 32):
+        x = torch.randn(min(32, e - e0), tokens, k, generator=g, device=device) @ base
+        h[e0:e0 + x.shape[0]] = x.transpose(1, 2) @ x / tokens + 0.05 * torch.eye(k, device=device)
+    return w, h
 
 
 def sync(device: str):
@@ -182,11 +188,14 @@ def cmd_experts(args) -> None:
     dtype = torch.bfloat16
     spec = mq.QuantSpec(args.bits, group=args.group, grid=args.grid)
     print(f"GPTQ on fused experts, {spec.grid} int{spec.bits:g} g{spec.group}, bf16, device {args.device}"
+          + (" (torch path, as on GPU)" if args.torch_path or not args.device.startswith("cpu") else " (CPU kernel)")
           + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else f", {torch.get_num_threads()} threads"))
     for tname, e, k, n in presets[args.preset]:
+        e = max(1, e // args.shrink_experts)
         w, h = expert_case(e, k, n, 0, dtype, args.device)
         method = qm.MethodSpec("gptq", act_order=args.act_order)
-        run = lambda ww, hh: qm.quantize_with_method(ww, spec, method, axis=ww.ndim - 2, hessian=hh)  # noqa: E731
+        run = lambda ww, hh: qm.quantize_with_method(ww, spec, method, axis=ww.ndim - 2, hessian=hh,  # noqa: E731
+                                                     use_kernel=not args.torch_path)
         run(w[:1], h[:1])  # warm-up (kernels, numba compile)
         sync(args.device)
         res, dt_b, _ = timed(lambda: (run(w, h), sync(args.device))[0])
@@ -278,6 +287,8 @@ def main(argv=None) -> int:
     x.add_argument("--device", default="cpu")
     x.add_argument("--bits", type=float, default=3.0)
     x.add_argument("--loop-experts", type=int, default=8, help="experts timed in the per-expert loop (extrapolated)")
+    x.add_argument("--torch-path", action="store_true", help="on CPU, run the device-generic torch path (what a GPU runs)")
+    x.add_argument("--shrink-experts", type=int, default=1, help="divide the preset's expert count (a quick dry run)")
     st = sub.choices["starve"]
     st.add_argument("--layer", type=int, default=7)
     st.add_argument("--bits", type=float, default=3.0)

@@ -76,9 +76,9 @@ def upper_inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     raise AssertionError("unreachable")
 
 
-def _search(values: torch.Tensor, importance: torch.Tensor, spec: QuantSpec):
+def _search(values: torch.Tensor, importance: torch.Tensor, spec: QuantSpec, use_kernel: bool = True):
     """Weighted grid search on [N, w] fp32 groups -> (scale [N], zero [N] or None), both fp32."""
-    return moe_quant.search_groups(values, spec, importance)
+    return moe_quant.search_groups(values, spec, importance, use_kernel)
 
 
 @torch.no_grad()
@@ -103,7 +103,8 @@ def gptq_batched(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float 
     perm = None
     if act_order:
         # static groups: every scale from the original weights, chosen before any column moves
-        pre = moe_quant.quantize_tensor(W.float(), spec, -1, importance=imp.float()[:, None, :], return_codes=False)
+        pre = moe_quant.quantize_tensor(W.float(), spec, -1, importance=imp.float()[:, None, :], return_codes=False,
+                                        use_kernel=use_kernel)
         group_scale = pre.scales.to(cd)
         group_zero = pre.zeros.to(cd) if asym else None
         perm = torch.argsort(-imp, dim=-1, stable=True)  # [B, K]
@@ -144,7 +145,7 @@ def gptq_batched(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float 
                 width = min(g, K - col)
                 vals = Wb[..., i:i + width].reshape(B * R, width)
                 wts = imp[:, None, col:col + width].expand(B, R, width).reshape(B * R, width)
-                s, z = _search(vals, wts, spec)
+                s, z = _search(vals, wts, spec, use_kernel)
                 S = s.to(cd).view(B, R)
                 group_scale[..., col // g] = S
                 if asym:

@@ -211,9 +211,9 @@ def grid_candidates(groups: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor
     """[G, g] fp32 groups -> candidate (scales [G, C], zeros [G, C] or None), scales rounded to fp16.
 
     sym: absmax * r / qmax. full: the extreme value goes to the long negative side (the scale is negative
-    when the largest magnitude is a positive value, max(w) >= -min(w) > 0); candidates absmax * r / 2^(b-1) (extreme exactly on the extra level at r = 1), plus,
-    when there is a search, absmax * r / qmax (the sym candidates, so full's search is never worse than
-    sym's). asym: the range [min(w, 0), max(w, 0)] shrunk by r, zero-point = round(-r * min / scale).
+    when the largest magnitude is a positive value, max(w) >= -min(w) > 0); candidates absmax * r / 2^(b-1)
+    (the extreme exactly on the extra level at r = 1), plus, when there is a search, absmax * r / qmax
+    (the sym candidates, so full's search is never worse than sym's). asym: the range [min(w, 0), max(w, 0)] shrunk by r, zero-point = round(-r * min / scale).
     """
     ratios = clip_ratios(spec).to(groups.device)
     if spec.grid == "sym":

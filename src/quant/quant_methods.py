@@ -117,30 +117,32 @@ def _check_weight(w: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------------------- methods
 @torch.no_grad()
 def quantize_with_method(w: torch.Tensor, spec: QuantSpec, method: MethodSpec, axis: int = -1,
-                         hessian: torch.Tensor | None = None) -> QuantResult:
+                         hessian: torch.Tensor | None = None, use_kernel: bool = True) -> QuantResult:
     """Quantize `w` (2-D, or 3-D [E, ..] with contraction `axis`) on `spec`'s grid with `method`.
 
     dequant has w's shape and dtype; codes/scales (/zeros) are in the contraction-axis-last layout of
-    `moe_quant.quantize_tensor` (codes moved back to w's layout).
+    `moe_quant.quantize_tensor` (codes moved back to w's layout). use_kernel=False forces the
+    device-generic torch code on CPU (what runs on a GPU).
     """
     if not isinstance(method, MethodSpec):
         raise TypeError(f"method must be a MethodSpec, got {type(method).__name__}")
     if spec.is_identity:
         raise ValueError("bits=16 means 'leave untouched': the caller should not quantize this tensor")
     if method.name == "clip":
-        return moe_quant.quantize_tensor(w, spec, axis)
+        return moe_quant.quantize_tensor(w, spec, axis, use_kernel=use_kernel)
     if method.name == "rtn":
-        return moe_quant.quantize_tensor(w, replace(spec, clip_steps=0), axis)
+        return moe_quant.quantize_tensor(w, replace(spec, clip_steps=0), axis, use_kernel=use_kernel)
     _check_weight(w)
     wb, axis = _as_batched(w, axis)
     h = check_hessian(hessian, w, axis, method.name)
     if method.name == "wclip":
         imp = channel_importance(h, method.damp)  # [B, K]
-        return moe_quant.quantize_tensor(w, spec, axis, importance=imp[:, None, :] if w.ndim == 3 else imp[0])
+        return moe_quant.quantize_tensor(w, spec, axis, use_kernel=use_kernel,
+                                         importance=imp[:, None, :] if w.ndim == 3 else imp[0])
     if method.name == "gptq":
         return _finish(w, axis, *gptq.gptq_batched(wb, h, spec, damp=method.damp, act_order=method.act_order,
-                                                   block=method.block))
-    return awq(w, spec, method, axis, h)
+                                                   block=method.block, use_kernel=use_kernel))
+    return awq(w, spec, method, axis, h, use_kernel)
 
 
 def _finish(w: torch.Tensor, axis: int, codes, scales, zeros, deq, in_scale=None) -> QuantResult:
@@ -157,7 +159,8 @@ def _finish(w: torch.Tensor, axis: int, codes, scales, zeros, deq, in_scale=None
                        None if zeros is None else lead(zeros), None if in_scale is None else lead(in_scale))
 
 
-def awq(w: torch.Tensor, spec: QuantSpec, method: MethodSpec, axis: int, h: torch.Tensor) -> QuantResult:
+def awq(w: torch.Tensor, spec: QuantSpec, method: MethodSpec, axis: int, h: torch.Tensor,
+        use_kernel: bool = True) -> QuantResult:
     """Per-input-channel scale search (AWQ) on tr(dW H dW^T), per expert for a 3-D tensor.
 
     s = rms(x)^alpha, normalized so sqrt(max * min) = 1; alpha = 0 (s = 1) is clip, so the chosen alpha is
@@ -181,7 +184,7 @@ def awq(w: torch.Tensor, spec: QuantSpec, method: MethodSpec, axis: int, h: torc
         if method.awq_inner == "wclip":
             imp = channel_importance(h, method.damp) / (s * s)
             imp = imp[:, None, :]
-        res = moe_quant.quantize_tensor(scaled, spec, -1, importance=imp)
+        res = moe_quant.quantize_tensor(scaled, spec, -1, importance=imp, use_kernel=use_kernel)
         deq = res.dequant / s[:, None, :]
         loss = batched_proxy(wf, deq, h)  # [B]
         if best is None:
