@@ -105,3 +105,25 @@ def test_math_official_scorer_is_math_verify_on_the_whole_output():
     g = bench_math.grade_math_verify_whole_output(s, "We get 0.5, i.e. $\\boxed{\\dfrac12}$.")
     assert g.correct and g.detail["scorer"] == "math-verify"
     assert not bench_math.grade_math_verify_whole_output(s, "The answer is $\\boxed{3}$").correct
+
+
+@pytest.mark.parametrize("text, want", [
+    ("Reasoning...\n**Answer: B**", "B"),  # markdown stripped first
+    ("الإجابة: ب", "B"),  # Arabic letters map to A-D
+    ("উত্তর: ড", "C"),  # Bengali
+    ("答案：Ｄ", "D"),  # full-width
+    ("Réponse : A", "A"),
+    ("Answer: $\\boxed{C}$", "C"),
+    ("Answer: E ... Answer: A", "A"),  # the regex needs A-D right after the marker
+    ("Respuesta: B\nAnswer: C", "C"),  # markers are tried in the table's order, English first
+    ("answer: c", None),  # (?i) finds it, but 'c' is not the gold letter: no valid answer
+    ("I think it is B", None),  # no marker, no answer (no guessing in simple-evals)
+])
+def test_mmmlu_official_is_simple_evals_marker_table(text, want):
+    assert answer_cascades.run_cascade(answer_cascades.MMMLU_OFFICIAL, text).letter == want
+
+
+def test_mmmlu_official_markers_are_the_published_list():
+    m = answer_cascades.MMMLU_MARKERS
+    assert len(m) == 42 and m[0] == "Answer\\s*:" and m[1].endswith("\u200b" * 6)  # the Korean invisible one
+    assert "الإجابة الصحيحة هي:" in m and "Jibu\\s*:" in m and m[-1] == "Àṣàyàn\\s*:"

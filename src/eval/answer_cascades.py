@@ -32,6 +32,9 @@ class Cascade:
     valid: str  # letters a stage may return (independent of how many options a question shows)
     fallback: str = "none"  # none | seeded_guess
     guess_seed: int = 0
+    text_replacements: tuple = ()  # (old, new) applied to the output, in order, before any stage
+    letter_map: tuple = ()  # (old, new) applied to a captured letter, then stripped (script letters -> A-D)
+    first_match_decides: bool = False  # a matching stage ends the cascade even when its letter is not valid
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,8 @@ class CascadeAnswer:
     stage: str  # "stage1".., "guess", or "none"
 
 
-def _stage_letter(stage: Stage, text: str, valid: str) -> str | None:
+def _stage_match(stage: Stage, text: str, cascade: "Cascade") -> tuple[bool, str | None]:
+    """(matched, valid letter or None) of one stage."""
     if stage.pick == "first":
         m = re.search(stage.pattern, text, stage.flags)
     else:
@@ -48,18 +52,25 @@ def _stage_letter(stage: Stage, text: str, valid: str) -> str | None:
         for m in re.finditer(stage.pattern, text, stage.flags):
             pass
     if m is None:
-        return None
-    got = m.group(stage.group)
-    return got if got and got in valid else None
+        return False, None
+    got = m.group(stage.group) or ""
+    for old, new in cascade.letter_map:
+        got = got.replace(old, new)
+    got = got.strip() if cascade.letter_map else got
+    return True, (got if got and len(got) == 1 and got in cascade.valid else None)
 
 
 def run_cascade(cascade: Cascade, text: str | None) -> CascadeAnswer:
     """The first stage that answers; ("none") when none does (the fallback is applied per run, below)."""
     text = text if isinstance(text, str) else ""
+    for old, new in cascade.text_replacements:
+        text = text.replace(old, new)
     for i, stage in enumerate(cascade.stages, start=1):
-        letter = _stage_letter(stage, text, cascade.valid)
+        matched, letter = _stage_match(stage, text, cascade)
         if letter is not None:
             return CascadeAnswer(letter, f"stage{i}")
+        if matched and cascade.first_match_decides:
+            return CascadeAnswer(None, f"stage{i}-invalid")
     return CascadeAnswer(None, "none")
 
 
@@ -102,3 +113,27 @@ GPQA_OFFICIAL = Cascade(
     stages=tuple(Stage(p) for p in (r"answer is \((.)\)", r"Answer: \((.)\)", r"answer: \((.)\)",
                                     r"answer \((.)\)", r"\((.)\)")),
     valid="ABCD")
+
+# openai/simple-evals (common.py + mmlu_eval.py, the MMMLU scorer): the response is stripped of markdown /
+# LaTeX wrappers, then each language's "Answer:" marker is tried in this order; the first marker that
+# matches decides (its letter mapped from Arabic / Bengali / full-width forms to A-D).
+MMMLU_MARKERS = (
+    "Answer\\s*:", "Answer\\s*:\u200b\u200b\u200b\u200b\u200b\u200b", "উত্তর\\s*:", "उत्तर\\s*:", "উত্তরঃ",
+    "উত্তর\\s*:", "Antwort\\s*:", "답변\\s*:", "정답\\s*:", "답\\s*:", "答案\\s*：", "答案\\s*:", "答\\s*：",
+    "答\\s*:", "答复\\s*：", "答曰\\s*：", "الإجابة:", "الجواب:", "إجابة:", "الإجابة النهائية:", "الإجابة الصحيحة:",
+    "الإجابة الصحيحة هي:", "الإجابة هي:", "الجواب النهائي:", "Respuesta\\s*:", "Risposta\\s*:", "答え\\s*:",
+    "答え\\s*：", "回答\\s*:", "回答\\s*：", "解答\\s*:", "Jawaban\\s*:", "Réponse\\s*:", "Resposta\\s*:",
+    "Jibu\\s*:", "Idahun\\s*:", "Ìdáhùn\\s*:", "Idáhùn\\s*:", "A\u0300m\u1ecd\u0300na\u0300\\s*:", "Àdáhùn\\s*:", "A\u0300nu\u0301go\u0323\\s*:",
+    "Àṣàyàn\\s*:")
+MMMLU_LETTERS = "([A-D]|[أ-د]|[অ]|[ব]|[ড]|[ঢ]|[Ａ]|[Ｂ]|[Ｃ]|[Ｄ])"
+MMMLU_OFFICIAL = Cascade(
+    name="mmmlu/simple-evals",
+    source="github.com/openai/simple-evals common.py (MULTILINGUAL_ANSWER_REGEXES, normalize_response, "
+           "normalize_extracted_answer) and mmlu_eval.py",
+    stages=tuple(Stage("(?i)" + marker + "[ \t]*" + MMMLU_LETTERS) for marker in MMMLU_MARKERS),
+    valid="ABCD", first_match_decides=True,
+    text_replacements=(("**", ""), ("$\\boxed{", ""), ("}$", ""), ("\\$", ""), ("$\\text{", ""), ("$", ""),
+                       ("\\mathrm{", ""), ("\\{", ""), ("\\text", ""), ("\\(", ""), ("\\mathbf{", ""), ("{", ""),
+                       ("\\boxed", "")),
+    letter_map=(("أ", " A"), ("ب", " B"), ("ج", " C"), ("د", " D"), ("অ", " A"), ("ব", " B"), ("ড", " C"),
+                ("ঢ", " D"), ("Ａ", " A"), ("Ｂ", " B"), ("Ｃ", " C"), ("Ｄ", " D")))

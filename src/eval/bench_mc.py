@@ -148,8 +148,7 @@ SPECS = (
               {"id": ("Unnamed: 0", "__index_level_0__"), "question": ("Question",), "A": ("A",), "B": ("B",),
                "C": ("C",), "D": ("D",), "answer": ("Answer",), "subject": ("Subject",)},
               mmmlu_prompt, _mmmlu_sample, extractors.extract_choice, grade_mc,
-              official=OfficialScorer("mmmlu/robust", "no official cascade implemented here: openai simple-evals' "
-                                      "multilingual regex is not reproduced; the robust cascade is used", exact=False),
+              official=_official(answer_cascades.MMMLU_OFFICIAL),
               required=("question", "A", "B", "C", "D", "answer"),
               options=("locales",), sources=_mmmlu_sources, n_is_per_part=True),
 )
