@@ -11,6 +11,9 @@ and on a near-tie the pick, depended on which process quantized a shard.)
 
 Speed without reassociation comes from the layout: a tile is transposed so that the 8 lanes of 8 groups
 are 64 independent accumulators side by side, which LLVM vectorizes as plain elementwise code.
+The other grids ("full", "asym") and importance-weighted searches (wclip, GPTQ's group scales) run in
+`grid_kernel` (one group per iteration, the same lane-order sums as moe_quant.search_grid, so again the
+same bytes as the torch path), and GPTQ in `gptq_rows_kernel` (row-parallel: GPTQ never mixes rows).
 Importing this module needs numba; moe_quant falls back to its torch path when the import fails.
 """
 import math
