@@ -97,3 +97,19 @@ def test_table_prints(capsys):
     assert osc.main([]) == 0
     out = capsys.readouterr().out
     assert "86.7" in out and "gemma-4-26B-A4B" in out and "undecided" in out
+
+
+def test_judge_and_grader_errors_are_left_out_of_the_gate_but_counted():
+    def rec(i, ok, status="ok"):
+        return {"id": f"hle/{i}", "correct": ok, "graded_correct": ok, "official_correct": ok, "no_answer": False,
+                "finish_reason": "stop", "tokens": 3, "group": None, "grade_status": status}
+
+    records = [rec(i, i % 4 != 0) for i in range(1000)]
+    records[0] = rec(0, True, "judge_error")  # judged by the string fallback: not the official rule
+    records[1] = rec(1, False, "grader_error")
+    block = results_schema.summarize_bench(records, {"name": "llm-judge", "exact": True})
+    assert block["grade_errors"] == {"grader_error": 1, "judge_error": 1}
+    assert block["official"]["n_graded"] == 998 and block["official"]["n"] == 1000
+    doc = {"model": "/m/Qwen3.5-122B-A10B", "generation": {"thinking": True}, "benchmarks": {"hle": block}}
+    g = osc.gate_for_result(doc)["hle"]
+    assert g["n"] == 998 and g["excluded_grader_errors"] == 2

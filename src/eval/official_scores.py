@@ -4,7 +4,7 @@ Quant-vs-teacher deltas are only worth reading on a benchmark where the harness 
 grading, budget) is shown to reproduce the official score of the unquantized model. This module holds
 the one table of official scores and the rule that turns a result into a gate status. The gate reads
 the benchmark's *official* scorer (acc_official: the benchmark's own answer cascade, e.g. MMLU-Pro's
-TIGER-Lab regexes with their seeded guess), with grader-error samples left out.
+TIGER-Lab regexes with their seeded guess), with grader-error and judge-error samples left out.
 
 It is an equivalence test on the Wilson 95 % interval [lo, hi] of that accuracy:
 
@@ -143,7 +143,7 @@ def gate_for_result(doc: Mapping) -> dict[str, dict]:
             g = gate_status(key, bench, off["correct_graded"], off["n_graded"], thinking)
             scorer = off.get("scorer") or {}
             g.update(scorer=scorer.get("name"), scorer_exact=scorer.get("exact"),
-                     excluded_grader_errors=off.get("n_grader_error", 0))
+                     excluded_grader_errors=off.get("n_grader_error", 0) + off.get("n_judge_error", 0))
             if scorer.get("exact") is False and g["status"] != "no-official-number":
                 g["reason"] += f" (scorer {scorer.get('name')} only approximates the official rule)"
         else:

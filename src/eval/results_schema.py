@@ -169,15 +169,18 @@ def _rate_block(records: Sequence[Mapping]) -> dict:
 
 
 def _official_block(records: Sequence[Mapping], scorer: Mapping | None) -> dict:
+    """The official scorer's counts; `*_graded` leave out samples without an official verdict: the
+    grader crashed, or the judge failed (the fallback string match is not the official rule)."""
     n = len(records)
-    errors = sum(1 for r in records if r.get("grade_status") == GRADER_ERROR)
     correct = sum(1 for r in records if r.get("official_correct"))
-    graded = [r for r in records if r.get("grade_status") != GRADER_ERROR]
+    graded = [r for r in records if r.get("grade_status", "ok") == "ok"]
     correct_graded = sum(1 for r in graded if r.get("official_correct"))
     lo, hi = wilson_interval(correct_graded, len(graded)) if graded else (math.nan, math.nan)
     return {"scorer": dict(scorer) if scorer else None, "n": n, "correct": correct, "acc": _pct(correct, n),
             "n_graded": len(graded), "correct_graded": correct_graded, "acc_graded": _pct(correct_graded, len(graded)),
-            "ci95_graded": None if not graded else [lo, hi], "n_grader_error": errors}
+            "ci95_graded": None if not graded else [lo, hi],
+            "n_grader_error": sum(1 for r in records if r.get("grade_status") == GRADER_ERROR),
+            "n_judge_error": sum(1 for r in records if r.get("grade_status") == JUDGE_ERROR)}
 
 
 def summarize_bench(records: Sequence[Mapping], official_scorer: Mapping | None = None) -> dict:
