@@ -15,12 +15,13 @@ import bench_code
 import bench_hle
 import bench_math
 import bench_mc
+import bench_mm
 import graders
 import sandbox
 from bench_spec import COMMON_OPTIONS, BenchSpec, DataFileError, Source, missing_roles
 from graders import Graded
 
-BENCHMARKS: dict = {spec.name: spec for family in (bench_mc, bench_math, bench_code, bench_hle)
+BENCHMARKS: dict = {spec.name: spec for family in (bench_mc, bench_math, bench_code, bench_hle, bench_mm)
                     for spec in family.SPECS}
 
 GRADER_ERROR = "grader_error"
@@ -144,8 +145,11 @@ def load_samples(bench: str, n: int | None = None, data_file: str | None = None,
     samples = []
     for source in (spec.sources or default_source)(spec, options):
         if data_file:
-            located = read_located_rows(str(data_file).replace("{part}", source.part or ""))
+            path = str(data_file).replace("{part}", source.part or "")
+            located = read_located_rows(path)
+            opts["_data_dir"] = str(Path(path).resolve().parent)  # relative image paths resolve from here
         else:
+            opts.pop("_data_dir", None)
             rows = hub_rows(source, {c for names in spec.fields.values() for c in names})
             located = [(f"{source.dataset}:{source.config or '-'}:{source.split} row {i}", r) for i, r in enumerate(rows)]
         part = make_samples(spec, located, source, opts)
