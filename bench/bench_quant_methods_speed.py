@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-for sub in ("src/quant", "src/eval"):
-    if str(ROOT / sub) not in sys.path:
-        sys.path.insert(0, str(ROOT / sub))
+# bench/quant_methods.py shares its name with src/quant/quant_methods.py: keep bench/ itself off the path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+for sub in ("src/eval", "src/quant"):
+    sys.path.insert(0, str(ROOT / sub))
 
 import moe_quant as mq  # noqa: E402
 import quant_methods as qm  # noqa: E402
@@ -224,43 +225,43 @@ def cmd_starve(args) -> None:
     g = torch.Generator().manual_seed(0)
     print(f"Expert starvation, SmolLM2 layer {layer}, int{args.bits:g} g{args.group}: an 'expert' = the tokens a "
           f"random router sends to 1 of 8 directions (top-2 of 8); own H from n of its calibration tokens; pooled H "
-          f"from all calibration tokens; score = held-out tr(dW H dW^T) on the expert's held-out tokens / clip's")
+          f"from all {blob['x_cal'][keep[0]].shape[0]} calibration tokens; score = tr(dW H dW^T) on the expert's "
+          f"held-out tokens / clip's (lower is better)")
+    rows = []
     for mod in keep:
-        wname = mod + ".weight"
-        w = blob["weights"][wname]
+        w = blob["weights"][mod + ".weight"]
         xc, xe = blob["x_cal"][mod], blob["x_eval"][mod]
         router = torch.randn(xc.shape[1], 8, generator=g)
-        pooled = (xc.T @ xc / xc.shape[0])
-        rows = []
-        for expert in range(3):
+        pooled = xc.T @ xc / xc.shape[0]
+        for expert in range(args.experts):
             def routed(x):
-                top = (x @ router).topk(2, dim=1).indices
-                return x[(top == expert).any(dim=1)]
+                return x[((x @ router).topk(2, dim=1).indices == expert).any(dim=1)]
             own_all, held = routed(xc), routed(xe)
             h_held = held.T @ held / held.shape[0]
             clip = qm.proxy_loss(w, mq.quantize_tensor(w, spec).dequant, h_held)
-            line = [f"{mod.split('.', 3)[-1]:>14} e{expert} ({own_all.shape[0]} tok)"]
+            print(f"{mod.split('.', 3)[-1]} [{w.shape[0]}x{w.shape[1]}] expert {expert}: {own_all.shape[0]} calibration, "
+                  f"{held.shape[0]} held-out tokens", flush=True)
             for n_tok in args.tokens:
                 if n_tok > own_all.shape[0]:
                     continue
-                idx = torch.randperm(own_all.shape[0], generator=g)[:n_tok]
-                x = own_all[idx]
+                x = own_all[torch.randperm(own_all.shape[0], generator=g)[:n_tok]]
                 h_own = x.T @ x / n_tok
+                candidates = [("own", h_own), ("pooled", pooled)]
+                for t in args.min_tokens:
+                    for rule in qm.BLEND_RULES:
+                        candidates.append((f"{rule}{t}", qm.blend_expert_hessians(h_own[None], [n_tok], pooled, t, rule)[0][0]))
                 scores = {}
-                for rule, hh in (("own", h_own), ("pooled", pooled),
-                                 ("blend", qm.blend_expert_hessians(h_own[None], [n_tok], pooled, args.min_tokens)[0][0])):
-                    for name in ("gptq", "wclip"):
+                for label, hh in candidates:
+                    for name in args.methods:
                         r = qm.quantize_with_method(w, spec, qm.MethodSpec(name), hessian=hh)
-                        scores[f"{name}/{rule}"] = qm.proxy_loss(w, r.dequant, h_held) / clip
-                rows.append((mod, expert, n_tok, scores))
-                line.append(f"n={n_tok}: " + " ".join(f"{k}={v:.3f}" for k, v in scores.items()))
-            print("\n    ".join(line), flush=True)
-    keys = sorted(rows[0][3]) if rows else []
-    print("mean over experts and linears, per n (held-out proxy / clip):")
+                        scores[f"{name}/{label}"] = qm.proxy_loss(w, r.dequant, h_held) / clip
+                rows.append((n_tok, scores))
+                print(f"    n={n_tok:>5}: " + " ".join(f"{k}={v:.3f}" for k, v in scores.items()), flush=True)
+    print("mean over experts and linears (held-out proxy / clip):")
     for n_tok in args.tokens:
-        sel = [r[3] for r in rows if r[2] == n_tok]
+        sel = [sc for n, sc in rows if n == n_tok]
         if sel:
-            print(f"  n={n_tok:>5}: " + " ".join(f"{k}={sum(s[k] for s in sel) / len(sel):.3f}" for k in keys))
+            print(f"  n={n_tok:>5}: " + " ".join(f"{k}={sum(s[k] for s in sel) / len(sel):.3f}" for k in sel[0]))
 
 
 def main(argv=None) -> int:
@@ -292,8 +293,10 @@ def main(argv=None) -> int:
     st = sub.choices["starve"]
     st.add_argument("--layer", type=int, default=7)
     st.add_argument("--bits", type=float, default=3.0)
-    st.add_argument("--tokens", type=int, nargs="+", default=[16, 64, 256, 1024])
-    st.add_argument("--min-tokens", type=int, default=256)
+    st.add_argument("--tokens", type=int, nargs="+", default=[64, 256, 1024])
+    st.add_argument("--min-tokens", type=int, nargs="+", default=[1024, 4096])
+    st.add_argument("--experts", type=int, default=2)
+    st.add_argument("--methods", nargs="+", default=["gptq"], choices=qm.METHODS)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

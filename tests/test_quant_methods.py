@@ -230,6 +230,11 @@ def test_blend_expert_hessians_rules_and_values():
     assert torch.equal(same, h) and rules0 == ["own"] * 4
     custom, _ = qm.blend_expert_hessians(h, n, h_pooled=torch.eye(k) * 7, min_tokens=256)
     assert torch.allclose(custom[2], torch.eye(k) * 7)
+    shrunk, rules_s = qm.blend_expert_hessians(h, n, min_tokens=256, rule="shrink")
+    assert rules_s == ["blend", "blend", "pooled", "blend"]
+    assert torch.allclose(shrunk[0], (1000 * h[0] + 256 * pooled) / 1256) and torch.allclose(shrunk[2], pooled)
+    with pytest.raises(ValueError, match="unknown blend rule"):
+        qm.blend_expert_hessians(h, n, rule="magic")
 
 
 # ---------------------------------------------------------------------------------------- errors

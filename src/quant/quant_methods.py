@@ -233,7 +233,8 @@ def proxy_loss_per_expert(w: torch.Tensor, dequant: torch.Tensor, hessian: torch
 
 
 # ------------------------------------------------------------------------- expert-aware statistics
-EXPERT_RULES = ("own", "blend", "pooled")
+EXPERT_RULES = ("own", "blend", "pooled")  # what blend_expert_hessians reports per expert
+BLEND_RULES = ("threshold", "shrink")
 
 
 def pooled_hessian(h_expert: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
@@ -247,18 +248,22 @@ def pooled_hessian(h_expert: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tens
 
 
 def blend_expert_hessians(h_expert: torch.Tensor, n_tokens, h_pooled: torch.Tensor | None = None,
-                          min_tokens: int = 256) -> tuple[torch.Tensor, list[str]]:
+                          min_tokens: int = 256, rule: str = "threshold") -> tuple[torch.Tensor, list[str]]:
     """Shrink starved experts' statistics toward the layer's pooled ones.
 
-    An expert with n >= min_tokens keeps its own H ("own"); one with 0 < n < min_tokens gets
-    (n * H_e + (min_tokens - n) * H_pooled) / min_tokens ("blend": the pooled statistics count as
-    min_tokens - n prior tokens); one with n = 0 gets H_pooled ("pooled"). `h_pooled` defaults to the
-    token-weighted mean of the experts' own H (`pooled_hessian`); for a gate/up projection the layer's
-    MoE-block input statistics are the natural choice. min_tokens = 0 keeps every expert's own H.
-    Returns (H [E, K, K], rule per expert).
+    rule "threshold": an expert with n >= min_tokens keeps its own H ("own"); one with 0 < n < min_tokens
+    gets (n * H_e + (min_tokens - n) * H_pooled) / min_tokens ("blend": the pooled statistics fill up to
+    min_tokens tokens); one with n = 0 gets H_pooled ("pooled").
+    rule "shrink": every expert gets (n * H_e + min_tokens * H_pooled) / (n + min_tokens) (the pooled
+    statistics always count as min_tokens prior tokens; "blend", or "pooled" at n = 0).
+    `h_pooled` defaults to the token-weighted mean of the experts' own H (`pooled_hessian`); for a gate/up
+    projection the layer's MoE-block input statistics are the natural choice. min_tokens = 0 keeps every
+    expert's own H. Returns (H [E, K, K], rule applied per expert).
     """
     if h_expert.ndim != 3 or h_expert.shape[1] != h_expert.shape[2]:
         raise ValueError(f"h_expert must be [E, K, K], got {tuple(h_expert.shape)}")
+    if rule not in BLEND_RULES:
+        raise ValueError(f"unknown blend rule {rule!r}; known: {', '.join(BLEND_RULES)}")
     n = torch.as_tensor(n_tokens, dtype=torch.float64).reshape(-1)
     if n.numel() != h_expert.shape[0]:
         raise ValueError(f"n_tokens has {n.numel()} entries for {h_expert.shape[0]} experts")
@@ -272,8 +277,13 @@ def blend_expert_hessians(h_expert: torch.Tensor, n_tokens, h_pooled: torch.Tens
         raise ValueError(f"h_pooled shape {tuple(h_pooled.shape)} != expert H shape {tuple(h_expert.shape[1:])}")
     if min_tokens == 0:
         return h_expert.clone(), ["own"] * h_expert.shape[0]
-    own_w = (n / min_tokens).clamp(max=1.0).to(device=h_expert.device, dtype=torch.float32)
+    if rule == "threshold":
+        own_w = (n / min_tokens).clamp(max=1.0)
+        rules = ["own" if c >= min_tokens else ("pooled" if c == 0 else "blend") for c in n.tolist()]
+    else:
+        own_w = n / (n + min_tokens)
+        rules = ["pooled" if c == 0 else "blend" for c in n.tolist()]
+    own_w = own_w.to(device=h_expert.device, dtype=h_expert.dtype)
     hp = h_pooled.to(device=h_expert.device, dtype=h_expert.dtype)
-    out = h_expert * own_w[:, None, None].to(h_expert.dtype) + hp[None] * (1 - own_w)[:, None, None].to(h_expert.dtype)
-    rules = ["own" if c >= min_tokens else ("pooled" if c == 0 else "blend") for c in n.tolist()]
+    out = h_expert * own_w[:, None, None] + hp[None] * (1 - own_w)[:, None, None]
     return out, rules
