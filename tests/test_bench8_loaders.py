@@ -27,7 +27,8 @@ def by_id(samples):
 
 
 def test_registry_is_complete_and_declarative():
-    assert set(bl.BENCHMARKS) == {"mmlu_pro", "gpqa", "mmmlu", "math500", "aime", "lcb", "humaneval", "mbpp", "hle"}
+    assert set(bl.BENCHMARKS) == {"mmlu_pro", "gpqa", "mmmlu", "math500", "aime", "lcb", "humaneval", "mbpp", "hle",
+                                  "mmmu_pro", "math_vision"}
     for name, spec in bl.BENCHMARKS.items():
         assert spec.name == name and callable(spec.prompt) and callable(spec.grade) and callable(spec.extract)
         assert spec.split and spec.dataset

@@ -77,6 +77,14 @@ class Backend:
         self.close()
 
 
+def chat_messages(sample) -> list:
+    """The sample's chat as OpenAI-style messages; image parts become base64 image_url parts (vLLM's chat
+    API and llama-server --mmproj read those)."""
+    import mm_images
+
+    return mm_images.openai_messages(sample) if mm_images.has_images(sample) else list(sample.messages)
+
+
 # --------------------------------------------------------------------------------------------- vLLM
 class VllmBackend(Backend):
     """vllm.LLM in this process; chat template applied by vLLM with enable_thinking in its kwargs."""
@@ -112,10 +120,32 @@ class VllmBackend(Backend):
         if not samples:
             return
         t0 = time.perf_counter()
-        request_ids = self.llm.enqueue_chat(
-            [list(s.messages) for s in samples], [self._params(s) for s in samples], use_tqdm=False,
-            chat_template_kwargs={"enable_thinking": self.sampling.thinking})
+        request_ids, refused = [], {}
+        if not any(isinstance(s.meta, dict) and s.meta.get("images") for s in samples):
+            request_ids = self._enqueue(samples)
+        else:  # image prompts: one at a time, so the one that does not fit max_model_len is refused alone
+            for i, sample in enumerate(samples):
+                try:
+                    request_ids.append(self._enqueue([sample])[0])
+                except ValueError as err:
+                    request_ids.append(None)
+                    refused[i] = str(err)[:300]
         self._prep_s += time.perf_counter() - t0
+        for i, reason in refused.items():
+            yield i, {"output": "", "finish_reason": "input_error", "tokens": 0,
+                      "input_error": f"vLLM refused the prompt: {reason}"}
+        samples = [s for i, s in enumerate(samples) if i not in refused]
+        positions = [i for i in range(len(request_ids)) if i not in refused]
+        request_ids = [r for r in request_ids if r is not None]
+        if not request_ids:
+            return
+        yield from ((positions[i], gen) for i, gen in self._collect(request_ids, len(samples)))
+
+    def _enqueue(self, samples) -> list:
+        return self.llm.enqueue_chat([chat_messages(s) for s in samples], [self._params(s) for s in samples],
+                                     use_tqdm=False, chat_template_kwargs={"enable_thinking": self.sampling.thinking})
+
+    def _collect(self, request_ids, n_samples):
         # enqueue_chat returns internal ids ("7-ab12cd"); finished outputs carry the external one ("7").
         index_of, internal_of = {}, {}
         for i, rid in enumerate(request_ids):
@@ -136,7 +166,7 @@ class VllmBackend(Backend):
                     yield index, {"output": completion.text, "finish_reason": str(completion.finish_reason),
                                   "tokens": len(completion.token_ids)}
             if internal_of:
-                raise RuntimeError(f"vLLM engine stopped with {len(internal_of)} of {len(samples)} requests unfinished")
+                raise RuntimeError(f"vLLM engine stopped with {len(internal_of)} of {n_samples} requests unfinished")
         finally:
             if internal_of and self.llm is not None:  # interrupted: leave no orphan requests in a reused engine
                 engine.abort_request(list(internal_of.values()), internal=True)
@@ -244,6 +274,17 @@ class HfBackend(Backend):
 
 
 # ------------------------------------------------------------------------------------------- OpenAI
+class ServerRefused(RuntimeError):
+    """An HTTP error that retrying will not fix (the request itself is refused)."""
+
+    def __init__(self, message: str, code: int, detail: str):
+        super().__init__(message)
+        self.code, self.detail = code, detail
+
+
+CONTEXT_WORDS = "context"  # llama-server: "exceeds the available context size"; vLLM: "maximum context length"
+
+
 class OpenAIBackend(Backend):
     """Any OpenAI-compatible chat server (llama-server, `vllm serve`): concurrent requests with retries.
 
@@ -269,7 +310,7 @@ class OpenAIBackend(Backend):
 
     def request_body(self, sample) -> dict:
         s = self.sampling
-        body = {"model": self.model, "messages": list(sample.messages), "max_tokens": s.max_new_tokens,
+        body = {"model": self.model, "messages": chat_messages(sample), "max_tokens": s.max_new_tokens,
                 "temperature": s.temperature, "chat_template_kwargs": {"enable_thinking": s.thinking}}
         if s.temperature > 0:
             body.update(top_p=s.top_p, top_k=s.top_k, seed=s.seed_for(sample.id))
@@ -293,7 +334,7 @@ class OpenAIBackend(Backend):
             except urllib.error.HTTPError as err:
                 detail = err.read().decode("utf-8", "replace")[:500]
                 if err.code not in self.RETRY_STATUS:
-                    raise RuntimeError(f"{self.url} answered HTTP {err.code}: {detail}") from None
+                    raise ServerRefused(f"{self.url} answered HTTP {err.code}: {detail}", err.code, detail) from None
                 last_error = f"HTTP {err.code}: {detail}"
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
                 last_error = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
@@ -303,7 +344,13 @@ class OpenAIBackend(Backend):
                            "is the server up (curl BASE_URL/models)?")
 
     def _one(self, sample) -> dict:
-        response = self._post(self.request_body(sample))
+        try:
+            response = self._post(self.request_body(sample))
+        except ServerRefused as err:
+            if err.code == 400 and CONTEXT_WORDS in err.detail.lower():  # this prompt (its images) does not fit
+                return {"output": "", "finish_reason": "input_error", "tokens": 0,
+                        "input_error": f"the server refused the prompt: {err.detail[:300]}"}
+            raise
         try:
             choice = response["choices"][0]
         except (KeyError, IndexError, TypeError):
@@ -401,6 +448,12 @@ class ReplayBackend(Backend):
         return {"backend": self.name, "replay_sha256": self.sha256}
 
 
+def _wants_images(cfg) -> bool:
+    import mm_eval
+
+    return bool(mm_eval.image_benchmarks(cfg.benchmarks))
+
+
 def make_backend(cfg) -> Backend:
     """Build the backend an EvalConfig names (duck-typed so this module does not import the runner)."""
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed,
@@ -411,6 +464,10 @@ def make_backend(cfg) -> Backend:
                            gpu_memory_utilization=cfg.gpu_memory_utilization,
                            max_num_seqs=cfg.resolved_max_num_seqs(), dtype=cfg.dtype,
                            enforce_eager=cfg.enforce_eager, engine_seed=cfg.seed)
+    if cfg.backend == "hf" and _wants_images(cfg):
+        import mm_eval
+
+        return mm_eval.HfVisionBackend(cfg.model, sampling, dtype=cfg.dtype, max_context=cfg.max_model_len)
     if cfg.backend == "hf":
         return HfBackend(cfg.model, sampling, batch_size=cfg.hf_batch_size, dtype=cfg.dtype)
     if cfg.backend == "openai":

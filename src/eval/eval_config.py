@@ -129,7 +129,8 @@ def backend_identity(cfg: EvalConfig) -> dict:
         return {"backend": "vllm", "dtype": cfg.dtype, "enforce_eager": eager,
                 "max_model_len": cfg.resolved_max_model_len(), "tensor_parallel_size": cfg.tensor_parallel_size}
     if cfg.backend == "hf":
-        return {"backend": "hf", "dtype": cfg.dtype}
+        # a set --max-model-len caps the hf context too (image prompts past it are input errors)
+        return {"backend": "hf", "dtype": cfg.dtype, **({"max_model_len": cfg.max_model_len} if cfg.max_model_len else {})}
     if cfg.backend == "openai":
         return {"backend": "openai", "served_model_name": cfg.served_model_name or cfg.model}
     if not cfg.replay_file or not Path(cfg.replay_file).is_file():

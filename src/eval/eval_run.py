@@ -18,6 +18,8 @@ from typing import Callable, Mapping, Sequence
 import atomic_io
 import bench_registry
 import eval_backends
+import mm_eval
+import mm_images
 import official_scores
 import provenance
 import resume_log
@@ -47,6 +49,10 @@ def load_all_samples(cfg: EvalConfig) -> tuple[list, dict]:
                            "revision": spec.dataset_revision, "n_requested": cfg.n_for(bench),
                            "default_n": spec.default_n, "n": len(got), "data_seed": cfg.data_seed,
                            "ids_sha256": results_schema.ids_hash(s.id for s in got),
+                           **({"images_sha256": results_schema.ids_hash(i.get("sha256") or "missing" for s in got
+                                                                        for i in s.meta["images"]),
+                               "n_images": sum(len(s.meta["images"]) for s in got)}
+                              if any(mm_images.has_images(s) for s in got) else {}),
                            "source": bench_registry.source_info(bench, data_file, **options)}
         samples.extend(got)
     ids = [s.id for s in samples]
@@ -57,6 +63,8 @@ def load_all_samples(cfg: EvalConfig) -> tuple[list, dict]:
 
 def _generation_of(rec: Mapping) -> dict:
     gen = {"output": rec["output"], "finish_reason": rec["finish_reason"], "tokens": rec["tokens"]}
+    if rec.get("input_error") is not None:
+        gen["input_error"] = rec["input_error"]
     if rec.get("reasoning") is not None:
         gen["reasoning"] = rec["reasoning"]
     return gen
@@ -99,6 +107,7 @@ def run_eval(cfg: EvalConfig, backend: eval_backends.Backend | None = None, argv
     samples, datasets = load_all_samples(cfg)
     load_s = time.perf_counter() - t0
     grading_env = grading_environment(cfg)
+    mm_eval.refuse_text_only(cfg, samples)  # before any engine starts: a model that cannot see is named
     by_id = {s.id: s for s in samples}
     gen_cfg = generation_config(cfg)
     cfg_hash = results_schema.config_hash(gen_cfg)
@@ -122,13 +131,15 @@ def run_eval(cfg: EvalConfig, backend: eval_backends.Backend | None = None, argv
     resume_log.rewrite(jsonl_path, resume_log.header(gen_cfg, cfg_hash, "graded"), [*trusted.values(), *others])
 
     todo = [s for s in samples if s.id not in trusted]
+    unusable = [s for s in todo if s.meta.get("input_error")]  # unreadable image: scored with its reason
+    todo = [s for s in todo if not s.meta.get("input_error")]
     own_backend = backend is None
     backend_init_s = gen_s = prep_s = 0.0
     records = dict(trusted)
     lock = threading.Lock()
     pool = stream = bar = None
     counters = {"write_s": 0.0}
-    if todo or regrade:
+    if todo or regrade or unusable:
         log = resume_log.SampleLog(jsonl_path)
         if cfg.progress:
             from tqdm import tqdm
@@ -147,10 +158,12 @@ def run_eval(cfg: EvalConfig, backend: eval_backends.Backend | None = None, argv
 
         try:
             workers = default_grade_workers() if cfg.grade_workers is None else int(cfg.grade_workers)
-            probes = list({s.bench: s for s in reversed(todo or regrade)}.values())
-            pool = GradingPool(min(workers, len(todo) + len(regrade)), on_graded, grade_fn, probes)
+            probes = [mm_images.without_pixels(s) for s in {s.bench: s for s in reversed(todo or regrade or unusable)}.values()]
+            pool = GradingPool(min(workers, len(todo) + len(regrade) + len(unusable)), on_graded, grade_fn, probes)
             for sample in regrade:
-                pool.submit(sample, _generation_of(trusted[sample.id]))
+                pool.submit(mm_images.without_pixels(sample), _generation_of(trusted[sample.id]))
+            for sample in unusable:
+                pool.submit(mm_images.without_pixels(sample), mm_eval.input_error_generation(sample.meta["input_error"]))
             if todo:
                 t0 = time.perf_counter()
                 if own_backend:
@@ -165,7 +178,7 @@ def run_eval(cfg: EvalConfig, backend: eval_backends.Backend | None = None, argv
                         gen_s += time.perf_counter() - t_g
                         break
                     gen_s += time.perf_counter() - t_g
-                    pool.submit(todo[index], generation)
+                    pool.submit(mm_images.without_pixels(todo[index]), generation)
             pool.drain()
         except BaseException:
             # Interrupted (Ctrl-C, backend error): grades already arrived are on disk; finish the ones in flight.

@@ -23,6 +23,8 @@ SCHEMA_VERSION = 1
 CI_METHOD = "wilson"
 Z_95 = 1.959963984540054  # two-sided 95 % normal quantile
 TRUNCATED = "length"
+IMAGE_PROVENANCE_KEYS = ("field", "sha256", "bytes", "format", "width", "height", "error")
+INPUT_ERROR = "input_error"  # the prompt could not be built or did not fit (image unreadable / too large)
 GRADER_ERROR = "grader_error"
 JUDGE_ERROR = "judge_error"
 GRADE_STATUSES = ("ok", GRADER_ERROR, JUDGE_ERROR)
@@ -121,6 +123,11 @@ def sample_record(sample, generation: Mapping, graded, cfg_hash: str, official=N
         rec["official_guess"] = {"options": int(off.detail["guess_options"]), "seed": int(off.detail["guess_seed"])}
     if generation.get("reasoning") is not None:
         rec["reasoning"] = generation["reasoning"]
+    images = (sample.meta or {}).get("images") if isinstance(sample.meta, dict) else None
+    if images:  # provenance of the pixels the prompt showed: hashes and sizes, never the bytes
+        rec["images"] = [{k: v for k, v in info.items() if k in IMAGE_PROVENANCE_KEYS} for info in images]
+    if generation.get("input_error") is not None:  # never sent / refused: the reason it is scored wrong
+        rec["input_error"] = str(generation["input_error"])
     return rec
 
 
@@ -151,7 +158,7 @@ def _pct(k: int, n: int) -> float | None:
 def _rate_block(records: Sequence[Mapping]) -> dict:
     n = len(records)
     correct = sum(1 for r in records if r["correct"])
-    finished = [r for r in records if r["finish_reason"] != TRUNCATED]
+    finished = [r for r in records if r["finish_reason"] not in (TRUNCATED, INPUT_ERROR)]
     correct_finished = sum(1 for r in finished if r["correct"])
     lo, hi = wilson_interval(correct, n)
     return {
@@ -161,8 +168,9 @@ def _rate_block(records: Sequence[Mapping]) -> dict:
         "ci95": None if n == 0 else [lo, hi],
         "n_finished": len(finished),
         "acc_finished": _pct(correct_finished, len(finished)),
-        "n_trunc": n - len(finished),
-        "trunc": _pct(n - len(finished), n),
+        "n_trunc": sum(1 for r in records if r["finish_reason"] == TRUNCATED),
+        "trunc": _pct(sum(1 for r in records if r["finish_reason"] == TRUNCATED), n),
+        "n_input_error": sum(1 for r in records if r["finish_reason"] == INPUT_ERROR),
         "n_no_answer": sum(1 for r in records if r["no_answer"]),
         "no_answer": _pct(sum(1 for r in records if r["no_answer"]), n),
     }
