@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.utils.parametrize as parametrize
 
 import atomic_io
 import lora_quant
@@ -68,6 +69,7 @@ class TrainConfig:
     device: str = "cpu"
     dtype: str = "auto"
     rest_floor: float = opd_loss.DEFAULT_REST_FLOOR
+    shard_frozen: bool | None = None  # None: shard the base weights on GPU, replicate them on CPU
     progress: bool = True
 
     def __post_init__(self):
@@ -84,7 +86,7 @@ class TrainConfig:
     def identity(self) -> dict:
         """Settings that decide the loss curve (resume refuses a state made under others)."""
         d = asdict(self)
-        for k in ("out", "save_every", "progress"):
+        for k in ("out", "save_every", "progress", "shard_frozen"):
             d.pop(k)
         d["lora_roles"] = list(self.lora_roles)
         return d
@@ -197,14 +199,19 @@ class Dist:
             dist.destroy_process_group()
 
 
-def shard_model(model, dist: Dist):
+def shard_model(model, dist: Dist, shard_frozen: bool):
+    """FSDP2: one `fully_shard` unit per decoder layer, then the root. The LoRA parameters are always
+    sharded; the frozen base weights too when shard_frozen (what a model larger than one device needs),
+    else every rank keeps a full copy and only the adapter is communicated (on CPU/gloo, all-gathering
+    the frozen weights twice per micro-batch costs far more than the compute)."""
     if not dist.enabled:
         return model
     from torch.distributed.fsdp import fully_shard
 
+    ignored = None if shard_frozen else {p for p in model.parameters() if not p.requires_grad}
     for layer in opd_model.decoder_layers(model):
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, ignored_params=ignored)
+    fully_shard(model, ignored_params=ignored)
     return model
 
 
@@ -326,7 +333,7 @@ def _train(cfg: TrainConfig, dist: Dist, fresh: bool, argv, stop_after: int | No
     model, targets, mods = opd_model.build_student(cfg.student, source, cfg.lora_roles, cfg.rank, cfg.alpha, cfg.seed,
                                                    dtype, log)
     model.to(dist.device)
-    model = shard_model(model, dist)
+    model = shard_model(model, dist, cfg.shard_frozen if cfg.shard_frozen is not None else dist.device.type == "cuda")
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step0, losses, tokens_done, step_seconds = 0, [], 0, []
@@ -349,9 +356,13 @@ def _train(cfg: TrainConfig, dist: Dist, fresh: bool, argv, stop_after: int | No
         mine = batch[dist.rank::dist.world]
         local_sum = 0.0
         opt.zero_grad(set_to_none=True)
-        for m0 in range(0, len(mine), cfg.micro_seqs):
+        starts = list(range(0, len(mine), cfg.micro_seqs))
+        for m0 in starts:
+            if dist.enabled:  # accumulate locally; one reduce-scatter per step, after the last micro-batch
+                model.set_requires_gradient_sync(m0 == starts[-1])
             mb = collate(mine[m0:m0 + cfg.micro_seqs])
-            s, _ = batch_loss_sum(model, mb, cfg, dist.device, autocast)
+            with parametrize.cached():  # Q(W + BA) once per forward, however often the experts index it
+                s, _ = batch_loss_sum(model, mb, cfg, dist.device, autocast)
             (s * (dist.world / global_tokens)).backward()
             local_sum += float(s.detach())
         opt.step()
@@ -408,6 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps")
     ap.add_argument("--device", default=d.device, help="cpu | cuda (one GPU per rank)")
     ap.add_argument("--dtype", default=d.dtype, help="auto (fp32 on CPU, bf16 + autocast on GPU) | float32 | bfloat16")
+    ap.add_argument("--shard-frozen", dest="shard_frozen", action="store_true", default=None,
+                    help="FSDP-shard the frozen base weights too (default: on GPU yes, on CPU replicate them)")
+    ap.add_argument("--replicate-frozen", dest="shard_frozen", action="store_false",
+                    help="keep a full copy of the frozen base weights on every rank; shard only the adapter")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     ap.add_argument("--fresh", action="store_true", help="ignore (and overwrite) an existing run in --out")
     ap.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # tests: end early as a kill would

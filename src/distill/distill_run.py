@@ -1,0 +1,370 @@
+"""The OPD pipeline end to end: gen -> score -> train -> merge -> eval, OPD next to an off-policy baseline.
+
+Each step is its module's own CLI in a subprocess (an engine's memory goes back when its step ends; a
+failing step is named with its own message):
+
+  student-build  quant_save.py (only when OPD_STUDENT is empty: the teacher with the recipe in the env)
+  gen-student    opd_gen.py --model STUDENT          (on-policy rollouts)
+  gen-teacher    opd_gen.py --model TEACHER          (off-policy baseline: the teacher's own samples)
+  score-*        opd_score.py --teacher TEACHER      (top-k + rest at every completion token)
+  train-opd      torchrun opd_train_fsdp.py --loss reverse_kl  on the student's rollouts
+  train-offpol   torchrun opd_train_fsdp.py --loss forward_kl  on the teacher's rollouts, SAME token budget
+  merge-*        merge_adapter.py                    (same names, shapes, footprint as the student)
+  eval-*         python -m vllm_eval8                (student before / OPD / off-policy on the same samples)
+  fidelity       moe_eval.py on held-out text (never a training prompt): KL(teacher || each) with intervals
+
+It writes results/opd/<tag>.json (every number of the table, read back from the steps' own JSON files,
+plus provenance) and prints the table, then `DISTILL OK` only if every number in it exists.
+
+    python -m distill_run [--smoke] [--help]      (pipelines/distill.sh sources configs/opd.env and calls this)
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import atomic_io
+import provenance
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCHEMA = "moe-lowbit/opd-run/1"
+
+
+class DistillError(RuntimeError):
+    def __init__(self, message: str, step: str, code: int = 1):
+        super().__init__(message)
+        self.step, self.code = step, code
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Every knob; each field F reads env OPD_<F> (configs/opd.env), the command line wins."""
+
+    teacher: str = "embedded:smollm2-moe"
+    student: str = ""  # empty: build it from the teacher with the recipe below
+    tag: str = "opd_smoke"
+    work: str = ""  # default $MOE_LOWBIT_SCRATCH/opd/<tag>
+    results_dir: str = "results"
+    prompts: str = "data/opd/smoke_prompts.jsonl"
+    n: int = 1
+    temperature: float = 1.0
+    max_new_tokens: int = 64
+    finished_only: bool = False
+    k: int = 20
+    loss: str = "reverse_kl"
+    offpolicy_loss: str = "forward_kl"
+    lora_roles: str = "routed_expert,shared_expert,attention"
+    rank: int = 8
+    alpha: float = 16.0
+    lr: float = 5e-3
+    batch_seqs: int = 4
+    micro_seqs: int = 1
+    token_budget: int = 1500
+    nproc: int = 2
+    device: str = "cpu"
+    seed: int = 0
+    expert_bits: float = 3.0
+    linear_bits: float = 4.0
+    group: int = 128
+    clip_steps: int = 8
+    clip_lo: float = 0.65
+    benchmarks: str = "mmlu_pro,math500"
+    data_files: str = "mmlu_pro=data/smoke/mmlu_pro_easy.jsonl,math500=data/smoke/math500_easy.jsonl"
+    eval_n: str = "24"
+    eval_max_new_tokens: int = 64
+    fidelity_text: str = "data/smoke/fidelity.txt"
+    fidelity_ctx: int = 64
+    fidelity_tokens: int = 4096
+    step_timeout_s: int = 1800
+
+
+def config_from(args: argparse.Namespace, env=os.environ) -> DistillConfig:
+    values = {}
+    for f in fields(DistillConfig):
+        raw = getattr(args, f.name, None)
+        if raw is None:
+            raw = env.get(f"OPD_{f.name.upper()}")
+        if raw is None or raw == "" and f.type != "str":
+            continue
+        conv = {"int": int, "float": float, "bool": lambda v: str(v).lower() in ("1", "true", "on", "yes")}.get(f.type, str)
+        try:
+            values[f.name] = conv(raw)
+        except ValueError:
+            raise DistillError(f"OPD_{f.name.upper()}={raw!r} is not a valid {f.type}", "config", 2) from None
+    return DistillConfig(**values)
+
+
+# -------------------------------------------------------------------------------------------- steps
+def run_step(name: str, cmd: list, log_dir: Path, timeout_s: float) -> None:
+    """One CLI in its own process group (a timeout ends it with what it started); output to a log file
+    and the tail to the error message."""
+    cmd = [str(c) for c in cmd]
+    print(f"[distill] {name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    tail: collections.deque = collections.deque(maxlen=30)
+    with open(log_dir / f"{name}.log", "w") as logf:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace", start_new_session=True)
+        timer = threading.Timer(timeout_s, lambda: os.killpg(proc.pid, signal.SIGKILL))
+        timer.start()
+        try:
+            for line in proc.stdout:
+                logf.write(line)
+                logf.flush()
+                tail.append(line.rstrip())
+            rc = proc.wait()
+        except KeyboardInterrupt:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        finally:
+            timer.cancel()
+    if rc != 0:
+        useful = [x for x in tail if "error" in x.lower()] or list(tail)[-3:]
+        raise DistillError(f"exited with {rc}: {' | '.join(useful[-3:])} (log: {log_dir / (name + '.log')})", name)
+
+
+def resolve_model(spec: str, step: str) -> Path:
+    if spec.startswith("embedded:"):
+        out = subprocess.run([sys.executable, REPO_ROOT / "src/quant/embedded_model.py", spec], capture_output=True,
+                             text=True, cwd=REPO_ROOT)
+        if out.returncode != 0:
+            raise DistillError(f"{spec}: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else 'failed'}", step, 2)
+        return Path(out.stdout.strip().splitlines()[-1])
+    p = Path(spec)
+    if not (p / "config.json").is_file():
+        raise DistillError(f"{spec}: not a checkpoint directory (no config.json)", step, 2)
+    return p
+
+
+def read_json(path: Path, step: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise DistillError(f"wrote no readable JSON at {path}: {e}", step) from None
+
+
+def torchrun(cfg: DistillConfig) -> list:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", cfg.nproc]
+
+
+def gen_cmd(cfg, model, out) -> list:
+    cmd = [sys.executable, REPO_ROOT / "src/distill/opd_gen.py", "--model", model, "--prompts", REPO_ROOT / cfg.prompts,
+           "--out", out, "--n", cfg.n, "--temperature", cfg.temperature, "--max-new-tokens", cfg.max_new_tokens,
+           "--seed", cfg.seed]
+    return cmd + (["--finished-only"] if cfg.finished_only else [])
+
+
+def train_cmd(cfg, student, scores, out, loss) -> list:
+    return torchrun(cfg) + [REPO_ROOT / "src/distill/opd_train_fsdp.py", "--student", student, "--scores", scores,
+                            "--out", out, "--loss", loss, "--lora-roles", cfg.lora_roles, "--rank", cfg.rank,
+                            "--alpha", cfg.alpha, "--lr", cfg.lr, "--batch-seqs", cfg.batch_seqs,
+                            "--micro-seqs", cfg.micro_seqs, "--token-budget", cfg.token_budget, "--seed", cfg.seed,
+                            "--device", cfg.device, "--save-every", "2"]
+
+
+def eval_cmd(cfg, model, tag, results: Path, reference: str | None) -> list:
+    cmd = [sys.executable, "-m", "vllm_eval8", "--model", model, "--tag", tag, "--role", "quant", "--backend", "vllm",
+           "--benchmarks", cfg.benchmarks, "--thinking", "off", "--temperature", "0", "--seed", "0", "--data-seed", "0",
+           "--max-new-tokens", cfg.eval_max_new_tokens, "--max-model-len", cfg.eval_max_new_tokens + 1024,
+           "--dtype", "auto", "--results-dir", results / "vllm_eval", "--no-progress", "--restart"]
+    if cfg.device == "cpu":
+        cmd += ["--enforce-eager", "on"]
+    if cfg.eval_n:
+        cmd += ["--n", cfg.eval_n]
+    for item in cfg.data_files.split(","):
+        if item.strip():
+            bench, path = item.split("=", 1)
+            cmd += ["--data-file", f"{bench}={REPO_ROOT / path}"]
+    return cmd + (["--reference-tag", reference] if reference else [])
+
+
+# -------------------------------------------------------------------------------------------- table
+def paired_kl_delta(before: dict, after: dict, z: float) -> dict:
+    import fidelity_math
+
+    d = [a - b for a, b in zip(after["per_window"]["kl"], before["per_window"]["kl"])]
+    iv = fidelity_math.interval_over_windows(d, z)
+    return {"delta": iv.mean, "interval": [iv.lo, iv.hi]}
+
+
+def build_summary(cfg, paths: dict, timings: dict, student_dir: Path, teacher_dir: Path) -> dict:
+    import compare
+
+    fid = read_json(paths["fidelity"], "fidelity")
+    by_dir = {str(Path(s["dir"]).resolve()): s for s in fid["students"]}
+    z = fid["config"]["z"]
+    arms = {}
+    docs = {k: read_json(paths[f"eval_{k}"], f"eval-{k}") for k in ("before", "opd", "offpolicy")}
+    for arm, model_dir in (("before", student_dir), ("opd", paths["merged_opd"]), ("offpolicy", paths["merged_offpolicy"])):
+        f = by_dir[str(Path(model_dir).resolve())]
+        meta = read_json(Path(model_dir) / "_ptq_meta.json", "merge")
+        arms[arm] = {"dir": str(model_dir), "kl_mean": f["kl_mean"], "kl_interval": f["kl_mean_interval"],
+                     "top1": f["top1_agree"], "ppl": f["ppl_student"],
+                     "footprint_packed_bytes": meta["footprint"]["total"]["packed_bytes"],
+                     "accuracy": {b: v["acc"] for b, v in docs[arm]["benchmarks"].items()}}
+        if arm != "before":
+            f_before = by_dir[str(student_dir.resolve())]
+            train = read_json(paths[f"run_{arm}"] / "train_log.json", f"train-{arm}")
+            merge = read_json(Path(model_dir) / "_opd_merge.json", f"merge-{arm}")
+            arms[arm].update(
+                kl_delta_vs_before=paired_kl_delta(f_before, f, z),
+                kl_intervals_disjoint=(f["kl_mean_interval"][1] < f_before["kl_mean_interval"][0]),
+                accuracy_vs_before=compare.compare_results(docs["before"], docs[arm]),
+                tokens_trained=train["tokens_trained"], steps=train["steps"], loss_first=train["losses"][0],
+                loss_last=train["losses"][-1], wall_s_per_step=train["wall_s_per_step_median"],
+                train_tokens_per_s=train["tokens_per_s"], world_size=train["world_size"],
+                loss=train["config"]["loss"], footprint_unchanged=merge["same_footprint"],
+                layout_unchanged=merge["same_names_shapes_dtypes_shards"], tensors_changed=merge["tensors"]["changed"])
+    fp_before = arms["before"]["footprint_packed_bytes"]
+    return {"schema": SCHEMA, "tag": cfg.tag, "teacher": str(teacher_dir), "student": str(student_dir),
+            "config": asdict(cfg), "fidelity": {"text": fid["text"], "file": str(paths["fidelity"]),
+                                                "teacher_ppl": fid["students"][0]["ppl_teacher"]},
+            "arms": arms, "footprint_same_all": all(a["footprint_packed_bytes"] == fp_before for a in arms.values()),
+            "files": {k: str(v) for k, v in paths.items()}, "timings_s": timings,
+            "provenance": provenance.record()}
+
+
+def fmt_iv(iv) -> str:
+    return "n/a" if iv is None or iv[0] is None else f"[{iv[0]:.4f}, {iv[1]:.4f}]"
+
+
+def format_table(s: dict) -> str:
+    a = s["arms"]
+    lines = [f"DISTILL {s['tag']}  teacher={s['teacher']}",
+             f"  held-out fidelity text: {s['fidelity']['text'].get('path', s['fidelity']['text'])} "
+             f"({s['fidelity']['text']['n_windows']} windows x {s['fidelity']['text']['ctx']}; not a training prompt)",
+             f"{'arm':<10} {'KL(T||S)':>9} {'95% interval':>20} {'dKL vs before (paired)':>32} {'disjoint':>8} "
+             f"{'top1':>6} {'footprint B':>12} {'tokens':>7} {'s/step':>7}"]
+    for arm in ("before", "opd", "offpolicy"):
+        r = a[arm]
+        d = r.get("kl_delta_vs_before")
+        dtxt = "-" if d is None else f"{d['delta']:+.4f} {fmt_iv(d['interval'])}"
+        lines.append(f"{arm:<10} {r['kl_mean']:>9.4f} {fmt_iv(r['kl_interval']):>20} {dtxt:>32} "
+                     f"{str(r.get('kl_intervals_disjoint', '-')):>8} {r['top1']:>6.3f} {r['footprint_packed_bytes']:>12.0f} "
+                     f"{r.get('tokens_trained', '-'):>7} "
+                     f"{'-' if r.get('wall_s_per_step') is None else format(r['wall_s_per_step'], '.2f'):>7}")
+    lines.append(f"{'accuracy':<10} " + "  ".join(f"{b}: before {a['before']['accuracy'][b]:.1f}" for b in a["before"]["accuracy"]))
+    for arm in ("opd", "offpolicy"):
+        for b, c in a[arm]["accuracy_vs_before"]["benchmarks"].items():
+            lines.append(f"  {arm:<9} {b:<9} n={c['n']:<4} {c['acc_a']:.1f} -> {c['acc_b']:.1f}  delta {c['delta']:+.1f} "
+                         f"paired 95% CI [{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}]  McNemar p={c['p_mcnemar']:.3g}")
+    lines.append(f"footprint unchanged by both merges: {s['footprint_same_all']}   wall time: "
+                 f"{s['timings_s'].get('total', 0):.0f} s")
+    return "\n".join(lines)
+
+
+def all_finite(s: dict) -> bool:
+    nums = []
+    for r in s["arms"].values():
+        nums += [r["kl_mean"], *r["kl_interval"], r["top1"], *r["accuracy"].values()]
+        if "kl_delta_vs_before" in r:
+            nums += [r["kl_delta_vs_before"]["delta"], *r["kl_delta_vs_before"]["interval"], r["tokens_trained"]]
+    return all(isinstance(x, (int, float)) and math.isfinite(x) for x in nums)
+
+
+# ---------------------------------------------------------------------------------------------- run
+def run(cfg: DistillConfig, fresh: bool) -> dict:
+    t_all = time.perf_counter()
+    timings: dict = {}
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        timings[name] = time.perf_counter() - t0
+        return out
+
+    teacher_dir = timed("resolve", lambda: resolve_model(cfg.teacher, "resolve"))
+    base = os.environ.get("MOE_LOWBIT_SCRATCH") or str(Path.home() / ".cache/moe-lowbit/scratch")
+    work = Path(cfg.work or Path(base) / "opd" / cfg.tag)
+    if fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    logs, results = work / "logs", REPO_ROOT / cfg.results_dir
+    T = cfg.step_timeout_s
+    if cfg.student:
+        student_dir = resolve_model(cfg.student, "resolve")
+    else:
+        student_dir = work / "student"
+        timed("student-build", lambda: run_step("student-build", [
+            sys.executable, REPO_ROOT / "src/quant/quant_save.py", "--model", teacher_dir, "--out", student_dir,
+            "--expert-bits", cfg.expert_bits, "--linear-bits", cfg.linear_bits, "--group", cfg.group,
+            "--clip-steps", cfg.clip_steps, "--clip-lo", cfg.clip_lo, "--no-progress"], logs, T))
+    paths = {"roll_student": work / "rollouts_student.jsonl", "roll_teacher": work / "rollouts_teacher.jsonl",
+             "scores_student": work / "scores_student", "scores_teacher": work / "scores_teacher",
+             "run_opd": work / "run_opd", "run_offpolicy": work / "run_offpolicy",
+             "merged_opd": work / "merged_opd", "merged_offpolicy": work / "merged_offpolicy",
+             "fidelity": results / "opd" / f"{cfg.tag}_fidelity.json"}
+    for arm in ("before", "opd", "offpolicy"):
+        paths[f"eval_{arm}"] = results / "vllm_eval" / f"{cfg.tag}_{arm}.json"
+    timed("gen-student", lambda: run_step("gen-student", gen_cmd(cfg, student_dir, paths["roll_student"]), logs, T))
+    timed("gen-teacher", lambda: run_step("gen-teacher", gen_cmd(cfg, teacher_dir, paths["roll_teacher"]), logs, T))
+    for who in ("student", "teacher"):
+        timed(f"score-{who}", lambda who=who: run_step(f"score-{who}", [
+            sys.executable, REPO_ROOT / "src/distill/opd_score.py", "--teacher", teacher_dir, "--student", student_dir,
+            "--rollouts", paths[f"roll_{who}"], "--out", paths[f"scores_{who}"], "--k", cfg.k], logs, T))
+    for arm, scores, loss in (("opd", "scores_student", cfg.loss), ("offpolicy", "scores_teacher", cfg.offpolicy_loss)):
+        timed(f"train-{arm}", lambda arm=arm, scores=scores, loss=loss: run_step(
+            f"train-{arm}", train_cmd(cfg, student_dir, paths[scores], paths[f"run_{arm}"], loss), logs, T))
+        timed(f"merge-{arm}", lambda arm=arm: run_step(f"merge-{arm}", [
+            sys.executable, REPO_ROOT / "src/distill/merge_adapter.py", "--run", paths[f"run_{arm}"],
+            "--out", paths[f"merged_{arm}"], "--force"], logs, T))
+    for arm, model in (("before", student_dir), ("opd", paths["merged_opd"]), ("offpolicy", paths["merged_offpolicy"])):
+        timed(f"eval-{arm}", lambda arm=arm, model=model: run_step(
+            f"eval-{arm}", eval_cmd(cfg, model, f"{cfg.tag}_{arm}", results, None), logs, T))
+    fid_text = Path(cfg.fidelity_text)
+    fid_text = fid_text if fid_text.is_absolute() else REPO_ROOT / fid_text
+    timed("fidelity", lambda: run_step("fidelity", [
+        sys.executable, REPO_ROOT / "src/eval/moe_eval.py", "--teacher", teacher_dir, "--student", student_dir,
+        "--student", paths["merged_opd"], "--student", paths["merged_offpolicy"], "--out", paths["fidelity"],
+        "--ctx", cfg.fidelity_ctx, "--max-tokens", cfg.fidelity_tokens, "--text-file", fid_text,
+        "--device", cfg.device], logs, T))
+    timings["total"] = time.perf_counter() - t_all
+    summary = build_summary(cfg, paths, timings, student_dir, teacher_dir)
+    atomic_io.write_json(results / "opd" / f"{cfg.tag}.json", summary)
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="distill_run", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(DistillConfig):
+        ap.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                        help=f"[env OPD_{f.name.upper()}, default {f.default!r}]")
+    ap.add_argument("--smoke", action="store_true", help="the offline fixture end to end (configs/opd.env defaults)")
+    ap.add_argument("--fresh", action="store_true", help="delete this tag's work dir first (else steps resume)")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from(args)
+        summary = run(cfg, args.fresh)
+    except DistillError as e:
+        print(f"DISTILL FAILED at step {e.step}: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("DISTILL interrupted; rerun the same command to resume the finished steps", file=sys.stderr)
+        return 130
+    print(format_table(summary))
+    print(f"results: {Path(cfg.results_dir) / 'opd' / (cfg.tag + '.json')}")
+    if not all_finite(summary):
+        print("DISTILL FAILED at step table: a number in the table is missing or not finite", file=sys.stderr)
+        return 1
+    print("DISTILL OK")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

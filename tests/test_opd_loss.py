@@ -1,0 +1,88 @@
+"""opd_loss: the top-k + rest divergences against hand computation; lora_quant's fixed grid against the builder."""
+import math
+
+import pytest
+import torch
+
+import lora_quant
+import moe_quant
+import opd_loss
+
+
+def _logsoftmax(xs):
+    m = max(xs)
+    lse = m + math.log(sum(math.exp(x - m) for x in xs))
+    return [x - lse for x in xs]
+
+
+def test_reverse_kl_two_tokens_by_hand():
+    # vocab 4, k = 2. Teacher full distributions (so its rest mass is exact), student logits.
+    teacher = [[0.5, 0.3, 0.15, 0.05], [0.1, 0.6, 0.2, 0.1]]
+    student_logits = [[1.0, 0.2, -0.5, 0.1], [0.0, 0.0, 1.5, -1.0]]
+    topk = [[0, 1], [1, 2]]
+    expected = []
+    for t, s_logits, ids in zip(teacher, student_logits, topk):
+        s = [math.exp(x) for x in _logsoftmax(s_logits)]
+        t_b = [t[i] for i in ids] + [1.0 - sum(t[i] for i in ids)]
+        s_b = [s[i] for i in ids] + [1.0 - sum(s[i] for i in ids)]
+        expected.append(sum(p * math.log(p / q) for p, q in zip(s_b, t_b)))
+    t_logp = torch.tensor([[math.log(t[i]) for i in ids] for t, ids in zip(teacher, topk)])
+    t_rest = torch.tensor([math.log(1.0 - sum(t[i] for i in ids)) for t, ids in zip(teacher, topk)])
+    got = opd_loss.token_divergence(torch.tensor(student_logits), torch.tensor(topk), t_logp, t_rest, "reverse_kl")
+    assert got.tolist() == pytest.approx(expected, rel=1e-5)
+    # and the mean loss the trainer optimises is their token mean
+    mask = torch.ones(2, dtype=torch.bool)
+    assert float(opd_loss.masked_token_sum(got, mask) / 2) == pytest.approx(sum(expected) / 2, rel=1e-5)
+
+
+def test_forward_kl_and_jsd_by_hand():
+    t_b = [0.7, 0.2, 0.1]
+    s_logits = torch.tensor([[2.0, 0.5, -1.0, -1.0]])  # ids 0, 1 = top-k; rest = ids 2, 3
+    s = [math.exp(x) for x in _logsoftmax(s_logits[0].tolist())]
+    s_b = [s[0], s[1], s[2] + s[3]]
+    args = (s_logits, torch.tensor([[0, 1]]), torch.tensor([[math.log(0.7), math.log(0.2)]]),
+            torch.tensor([math.log(0.1)]))
+    fkl = sum(p * math.log(p / q) for p, q in zip(t_b, s_b))
+    assert float(opd_loss.token_divergence(*args, loss="forward_kl")) == pytest.approx(fkl, rel=1e-5)
+    beta = 0.3
+    m = [beta * p + (1 - beta) * q for p, q in zip(t_b, s_b)]
+    jsd = beta * sum(p * math.log(p / x) for p, x in zip(t_b, m)) + \
+        (1 - beta) * sum(q * math.log(q / x) for q, x in zip(s_b, m))
+    assert float(opd_loss.token_divergence(*args, loss="jsd", beta=beta)) == pytest.approx(jsd, rel=1e-5)
+
+
+def test_rest_bucket_is_the_teachers_real_tail_not_a_tiny_constant():
+    # Student == teacher on the full vocabulary: every divergence is 0, although 40 % of the mass is
+    # outside the top-2 (a renormalised top-k would charge that mass against log(1e-12)).
+    logits = torch.tensor([[1.0, 0.5, 0.8, 0.7, 0.1]])
+    logp = torch.log_softmax(logits, -1)
+    top_lp, top_ids = logp.topk(2, -1)
+    rest = torch.logsumexp(logp.scatter(-1, top_ids, float("-inf")), -1)
+    for loss in opd_loss.LOSSES:
+        assert float(opd_loss.token_divergence(logits, top_ids, top_lp, rest, loss)) == pytest.approx(0.0, abs=1e-6)
+    # a teacher rest of exactly 0 mass is floored at the documented resolution, so the loss stays finite
+    zero_rest = torch.tensor([float("-inf")])
+    val = opd_loss.token_divergence(logits, top_ids, top_lp, zero_rest, "reverse_kl")
+    assert math.isfinite(float(val)) and float(val) > 0
+
+
+def test_fixed_grid_reproduces_the_builder_and_ste_gradients_flow():
+    torch.manual_seed(0)
+    spec = moe_quant.QuantSpec(bits=3.0, group=128, clip_steps=4)
+    for shape in [(24, 160), (3, 20, 200)]:  # 160/200 = tail groups; 3-D = fused experts
+        w = (torch.randn(shape) * 0.05).to(torch.bfloat16)
+        target = lora_quant.Target("x", "routed_expert", shape, len(shape) - 1, spec)
+        s, z, dq = lora_quant.build_scales(w, target)
+        assert torch.equal(lora_quant.quantize_fixed(w, s, target.axis, spec, z).to(torch.bfloat16), dq)
+        mod = lora_quant.QuantLora(target, s, z, rank=4, alpha=8.0, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(mod(w), dq)  # B = 0: the forward IS the student's weight
+        with torch.no_grad():
+            mod.B.normal_(0, 0.05)
+        out = mod(w.float())
+        merged = lora_quant.merged_weight(w, mod.A.detach(), mod.B.detach(), mod.scaling, s, target.axis, spec,
+                                          torch.bfloat16, z)
+        assert torch.equal(out.to(torch.bfloat16), merged)  # training value == what merge writes
+        assert not torch.equal(merged, dq)  # the adapter moved some weights across grid points
+        (out * torch.randn_like(out)).sum().backward()
+        assert mod.A.grad is not None and mod.A.grad.abs().sum() > 0
+        assert mod.B.grad is not None and mod.B.grad.abs().sum() > 0
