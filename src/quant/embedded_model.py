@@ -90,13 +90,75 @@ def smollm2_bf16_dir(cache_root: Path | None = None, force: bool = False, log=pr
     return final
 
 
+MOE_FORMAT_VERSION = 1  # bump when the MoE assembly changes
+MOE_PIECES = Path(__file__).resolve().parents[2] / "data" / "smollm2_moe" / "pieces.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json", "vocab.json", "merges.txt")
+
+
+def assemble_smollm2_moe(dense_dir: Path, pieces_path: Path, out_dir: Path) -> None:
+    """Dense SmolLM2 + the shipped learned pieces -> a qwen2_moe checkpoint (no fitting; seconds)."""
+    import json
+    import shutil
+
+    import moefy
+    from safetensors.torch import load_file, save_file
+
+    pieces, spec, meta = moefy.load_pieces(pieces_path)
+    dense_cfg = json.loads((dense_dir / "config.json").read_text())
+    spec.check(int(dense_cfg["intermediate_size"]))
+    dense = {}
+    for f in sorted(dense_dir.glob("*.safetensors")):
+        dense.update(load_file(str(f)))
+    tensors = moefy.assemble_state_dict(dense, pieces, spec, int(dense_cfg["num_hidden_layers"]))
+    if dense_cfg.get("tie_word_embeddings"):
+        tensors.pop("lm_head.weight", None)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / "model.safetensors"),
+              metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(moefy.qwen2_moe_config(dense_cfg, spec), indent=2))
+    for name in TOKENIZER_FILES:
+        if (dense_dir / name).is_file():
+            shutil.copyfile(dense_dir / name, out_dir / name)
+
+
+def smollm2_moe_dir(cache_root: Path | None = None, force: bool = False, log=print) -> Path:
+    """Path of the cached embedded:smollm2-moe checkpoint (qwen2_moe made from SmolLM2), built if needed."""
+    dense = smollm2_bf16_dir(cache_root, force=False, log=log)
+    if not MOE_PIECES.is_file():
+        raise EmbeddedModelError(f"{MOE_PIECES} is missing (the shipped router/permutation/scales); restore it "
+                                 f"from git or refit it with python src/quant/moefy_fit.py")
+    root = Path(cache_root) if cache_root else default_cache_root()
+    key = provenance.sha256_json({"dense": dense.name, "pieces": provenance.sha256_file(MOE_PIECES),
+                                  "v": MOE_FORMAT_VERSION})[:12]
+    final = root / f"SmolLM2-135M-MoE-qwen2moe-{key}"
+    if final.exists() and not force:
+        problem = verify_checkpoint_version(final, MOE_FORMAT_VERSION)
+        if problem is None:
+            return final
+        log(f"embedded_model: cached MoE fixture at {final} is broken ({problem}); rebuilding it")
+    log(f"embedded_model: assembling embedded:smollm2-moe (qwen2_moe, shared + 8 routed experts) in {final} "
+        f"(once; ~20 s)")
+    try:
+        verified_cache.build_dir(final, lambda tmp: assemble_smollm2_moe(dense, MOE_PIECES, tmp),
+                                 MOE_FORMAT_VERSION, {"source": str(dense), "pieces": str(MOE_PIECES),
+                                                      "pieces_sha256": provenance.sha256_file(MOE_PIECES)})
+    except OSError as e:
+        raise EmbeddedModelError(f"could not write the embedded model cache under {root}: {e}; "
+                                 f"fix: {verified_cache.write_failure_hint(e)}") from e
+    return final
+
+
+def verify_checkpoint_version(ckpt: Path, version: int) -> str | None:
+    return verified_cache.verify_dir(ckpt, version)
+
+
 EMBEDDED_PREFIX = "embedded:"
 
 
 def embedded_builders() -> dict:
     """Name after `embedded:` -> function(cache_root, force, log) -> checkpoint dir. One table, so every entry
     point (quantize.sh, pack_gguf, the smoke, moe_eval) accepts the same names."""
-    return {"smollm2": smollm2_bf16_dir}
+    return {"smollm2": smollm2_bf16_dir, "smollm2-moe": smollm2_moe_dir}
 
 
 def is_embedded(spec: str) -> bool:
