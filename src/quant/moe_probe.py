@@ -1,0 +1,283 @@
+"""One calibration pass with router hooks: how each layer's experts are used, as the allocator's input.
+
+Per layer and routed expert: token frequency (top-k hits), router-weight mass (sum of the renormalised
+routing weights), activation salience (sum of the L2 norm of the inputs routed to it), co-activation
+(how often two experts share a token's top-k). Per layer: routing entropy of the expert shares
+(normalised by log E: 1 = perfectly balanced, 0 = collapsed), the mean per-token router entropy, max/mean
+share and the cold experts (< 10 % of the mean share).
+
+Everything is accumulated on the model's device inside the hooks (bincount / index_add / one matmul); the
+single device->host copy happens once at the end, so the probe costs about one plain forward.
+
+    python src/quant/moe_probe.py --model DIR|embedded:NAME --calib-file F --tokens N --out probe.json
+        [--ctx 512] [--device cpu|cuda] [--png-dir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import atomic_io
+
+FORMAT = "moe-lowbit/probe/1"
+COLD_FRACTION = 0.1
+
+
+class ProbeError(RuntimeError):
+    """A clear, user-facing failure (dense model, bad calibration text)."""
+
+
+@dataclass
+class LayerAccumulator:
+    """Per-layer running sums, all on the model's device."""
+
+    freq: torch.Tensor  # [E] top-k hits
+    wmass: torch.Tensor  # [E] sum of routing weights
+    asal: torch.Tensor  # [E] sum of ||x|| over routed tokens
+    coact: torch.Tensor  # [E, E] tokens routing to both
+    token_entropy: torch.Tensor  # [] sum over tokens of the router's softmax entropy
+    tokens: torch.Tensor  # [] tokens seen
+
+    @classmethod
+    def zeros(cls, n_experts: int, device) -> "LayerAccumulator":
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
+        return cls(z(n_experts), z(n_experts), z(n_experts), z(n_experts, n_experts), z(()), z(()))
+
+    def add(self, x: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> None:
+        """One router call: x [T, H], logits [T, E], weights/ids [T, k]."""
+        e = self.freq.numel()
+        flat_ids = ids.reshape(-1)
+        self.freq += torch.bincount(flat_ids, minlength=e).to(self.freq.dtype)
+        self.wmass.index_add_(0, flat_ids, weights.reshape(-1).to(self.wmass.dtype))
+        norms = x.float().norm(dim=-1).to(self.asal.dtype)
+        self.asal.index_add_(0, flat_ids, norms.repeat_interleave(ids.shape[1]))
+        hit = torch.zeros(ids.shape[0], e, dtype=torch.float32, device=ids.device)
+        hit.scatter_(1, ids, 1.0)
+        self.coact += (hit.T @ hit).to(self.coact.dtype)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        self.token_entropy += -(logp.exp() * logp).sum().to(self.token_entropy.dtype)
+        self.tokens += ids.shape[0]
+
+
+def find_routers(model: torch.nn.Module) -> list[tuple[int, str, torch.nn.Module]]:
+    """(layer index, module name, router) for every top-k router (transformers' *TopKRouter: a `gate`
+    whose forward returns (logits, weights, indices))."""
+    found = []
+    for name, mod in model.named_modules():
+        if type(mod).__name__.endswith("TopKRouter") or (name.endswith(".gate") and hasattr(mod, "top_k")):
+            parts = name.split(".")
+            layer = next((int(p) for p in parts if p.isdigit()), len(found))
+            found.append((layer, name, mod))
+    return found
+
+
+def attach(model: torch.nn.Module) -> tuple[dict, list]:
+    """Hooks on every router -> ({layer: LayerAccumulator}, handles)."""
+    routers = find_routers(model)
+    if not routers:
+        raise ProbeError(f"{type(model).__name__} has no routed experts (no top-k router modules); the probe "
+                         f"needs a Mixture-of-Experts model")
+    acc, handles = {}, []
+    for layer, name, mod in routers:
+        n_exp = int(getattr(mod, "num_experts", 0) or mod.weight.shape[0])
+        dev = mod.weight.device
+        acc[layer] = LayerAccumulator.zeros(n_exp, dev)
+
+        def hook(module, inputs, output, a=acc[layer]):
+            logits, weights, ids = output[0], output[1], output[2]
+            x = inputs[0].reshape(-1, inputs[0].shape[-1])
+            a.add(x, logits.reshape(x.shape[0], -1), weights.reshape(x.shape[0], -1),
+                  ids.reshape(x.shape[0], -1))
+
+        handles.append(mod.register_forward_hook(hook))
+    return acc, handles
+
+
+def layer_stats(a: LayerAccumulator, top_k: int) -> dict:
+    """The host-side figures of one layer (called once, after the pass)."""
+    freq = a.freq.cpu()
+    e = freq.numel()
+    share = freq / freq.sum().clamp_min(1)
+    nz = share[share > 0]
+    entropy = float(-(nz * nz.log()).sum() / math.log(e)) if e > 1 else 0.0
+    mean = float(share.mean())
+    tokens = float(a.tokens.cpu())
+    return {
+        "tokens": int(tokens), "n_experts": e, "top_k": top_k,
+        "freq": [int(v) for v in freq.tolist()],
+        "share": share.tolist(),
+        "wmass": a.wmass.cpu().tolist(),
+        "asal": a.asal.cpu().tolist(),
+        "asal_mean": (a.asal.cpu() / freq.clamp_min(1)).tolist(),
+        "coact": a.coact.cpu().to(torch.int64).tolist(),
+        "entropy_norm": entropy,
+        "token_entropy_norm": float(a.token_entropy.cpu()) / max(tokens, 1) / math.log(e) if e > 1 else 0.0,
+        "max_over_mean": float(share.max()) / mean if mean else 0.0,
+        "cold": [i for i, s in enumerate(share.tolist()) if s < COLD_FRACTION * mean],
+    }
+
+
+def calibration_windows(tokenizer, text: str, n_tokens: int, ctx: int) -> torch.Tensor:
+    """[n, ctx] windows of the text, BOS first (or EOS when there is no BOS); at most n_tokens."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    per = ctx - (1 if start is not None else 0)
+    n = min(len(ids) // per, math.ceil(n_tokens / ctx))
+    if n < 1:
+        raise ProbeError(f"the calibration text has {len(ids)} tokens, fewer than one window of {ctx}; "
+                         f"lower --ctx or give more text")
+    body = torch.tensor(ids[: n * per], dtype=torch.int64).reshape(n, per)
+    if start is None:
+        return body
+    return torch.cat([torch.full((n, 1), start, dtype=torch.int64), body], dim=1)
+
+
+@torch.no_grad()
+def probe_model(model: torch.nn.Module, windows: torch.Tensor, batch: int = 4) -> dict:
+    """Run the windows through the model with hooks; -> {"layers": [...], "summary": {...}}."""
+    from tqdm import tqdm
+
+    acc, handles = attach(model)
+    dev = model.get_input_embeddings().weight.device
+    top_k = int(getattr(model.config, "num_experts_per_tok", 0) or 0)
+    try:
+        for b in tqdm(range(0, windows.shape[0], batch), desc="probe", unit="batch"):
+            model(input_ids=windows[b: b + batch].to(dev), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    layers = [{"layer": layer, **layer_stats(a, top_k)} for layer, a in sorted(acc.items())]
+    return {"layers": layers, "summary": summarize(layers)}
+
+
+def summarize(layers: list[dict]) -> dict:
+    ent = [l["entropy_norm"] for l in layers]
+    mm = [l["max_over_mean"] for l in layers]
+    return {"n_layers": len(layers), "entropy_norm_mean": sum(ent) / len(ent), "entropy_norm_min": min(ent),
+            "max_over_mean_mean": sum(mm) / len(mm), "max_over_mean_max": max(mm),
+            "cold_experts": sum(len(l["cold"]) for l in layers),
+            "experts_without_tokens": sum(1 for l in layers for f in l["freq"] if f == 0),
+            "total_experts": sum(l["n_experts"] for l in layers)}
+
+
+def plot(probe: dict, png_dir: Path, stem: str) -> list[Path]:
+    """Heatmap layer x expert share (relative to the mean) and entropy / max-over-mean per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = probe["layers"]
+    rel = [[s * l["n_experts"] for s in l["share"]] for l in layers]
+    fig, ax = plt.subplots(figsize=(max(4, 0.4 * layers[0]["n_experts"] + 2), max(3, 0.22 * len(layers) + 1)))
+    im = ax.imshow(rel, aspect="auto", cmap="viridis")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_title("routed token share / mean share")
+    fig.colorbar(im, ax=ax)
+    out = []
+    for name, f in (("freq", fig),):
+        p = png_dir / f"{stem}_{name}.png"
+        with atomic_io.writing(p) as fh:
+            f.savefig(fh, format="png", dpi=110, bbox_inches="tight")
+        out.append(p)
+        plt.close(f)
+    fig, ax = plt.subplots(figsize=(6, 3))
+    xs = [l["layer"] for l in layers]
+    ax.plot(xs, [l["entropy_norm"] for l in layers], "o-", label="share entropy / log E")
+    ax.plot(xs, [l["token_entropy_norm"] for l in layers], "s-", label="mean token router entropy / log E")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("layer")
+    ax2 = ax.twinx()
+    ax2.plot(xs, [l["max_over_mean"] for l in layers], "^:", color="C3", label="max/mean share")
+    ax2.set_ylabel("max / mean share")
+    fig.legend(loc="lower right", fontsize=7)
+    p = png_dir / f"{stem}_entropy.png"
+    with atomic_io.writing(p) as fh:
+        fig.savefig(fh, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out + [p]
+
+
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def check_is_moe(model_dir: Path) -> None:
+    """Fail before loading anything when the config names no routed experts (a dense model)."""
+    import json
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    if not any(int(cfg.get(k) or 0) > 0 for k in EXPERT_COUNT_KEYS):
+        raise ProbeError(f"{model_dir}: {cfg.get('model_type')} has no routed experts (config has none of "
+                         f"{', '.join(EXPERT_COUNT_KEYS)}); the probe needs a Mixture-of-Experts model")
+
+
+def resolve_model_dir(spec: str) -> Path:
+    import embedded_model
+
+    if embedded_model.is_embedded(spec):
+        return embedded_model.resolve(spec, log=lambda m: print(m, file=sys.stderr))
+    path = Path(spec)
+    if not (path / "config.json").is_file():
+        raise ProbeError(f"--model {spec}: no config.json there (give a checkpoint dir or embedded:NAME)")
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Router statistics per layer and expert from one calibration "
+                                             "pass (frequency, weight mass, activation salience, entropy, "
+                                             "cold experts, co-activation) -> JSON + PNG heatmaps.")
+    ap.add_argument("--model", required=True, help="checkpoint dir or embedded:NAME (e.g. embedded:smollm2-moe)")
+    ap.add_argument("--calib-file", required=True, type=Path, help="UTF-8 calibration text")
+    ap.add_argument("--tokens", type=int, default=16384, help="calibration tokens to run")
+    ap.add_argument("--ctx", type=int, default=512, help="window length")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    ap.add_argument("--batch", type=int, default=4, help="windows per forward")
+    ap.add_argument("--out", required=True, type=Path, help="probe JSON path")
+    ap.add_argument("--png-dir", type=Path, default=None, help="where the heatmaps go (default: beside --out)")
+    args = ap.parse_args(argv)
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        import provenance
+
+        if not args.calib_file.is_file():
+            raise ProbeError(f"--calib-file {args.calib_file} does not exist")
+        if args.tokens < 1 or args.ctx < 2:
+            raise ProbeError("--tokens must be >= 1 and --ctx >= 2")
+        model_dir = resolve_model_dir(args.model)
+        check_is_moe(model_dir)
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        text = args.calib_file.read_text(encoding="utf-8")
+        windows = calibration_windows(tok, text, args.tokens, args.ctx)
+        dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, device_map=args.device).eval()
+        if not find_routers(model):
+            raise ProbeError(f"{model_dir}: {model.config.model_type} has no routed experts; the probe needs "
+                             f"a Mixture-of-Experts model")
+        result = probe_model(model, windows, args.batch)
+    except ProbeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = {"format": FORMAT, "model": str(model_dir), "model_spec": args.model,
+              "calib_file": str(args.calib_file), "calib_sha256": provenance.sha256_file(args.calib_file),
+              "tokens": int(windows.numel()), "ctx": args.ctx, "model_type": model.config.model_type,
+              "provenance": provenance.record(argv=argv), **result}
+    atomic_io.write_json(args.out, result)
+    pngs = plot(result, args.png_dir or args.out.parent, args.out.stem)
+    s = result["summary"]
+    print(f"{s['n_layers']} MoE layers: entropy {s['entropy_norm_mean']:.3f} (min {s['entropy_norm_min']:.3f}), "
+          f"max/mean {s['max_over_mean_mean']:.2f} (max {s['max_over_mean_max']:.2f}), "
+          f"{s['cold_experts']} cold / {s['total_experts']} experts -> {args.out} "
+          + " ".join(str(p) for p in pngs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
