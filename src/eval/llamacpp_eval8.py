@@ -26,6 +26,7 @@ from typing import Sequence
 
 import atomic_io
 import llama_server
+import mm_eval
 import provenance
 import vllm_eval8
 
@@ -66,6 +67,10 @@ def server_config(opts: ServerOptions, cfg: vllm_eval8.EvalConfig, binary: Path,
 
 def run(cfg: vllm_eval8.EvalConfig, opts: ServerOptions, argv: Sequence[str] | None = None) -> dict:
     """Start the server, run the eval through it, stop it; returns the results JSON (with `llamacpp`)."""
+    images = mm_eval.image_benchmarks(cfg.benchmarks)
+    if images and opts.mmproj is None:  # refused before the server starts: this GGUF alone cannot see
+        raise ValueError(f"model {opts.gguf} is served text-only (no --mmproj); {', '.join(images)} ask image "
+                         "questions: pass --mmproj <stem>-mmproj-f16.gguf (pipelines/pack_gguf.sh writes it)")
     prefix = opts.llama_cpp or llama_server.default_prefix(ROOT)
     binary = llama_server.find_binary(prefix)
     json_path, _ = cfg.results_paths()
