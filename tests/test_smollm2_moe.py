@@ -48,6 +48,7 @@ def test_fixture_loads_generates_and_tracks_its_dense_parent(moe_dir, smollm2_di
     assert cfg["model_type"] == "qwen2_moe" and cfg["num_experts"] == 8 and cfg["num_experts_per_tok"] == 2
     assert cfg["norm_topk_prob"] is True and cfg["decoder_sparse_step"] == 1 and cfg["mlp_only_layers"] == []
     assert cfg["shared_expert_intermediate_size"] % 128 == 0 and cfg["moe_intermediate_size"] % 128 == 0
+    assert cfg["tie_word_embeddings"] is False  # llama.cpp's qwen2moe needs output.weight
     tok = AutoTokenizer.from_pretrained(str(moe_dir))
     moe = AutoModelForCausalLM.from_pretrained(str(moe_dir), dtype=torch.float32).eval()
     dense = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()
@@ -81,7 +82,7 @@ def test_damaged_fixture_cache_is_rebuilt_with_a_message(tmp_path, smollm2_dir, 
     root = tmp_path / "cache"
     shutil.copytree(smollm2_dir, root / smollm2_dir.name)  # the dense parent, so only the MoE is assembled
     first = embedded_model.resolve("embedded:smollm2-moe", cache_root=root, log=lambda m: None)
-    assert first.name == moe_dir.name and embedded_model.verify_checkpoint_version(first, 1) is None
+    assert first.name == moe_dir.name and embedded_model.verify_checkpoint_version(first, embedded_model.MOE_FORMAT_VERSION) is None
     good = (first / "model.safetensors").read_bytes()
     with open(first / "model.safetensors", "r+b") as f:
         f.seek(len(good) // 2)

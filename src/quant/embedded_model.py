@@ -90,7 +90,7 @@ def smollm2_bf16_dir(cache_root: Path | None = None, force: bool = False, log=pr
     return final
 
 
-MOE_FORMAT_VERSION = 1  # bump when the MoE assembly changes
+MOE_FORMAT_VERSION = 2  # bump when the MoE assembly changes (2: lm_head stored, llama.cpp's qwen2moe needs it)
 MOE_PIECES = Path(__file__).resolve().parents[2] / "data" / "smollm2_moe" / "pieces.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json", "vocab.json", "merges.txt")
@@ -111,8 +111,8 @@ def assemble_smollm2_moe(dense_dir: Path, pieces_path: Path, out_dir: Path) -> N
     for f in sorted(dense_dir.glob("*.safetensors")):
         dense.update(load_file(str(f)))
     tensors = moefy.assemble_state_dict(dense, pieces, spec, int(dense_cfg["num_hidden_layers"]))
-    if dense_cfg.get("tie_word_embeddings"):
-        tensors.pop("lm_head.weight", None)
+    if "lm_head.weight" not in tensors:  # untied copy: llama.cpp's qwen2moe loader requires output.weight
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / "model.safetensors"),
               metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(moefy.qwen2_moe_config(dense_cfg, spec), indent=2))

@@ -222,7 +222,7 @@ def qwen2_moe_config(dense_cfg: dict, spec: MoefySpec) -> dict:
                num_experts_per_tok=spec.top_k, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
                qkv_bias=True, use_sliding_window=False, sliding_window=None, max_window_layers=0,
                attention_dropout=0.0, output_router_logits=False, router_aux_loss_coef=0.0,
-               dtype="bfloat16", use_cache=True)
+               dtype="bfloat16", use_cache=True, tie_word_embeddings=False)
     head_dim = dense_cfg.get("head_dim", dense_cfg["hidden_size"] // dense_cfg["num_attention_heads"])
     if head_dim * dense_cfg["num_attention_heads"] != dense_cfg["hidden_size"]:
         raise ValueError("qwen2_moe derives head_dim = hidden / heads; this dense model's head_dim differs")
