@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The MoE smoke: like pipelines/smoke.sh, with routed experts at 3 bits. With CUDA and the hub it runs
-# OLMoE-1B-7B-Instruct; offline, a tiny qwen3_moe with RANDOM weights (plumbing only: no accuracy claims).
+# OLMoE-1B-7B-Instruct; offline, embedded:smollm2-moe (real weights: SmolLM2 MoEfied into qwen2_moe).
 #   bash pipelines/smoke_moe.sh [smoke.py flags]    recipe: configs/smoke_moe.env; docs/SMOKE.md
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

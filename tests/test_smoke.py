@@ -64,6 +64,16 @@ def test_gpu_box_without_hub_falls_back(fact):
     assert plan.teacher_spec == smoke.EMBEDDED and not plan.use_hub_data
 
 
+def test_moe_offline_defaults_to_the_real_weight_moe_fixture():
+    cfg = smoke.SmokeConfig(kind="moe", model="allenai/OLMoE-1B-7B-0924-Instruct", fallback_model=smoke.EMBEDDED_MOE)
+    plan = smoke.plan_smoke(cfg, facts())
+    assert plan.teacher_spec == smoke.EMBEDDED_MOE and not plan.random_weights
+    assert smoke.tags_for(plan, cfg)["quant"].startswith("smoke_moe_smollm2-135m-moe_e3l4")
+    with pytest.raises(smoke.SmokeError, match="does not fit"):
+        smoke.plan_smoke(smoke.SmokeConfig(kind="dense", fallback_model=smoke.EMBEDDED_MOE),
+                         facts())
+
+
 def test_moe_offline_uses_random_tiny_moe_and_says_so():
     cfg = smoke.SmokeConfig(kind="moe", model="allenai/OLMoE-1B-7B-0924-Instruct", fallback_model=smoke.TINY_MOE)
     plan = smoke.plan_smoke(cfg, facts())
@@ -341,7 +351,8 @@ def test_smoke_pipeline_reduced_end_to_end(tmp_path, smollm2_dir):
 @pytest.mark.vllm
 def test_smoke_moe_pipeline_reduced_end_to_end(tmp_path, smollm2_dir):
     results = tmp_path / "results"
-    res = run_pipeline(SMOKE_MOE_SH, {"SMOKE_N": "2", "SMOKE_MAX_NEW_TOKENS": "8", "SMOKE_FIDELITY_TOKENS": "126",
+    res = run_pipeline(SMOKE_MOE_SH, {"SMOKE_FALLBACK_MODEL": "tiny:qwen3_moe",  # the plumbing fixture
+                                      "SMOKE_N": "2", "SMOKE_MAX_NEW_TOKENS": "8", "SMOKE_FIDELITY_TOKENS": "126",
                                       "SMOKE_FIDELITY_CTX": "64", "SMOKE_RESULTS_DIR": str(results),
                                       "SMOKE_WORK_DIR": str(tmp_path / "work")}, timeout=1500)
     assert res.returncode == 0, res.stderr[-4000:]

@@ -1,0 +1,191 @@
+"""The smoke's plan: its config, the probed facts, and `plan_smoke`, a pure function of both that decides
+what runs (hub model or offline fallback, data, device). No I/O here."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+
+SCHEMA = "moe-lowbit/smoke/v1"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SRC_DIRS = ("src/quant", "src/eval", "src/distill")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+EMBEDDED = "embedded:smollm2"
+EMBEDDED_MOE = "embedded:smollm2-moe"  # real weights: SmolLM2 MoEfied into qwen2_moe (docs/SMOLLM2_MOE.md)
+TINY_MOE = "tiny:qwen3_moe"  # random weights: plumbing tests only
+FALLBACKS = (EMBEDDED, EMBEDDED_MOE, TINY_MOE)
+MOE_FALLBACKS = (EMBEDDED_MOE, TINY_MOE)
+STEPS = ("resolve", "preflight", "quantize", "eval-teacher", "eval-quant", "fidelity", "compare", "results-md")
+PROMPT_ROOM = 1024  # tokens reserved for the prompt on top of max_new_tokens
+EXIT_BAD_INPUT, EXIT_STEP_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+
+
+class SmokeError(RuntimeError):
+    """A failure with a message that names the bad value and the fix; `step` says where it happened."""
+
+    def __init__(self, message: str, step: str = "resolve", code: int = EXIT_BAD_INPUT):
+        super().__init__(message)
+        self.step, self.code = step, code
+
+
+@dataclass(frozen=True)
+class SmokeConfig:
+    """Every knob of a smoke run; defaults equal configs/smoke_eval.env (a test keeps them in sync)."""
+
+    kind: str = "dense"  # dense | moe (moe: experts at expert_bits; offline fallback is a random tiny MoE)
+    model: str = "Qwen/Qwen3.5-2B"  # hub id | local checkpoint dir | embedded:smollm2 | tiny:qwen3_moe
+    offline_fallback: bool = True  # no GPU/hub -> run the fallback model instead of failing
+    fallback_model: str = EMBEDDED
+    data: str = "auto"  # auto (hub benchmarks iff GPU + hub) | offline (data/smoke) | hub
+    benchmarks: tuple = ("mmlu_pro", "math500")
+    data_files: Mapping = field(default_factory=lambda: {"mmlu_pro": "data/smoke/mmlu_pro_easy.jsonl",
+                                                         "math500": "data/smoke/math500_easy.jsonl"})
+    n: int | None = None  # offline samples per benchmark (None = every shipped row)
+    hub_n: int = 50  # hub samples per benchmark
+    max_new_tokens: int = 256  # offline generation budget
+    hub_max_new_tokens: int = 2048
+    thinking: bool = False  # SmolLM2 has no thinking mode; short smoke generations on GPU too
+    temperature: float = 0.0  # greedy: the teacher/quant difference then comes from the weights only
+    tensor_parallel_size: int = 1
+    expert_bits: float = 3.0
+    linear_bits: float = 4.0
+    mtp_bits: float = 16.0
+    group: int = 128
+    clip_steps: int = 8
+    clip_lo: float = 0.65
+    quant_device: str = "auto"  # auto = cuda when available, else cpu
+    fidelity_text: str = "data/smoke/fidelity.txt"  # offline: shipped text (sampling on CPU costs minutes)
+    hub_fidelity_text: str = "teacher-sample"  # hub mode: text sampled from the teacher (cheap on a GPU)
+    fidelity_tokens: int = 2048
+    fidelity_ctx: int = 128
+    results_dir: str = "results"
+    work_dir: str | None = None  # quantized checkpoints; default $MOE_LOWBIT_MODELS/smoke
+    hub_timeout_s: float = 5.0
+    step_timeout_s: float = 1800.0
+    resume: bool = False  # reuse finished generations of an earlier identical smoke (default: regenerate)
+
+    def __post_init__(self):
+        if self.kind not in ("dense", "moe"):
+            raise SmokeError(f"SMOKE_KIND={self.kind!r}: choose dense or moe")
+        if self.data not in ("auto", "offline", "hub"):
+            raise SmokeError(f"SMOKE_DATA={self.data!r}: choose auto, offline or hub")
+        if self.fallback_model not in FALLBACKS:
+            raise SmokeError(f"SMOKE_FALLBACK_MODEL={self.fallback_model!r}: choose one of {FALLBACKS}")
+        for name in ("hub_n", "max_new_tokens", "hub_max_new_tokens", "tensor_parallel_size", "group",
+                     "fidelity_tokens", "fidelity_ctx"):
+            if getattr(self, name) <= 0:
+                raise SmokeError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.n is not None and self.n <= 0:
+            raise SmokeError(f"SMOKE_N must be a positive count (or empty for every row), got {self.n}")
+        if self.fidelity_ctx < 2 or self.fidelity_tokens < self.fidelity_ctx - 1:
+            raise SmokeError(f"fidelity needs ctx >= 2 and tokens >= ctx-1, got ctx={self.fidelity_ctx} "
+                             f"tokens={self.fidelity_tokens}")
+        if not self.benchmarks:
+            raise SmokeError("SMOKE_BENCHMARKS is empty; e.g. mmlu_pro,math500")
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the machine offers, probed once (I/O lives in probe_facts)."""
+
+    cuda: bool
+    hub_offline_env: bool  # HF_HUB_OFFLINE set
+    hub_reachable: bool | None  # None = not checked (not needed)
+    hub_detail: str = ""
+    model_exists: bool = False  # cfg.model is an existing local path
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What this smoke will run, decided before anything heavy happens."""
+
+    mode: str  # hub | local | offline
+    reasons: tuple  # why this mode (printed, recorded)
+    teacher_spec: str  # hub id | local dir | embedded:smollm2 | tiny:qwen3_moe
+    slug: str
+    random_weights: bool
+    use_hub_data: bool
+    n: int | None
+    max_new_tokens: int
+    fidelity_text: str  # teacher-sample | a text file
+    device: str  # cuda | cpu
+
+
+# ----------------------------------------------------------------------------------------- planning
+def classify_model(spec: str, exists: bool) -> str:
+    """fallback | local | hub, or SmokeError naming the fix."""
+    if spec in FALLBACKS:
+        return "fallback"
+    if exists:
+        return "local"
+    if spec.startswith(("/", ".", "~")) or not HUB_ID.match(spec):
+        raise SmokeError(f"SMOKE_MODEL={spec}: no such checkpoint directory, and not a hub id (owner/name); fix: "
+                         f"point SMOKE_MODEL at a Hugging Face checkpoint dir, use a hub id on a GPU box with the "
+                         f"hub, or unset it for the offline default ({EMBEDDED})")
+    return "hub"
+
+
+def slug_of(spec: str) -> str:
+    if spec == EMBEDDED:
+        return "smollm2-135m-instruct"
+    if spec == EMBEDDED_MOE:
+        return "smollm2-135m-moe"
+    if spec == TINY_MOE:
+        return "tiny-qwen3-moe-random"
+    name = Path(spec.rstrip("/")).name if not HUB_ID.match(spec) or Path(spec).exists() else spec.split("/")[-1]
+    return re.sub(r"[^a-z0-9.-]+", "-", name.lower()).strip("-.") or "model"
+
+
+def hub_unusable_reasons(facts: Facts) -> list[str]:
+    reasons = []
+    if not facts.cuda:
+        reasons.append("no CUDA GPU")
+    if facts.hub_offline_env:
+        reasons.append("HF_HUB_OFFLINE is set")
+    if facts.hub_reachable is False:
+        reasons.append(f"the hub is unreachable ({facts.hub_detail})")
+    return reasons
+
+
+def plan_smoke(cfg: SmokeConfig, facts: Facts) -> Plan:
+    """Pure: which model, which data, which budget - or SmokeError naming the fix."""
+    kind = classify_model(cfg.model, facts.model_exists)
+    blocked = hub_unusable_reasons(facts)
+    device = "cuda" if facts.cuda else "cpu"
+    if cfg.data == "hub" and blocked:
+        raise SmokeError(f"SMOKE_DATA=hub needs a GPU and the hub, but: {'; '.join(blocked)}; fix: SMOKE_DATA=auto "
+                         f"(offline smoke set) or run on a GPU box with the hub")
+    if kind == "hub" and blocked:
+        if not cfg.offline_fallback:
+            raise SmokeError(f"SMOKE_MODEL={cfg.model} needs a GPU and the hub, but: {'; '.join(blocked)}; and "
+                             f"SMOKE_OFFLINE_FALLBACK=0 forbids the offline model. Fix: unset SMOKE_OFFLINE_FALLBACK "
+                             f"(runs {cfg.fallback_model} offline), set SMOKE_MODEL to a local checkpoint dir, or run "
+                             f"on a GPU box with the hub")
+        spec, reasons = cfg.fallback_model, (f"offline fallback for {cfg.model}: " + "; ".join(blocked),)
+    elif kind == "fallback":
+        spec, reasons = cfg.model, (f"SMOKE_MODEL={cfg.model} (offline model)",)
+    else:
+        spec, reasons = cfg.model, (f"SMOKE_MODEL={cfg.model} ({kind})",)
+    if cfg.kind == "dense" and spec in MOE_FALLBACKS or cfg.kind == "moe" and spec == EMBEDDED:
+        raise SmokeError(f"SMOKE_KIND={cfg.kind} does not fit model {spec}: the dense smoke uses {EMBEDDED}, the "
+                         f"MoE smoke {EMBEDDED_MOE} (or {TINY_MOE} for plumbing) (SMOKE_FALLBACK_MODEL)")
+    use_hub_data = cfg.data == "hub" or (cfg.data == "auto" and not blocked and spec not in FALLBACKS)
+    mode = "offline" if spec in FALLBACKS else ("hub" if kind == "hub" else "local")
+    return Plan(mode=mode, reasons=reasons, teacher_spec=spec, slug=slug_of(spec),
+                random_weights=spec == TINY_MOE, use_hub_data=use_hub_data,
+                n=cfg.hub_n if use_hub_data else cfg.n,
+                max_new_tokens=cfg.hub_max_new_tokens if use_hub_data else cfg.max_new_tokens,
+                fidelity_text=cfg.hub_fidelity_text if use_hub_data else cfg.fidelity_text, device=device)
+
+
+def recipe_slug(cfg: SmokeConfig, kind: str) -> str:
+    bits = f"e{cfg.expert_bits:g}l{cfg.linear_bits:g}" if kind == "moe" else f"w{cfg.linear_bits:g}"
+    return f"{bits}g{cfg.group}c{cfg.clip_steps}"
+
+
+def tags_for(plan: Plan, cfg: SmokeConfig) -> dict:
+    prefix = "smoke" if cfg.kind == "dense" else "smoke_moe"
+    base = f"{prefix}_{plan.slug}"
+    return {"teacher": f"{base}_bf16", "quant": f"{base}_{recipe_slug(cfg, cfg.kind)}", "summary": base}

@@ -1,0 +1,303 @@
+"""The smoke's steps: one subprocess per step (quantize, eval teacher, eval quant, fidelity, compare,
+results-md), each named when it fails, and `run_smoke`, which runs them in order and writes the summary."""
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import provenance
+
+from smoke_plan import (
+    EXIT_STEP_FAILED, Facts, PROMPT_ROOM, Plan, REPO_ROOT, SCHEMA, SmokeConfig, SmokeError,
+    TINY_MOE, plan_smoke, recipe_slug, tags_for)
+from smoke_preflight import (
+    check_free_space, check_writable, checkpoint_bytes, child_env, fidelity_cache_bytes,
+    invalidate_broken_quant, probe_facts)
+
+
+def run_step(name: str, cmd: Sequence[str], env: Mapping, timeout_s: float, log) -> list[str]:
+    """Run one step's CLI, streaming its output to stderr; the tail is kept for the failure message.
+
+    The child gets its own process group so a timeout or Ctrl-C ends it with everything it started
+    (vLLM engine cores) and nothing else."""
+    log(f"[smoke] {name}: {' '.join(str(c) for c in cmd)}")
+    tail: collections.deque = collections.deque(maxlen=40)
+    proc = subprocess.Popen([str(c) for c in cmd], env=dict(env), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
+                            start_new_session=True)
+    timed_out = threading.Event()
+
+    def kill_group():
+        timed_out.set()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    timer = threading.Timer(timeout_s, kill_group)
+    timer.start()
+    try:
+        for line in proc.stdout:
+            sys.stderr.write(line)
+            tail.append(line.rstrip("\n"))
+        rc = proc.wait()
+    except KeyboardInterrupt:
+        kill_group()
+        proc.wait()
+        raise
+    finally:
+        timer.cancel()
+    if timed_out.is_set():
+        raise SmokeError(f"step {name} did not finish within {timeout_s:.0f} s; fix: raise SMOKE_STEP_TIMEOUT_S or "
+                         f"lower SMOKE_N / SMOKE_MAX_NEW_TOKENS", step=name, code=EXIT_STEP_FAILED)
+    if rc != 0:
+        raise SmokeError(f"step {name} exited with {rc}: {explain_failure(list(tail))}", step=name,
+                         code=EXIT_STEP_FAILED)
+    return list(tail)
+
+
+def explain_failure(tail: Sequence[str]) -> str:
+    """The child's own error line (they all print one), plus a fix for the failures we recognise."""
+    text = "\n".join(tail)
+    hints = []
+    if re.search(r"No space left on device|Errno 28|ENOSPC", text):
+        hints.append("the disk is full: free space or set SMOKE_WORK_DIR / SMOKE_RESULTS_DIR / MOE_LOWBIT_CACHE "
+                     "to a larger disk")
+    if re.search(r"Read-only file system|Permission denied", text):
+        hints.append("a directory is not writable: set SMOKE_WORK_DIR / SMOKE_RESULTS_DIR to a writable one")
+    if re.search(r"out of memory|OutOfMemory|Cannot allocate memory", text, re.IGNORECASE):
+        hints.append("out of memory: lower SMOKE_N / SMOKE_MAX_NEW_TOKENS or VLLM_CPU_KVCACHE_SPACE")
+    errors = [l for l in tail if re.search(r"(error|Error|failed|refused|Traceback)", l)]
+    shown = errors[-3:] if errors else list(tail)[-3:]
+    msg = " | ".join(s.strip() for s in shown if s.strip()) or "(no output)"
+    return msg + (f"; fix: {'; '.join(hints)}" if hints else "")
+
+
+def read_json(path: Path, step: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SmokeError(f"step {step} wrote no readable JSON at {path}: {e}", step=step, code=EXIT_STEP_FAILED) from None
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """The summary JSON, through the one atomic writer (NaN refused: a missing number must be None)."""
+    import atomic_io
+
+    atomic_io.write_text(path, json.dumps(obj, indent=1, allow_nan=False) + "\n")
+
+
+# -------------------------------------------------------------------------------------- commands
+def quantize_cmd(teacher_dir: Path, qdir: Path, cfg: SmokeConfig, device: str, force: bool) -> list:
+    cmd = [sys.executable, REPO_ROOT / "src/quant/quant_save.py", "--model", teacher_dir, "--out", qdir,
+           "--expert-bits", f"{cfg.expert_bits:g}", "--linear-bits", f"{cfg.linear_bits:g}",
+           "--mtp-bits", f"{cfg.mtp_bits:g}", "--group", cfg.group, "--clip-steps", cfg.clip_steps,
+           "--clip-lo", f"{cfg.clip_lo:g}", "--device", device, "--no-progress"]
+    return cmd + (["--force"] if force else [])
+
+
+def eval_cmd(model_dir: Path, tag: str, role: str, plan: Plan, cfg: SmokeConfig, results_dir: Path,
+             reference_tag: str | None) -> list:
+    cmd = [sys.executable, "-m", "vllm_eval8", "--model", model_dir, "--tag", tag, "--role", role,
+           "--backend", "vllm", "--benchmarks", ",".join(cfg.benchmarks),
+           "--thinking", "on" if cfg.thinking else "off", "--temperature", f"{cfg.temperature:g}",
+           "--seed", "0", "--data-seed", "0", "--max-new-tokens", plan.max_new_tokens,
+           "--max-model-len", plan.max_new_tokens + PROMPT_ROOM, "--tensor-parallel-size", cfg.tensor_parallel_size,
+           "--dtype", "auto", "--results-dir", results_dir / "vllm_eval", "--no-progress"]
+    if plan.device == "cpu":
+        cmd += ["--enforce-eager", "on"]  # torch.compile on CPU costs minutes for a two-minute eval
+    if plan.n is not None:
+        cmd += ["--n", plan.n]
+    if not plan.use_hub_data:
+        for bench in cfg.benchmarks:
+            if bench not in cfg.data_files:
+                raise SmokeError(f"offline benchmark {bench} has no data file; set SMOKE_DATA_FILES={bench}=PATH")
+            cmd += ["--data-file", f"{bench}={REPO_ROOT / cfg.data_files[bench]}"]
+    if reference_tag:
+        cmd += ["--reference-tag", reference_tag]
+    return cmd
+
+
+def fidelity_cmd(teacher_dir: Path, qdir: Path, out: Path, cfg: SmokeConfig, plan: Plan) -> list:
+    cmd = [sys.executable, REPO_ROOT / "src/eval/moe_eval.py", "--teacher", teacher_dir, "--student", qdir,
+           "--out", out, "--ctx", cfg.fidelity_ctx, "--max-tokens", cfg.fidelity_tokens, "--device", plan.device]
+    if plan.fidelity_text == "teacher-sample":
+        return cmd + ["--text", "teacher-sample", "--n-tokens", cfg.fidelity_tokens, "--seed", "0"]
+    path = Path(plan.fidelity_text)
+    path = path if path.is_absolute() else REPO_ROOT / path
+    if not path.is_file():
+        raise SmokeError(f"fidelity text {plan.fidelity_text}: no such file; fix: set SMOKE_FIDELITY_TEXT (offline) / "
+                         f"SMOKE_HUB_FIDELITY_TEXT (hub) to a UTF-8 text file or 'teacher-sample'", step="fidelity")
+    return cmd + ["--text-file", path]
+
+
+# ----------------------------------------------------------------------------------- the run itself
+def resolve_teacher(plan: Plan, log) -> Path:
+    """A local checkpoint dir for the teacher (converting / building / downloading as needed)."""
+    import embedded_model
+
+    try:
+        if embedded_model.is_embedded(plan.teacher_spec):
+            return embedded_model.resolve(plan.teacher_spec, log=log)
+        if plan.teacher_spec == TINY_MOE:
+            import smoke_models
+
+            return smoke_models.tiny_moe_dir(embedded_model.smollm2_bf16_dir(log=log), log=log)
+    except RuntimeError as e:  # EmbeddedModelError / SmokeModelError carry their own fix
+        raise SmokeError(str(e)) from None
+    if plan.mode == "hub":
+        try:
+            import huggingface_hub
+
+            log(f"[smoke] downloading {plan.teacher_spec} from the hub (cached by huggingface_hub)")
+            return Path(huggingface_hub.snapshot_download(
+                plan.teacher_spec, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model",
+                                                   "*.tiktoken", "*.py", "LICENSE*"]))
+        except Exception as e:  # network, auth, missing repo: one line, with the fix
+            first = provenance.redact(str(e)).splitlines()[0] if str(e) else type(e).__name__
+            raise SmokeError(f"SMOKE_MODEL={plan.teacher_spec}: hub download failed ({first}); fix: check the id, "
+                             f"HF_TOKEN for gated models, or use a local dir") from None
+    path = Path(plan.teacher_spec).expanduser().resolve()
+    if not (path / "config.json").is_file():
+        raise SmokeError(f"SMOKE_MODEL={plan.teacher_spec}: {path} has no config.json; fix: point it at a Hugging "
+                         f"Face checkpoint directory")
+    return path
+
+
+def run_smoke(cfg: SmokeConfig, log=lambda m: print(m, file=sys.stderr, flush=True),
+              facts: Facts | None = None, argv=None) -> dict:
+    """Run every step; returns the summary dict (also written to <results>/smoke/<tag>.json).
+
+    Raises SmokeError (with .step) on the first failure; nothing after a failed step runs.
+    """
+    t_all = time.perf_counter()
+    timings: dict[str, float] = {}
+    notes: dict[str, str] = {}
+
+    @contextlib.contextmanager
+    def timed(name):
+        """Time one step; an unexpected OS/data error inside it becomes a SmokeError naming the step."""
+        log(f"[smoke] --- {name} ---")
+        t0 = time.perf_counter()
+        try:
+            yield
+        except SmokeError as e:
+            if e.step == "resolve":  # raised by a helper that did not know which step called it
+                e.step = name
+            raise
+        except OSError as e:
+            hint = "; fix: free disk space or point SMOKE_WORK_DIR/SMOKE_RESULTS_DIR elsewhere" if e.errno == 28 else ""
+            raise SmokeError(f"{type(e).__name__}: {e}{hint}", step=name, code=EXIT_STEP_FAILED) from e
+        except (ValueError, KeyError, TypeError) as e:
+            raise SmokeError(f"{type(e).__name__}: {e}", step=name, code=EXIT_STEP_FAILED) from e
+        finally:
+            timings[name] = time.perf_counter() - t0
+
+    with timed("resolve"):
+        facts = facts or probe_facts(cfg)
+        plan = plan_smoke(cfg, facts)
+        for r in plan.reasons:
+            log(f"[smoke] mode {plan.mode}: {r}")
+        if plan.random_weights:
+            log("[smoke] NOTE: the offline MoE has RANDOM weights: only the plumbing is tested, accuracies mean nothing")
+        teacher_dir = resolve_teacher(plan, log)
+    tags = tags_for(plan, cfg)
+    results = Path(cfg.results_dir)
+    results = results if results.is_absolute() else REPO_ROOT / results
+    work = Path(cfg.work_dir or os.path.join(os.environ.get("MOE_LOWBIT_MODELS", REPO_ROOT / "models"), "smoke"))
+    qdir = work / f"{plan.slug}_{recipe_slug(cfg, cfg.kind)}"
+    eval_dir = results / "vllm_eval"
+    paths = {"teacher_eval": eval_dir / f"{tags['teacher']}.json", "quant_eval": eval_dir / f"{tags['quant']}.json",
+             "fidelity": results / "fidelity" / f"{tags['summary']}.json",
+             "summary": results / "smoke" / f"{tags['summary']}.json", "results_md": results / "RESULTS.md"}
+    env = child_env(plan)
+    quant_device = plan.device if cfg.quant_device == "auto" else cfg.quant_device
+
+    with timed("preflight"):
+        check_writable(results, "results dir", "SMOKE_RESULTS_DIR")
+        check_writable(work, "quantized-checkpoint dir", "SMOKE_WORK_DIR")
+        import moe_eval
+
+        fcache = moe_eval.EvalConfig().cache_dir()
+        check_writable(fcache, "fidelity teacher cache", "MOE_LOWBIT_CACHE")
+        vocab = int(json.loads((teacher_dir / "config.json").read_text()).get("vocab_size")
+                    or json.loads((teacher_dir / "config.json").read_text()).get("text_config", {}).get("vocab_size")
+                    or 262144)
+        check_free_space(work, int(checkpoint_bytes(teacher_dir) * 1.05) + (64 << 20), "quantized-checkpoint dir",
+                         "SMOKE_WORK_DIR")
+        check_free_space(fcache, fidelity_cache_bytes(cfg, vocab) + (16 << 20), "fidelity teacher cache",
+                         "MOE_LOWBIT_CACHE")
+        check_free_space(results, 16 << 20, "results dir", "SMOKE_RESULTS_DIR")
+        stale = [paths["summary"], paths["fidelity"]]
+        if not cfg.resume:
+            stale += [eval_dir / f"{t}.{ext}" for t in (tags["teacher"], tags["quant"]) for ext in ("json", "jsonl")]
+        for p in stale:
+            p.unlink(missing_ok=True)  # this run's own outputs only: a failed step must not leave old numbers
+
+    with timed("quantize"):
+        broken = invalidate_broken_quant(qdir, log)
+        before = (qdir / "_ptq_meta.json").stat().st_mtime_ns if (qdir / "_ptq_meta.json").is_file() else None
+        # --force: qdir is the smoke's own output; an identical complete build is still reused by quant_save,
+        # one made by another recipe / quantizer version is rebuilt instead of refused.
+        run_step("quantize", quantize_cmd(teacher_dir, qdir, cfg, quant_device, force=True), env,
+                 cfg.step_timeout_s, log)
+        meta = read_json(qdir / "_ptq_meta.json", "quantize")
+        after = (qdir / "_ptq_meta.json").stat().st_mtime_ns
+        notes["quantize"] = "reused (verified)" if before is not None and before == after and not broken else "built"
+
+    with timed("eval-teacher"):
+        run_step("eval-teacher", eval_cmd(teacher_dir, tags["teacher"], "teacher", plan, cfg, results, None), env,
+                 cfg.step_timeout_s, log)
+        teacher_doc = read_json(paths["teacher_eval"], "eval-teacher")
+    with timed("eval-quant"):
+        run_step("eval-quant", eval_cmd(qdir, tags["quant"], "quant", plan, cfg, results, tags["teacher"]), env,
+                 cfg.step_timeout_s, log)
+        quant_doc = read_json(paths["quant_eval"], "eval-quant")
+    with timed("fidelity"):
+        run_step("fidelity", fidelity_cmd(teacher_dir, qdir, paths["fidelity"], cfg, plan), env,
+                 cfg.step_timeout_s, log)
+        read_json(paths["fidelity"], "fidelity")
+    with timed("compare"):
+        import compare
+
+        try:
+            comparison = compare.compare_results(teacher_doc, quant_doc)
+        except (compare.UnpairedError, ValueError) as e:
+            raise SmokeError(f"teacher and quant results cannot be paired: {e}", step="compare",
+                             code=EXIT_STEP_FAILED) from None
+    with timed("results-md"):
+        run_step("results-md", [sys.executable, "-m", "make_results_md", "--results-dir", results], env,
+                 cfg.step_timeout_s, log)
+
+    summary = {
+        "schema": SCHEMA,
+        "kind": cfg.kind,
+        "mode": plan.mode,
+        "reasons": list(plan.reasons),
+        "random_weights": plan.random_weights,
+        "data": "hub" if plan.use_hub_data else "offline",
+        "teacher": {"spec": plan.teacher_spec, "requested": cfg.model, "dir": str(teacher_dir), "slug": plan.slug},
+        "quant": {"dir": str(qdir), "recipe": meta.get("recipe"), "build": notes["quantize"],
+                  "footprint_total": meta["footprint"]["total"],
+                  "footprint_roles": {role: {k: r.get(k) for k in ("bits", "effective_bits", "params", "rel_mse")}
+                                      for role, r in meta["footprint"]["roles"].items()}},
+        "tags": tags,
+        "files": {k: os.path.relpath(v, results) for k, v in paths.items()},
+        "comparison": comparison,
+        "timings_s": {**timings, "total": time.perf_counter() - t_all},
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()},
+        "provenance": provenance.record(argv=argv),
+    }
+    write_json_atomic(paths["summary"], summary)
+    return summary
