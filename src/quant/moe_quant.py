@@ -300,11 +300,6 @@ def _numba_kernels():
     return quant_kernels_cpu
 
 
-def _numba_kernel():
-    kernels = _numba_kernels()
-    return None if kernels is None else kernels.fused_kernel
-
-
 def quantize_groups_into(groups: torch.Tensor, spec: QuantSpec, codes, deq, chosen, err, ref,
                          use_kernel: bool = True, zeros=None, importance: torch.Tensor | None = None):
     """Fill codes (int8), deq (fp32), chosen scale (and zero-point on the asym grid), and per-group squared
@@ -317,7 +312,7 @@ def quantize_groups_into(groups: torch.Tensor, spec: QuantSpec, codes, deq, chos
         kernels.fused_kernel(groups.numpy(), clip_ratios(spec).numpy(), np.float32(spec.qmax), codes.numpy(),
                              deq.numpy(), chosen.numpy(), err.numpy(), ref.numpy())
         return
-    if kernels is not None and hasattr(kernels, "grid_kernel"):
+    if kernels is not None:
         kernels.run_grid_kernel(groups, spec, clip_ratios(spec), codes, deq, chosen, zeros, err, ref, importance)
         return
     if spec.grid == "sym" and importance is None:
