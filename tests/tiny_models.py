@@ -112,12 +112,13 @@ def _perturb_protected(model, seed: int) -> None:
 
 def build_tiny_checkpoint(model_type: str, out_dir, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
                           max_shard_size: str | int | None = None, expert_layout: str = "native",
-                          tokenizer_dir=None, **overrides) -> Path:
+                          tokenizer_dir=None, byte_tokenizer: bool = False, **overrides) -> Path:
     """Write a tiny random `model_type` checkpoint to `out_dir` and return its path.
 
     expert_layout: "native" (what save_pretrained writes), "fused" ([E, out, in] 3-D experts) or
     "per_expert" (`experts.N.{gate,up,down}_proj.weight` 2-D). tokenizer_dir: copy its tokenizer /
     chat-template files in (its vocab must fit `vocab_size`, pass vocab_size= to match).
+    byte_tokenizer: write a 258-token byte-level tokenizer (fits TINY_VOCAB), for tests that tokenize text.
     """
     if expert_layout not in ("native", "fused", "per_expert"):
         raise ValueError(f"expert_layout must be native|fused|per_expert, got {expert_layout!r}")
@@ -129,12 +130,29 @@ def build_tiny_checkpoint(model_type: str, out_dir, *, seed: int = 0, dtype: tor
         state = _read_checkpoint(out)
         state = fuse_experts(state) if expert_layout == "fused" else split_experts(state)
         write_checkpoint(state, out, max_shard_bytes=_parse_size(max_shard_size))
+    if byte_tokenizer:
+        write_byte_tokenizer(out)
     if tokenizer_dir is not None:
         for f in Path(tokenizer_dir).iterdir():
             if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template",
                                                    "added_tokens"))):
                 shutil.copy2(f, out / f.name)
     return out
+
+
+def write_byte_tokenizer(out: Path) -> None:
+    """A byte-level tokenizer: ids 0..255 are the bytes, 256 <s>, 257 </s> (no merges)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab.update({"<s>": 256, "</s>": 257})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(Path(out) / "tokenizer.json"))
+    (Path(out) / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}))
 
 
 def _parse_size(size) -> int | None:

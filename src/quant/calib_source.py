@@ -4,7 +4,9 @@ Three sources, exactly one per build:
 * `--calib-file PATH`: a UTF-8 text file;
 * `--calib-dataset ID[:split[:field]]` (or ID:config:split:field): a hub dataset through `datasets`;
 * `--calib teacher-sample`: text sampled from the source model itself (seeded; the record says so), for
-  when no in-domain text exists.
+  when no in-domain text exists;
+* `--calib pydoc-topics`: the odd-numbered topics of CPython's own documentation (`pydoc_data`, shipped
+  with every Python: offline and reproducible); the bench evaluates on the even-numbered ones.
 The text is tokenized with the checkpoint's own tokenizer (no special tokens), cut into `tokens // ctx`
 windows of `ctx` tokens. Too little text is an error, never a silently smaller calibration set.
 """
@@ -17,6 +19,16 @@ from pathlib import Path
 from ckpt_source import BuildError
 
 TEACHER_SAMPLE = "teacher-sample"
+PYDOC_TOPICS = "pydoc-topics"  # the odd-numbered topics of CPython's pydoc_data (offline; even ones are eval text)
+NAMED_SOURCES = (TEACHER_SAMPLE, PYDOC_TOPICS)
+
+
+def pydoc_split() -> tuple[str, str]:
+    """(calibration, evaluation) text from pydoc_data.topics: odd topics calibrate, even ones evaluate."""
+    from pydoc_data import topics
+
+    items = [topics.topics[k] for k in sorted(topics.topics)]
+    return "\n\n".join(items[1::2]), "\n\n".join(items[0::2])
 
 
 @dataclass(frozen=True)
@@ -32,8 +44,8 @@ class CalibRequest:
         given = [x for x in (self.file, self.dataset, self.kind) if x]
         if len(given) > 1:
             raise BuildError("give one calibration source: --calib-file, --calib-dataset or --calib teacher-sample")
-        if self.kind and self.kind != TEACHER_SAMPLE:
-            raise BuildError(f"--calib {self.kind!r}: the only named source is {TEACHER_SAMPLE!r} "
+        if self.kind and self.kind not in NAMED_SOURCES:
+            raise BuildError(f"--calib {self.kind!r}: named sources are {', '.join(NAMED_SOURCES)} "
                              f"(use --calib-file PATH or --calib-dataset ID for text)")
         if self.ctx < 2 or self.tokens < self.ctx:
             raise BuildError(f"--calib-tokens {self.tokens} / --calib-ctx {self.ctx}: need ctx >= 2 and tokens >= ctx")
@@ -133,7 +145,11 @@ def load_windows(req: CalibRequest, model_dir: Path) -> CalibWindows:
     if req.kind == TEACHER_SAMPLE:
         ids, record = _sample_teacher(model_dir, n_windows, req.ctx, req.seed)
     else:
-        text, record = _read_file(req.file) if req.file else _read_dataset(req.dataset)
+        if req.kind == PYDOC_TOPICS:
+            text = pydoc_split()[0]
+            record = {"kind": PYDOC_TOPICS, "sha256": hashlib.sha256(text.encode()).hexdigest()}
+        else:
+            text, record = _read_file(req.file) if req.file else _read_dataset(req.dataset)
         try:
             import transformers
 

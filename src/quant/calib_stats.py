@@ -55,10 +55,11 @@ class CalibConfig:
     batch_windows: int = 8
     min_tokens: int = DEFAULT_MIN_TOKENS
     progress: bool = True
+    dtype_name: str = "bfloat16"  # forward dtype: the checkpoint's own (and 5x faster than fp32 on AVX512-BF16)
 
     @property
     def dtype(self) -> torch.dtype:
-        return torch.float32 if self.device == "cpu" else torch.bfloat16
+        return getattr(torch, self.dtype_name)
 
 
 @dataclass
@@ -71,18 +72,44 @@ class CalibOutput:
 
 
 # ----------------------------------------------------------------------------------- accumulators
-class LinearStats:
-    """Sum of x xᵀ over the rows a Linear sees."""
+def second_moment(x: torch.Tensor) -> torch.Tensor:
+    """xᵀx in fp32. bf16 activations are multiplied in bf16 (fp32 accumulation inside the kernel, 5x faster
+    than fp32 on AVX512-BF16 CPUs) in blocks of 1024 rows, each block's sum rounded once to bf16 (2^-9
+    relative) and accumulated in fp32: H's error stays far below GPTQ's 1% damping."""
+    if x.dtype != torch.bfloat16:
+        xf = x.float()
+        return xf.T @ xf
+    out = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+    for r0 in range(0, x.shape[0], 1024):
+        xb = x[r0:r0 + 1024]
+        out += (xb.T @ xb).float()
+    return out
 
-    def __init__(self):
+
+class _StageDone(Exception):
+    """Raised inside a layer's forward once every module of the stage being measured has run."""
+
+
+class LinearStats:
+    """Sum of x xᵀ (fp32) over the rows a Linear sees. Linears fed the same tensor (q/k/v, gate/up) share
+    one product through `shared` (cleared per batch), so H is computed once per distinct input."""
+
+    def __init__(self, shared: dict | None = None):
         self.h = None
         self.n = 0
+        self.shared = {} if shared is None else shared
 
     def hook(self, module, args):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-        hh = x.T @ x
-        self.h = hh if self.h is None else self.h.add_(hh)
-        self.n += x.shape[0]
+        x = args[0].detach()
+        key = (x.data_ptr(), tuple(x.shape), x._version)
+        hit = self.shared.get(key)
+        if hit is not None and hit[0] is x:  # the cache holds x, so its address cannot be reused meanwhile
+            hh = hit[1]
+        else:
+            hh = second_moment(x.reshape(-1, x.shape[-1]))
+            self.shared[key] = (x, hh)
+        self.h = hh.clone() if self.h is None else self.h.add_(hh)
+        self.n += x.numel() // x.shape[-1]
 
     def mean(self):
         return None if self.h is None or self.n == 0 else self.h / self.n
@@ -94,6 +121,7 @@ class ExpertStats:
     def __init__(self, module: nn.Module):
         self.module = module
         self.num = module.gate_up_proj.shape[0]
+        self.transposed = bool(getattr(module, "is_transposed", False))
         self.h_in = self.h_mid = None
         self.pooled_in = None
         self.total = 0
@@ -101,12 +129,16 @@ class ExpertStats:
         self.mass = torch.zeros(self.num, dtype=torch.float64)
 
     def _expert_mid(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """The down projection's input for expert e, computed the way transformers' experts module does
+        (`is_transposed`: x @ W as gpt_oss stores it; `has_bias`; `_apply_gate`: the family's gating)."""
         m = self.module
         w = m.gate_up_proj[e].float()
-        if hasattr(m, "_apply_gate"):  # gpt_oss: [H, 2I] (x @ W), biases, interleaved gate/up, clamped glu
-            gu = x @ w + m.gate_up_proj_bias[e].float()
+        gu = x @ w if self.transposed else nn.functional.linear(x, w)
+        if getattr(m, "has_bias", False) and getattr(m, "gate_up_proj_bias", None) is not None:
+            gu = gu + m.gate_up_proj_bias[e].float()
+        if hasattr(m, "_apply_gate"):
             return m._apply_gate(gu)
-        gate, up = nn.functional.linear(x, w).chunk(2, dim=-1)
+        gate, up = gu.chunk(2, dim=-1)
         return m.act_fn(gate) * up
 
     def hook(self, module, args, kwargs):
@@ -115,12 +147,11 @@ class ExpertStats:
         x_all = hidden.detach().reshape(-1, hidden.shape[-1]).float()
         d_in = x_all.shape[1]
         if self.h_in is None:
-            d_mid = self.module.down_proj.shape[-1] if not hasattr(self.module, "_apply_gate") else \
-                self.module.down_proj.shape[-2]
+            d_mid = self.module.down_proj.shape[-2] if self.transposed else self.module.down_proj.shape[-1]
             self.h_in = torch.zeros(self.num, d_in, d_in, device=x_all.device)
             self.h_mid = torch.zeros(self.num, d_mid, d_mid, device=x_all.device)
             self.pooled_in = torch.zeros(d_in, d_in, device=x_all.device)
-        self.pooled_in += x_all.T @ x_all
+        self.pooled_in += second_moment(hidden.detach().reshape(-1, hidden.shape[-1]))
         self.total += x_all.shape[0]
         idx = idx.reshape(x_all.shape[0], -1)
         weights = weights.reshape(x_all.shape[0], -1)
@@ -130,9 +161,9 @@ class ExpertStats:
                 if tok.numel() == 0:
                     continue
                 x = x_all[tok]
-                self.h_in[e] += x.T @ x
+                self.h_in[e] += second_moment(x)
                 mid = self._expert_mid(x, e).float()
-                self.h_mid[e] += mid.T @ mid
+                self.h_mid[e] += second_moment(mid)
                 self.counts[e] += tok.numel()
                 self.mass[e] += float(weights[tok, pos].double().sum())
 
@@ -247,19 +278,21 @@ class _Pass:
                       (self.out.experts.get(expert_path, {}).get("routed_tokens") if expert_path else
                        (linear[slot.name.rsplit(".", 1)[0]].n if slot.name.rsplit(".", 1)[0] in linear else 0)))
             stats[name] = {"method": res.method, "statistics": "H" if h is not None else None, "tokens": tokens,
-                           "proxy": res.proxy, "proxy_clip": res.proxy_clip, "sq_err": res.sq_err,
+                           "proxy": res.proxy, "proxy_clip": res.proxy_clip, "proxy_diag": res.proxy_diag,
+                           "proxy_diag_clip": res.proxy_diag_clip, "sq_err": res.sq_err,
                            "sq_ref": res.sq_ref, "experts": expert_path}
             del w, res
 
     def _hooks(self, names):
         linear, experts, handles = {}, {}, []
+        self._shared = shared = {}
         for name in names:
             slot = self.slot[name]
             module_path, attr = slot.name.rsplit(".", 1)
             module = self.skel.model.get_submodule(module_path)
             if isinstance(module, nn.Linear) and attr == "weight":
                 if module_path not in linear:
-                    linear[module_path] = LinearStats()
+                    linear[module_path] = LinearStats(shared)
                     handles.append(module.register_forward_pre_hook(linear[module_path].hook))
             elif attr in ("gate_up_proj", "down_proj") and hasattr(module, "gate_up_proj") and \
                     module.gate_up_proj.ndim == 3:
@@ -268,16 +301,36 @@ class _Pass:
                     handles.append(module.register_forward_pre_hook(experts[module_path].hook, with_kwargs=True))
         return linear, experts, handles
 
-    def _forward(self, layer, x, layer_args, capture_out: bool):
+    def _forward(self, layer, x, layer_args, capture_out: bool, stop_after: list | None = None):
+        """Run the layer over every batch; with `stop_after` (modules), a batch stops as soon as all of them
+        have run (the attention stage needs no MLP compute)."""
         bw = self.cfg.batch_windows
-        for b, (args, kwargs) in enumerate(layer_args):
-            xb = x[b * bw:(b + 1) * bw].to(self.cfg.device, self.cfg.dtype)
-            with torch.no_grad():
-                y = layer(xb, *args, **kwargs)
-            if isinstance(y, tuple):
-                y = y[0]
-            if capture_out:
-                x[b * bw:(b + 1) * bw] = y.to(x.device, x.dtype)
+        pending = set()
+        handles = []
+        if stop_after:
+            def done(module, args, output):
+                pending.discard(id(module))
+                if not pending:
+                    raise _StageDone()
+
+            handles = [m.register_forward_hook(done) for m in stop_after]
+        try:
+            for b, (args, kwargs) in enumerate(layer_args):
+                xb = x[b * bw:(b + 1) * bw].to(self.cfg.device, self.cfg.dtype)
+                pending.update(id(m) for m in stop_after or ())
+                getattr(self, "_shared", {}).clear()
+                try:
+                    with torch.no_grad():
+                        y = layer(xb, *args, **kwargs)
+                except _StageDone:
+                    continue
+                if isinstance(y, tuple):
+                    y = y[0]
+                if capture_out:
+                    x[b * bw:(b + 1) * bw] = y.to(x.device, x.dtype)
+        finally:
+            for h in handles:
+                h.remove()
 
     def run(self) -> CalibOutput:
         from tqdm import tqdm
@@ -302,9 +355,9 @@ class _Pass:
         xs, layer_args = [], []
         for b0 in range(0, ids.shape[0], bw):
             hidden, per_layer = layer_io.catch_layer_inputs(skel, ids[b0:b0 + bw].to(self.cfg.device))
-            xs.append(hidden.to("cpu", torch.float32))
+            xs.append(hidden.to("cpu"))
             layer_args.append(per_layer)
-        x = torch.cat(xs)
+        x = torch.cat(xs).to(self.cfg.dtype)
         del xs
         if start:
             from safetensors.torch import load_file
@@ -337,12 +390,13 @@ class _Pass:
         layer_io.materialise(skel, layer, self.slots_of, self.read, self.cfg.device, self.cfg.dtype)
         tensors, stats = {}, {}
         experts_before = set(self.out.experts)
-        for stage in stages:
+        for k, stage in enumerate(stages):
             if not stage:
                 continue
             linear, experts, handles = self._hooks(stage)
+            hooked = [self.skel.model.get_submodule(p) for p in list(linear) + list(experts)]
             try:
-                self._forward(layer, x, layer_args, capture_out=False)
+                self._forward(layer, x, layer_args, capture_out=False, stop_after=hooked if k == 0 else None)
             finally:
                 for h in handles:
                     h.remove()
@@ -390,7 +444,8 @@ class _Pass:
             res = weight_quant.quantize_weight(name, w, self.planned[name], self.recipe, hessian=h, compare_clip=True)
             tensors[name] = res.dequant.to("cpu")
             stats[name] = {"method": res.method, "statistics": "H (final norm output)", "tokens": acc.n,
-                           "proxy": res.proxy, "proxy_clip": res.proxy_clip, "sq_err": res.sq_err,
+                           "proxy": res.proxy, "proxy_clip": res.proxy_clip, "proxy_diag": res.proxy_diag,
+                           "proxy_diag_clip": res.proxy_diag_clip, "sq_err": res.sq_err,
                            "sq_ref": res.sq_ref, "experts": None}
         self._save("final", tensors, stats, {}, None)
         self._adopt("final", {"stats": stats, "experts": {}})

@@ -39,11 +39,13 @@ def memory_slot(disk_name: str, params: dict) -> Slot | None:
     """The in-memory slot of a disk tensor in a skeleton with parameter names `params`, or None."""
     if disk_name in params:
         return Slot(disk_name)
-    m = PER_EXPERT.match(disk_name)
+    renamed = disk_name.replace(".block_sparse_moe.", ".mlp.")  # mixtral's legacy module name
+    if renamed in params:
+        return Slot(renamed)
+    m = PER_EXPERT.match(renamed)
     if not m:
         return None
-    prefix = m["prefix"].replace(".block_sparse_moe.", ".mlp.")
-    fused = f"{prefix}.{'down_proj' if PART[m['proj']] is None else 'gate_up_proj'}"
+    fused = f"{m['prefix']}.{'down_proj' if PART[m['proj']] is None else 'gate_up_proj'}"
     if fused in params:
         return Slot(fused, int(m["idx"]), PART[m["proj"]])
     return None

@@ -125,7 +125,7 @@ def build(args) -> dict:
     calib_req = cfg.calib_request()
     if recipe.calibrated and not calib_req.given and not cfg.dry_run:
         raise BuildError(f"--method {recipe.method} needs calibration text: pass --calib-file PATH, "
-                         f"--calib-dataset ID[:split[:field]] or --calib teacher-sample")
+                         f"--calib-dataset ID[:split[:field]], --calib teacher-sample or --calib pydoc-topics")
     if calib_req.given and not recipe.calibrated:
         print(f"quant_save: note: --method {recipe.method} uses no calibration; the calibration source is ignored",
               file=sys.stderr)
@@ -244,7 +244,7 @@ def _meta(source: Source, adapter, recipe: Recipe, quantizer, fingerprint, uncla
                        "expert_rule": ("own H when an expert has >= min_expert_tokens routed tokens; below, "
                                        "lambda*own + (1-lambda)*pooled with lambda = tokens/min_expert_tokens; "
                                        "0 tokens: pooled H of every routed token of the layer"),
-                       "true_sequential": True, "resumed_layers": calib_out.resumed_layers,
+                       "true_sequential": True,
                        "proxy_total": sum(p for p, _ in proxies), "proxy_total_clip": sum(c for _, c in proxies
                                                                                           if c is not None)}
     meta = {
@@ -270,6 +270,7 @@ def _meta(source: Source, adapter, recipe: Recipe, quantizer, fingerprint, uncla
         "copied_files": copied,
         "timings": {"total_seconds": seconds, "quantized_MB_per_s": done_bytes / 1e6 / max(seconds, 1e-9),
                     "calibration_seconds": calib_out.seconds if calib_out is not None else None,
+                    "resumed_calibration_layers": calib_out.resumed_layers if calib_out is not None else 0,
                     "resumed_shards": resumed, "devices": devices,
                     "shards": {f: r.get("timing") for f, r in records.items() if f not in resumed}},
         "provenance": provenance.record(),
@@ -349,8 +350,9 @@ def parse_args(argv=None) -> BuildConfig:
     src.add_argument("--calib-file", help="calibration text file (UTF-8)")
     src.add_argument("--calib-dataset", help="calibration hub dataset ID[:split[:field]] (default split train, "
                                              "field text), or ID:config:split:field")
-    src.add_argument("--calib", choices=[calib_source.TEACHER_SAMPLE],
-                     help="teacher-sample: calibration text sampled from the source model")
+    src.add_argument("--calib", choices=list(calib_source.NAMED_SOURCES),
+                     help="teacher-sample: text sampled from the source model; pydoc-topics: the odd-numbered "
+                          "topics of CPython's pydoc_data (offline)")
     ap.add_argument("--calib-tokens", type=int, default=32768, help="calibration tokens (default 32768)")
     ap.add_argument("--calib-ctx", type=int, default=512, help="calibration window length (default 512)")
     ap.add_argument("--calib-batch", type=int, default=8, help="windows per forward in the calibration pass")

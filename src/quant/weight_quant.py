@@ -28,6 +28,8 @@ class WeightResult:
     method: str  # the method actually applied ("clip" when a calibrated method had no statistics)
     proxy: float | None = None  # tr(dW H dWᵀ) of the result, when H is known
     proxy_clip: float | None = None  # the same for plain clip, for comparison
+    proxy_diag: float | None = None  # tr(dW diag(H) dWᵀ): wclip's (llama.cpp imatrix's) own objective
+    proxy_diag_clip: float | None = None
 
 
 def check_finite(name: str, w: torch.Tensor) -> None:
@@ -61,10 +63,16 @@ def _quantize_one(w, spec, axis, method, recipe, hessian):
     return dq, sq_err, sq_ref
 
 
-def _proxy(w, dq, hessian, axis) -> float:
-    import quant_methods
-
-    return float(quant_methods.proxy_loss(w, dq, hessian, axis=axis))
+def _proxies(w, dq, hessian, axis) -> tuple[float, float]:
+    """(tr(dW H dWᵀ), tr(dW diag(H) dWᵀ)) summed over rows (and experts); fp32 products, fp64 totals."""
+    d = (dq.float() - w.float()).movedim(axis % w.ndim, -1)
+    if d.ndim == 2:
+        d = d.unsqueeze(0)
+    h = hessian.to(d.device, torch.float32)
+    h = h if h.ndim == 3 else h.unsqueeze(0)
+    full = float(((d @ h) * d).sum(dim=(1, 2)).double().sum())
+    diag = float(((d * d) * h.diagonal(dim1=-2, dim2=-1)[:, None, :]).sum(dim=(1, 2)).double().sum())
+    return full, diag
 
 
 def quantize_weight(name: str, w: torch.Tensor, plan: TensorPlan, recipe: Recipe, hessian: torch.Tensor | None = None,
@@ -91,19 +99,16 @@ def quantize_weight(name: str, w: torch.Tensor, plan: TensorPlan, recipe: Recipe
                 sq_err, sq_ref = sq_err + a, sq_ref + b
     except ValueError as e:
         raise BuildError(f"tensor {name}: {e}") from None
-    if not bool(torch.isfinite(dq).all()):
-        raise BuildError(f"tensor {name}: method {method} produced NaN/Inf (statistics degenerate?)")
     result = WeightResult(dq, sq_err, sq_ref, method)
     if hessian is not None:
-        result.proxy = _proxy(w, dq, hessian, axis)
+        result.proxy, result.proxy_diag = _proxies(w, dq, hessian, axis)
         if compare_clip:
             if method == "clip":
-                result.proxy_clip = result.proxy
+                result.proxy_clip, result.proxy_diag_clip = result.proxy, result.proxy_diag
             else:
-                clip_plan = plan
                 clip_dq = (moe_quant.quantize_tensor(w, plan.spec, axis=axis, return_codes=False).dequant
-                           if plan.slice_specs is None else _sliced_clip(w, clip_plan))
-                result.proxy_clip = _proxy(w, clip_dq, hessian, axis)
+                           if plan.slice_specs is None else _sliced_clip(w, plan))
+                result.proxy_clip, result.proxy_diag_clip = _proxies(w, clip_dq, hessian, axis)
     return result
 
 
