@@ -35,6 +35,7 @@ from typing import Callable
 
 import torch
 
+import atomic_io
 import fidelity_math as fm
 import provenance
 
@@ -311,7 +312,7 @@ def sample_windows(model: torch.nn.Module, start_id: int, n_windows: int, ctx: i
 def teacher_sample_windows(load_teacher: Callable[[], torch.nn.Module], teacher_id: str, tokenizer,
                            spec: TextSpec, cfg: EvalConfig) -> tuple[TokenWindows, bool]:
     """Teacher-sampled windows, cached on disk (sampling is a teacher forward too). -> (windows, cache hit)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     n_tokens = spec.n_tokens if spec.n_tokens is not None else cfg.max_tokens
     if n_tokens < 1:
@@ -328,10 +329,7 @@ def teacher_sample_windows(load_teacher: Callable[[], torch.nn.Module], teacher_
         tokens = load_file(str(path))["tokens"]
     else:
         tokens = sample_windows(load_teacher(), start, n_windows, cfg.ctx, spec.seed, spec.temperature)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"tokens": tokens.contiguous()}, str(tmp), metadata={"key": key})
-        os.replace(tmp, path)
+        atomic_io.write_bytes(path, save({"tokens": tokens.contiguous()}, metadata={"key": key}))
     preview = tokenizer.decode(tokens[0, 1:64].tolist())
     src = {"kind": "teacher-sample", "n_tokens_requested": n_tokens, "seed": spec.seed,
            "temperature": spec.temperature, "start_id": start, "sampler": "ancestral, full vocabulary",
@@ -399,7 +397,7 @@ def build_teacher_cache(load_teacher_fn: Callable[[], LogitsFn], teacher_id: str
     `load_teacher_fn` is only called on a miss, so a fully cached teacher is never loaded. Windows are
     written atomically one file each, so an interrupted build resumes where it stopped.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     from tqdm import tqdm
 
     key, fields = teacher_cache_key(teacher_id, windows, cfg)
@@ -436,14 +434,10 @@ def build_teacher_cache(load_teacher_fn: Callable[[], LogitsFn], teacher_id: str
             meta["vocab"] = vocab
             _check_cache_size(n, cfg, vocab)
         tensors = _teacher_window_tensors(logits, windows.tokens[i], cfg)
-        tmp = out.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"key": key, "vocab": str(vocab)})
-        os.replace(tmp, out)
+        atomic_io.write_bytes(out, save(tensors, metadata={"key": key, "vocab": str(vocab)}))
         del logits
     meta["complete"] = True
-    tmp = meta_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, meta_path)
+    atomic_io.write_json(meta_path, meta, indent=1, sort_keys=False)
     return cache
 
 
@@ -668,10 +662,7 @@ def main(argv=None) -> int:
     result = compare_models(args.teacher, args.student, text, cfg, teacher_id=args.teacher_id,
                             argv=sys.argv if argv is None else [sys.argv[0], *argv])
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out)
+    atomic_io.write_json(out, result, indent=1, sort_keys=False)
     for s in result["students"]:
         print(f"{s['name']}: ppl {s['ppl_student']:.4f} (teacher {s['ppl_teacher']:.4f})  "
               f"KL {s['kl_mean']:.4g} [{_fmt(s['kl_mean_interval'])}] ({s['kl_kind']})  top1 {s['top1_agree']:.4f}")
