@@ -1,0 +1,68 @@
+"""Peak RSS and wall time of a calibrated (gptq) build at two depths of the same tiny MoE: memory must be flat
+in depth (one layer + the activations), time linear in it. Each build runs in its own process
+(`/usr/bin/time`-free: the child reports ru_maxrss itself).
+
+    python bench/calib_memory.py [--layers 4,16] [--hidden 512] [--tokens 8192]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHILD = r"""
+import json, resource, sys, time
+import quant_save
+t = time.perf_counter()
+meta = quant_save.build({"model": sys.argv[1], "out": sys.argv[2], "progress": False, "method": "gptq",
+                         "calib": "pydoc-topics", "calib_tokens": int(sys.argv[3]), "calib_ctx": 256})
+print("RESULT " + json.dumps({"wall_s": time.perf_counter() - t, "peak_rss_MiB": resource.getrusage(
+    resource.RUSAGE_SELF).ru_maxrss / 1024, "calibration_s": meta["timings"]["calibration_seconds"],
+    "source_MiB": meta["source"]["bytes"] / 2**20}))
+"""
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", default="4,16")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--experts", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=8192)
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT / "tests"))
+    import tiny_models
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(ROOT / "src" / d) for d in ("quant", "eval", "distill"))}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (int(x) for x in args.layers.split(",")):
+            src = tiny_models.build_tiny_checkpoint(
+                "qwen3_moe", Path(tmp) / f"src{n}", byte_tokenizer=True, num_hidden_layers=n,
+                hidden_size=args.hidden, head_dim=64, num_attention_heads=8, num_key_value_heads=4,
+                num_experts=args.experts, moe_intermediate_size=args.hidden, max_shard_size="20MB")
+            proc = subprocess.run([sys.executable, "-c", CHILD, str(src), str(Path(tmp) / f"out{n}"), str(args.tokens)],
+                                  env=env, capture_output=True, text=True)
+            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if proc.returncode != 0 or line is None:
+                print(proc.stderr[-2000:], file=sys.stderr)
+                return 1
+            r = {"layers": n, **json.loads(line[len("RESULT "):])}
+            rows.append(r)
+            print(f"layers {n:>3}: source {r['source_MiB']:8.1f} MiB  peak RSS {r['peak_rss_MiB']:8.1f} MiB  "
+                  f"wall {r['wall_s']:6.1f} s  (calibration {r['calibration_s']:.1f} s)")
+    a, b = rows[0], rows[-1]
+    print(f"depth x{b['layers'] / a['layers']:.1f}: source x{b['source_MiB'] / a['source_MiB']:.2f}, peak RSS "
+          f"x{b['peak_rss_MiB'] / a['peak_rss_MiB']:.2f} (+{b['peak_rss_MiB'] - a['peak_rss_MiB']:.0f} MiB), "
+          f"wall x{b['wall_s'] / a['wall_s']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
