@@ -164,3 +164,38 @@ def test_builder_writes_per_expert_bits_into_fused_experts(tmp_path):
     assert math.isclose(built, planned) and built / params > 3.0
     builder.restore()
     assert torch.equal(exp.gate_up_proj, src[0])
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+def test_plan_round_trips_through_quant_save_bits_plan(tmp_path, layout):
+    """moe_alloc's plan -> quant_save --bits-plan: the built routed experts cost exactly the plan's effective
+    bits (footprint.py on both sides), and each expert slice was quantized at its own planned bits."""
+    import quant_save
+    from safetensors.torch import load_file
+
+    ckpt = build_tiny_checkpoint("qwen2_moe", tmp_path / "src", expert_layout=layout)
+    units = moe_alloc.expert_units(ckpt)
+    budget = moe_study.default_budgets(units, 128, "full")[1]
+    plan = moe_alloc.make_plan(_fake_probe(units), ckpt, budget, "asal", [2, 3, 4])
+    assert plan["experts_per_level"].get("2.0") and plan["experts_per_level"].get("4.0")
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(json.dumps(plan))
+    meta = quant_save.build({"model": str(ckpt), "out": str(tmp_path / "out"), "progress": False,
+                             "bits_plan": str(plan_path), "grid": "full", "group": 128, "clip_steps": 16,
+                             "expert_bits": 3.0, "linear_bits": 4.0})
+    experts = meta["footprint"]["roles"]["routed_expert"]
+    assert math.isclose(experts["effective_bits"], plan["effective_bits"], rel_tol=1e-12)
+    assert sorted(experts["bits"]) == [2.0, 3.0, 4.0]
+    src = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        src.update(load_file(str(f)))
+    out = {}
+    for f in sorted((tmp_path / "out").glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    bits = moe_study.unit_bits(plan, units)
+    for (layer, e), b in bits.items():
+        spec = moe_quant.QuantSpec(bits=b, group=128, grid="full")
+        for name, shape, axis, fused in units[(layer, e)].parts:
+            s = src[name][e] if fused else src[name]
+            o = out[name][e] if fused else out[name]
+            assert torch.equal(o, moe_quant.fake_quant(s, spec, axis)), (name, e, b)
