@@ -175,3 +175,54 @@ def test_context_error_names_sizes():
     assert mm_eval.context_error(100, 64, 200) is None
     msg = mm_eval.context_error(300, 256, 200)
     assert "300 tokens" in msg and "256 of them image tokens" in msg and "200" in msg
+
+
+class _FakeEngine:
+    """Stands in for vLLM's engine loop: every enqueued request finishes on the next step."""
+
+    def __init__(self):
+        self.pending, self.aborted = [], []
+
+    def has_unfinished_requests(self):
+        return bool(self.pending)
+
+    def step(self):
+        from types import SimpleNamespace
+
+        done, self.pending = self.pending, []
+        return [SimpleNamespace(finished=True, request_id=rid.split("-")[0],
+                                outputs=[SimpleNamespace(text=f"Answer: {rid}", finish_reason="stop", token_ids=[1, 2])])
+                for rid in done]
+
+    def abort_request(self, ids, internal=True):
+        self.aborted.extend(ids)
+
+
+class _FakeLLM:
+    def __init__(self, too_long: str):
+        self.too_long, self.llm_engine, self.seen = too_long, _FakeEngine(), []
+
+    def enqueue_chat(self, conversations, params, use_tqdm=False, chat_template_kwargs=None):
+        ids = []
+        for conv in conversations:
+            url = next(p["image_url"]["url"] for p in conv[0]["content"] if p["type"] == "image_url")
+            if self.too_long in url:
+                raise ValueError("The decoder prompt (length 5000) is longer than the maximum model length of 1024")
+            self.seen.append(conv)
+            ids.append(f"{len(self.seen) - 1}-x")
+        self.llm_engine.pending.extend(ids)
+        return ids
+
+
+@pytest.mark.slow  # importing vllm (SamplingParams) takes ~20 s on this box; no engine is started
+def test_vllm_backend_sends_image_parts_and_refuses_only_the_prompt_that_does_not_fit():
+    samples = bench_registry.load_samples("math_vision", data_file=MATHV_FILE, n=3)
+    b64 = eval_backends.chat_messages(samples[1])[0]["content"][0]["image_url"]["url"].split(",", 1)[1]
+    backend = object.__new__(eval_backends.VllmBackend)
+    backend.sampling, backend._prep_s = eval_backends.Sampling(temperature=0.0, max_new_tokens=4), 0.0
+    backend.llm = _FakeLLM(too_long=b64[-40:])
+    gens = dict(backend.stream(samples))
+    assert sorted(gens) == [0, 1, 2]
+    assert gens[1]["finish_reason"] == "input_error" and "longer than the maximum model length" in gens[1]["input_error"]
+    assert gens[0]["finish_reason"] == gens[2]["finish_reason"] == "stop" and gens[0]["output"] != gens[2]["output"]
+    assert len(backend.llm.seen) == 2 and all(c[0]["content"][0]["type"] == "image_url" for c in backend.llm.seen)
