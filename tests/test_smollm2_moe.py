@@ -52,7 +52,9 @@ def test_fixture_loads_generates_and_tracks_its_dense_parent(moe_dir, smollm2_di
     tok = AutoTokenizer.from_pretrained(str(moe_dir))
     moe = AutoModelForCausalLM.from_pretrained(str(moe_dir), dtype=torch.float32).eval()
     dense = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()
-    text = (ROOT / "data" / "smoke" / "fidelity.txt").read_text()[:1200]
+    import moefy_fit
+
+    text = moefy_fit.pydoc_topics_text(held_out=True)[:2000]  # held out from the router fit
     ids = tok(text, return_tensors="pt").input_ids[:, :200]
     with torch.no_grad():
         a, b = dense(ids).logits[0, :-1], moe(ids).logits[0, :-1]
@@ -72,7 +74,7 @@ def test_fixture_loads_generates_and_tracks_its_dense_parent(moe_dir, smollm2_di
         want = (moefy.slot_gates(slots, sel, w, gate) * acts) @ wd_scaled.T
         assert torch.allclose(got, want, atol=1e-3 * float(want.abs().max()))
     top1 = float((a.argmax(-1) == b.argmax(-1)).float().mean())
-    assert top1 > 0.6, top1  # a wrong permutation or scale drops this to chance
+    assert top1 > 0.6, top1  # measured 0.76 on this split; a wrong permutation or scale drops it to chance
     out = moe.generate(ids[:, :8], max_new_tokens=8, do_sample=False)
     assert out.shape[1] == 16
 
