@@ -105,6 +105,38 @@ def pack_ggufs(work: Path, calib: Path, prefix: Path) -> dict:
     return out
 
 
+def llamacpp_points_from(path: Path) -> dict:
+    """llama.cpp points already measured by bench/gguf_kl_vs_clip.py (same text split, same windows, imatrix
+    from the same calibration text): reused instead of re-packing when time is short (`--llamacpp-from`)."""
+    doc = json.loads(path.read_text())
+    lp = {s["name"]: s for s in doc["llama_perplexity"]["students"]}
+    out = {}
+    for name, meta in doc["gguf_meta"].items():
+        s = lp.get(name, {})
+        out[meta["base_type"]] = {"gguf": None, "bits_per_weight": meta["bits_per_weight"],
+                                  "bits_per_weight_without_embed_output": meta["bits_per_weight_without_embed_output"],
+                                  "kl": s.get("kl_mean"), "kl_stderr": s.get("kl_mean_stderr"),
+                                  "top1": s.get("top1_agree"), "measured_by": str(path.relative_to(ROOT))}
+    return out
+
+
+def bf16_gguf(teacher: Path, work: Path, prefix: Path) -> Path:
+    """The teacher as a BF16 GGUF (llama.cpp's converter), for llama.cpp's token ids of the eval text."""
+    import gguf_pack
+
+    out = work / "gguf" / "smollm2-BF16.gguf"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tree = prefix / "llama.cpp"
+    src = gguf_pack.byte_level_bpe_view(teacher, work / "bpe-view") if gguf_pack.tokenizer_conflict(teacher) else teacher
+    subprocess.run([sys.executable, str(tree / "convert_hf_to_gguf.py"), str(src), "--outtype", "bf16", "--outfile",
+                    str(out)], check=True, env={**os.environ, "PYTHONPATH": f"{tree / 'gguf-py'}:"
+                                                                           f"{os.environ.get('PYTHONPATH', '')}"},
+                   stdout=subprocess.DEVNULL)
+    return out
+
+
 def llamacpp_ids(prefix: Path, bf16: Path, text: str, n: int) -> list[int]:
     import urllib.request
 
@@ -157,7 +189,8 @@ def rows_from(doc: dict) -> list[dict]:
                      "bpw_body": r["bpw_body"], "kl": r["kl"], "kl_stderr": r["kl_stderr"], "top1": r["top1"],
                      "wall_s": r["wall_s"], "tool": "moe_eval"})
     for base, r in doc["llamacpp"].items():
-        rows.append({"name": f"llama.cpp {base}" + (" (IQ3 recipe)" if base == "IQ3_XXS" else ""), "kind": "llamacpp",
+        rows.append({"name": f"llama.cpp {base}" + (" (IQ3 recipe)" if base == "IQ3_XXS" else "") +
+                     (f" [{r['measured_by']}]" if r.get("measured_by") else ""), "kind": "llamacpp",
                      "method": base, "bpw": r["bits_per_weight"], "bpw_body": r["bits_per_weight_without_embed_output"],
                      "kl": r.get("kl"), "kl_stderr": r.get("kl_stderr"), "top1": r.get("top1"), "wall_s": None,
                      "tool": "llama-perplexity"})
@@ -251,6 +284,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="", help="comma list of build names (default: all); see configs()")
     ap.add_argument("--skip-gguf", action="store_true", help="no llama.cpp points")
+    ap.add_argument("--llamacpp-from", default=None,
+                    help="reuse the llama.cpp points of this bench/gguf_kl_vs_clip.py JSON instead of packing")
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=16)
@@ -275,7 +310,11 @@ def main(argv=None) -> int:
     names = set(filter(None, args.only.split(",")))
 
     metas = build_ours(teacher, work, names, args.calib_tokens)
-    ggufs = {} if args.skip_gguf else pack_ggufs(work, calib, prefix)
+    reused = {}
+    if args.llamacpp_from:
+        reused = llamacpp_points_from(Path(args.llamacpp_from).resolve())
+        bf16_gguf(teacher, work, prefix)
+    ggufs = {} if (args.skip_gguf or args.llamacpp_from) else pack_ggufs(work, calib, prefix)
     me, lp, text = measure(teacher, metas, ggufs, work, evalf, eval_text, prefix, args.ctx, args.chunks)
     doc = {"schema": "moe-lowbit/quant-methods/v1", "provenance": provenance.record(argv=sys.argv),
            "calib_tokens": args.calib_tokens, "text": text, "ours": {}, "llamacpp": {}}
@@ -293,6 +332,7 @@ def main(argv=None) -> int:
                              "wall_s": m["wall_s"], "calibration_s": m["meta"]["timings"].get("calibration_seconds"),
                              "proxy_total": (m["meta"].get("calibration") or {}).get("proxy_total"),
                              "proxy_total_clip": (m["meta"].get("calibration") or {}).get("proxy_total_clip")}
+    doc["llamacpp"].update(reused)
     lp_by = {s["name"]: s for s in lp.get("students", [])}
     for base, g in ggufs.items():
         s = lp_by.get(base, {})

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QUANT_SAVE = ROOT / "src" / "quant" / "quant_save.py"
 FAMILIES = {"qwen3_5_moe": "native", "qwen3_moe": "fused", "mixtral": "native", "deepseek_v3": "native",
             "gpt_oss": "native"}
-CALIB = dict(calib_tokens=1024, calib_ctx=64)
+CALIB = dict(calib_tokens=512, calib_ctx=64)
 
 
 @pytest.fixture(scope="module")
