@@ -64,13 +64,13 @@ class DistillConfig:
     k: int = 20
     loss: str = "reverse_kl"
     offpolicy_loss: str = "forward_kl"
-    lora_roles: str = "routed_expert,shared_expert,attention"
+    lora_roles: str = "routed_expert"
     rank: int = 8
     alpha: float = 16.0
-    lr: float = 5e-3
+    lr: float = 1e-2
     batch_seqs: int = 4
     micro_seqs: int = 1
-    token_budget: int = 1500
+    token_budget: int = 600
     nproc: int = 2
     device: str = "cpu"
     seed: int = 0
@@ -81,8 +81,8 @@ class DistillConfig:
     clip_lo: float = 0.65
     benchmarks: str = "mmlu_pro,math500"
     data_files: str = "mmlu_pro=data/smoke/mmlu_pro_easy.jsonl,math500=data/smoke/math500_easy.jsonl"
-    eval_n: str = "24"
-    eval_max_new_tokens: int = 64
+    eval_n: str = "12"
+    eval_max_new_tokens: int = 48
     fidelity_text: str = "data/smoke/fidelity.txt"
     fidelity_ctx: int = 64
     fidelity_tokens: int = 4096
