@@ -254,3 +254,24 @@ def test_bad_input_fails_with_a_message_naming_the_problem():
         qm.quantize_with_method(bad, mq.QuantSpec(4), qm.MethodSpec("gptq"), hessian=torch.eye(64))
     with pytest.raises(ValueError, match="damp"):
         qm.MethodSpec("gptq", damp=-1)
+
+
+def test_the_clip_guard_takes_clip_per_expert_only_where_clip_scores_better():
+    w, h = expert_setup(e=3, dtype=torch.bfloat16)
+    spec = mq.QuantSpec(3)
+    raw = qm.quantize_with_method(w, spec, qm.MethodSpec("wclip", guard=False), hessian=h)
+    clip = mq.quantize_tensor(w, spec)
+    # make expert 0's statistics disagree with its diagonal: wclip's per-channel weights are then wrong
+    h_bad = h.clone()
+    h_bad[0] = h[0] + torch.ones_like(h[0]) * float(h[0].diagonal().mean()) * 5
+    raw_bad = qm.quantize_with_method(w, spec, qm.MethodSpec("wclip", guard=False), hessian=h_bad)
+    guarded = qm.quantize_with_method(w, spec, qm.MethodSpec("wclip"), hessian=h_bad)
+    per_raw = qm.proxy_loss_per_expert(w, raw_bad.dequant, h_bad)
+    per_clip = qm.proxy_loss_per_expert(w, clip.dequant, h_bad)
+    per_guard = qm.proxy_loss_per_expert(w, guarded.dequant, h_bad)
+    assert per_clip[0] < per_raw[0] and per_clip[1] > per_raw[1], "the setup must exercise both picks"
+    assert torch.all(per_guard <= torch.minimum(per_raw, per_clip))
+    for e in range(3):
+        want = clip if per_clip[e] < per_raw[e] else raw_bad
+        assert torch.equal(guarded.dequant[e], want.dequant[e]) and torch.equal(guarded.scales[e], want.scales[e])
+    assert torch.equal(guarded.dequant[1:], raw.dequant[1:])
