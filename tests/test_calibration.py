@@ -13,9 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
-import moe_quant
 import quant_save
 import tiny_models
 

@@ -37,7 +37,6 @@ from pathlib import Path
 import atomic_io
 import build_plan
 import calib_source
-import ckpt_source
 import footprint
 import model_adapters
 import provenance

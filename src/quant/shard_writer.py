@@ -32,7 +32,7 @@ from model_adapters import Recipe
 COPY_CHUNK = 64 << 20
 # Files whose source text decides the output bytes: a change invalidates resumed shards and calibration.
 QUANTIZER_FILES = ("moe_quant.py", "quant_kernels_cpu.py", "quant_methods.py", "model_adapters.py", "footprint.py",
-                   "build_plan.py", "weight_quant.py", "shard_writer.py", "calib_stats.py", "layer_io.py",
+                   "build_plan.py", "weight_quant.py", "shard_writer.py", "calib_stats.py", "calib_accum.py", "layer_io.py",
                    "calib_source.py")
 
 
