@@ -230,6 +230,12 @@ def table(doc: dict) -> str:
         top1 = "-" if r["top1"] is None else f"{100 * r['top1']:.1f}%"
         wall = "-" if r["wall_s"] is None else f"{r['wall_s']:.0f}"
         lines.append(f"| {r['name']} | {r['bpw']:.2f} / {r['bpw_body']:.2f} | {kl} | {top1} | {r['tool']} | {wall} |")
+    if any(r.get("measured_by") for r in doc["llamacpp"].values()):
+        lines += ["", "llama.cpp rows were measured by bench/gguf_kl_vs_clip.py (its JSON is named in the row) on 16 "
+                      "windows of the same llama.cpp token stream, of which the windows above are the first "
+                      f"{t['n_windows']}; their KL is llama-perplexity's (2nd half of each window), ours moe_eval's "
+                      "(every position). That bench measured both tools on the same clip checkpoints: they agree "
+                      "within ~4%."]
     lines += ["", "Does one of our methods at <= a llama.cpp point's file bpw reach <= its KL?", ""] + answers(rows)
     return "\n".join(lines)
 
