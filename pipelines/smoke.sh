@@ -16,4 +16,5 @@ source "$ROOT/configs/smoke_eval.env"
 moe_lowbit_ensure_venv
 cd "$ROOT"
 exec python -m smoke --expert-bits "$EXPERT_BITS" --linear-bits "$LINEAR_BITS" --mtp-bits "$MTP_BITS" \
-  --group "$GROUP" --clip-steps "$CLIP_STEPS" --clip-lo "$CLIP_LO" "$@"
+  --group "$GROUP" --clip-steps "$CLIP_STEPS" --clip-lo "$CLIP_LO" --method "${METHOD:-clip}" --grid "${GRID:-sym}" \
+  --role-bits "${ROLE_BITS:-}" --calib "${CALIB:-}" --calib-tokens "${CALIB_TOKENS:-0}" --calib-ctx "${CALIB_CTX:-512}" "$@"

@@ -55,6 +55,12 @@ class SmokeConfig:
     group: int = 128
     clip_steps: int = 8
     clip_lo: float = 0.65
+    method: str = "clip"  # quant_save --method; configs/smoke.env sets the measured best (gptq)
+    grid: str = "sym"
+    role_bits: str = ""  # e.g. embed=8 (quant_save --role-bits)
+    calib: str = ""  # calibration source for calibrated methods: pydoc-topics | teacher-sample | a file path
+    calib_tokens: int = 0  # 0 = quant_save's default
+    calib_ctx: int = 512
     quant_device: str = "auto"  # auto = cuda when available, else cpu
     fidelity_text: str = "data/smoke/fidelity.txt"  # offline: shipped text (sampling on CPU costs minutes)
     hub_fidelity_text: str = "teacher-sample"  # hub mode: text sampled from the teacher (cheap on a GPU)

@@ -34,7 +34,8 @@ def render_table(docs: Mapping) -> str:
     recipe = s["quant"]["recipe"] or {}
     lines = [f"SMOKE {s['kind']}  mode={s['mode']}  data={s['data']}  teacher={s['teacher']['spec']}",
              f"  why: {'; '.join(s['reasons'])}",
-             f"  quant: {t['tag']} -> {q['tag']}  (linear {recipe.get('linear_bits')} bit, experts "
+             f"  quant: {t['tag']} -> {q['tag']}  (method {recipe.get('method', 'clip')}, "
+             f"linear {recipe.get('linear_bits')} bit, experts "
              f"{recipe.get('expert_bits')} bit, group {recipe.get('group')}, clip steps {recipe.get('clip_steps')}; "
              f"{s['quant']['build']})"]
     if s["random_weights"]:

@@ -103,7 +103,16 @@ def quantize_cmd(teacher_dir: Path, qdir: Path, cfg: SmokeConfig, device: str, f
     cmd = [sys.executable, REPO_ROOT / "src/quant/quant_save.py", "--model", teacher_dir, "--out", qdir,
            "--expert-bits", f"{cfg.expert_bits:g}", "--linear-bits", f"{cfg.linear_bits:g}",
            "--mtp-bits", f"{cfg.mtp_bits:g}", "--group", cfg.group, "--clip-steps", cfg.clip_steps,
-           "--clip-lo", f"{cfg.clip_lo:g}", "--device", device, "--no-progress"]
+           "--clip-lo", f"{cfg.clip_lo:g}", "--device", device, "--no-progress",
+           "--method", cfg.method, "--grid", cfg.grid]
+    if cfg.role_bits:
+        cmd += ["--role-bits", cfg.role_bits]
+    if cfg.method not in ("clip", "rtn"):  # calibrated methods: the recipe's calibration text and size
+        cmd += ["--calib-ctx", cfg.calib_ctx]
+        if cfg.calib:
+            cmd += (["--calib-file", cfg.calib] if Path(cfg.calib).is_file() else ["--calib", cfg.calib])
+        if cfg.calib_tokens:
+            cmd += ["--calib-tokens", cfg.calib_tokens]
     return cmd + (["--force"] if force else [])
 
 
