@@ -41,7 +41,8 @@ if [ "${PROBE:-0}" != "0" ]; then
   python "$ROOT/src/quant/moe_probe.py" --model "$MODEL" --calib-file "$PROBE_CALIB" --tokens "${PROBE_TOKENS:-16384}" \
     --out "$PROBE_DIR/probe.json"
   python "$ROOT/src/quant/moe_alloc.py" --probe "$PROBE_DIR/probe.json" --model "$MODEL" --budget "${ALLOC_BUDGET:-3.0}" \
-    --strategy "${ALLOC_STRATEGY:-asal}" --levels "${ALLOC_LEVELS:-2,3,4}" --out "$PROBE_DIR/plan.json"
+    --strategy "${ALLOC_STRATEGY:-asal}" --levels "${ALLOC_LEVELS:-2,3,4}" --grid "${GRID:-sym}" --group "${GROUP:-128}" \
+    --out "$PROBE_DIR/plan.json"  # the plan is costed on the grid the build uses (2 bits needs GRID=full or asym)
   BITS_PLAN="$PROBE_DIR/plan.json"
 fi
 [ -n "${BITS_PLAN:-}" ] && ARGS+=(--bits-plan "$BITS_PLAN")
