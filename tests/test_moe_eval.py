@@ -290,7 +290,7 @@ def fake_quantized_copy(model: torch.nn.Module, bits: int) -> torch.nn.Module:
     """Every Linear weight but lm_head (tied to the embeddings here) fake-quantized at g128, clip search on."""
     from moe_quant import QuantSpec, fake_quant
 
-    spec = QuantSpec(bits=bits, group=128, clip_steps=16)
+    spec = QuantSpec(bits=bits, group=128, clip_steps=16, grid="full" if bits == 2 else "sym")  # sym refuses 2 bits
     q = copy.deepcopy(model)
     n = 0
     for name, mod in q.named_modules():
