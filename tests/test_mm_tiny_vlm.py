@@ -88,14 +88,14 @@ def test_image_too_large_for_the_context_is_an_input_error(backend, tmp_path):
 
 def test_hf_eval_is_killed_and_resumes_to_the_clean_result(tiny_vlm, backend, tmp_path):
     clean = tmp_path / "clean"
-    cfg = vllm_eval8.config_from_args(vllm_eval8.build_parser("").parse_args(_args(tiny_vlm, "mv", clean, "--n", "3")))
+    cfg = vllm_eval8.config_from_args(vllm_eval8.build_parser("").parse_args(_args(tiny_vlm, "mv", clean, "--n", "8")))
     backend.sampling = type(backend.sampling)(temperature=0.0, max_new_tokens=4, thinking=False)
     ref = vllm_eval8.run_eval(cfg, backend=backend)
     results_schema.check_result(ref)
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src" / d) for d in ("quant", "eval", "distill")]
                                                        + [os.environ.get("PYTHONPATH", "")])}
-    cmd = ["bash", str(ROOT / "pipelines" / "eval.sh"), *_args(tiny_vlm, "mv", killed, "--n", "3")]
+    cmd = ["bash", str(ROOT / "pipelines" / "eval.sh"), *_args(tiny_vlm, "mv", killed, "--n", "8")]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     jsonl = killed / "mv.jsonl"
     deadline = time.time() + 240
@@ -106,11 +106,11 @@ def test_hf_eval_is_killed_and_resumes_to_the_clean_result(tiny_vlm, backend, tm
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     kept = len(jsonl.read_text().splitlines()) - 1
-    assert 1 <= kept < 3
+    assert 1 <= kept < 8  # 8 samples: the kill lands mid-run even on an idle box
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     doc = json.loads((killed / "mv.json").read_text())
-    assert doc["resumed"]["reused"] == kept and doc["resumed"]["generated"] == 3 - kept
+    assert doc["resumed"]["reused"] == kept and doc["resumed"]["generated"] == 8 - kept
     assert results_schema.without_volatile(doc)["benchmarks"] == results_schema.without_volatile(ref)["benchmarks"]
     lines = lambda p: [json.loads(x) for x in p.read_text().splitlines()[1:]]  # noqa: E731
     assert lines(jsonl) == lines(clean / "mv.jsonl")
