@@ -220,3 +220,18 @@ def check_same_vocab(teacher_dir: str | Path, student_dir: str | Path) -> None:
 
 def header_for(kind: str, cfg: dict, argv=None) -> dict:
     return {"kind": kind, "config": cfg, "config_hash": config_hash(cfg), "provenance": provenance.record(argv=argv)}
+
+
+def padded_batch(items: list[dict]):
+    """Right-padded prompt+completion ids and their attention mask: the one layout the scorer and the
+    trainer share, so the teacher's row t and the student's row t see the same tokens."""
+    import torch
+
+    seqs = [it["prompt_ids"] + it["completion_ids"] for it in items]
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)] = torch.tensor(s)
+        mask[b, :len(s)] = 1
+    return ids, mask

@@ -110,13 +110,7 @@ class HfScorer:
 
     @torch.no_grad()
     def score(self, items: list[dict], k: int) -> list[dict]:
-        seqs = [it["prompt_ids"] + it["completion_ids"] for it in items]
-        width = max(len(s) for s in seqs)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            ids[b, :len(s)] = torch.tensor(s)
-            mask[b, :len(s)] = 1
+        ids, mask = opd_data.padded_batch(items)
         logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False).logits
         out = []
         for b, it in enumerate(items):

@@ -132,13 +132,7 @@ def schedule(n_items: int, lengths: list[int], batch: int, seed: int, steps: int
 
 def collate(batch: list[dict]) -> dict:
     """Right-padded input ids + for each item the (row positions, teacher rows)."""
-    seqs = [it["prompt_ids"] + it["completion_ids"] for it in batch]
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, :len(s)] = torch.tensor(s)
-        mask[b, :len(s)] = 1
+    ids, mask = opd_data.padded_batch(batch)
     return {"input_ids": ids, "attention_mask": mask, "items": batch}
 
 
