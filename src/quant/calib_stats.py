@@ -70,6 +70,28 @@ class CalibOutput:
     experts: dict = field(default_factory=dict)  # experts module -> {tokens, router_mass, rule}
     resumed_layers: int = 0
     seconds: float = 0.0
+    stage_seconds: dict = field(default_factory=dict)  # wall seconds per stage of the pass (for the bench)
+
+
+def _detached_copy(out):
+    """A module output (tensor, or tuple/list of tensors and None) copied, so later in-place ops cannot
+    change what was recorded."""
+    if isinstance(out, torch.Tensor):
+        return out.detach().clone()
+    if isinstance(out, (tuple, list)):
+        return type(out)(_detached_copy(o) for o in out)
+    return out
+
+
+class _Replay:
+    """While installed, `module` returns outs[batch[0]] instead of running (see _Pass._forward)."""
+
+    def __init__(self, module: nn.Module, outs: list, batch: list):
+        self.module = module
+        module.forward = lambda *args, **kwargs: outs[batch[0]]
+
+    def remove(self) -> None:
+        del self.module.forward  # back to the class's forward
 
 
 # ------------------------------------------------------------------------------------------ pass
@@ -194,12 +216,20 @@ class _Pass:
                     handles.append(module.register_forward_pre_hook(experts[module_path].hook, with_kwargs=True))
         return linear, experts, handles
 
-    def _forward(self, layer, x, layer_args, capture_out: bool, stop_after: list | None = None):
+    def _forward(self, layer, x, layer_args, capture_out: bool, stop_after: list | None = None,
+                 attn_record: dict | None = None, attn_replay: dict | None = None):
         """Run the layer over every batch; with `stop_after` (modules), a batch stops as soon as all of them
-        have run (the attention stage needs no MLP compute)."""
+        have run (the attention stage needs no MLP compute).
+
+        `attn_record` ({module: [outputs per batch]}) keeps what the layer's attention modules return; with
+        `attn_replay` those modules return the recorded outputs instead of recomputing them. The output
+        pass uses this: between the MLP stage and it only the MLP's weights change, so the attention's
+        output is the same (bit for bit: the same inputs through the same weights), and one attention pass
+        per layer is saved."""
         bw = self.cfg.batch_windows
         pending = set()
         handles = []
+        batch = [0]
         if stop_after:
             def done(module, args, output):
                 pending.discard(id(module))
@@ -207,8 +237,14 @@ class _Pass:
                     raise _StageDone()
 
             handles = [m.register_forward_hook(done) for m in stop_after]
+        for module, outs in (attn_record or {}).items():
+            handles.append(module.register_forward_hook(
+                lambda m, a, out, outs=outs: outs.append(_detached_copy(out))))
+        for module, outs in (attn_replay or {}).items():
+            handles.append(_Replay(module, outs, batch))
         try:
             for b, (args, kwargs) in enumerate(layer_args):
+                batch[0] = b
                 xb = x[b * bw:(b + 1) * bw].to(self.cfg.device, self.cfg.dtype)
                 pending.update(id(m) for m in stop_after or ())
                 getattr(self, "_shared", {}).clear()
@@ -245,6 +281,7 @@ class _Pass:
         embed_like = [m for m in top if any(True for _ in m.parameters())]
         for m in embed_like:
             layer_io.materialise(skel, m, self.slots_of, self.read, self.cfg.device, self.cfg.dtype)
+        t_in = time.perf_counter()
         xs, layer_args = [], []
         for b0 in range(0, ids.shape[0], bw):
             hidden, per_layer = layer_io.catch_layer_inputs(skel, ids[b0:b0 + bw].to(self.cfg.device))
@@ -252,6 +289,7 @@ class _Pass:
             layer_args.append(per_layer)
         x = torch.cat(xs).to(self.cfg.dtype)
         del xs
+        self._tick("layer0_inputs", t_in)
         if start:
             from safetensors.torch import load_file
 
@@ -269,7 +307,9 @@ class _Pass:
                 bar.update(1)
         finally:
             bar.close()
+        t_fin = time.perf_counter()
         self._final(x, embed_like)
+        self._tick("final_head", t_fin)
         self.out.seconds = time.perf_counter() - t0
         return self.out
 
@@ -283,18 +323,32 @@ class _Pass:
         layer_io.materialise(skel, layer, self.slots_of, self.read, self.cfg.device, self.cfg.dtype)
         tensors, stats = {}, {}
         experts_before = set(self.out.experts)
+        attn_modules = [m for n, m in layer.named_children() if n in ATTENTION_PARTS]
+        recorded = None
         for k, stage in enumerate(stages):
             if not stage:
                 continue
             linear, experts, handles = self._hooks(stage)
             hooked = [self.skel.model.get_submodule(p) for p in list(linear) + list(experts)]
+            record = {m: [] for m in attn_modules} if k == 1 else None
+            t0 = time.perf_counter()
             try:
-                self._forward(layer, x, layer_args, capture_out=False, stop_after=hooked if k == 0 else None)
+                self._forward(layer, x, layer_args, capture_out=False, stop_after=hooked if k == 0 else None,
+                              attn_record=record)
             finally:
                 for h in handles:
                     h.remove()
+            self._tick("forward_stats", t0)
+            t0 = time.perf_counter()
             self._quantize(stage, linear, experts, tensors, stats)
-        self._forward(layer, x, layer_args, capture_out=True)
+            self._tick("quantize", t0)
+            recorded = record if k == 1 else recorded
+        t0 = time.perf_counter()
+        usable = recorded if recorded and all(len(v) == len(layer_args) for v in recorded.values()) else None
+        self._forward(layer, x, layer_args, capture_out=True, attn_replay=usable)
+        self._tick("forward_out", t0)
+        del recorded, usable
+        t0 = time.perf_counter()
         layer_io.release(layer)
         tag = f"layer-{i:05d}"
         experts = {k: v for k, v in self.out.experts.items() if k not in experts_before}
@@ -302,6 +356,10 @@ class _Pass:
         prev = self._paths(f"layer-{i - 1:05d}")[2]
         prev.unlink(missing_ok=True)  # the activations before this layer are no longer needed
         self._adopt(tag, {"stats": stats, "experts": experts})
+        self._tick("checkpoint", t0)
+
+    def _tick(self, stage: str, t0: float) -> None:
+        self.out.stage_seconds[stage] = self.out.stage_seconds.get(stage, 0.0) + time.perf_counter() - t0
 
     def _final(self, x: torch.Tensor, top_modules) -> None:
         """lm_head's H from the final norm's output; a tied embedding is quantized with it."""

@@ -125,19 +125,29 @@ def quantize_with_method(w: torch.Tensor, spec: QuantSpec, method: MethodSpec, a
     `moe_quant.quantize_tensor` (codes moved back to w's layout). use_kernel=False forces the
     device-generic torch code on CPU (what runs on a GPU).
     """
+    return quantize_with_baseline(w, spec, method, axis, hessian, use_kernel)[0]
+
+
+@torch.no_grad()
+def quantize_with_baseline(w: torch.Tensor, spec: QuantSpec, method: MethodSpec, axis: int = -1,
+                           hessian: torch.Tensor | None = None, use_kernel: bool = True):
+    """`quantize_with_method`, plus what its clip guard computed on the way, so a caller that reports the
+    result against clip need not quantize with clip and multiply by H again: (result, clip's result,
+    (tr(dW H dW^T) per expert [B] of the result, the same of clip's), both fp32) - or (result, None, None)
+    when no guard ran (clip, rtn, awq, guard=False)."""
     if not isinstance(method, MethodSpec):
         raise TypeError(f"method must be a MethodSpec, got {type(method).__name__}")
     if spec.is_identity:
         raise ValueError("bits=16 means 'leave untouched': the caller should not quantize this tensor")
     if method.name == "clip":
-        return moe_quant.quantize_tensor(w, spec, axis, use_kernel=use_kernel)
+        return moe_quant.quantize_tensor(w, spec, axis, use_kernel=use_kernel), None, None
     if method.name == "rtn":
-        return moe_quant.quantize_tensor(w, replace(spec, clip_steps=0), axis, use_kernel=use_kernel)
+        return moe_quant.quantize_tensor(w, replace(spec, clip_steps=0), axis, use_kernel=use_kernel), None, None
     _check_weight(w)
     wb, axis = _as_batched(w, axis)
     h = check_hessian(hessian, w, axis, method.name)
     if method.name == "awq":
-        return awq(w, spec, method, axis, h, use_kernel)
+        return awq(w, spec, method, axis, h, use_kernel), None, None
     if method.name == "wclip":
         imp = channel_importance(h, method.damp)  # [B, K]
         res = moe_quant.quantize_tensor(w, spec, axis, use_kernel=use_kernel,
@@ -146,11 +156,16 @@ def quantize_with_method(w: torch.Tensor, spec: QuantSpec, method: MethodSpec, a
         res = _finish(w, axis, *gptq.gptq_batched(wb, h, spec, damp=method.damp, act_order=method.act_order,
                                                   block=method.block, use_kernel=use_kernel))
     if not method.guard:
-        return res
-    return keep_better_than_clip(w, axis, h, res, moe_quant.quantize_tensor(w, spec, axis, use_kernel=use_kernel))
+        return res, None, None
+    clip = moe_quant.quantize_tensor(w, spec, axis, use_kernel=use_kernel)
+    mine = batched_proxy(wb, _as_batched(res.dequant, axis)[0], h)
+    theirs = batched_proxy(wb, _as_batched(clip.dequant, axis)[0], h)
+    kept = keep_better_than_clip(w, axis, h, res, clip, proxies=(mine, theirs))
+    return kept, clip, (torch.where(theirs < mine, theirs, mine), theirs)
 
 
-def keep_better_than_clip(w: torch.Tensor, axis: int, h: torch.Tensor, res: QuantResult, clip: QuantResult) -> QuantResult:
+def keep_better_than_clip(w: torch.Tensor, axis: int, h: torch.Tensor, res: QuantResult, clip: QuantResult,
+                          proxies: tuple | None = None) -> QuantResult:
     """Per expert (per tensor for 2-D), clip's codes where they score lower on tr(dW H dW^T).
 
     diag(H) weighting (wclip) ignores the cross terms of H, so on rare tensors it loses to clip in the
@@ -158,8 +173,10 @@ def keep_better_than_clip(w: torch.Tensor, axis: int, h: torch.Tensor, res: Quan
     seed's on the calibration statistics. Both candidates are on the same grid, so nothing else changes.
     """
     wb, axis = _as_batched(w, axis)
-    mine = batched_proxy(wb, _as_batched(res.dequant, axis)[0], h)
-    theirs = batched_proxy(wb, _as_batched(clip.dequant, axis)[0], h)
+    if proxies is None:
+        proxies = (batched_proxy(wb, _as_batched(res.dequant, axis)[0], h),
+                   batched_proxy(wb, _as_batched(clip.dequant, axis)[0], h))
+    mine, theirs = proxies
     use_clip = theirs < mine  # [B]
     if not bool(use_clip.any()):
         return res

@@ -269,6 +269,8 @@ def _meta(source: Source, adapter, recipe: Recipe, quantizer, fingerprint, uncla
         "copied_files": copied,
         "timings": {"total_seconds": seconds, "quantized_MB_per_s": done_bytes / 1e6 / max(seconds, 1e-9),
                     "calibration_seconds": calib_out.seconds if calib_out is not None else None,
+                    "calibration_stage_seconds": ({k: round(v, 3) for k, v in calib_out.stage_seconds.items()}
+                                                  if calib_out is not None else None),
                     "resumed_calibration_layers": calib_out.resumed_layers if calib_out is not None else 0,
                     "resumed_shards": resumed, "devices": devices,
                     "shards": {f: r.get("timing") for f, r in records.items() if f not in resumed}},

@@ -50,27 +50,32 @@ def _method_spec(recipe: Recipe, method: str):
 
 
 def _quantize_one(w, spec, axis, method, recipe, hessian):
-    """(dequant, sq_err, sq_ref) of one tensor (2-D, or 3-D fused experts) with one spec."""
+    """(dequant, sq_err, sq_ref, baseline) of one tensor (2-D, or 3-D fused experts) with one spec; baseline is
+    (clip's dequant, per-expert proxy of the result, of clip) when the method's clip guard computed them."""
     if method == "clip" and hessian is None:
         res = moe_quant.quantize_tensor(w, spec, axis=axis, return_codes=False)
-        return res.dequant, res.sq_err, res.sq_ref
+        return res.dequant, res.sq_err, res.sq_ref, None
     import quant_methods
 
-    res = quant_methods.quantize_with_method(w, spec, _method_spec(recipe, method), axis=axis, hessian=hessian)
+    res, clip, proxies = quant_methods.quantize_with_baseline(w, spec, _method_spec(recipe, method), axis=axis,
+                                                              hessian=hessian)
     dq = res.dequant
     sq_ref = res.sq_ref if res.sq_ref else _sq(w)
     sq_err = res.sq_err if res.sq_ref else _sq(dq.float() - w.float())
-    return dq, sq_err, sq_ref
+    return dq, sq_err, sq_ref, (None if clip is None else (clip.dequant, *proxies))
 
 
-def _proxies(w, dq, hessian, axis) -> tuple[float, float]:
-    """(tr(dW H dWᵀ), tr(dW diag(H) dWᵀ)) summed over rows (and experts); fp32 products, fp64 totals."""
+def _proxies(w, dq, hessian, axis, full_per_expert: torch.Tensor | None = None) -> tuple[float, float]:
+    """(tr(dW H dWᵀ), tr(dW diag(H) dWᵀ)) summed over rows (and experts); fp32 products, fp64 totals.
+    `full_per_expert`: the [B] fp32 tr(dW H dWᵀ) already computed (by the clip guard), the same numbers."""
     d = (dq.float() - w.float()).movedim(axis % w.ndim, -1)
     if d.ndim == 2:
         d = d.unsqueeze(0)
     h = hessian.to(d.device, torch.float32)
     h = h if h.ndim == 3 else h.unsqueeze(0)
-    full = float(((d @ h) * d).sum(dim=(1, 2)).double().sum())
+    if full_per_expert is None:
+        full_per_expert = ((d @ h) * d).sum(dim=(1, 2))
+    full = float(full_per_expert.double().sum())
     diag = float(((d * d) * h.diagonal(dim1=-2, dim2=-1)[:, None, :]).sum(dim=(1, 2)).double().sum())
     return full, diag
 
@@ -83,9 +88,10 @@ def quantize_weight(name: str, w: torch.Tensor, plan: TensorPlan, recipe: Recipe
     if recipe.calibrated and hessian is None:
         method = "clip"
     axis = plan.role.axis
+    baseline = None
     try:
         if plan.slice_specs is None:
-            dq, sq_err, sq_ref = _quantize_one(w, plan.spec, axis, method, recipe, hessian)
+            dq, sq_err, sq_ref, baseline = _quantize_one(w, plan.spec, axis, method, recipe, hessian)
         else:
             dq = torch.empty_like(w)
             sq_err = sq_ref = 0.0
@@ -94,17 +100,19 @@ def quantize_weight(name: str, w: torch.Tensor, plan: TensorPlan, recipe: Recipe
                     dq[e] = w[e]
                     continue
                 h = hessian[e] if hessian is not None and hessian.ndim == 3 else hessian
-                d, a, b = _quantize_one(w[e], spec, axis, method, recipe, h)
+                d, a, b, _ = _quantize_one(w[e], spec, axis, method, recipe, h)
                 dq[e] = d
                 sq_err, sq_ref = sq_err + a, sq_ref + b
     except ValueError as e:
         raise BuildError(f"tensor {name}: {e}") from None
     result = WeightResult(dq, sq_err, sq_ref, method)
     if hessian is not None:
-        result.proxy, result.proxy_diag = _proxies(w, dq, hessian, axis)
+        result.proxy, result.proxy_diag = _proxies(w, dq, hessian, axis, None if baseline is None else baseline[1])
         if compare_clip:
             if method == "clip":
                 result.proxy_clip, result.proxy_diag_clip = result.proxy, result.proxy_diag
+            elif baseline is not None:  # the guard already quantized with clip and scored it on H
+                result.proxy_clip, result.proxy_diag_clip = _proxies(w, baseline[0], hessian, axis, baseline[2])
             else:
                 clip_dq = (moe_quant.quantize_tensor(w, plan.spec, axis=axis, return_codes=False).dequant
                            if plan.slice_specs is None else _sliced_clip(w, plan))
