@@ -93,6 +93,7 @@ OPTIONS = (
     ("--clip-lo", "clip_lo", float, "smallest clip ratio"),
     ("--method", "method", str, "quantization method: clip | rtn | wclip | gptq | awq"),
     ("--grid", "grid", str, "code grid: sym | full | asym"),
+    ("--act-order", "act_order", _on_off, "on|off: gptq columns in decreasing diag(H) order"),
     ("--role-bits", "role_bits", str, "per-role bits overrides, ROLE=BITS[,ROLE=BITS] (e.g. embed=8)"),
     ("--calib", "calib", str, "calibration source: pydoc-topics | teacher-sample | a text file (calibrated methods)"),
     ("--calib-tokens", "calib_tokens", int, "calibration tokens (0 = quant_save's default)"),

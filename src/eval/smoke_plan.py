@@ -57,6 +57,7 @@ class SmokeConfig:
     clip_lo: float = 0.65
     method: str = "clip"  # quant_save --method; configs/smoke.env sets the measured best (gptq)
     grid: str = "sym"
+    act_order: bool = False  # quant_save --act-order (gptq)
     role_bits: str = ""  # e.g. embed=8 (quant_save --role-bits)
     calib: str = ""  # calibration source for calibrated methods: pydoc-topics | teacher-sample | a file path
     calib_tokens: int = 0  # 0 = quant_save's default

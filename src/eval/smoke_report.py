@@ -26,6 +26,11 @@ def _f(x, fmt: str) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
 
 
+def _role_bits(recipe: Mapping) -> str:
+    rb = recipe.get("role_bits") or {}
+    return (", " + ",".join(f"{k}={v:g}" for k, v in sorted(rb.items()))) if rb else ""
+
+
 def render_table(docs: Mapping) -> str:
     """Pure: the smoke table, every number formatted from the JSON dicts in `docs`."""
     s, t, q, fid = docs["summary"], docs["teacher_eval"], docs["quant_eval"], docs["fidelity"]
@@ -34,10 +39,11 @@ def render_table(docs: Mapping) -> str:
     recipe = s["quant"]["recipe"] or {}
     lines = [f"SMOKE {s['kind']}  mode={s['mode']}  data={s['data']}  teacher={s['teacher']['spec']}",
              f"  why: {'; '.join(s['reasons'])}",
-             f"  quant: {t['tag']} -> {q['tag']}  (method {recipe.get('method', 'clip')}, "
+             f"  quant: {t['tag']} -> {q['tag']}  (method {recipe.get('method', 'clip')}"
+             f"{', act-order' if recipe.get('act_order') else ''}, grid {recipe.get('grid', 'sym')}, "
              f"linear {recipe.get('linear_bits')} bit, experts "
-             f"{recipe.get('expert_bits')} bit, group {recipe.get('group')}, clip steps {recipe.get('clip_steps')}; "
-             f"{s['quant']['build']})"]
+             f"{recipe.get('expert_bits')} bit, group {recipe.get('group')}, clip steps {recipe.get('clip_steps')}"
+             f"{_role_bits(recipe)}; {s['quant']['build']})"]
     if s["random_weights"]:
         lines.append("  NOTE: RANDOM-WEIGHT MoE: only the plumbing is meaningful; no accuracy claim is made")
     lines += ["",

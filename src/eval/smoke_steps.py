@@ -107,6 +107,8 @@ def quantize_cmd(teacher_dir: Path, qdir: Path, cfg: SmokeConfig, device: str, f
            "--method", cfg.method, "--grid", cfg.grid]
     if cfg.role_bits:
         cmd += ["--role-bits", cfg.role_bits]
+    if cfg.act_order and cfg.method == "gptq":
+        cmd += ["--act-order"]
     if cfg.method not in ("clip", "rtn"):  # calibrated methods: the recipe's calibration text and size
         cmd += ["--calib-ctx", cfg.calib_ctx]
         if cfg.calib:
