@@ -113,3 +113,13 @@ def test_judge_and_grader_errors_are_left_out_of_the_gate_but_counted():
     doc = {"model": "/m/Qwen3.5-122B-A10B", "generation": {"thinking": True}, "benchmarks": {"hle": block}}
     g = osc.gate_for_result(doc)["hle"]
     assert g["n"] == 998 and g["excluded_grader_errors"] == 2
+
+
+def test_image_axes_gate_against_card_numbers_with_their_source():
+    for model in osc.OFFICIAL_SCORES:
+        for bench in ("mmmu_pro", "math_vision"):
+            assert bench in osc.OFFICIAL_SCORES[model] and "card" in osc.OFFICIAL_SOURCES[(model, bench)]
+    assert "Vision Language" in osc.OFFICIAL_SOURCES[(Q, "mmmu_pro")]
+    verdict = osc.gate_status(Q, "mmmu_pro", 3076, 4000)  # 76.9 % of 4000: the CI sits inside 76.9 +- 2
+    assert verdict["status"] == "validated" and verdict["official"] == 76.9
+    assert osc.gate_status(Q, "math_vision", 2000, 3040)["status"] == "failed-gate"  # 65.8 % vs 86.2
