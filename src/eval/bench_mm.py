@@ -26,8 +26,15 @@ from bench_spec import BenchSpec, OfficialScorer, Sample, Source, column
 from graders import Graded
 
 MMMU_PRO_DATASET = "MMMU/MMMU_Pro"
-# setting -> hub config name. Revisions: the hub could not be reached from this box to read a commit
-# hash, so they are not pinned here; pass --option mmmu_pro.revision=SHA (recorded in provenance).
+# Pinned hub commits (datasets.load_dataset(..., revision=...); override with --option BENCH.revision=REF,
+# recorded in provenance). No public eval framework pins one (lmms-eval's mmmu_pro_* / mathvision_* task
+# yamls name only the repo), so these are read from the hub's own commit pages (docs/BENCHMARKS.md):
+# MMMU_Pro cd9382d = the newest commit seen whose tree holds the "standard (10 options)", "standard (4
+# options)" and "vision" configs (huggingface.co/datasets/MMMU/MMMU_Pro/tree/cd9382dd...). MathVision
+# 14b5e86 = a README-only commit after the data upload ac21b30 (its data/ folder was last changed by
+# ac21b30: the test/testmini parquet the 2025-26 model cards evaluated), before the 2026 answer fixes.
+MMMU_PRO_REVISION = "cd9382dd4f8fa7704aa1007f004bfa63aabde6fc"
+MATH_VISION_REVISION = "14b5e86a95856c4231a056b82f658584eae2b309"
 MMMU_PRO_CONFIGS = {"standard": "standard (10 options)", "vision": "vision"}
 MMMU_PRO_IMAGE_FIELDS = tuple(f"image_{i}" for i in range(1, 8))
 _MMMU_MARKER = re.compile(r"<image (\d+)>")
@@ -203,7 +210,8 @@ SPECS = (
               official=OfficialScorer(MMMU_PRO_OFFICIAL.name, MMMU_PRO_OFFICIAL.source,
                                       _guard_input(lambda s, o: grade_cascade(MMMU_PRO_OFFICIAL, s, o)),
                                       exact=False),
-              required=("options", "answer"), options=("settings",), sources=_mmmu_pro_sources,
+              required=("options", "answer"), dataset_revision=MMMU_PRO_REVISION, options=("settings",),
+              sources=_mmmu_pro_sources,
               n_is_per_part=True, extra={"modality": "image"}),
     BenchSpec("math_vision", "MATH-Vision: competition math with figures; option letter or free-form value "
               "(math-verify)", "MathLLMs/MathVision", None, "test", None,
@@ -214,7 +222,7 @@ SPECS = (
               official=OfficialScorer("math_vision/answer-type", "github.com/mathllm/MATH-V (multiple choice: "
                                       "the option letter; free form: value equality, here via math-verify)",
                                       _guard_input(official_math_vision), exact=False),
-              required=("question", "answer"), extra={"modality": "image"}),
+              required=("question", "answer"), dataset_revision=MATH_VISION_REVISION, extra={"modality": "image"}),
 )
 
 MULTIMODAL = tuple(s.name for s in SPECS)

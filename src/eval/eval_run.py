@@ -43,17 +43,24 @@ def load_all_samples(cfg: EvalConfig) -> tuple[list, dict]:
         if not got:
             raise ValueError(f"{bench}: no samples loaded (data_file={data_file!r}, n={cfg.n_for(bench)})")
         spec = bench_registry.BENCHMARKS[bench]
+        source = bench_registry.source_info(bench, data_file, **options)
         if spec.needs_sandbox and cfg.allow_weak_sandbox:  # the grading workers read it from each sample
             got = [dataclasses.replace(s, meta={**s.meta, "allow_weak_sandbox": True}) for s in got]
-        datasets[bench] = {"dataset": spec.dataset, "config": spec.config, "split": spec.split,
-                           "revision": spec.dataset_revision, "n_requested": cfg.n_for(bench),
+        datasets[bench] = {"dataset": options.get("dataset", spec.dataset), "config": options.get("config", spec.config),
+                           "split": options.get("split", spec.split),
+                           # what load_dataset was asked for (an override included); None = a local data file
+                           "revision": None if data_file else options.get("revision", spec.dataset_revision),
+                           # part -> sha256 of each local file read (provenance keeps this, not the source block)
+                           "data_file_sha256": ({str(x.get("part") or bench): x.get("sha256") for x in source["sources"]}
+                                                if data_file else None),
+                           "n_requested": cfg.n_for(bench),
                            "default_n": spec.default_n, "n": len(got), "data_seed": cfg.data_seed,
                            "ids_sha256": results_schema.ids_hash(s.id for s in got),
                            **({"images_sha256": results_schema.ids_hash(i.get("sha256") or "missing" for s in got
                                                                         for i in s.meta["images"]),
                                "n_images": sum(len(s.meta["images"]) for s in got)}
                               if any(mm_images.has_images(s) for s in got) else {}),
-                           "source": bench_registry.source_info(bench, data_file, **options)}
+                           "source": source}
         samples.extend(got)
     ids = [s.id for s in samples]
     if len(set(ids)) != len(ids):
