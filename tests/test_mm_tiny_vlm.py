@@ -136,29 +136,10 @@ def test_quantized_checkpoint_keeps_the_vision_tower_and_its_eval_runs(tiny_vlm,
 @pytest.mark.llamacpp
 def test_mmproj_gguf_loads_in_llama_server_and_answers_image_questions(tiny_vlm, tmp_path):
     import eval_backends
-    import gguf_fixtures as gf
     import llama_server as ls
     import llamacpp_eval8
 
-    import gguf_pack
-
-    prefix = gf.llama_cpp_prefix()
-    tree = prefix / "llama.cpp" if (prefix / "llama.cpp" / "convert_hf_to_gguf.py").is_file() else prefix
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree / "gguf-py"), os.environ.get("PYTHONPATH", "")])}
-    # converted once per (fixture code, llama.cpp build) and cached like gguf_fixtures.packed does
-    key = gf._key(ROOT / "tests" / "mm_fixtures.py", ROOT / "tests" / "tiny_models.py", tiny_vlm / "config.json", str(prefix))
-    cached = gf.cache_root() / "test-gguf" / f"tiny-vlm-{key}"
-    text_gguf, mmproj = cached / "tiny-vlm-f16.gguf", cached / "tiny-vlm-mmproj-f16.gguf"
-    cached.mkdir(parents=True, exist_ok=True)
-    text_flags = gguf_pack.converter_flags(tiny_vlm, "drop", gguf_pack.converter_supports_mtp(tiny_vlm, tree))
-    for extra, dest in ((text_flags, text_gguf), (["--mmproj"], mmproj)):
-        if dest.is_file():
-            continue
-        part = dest.with_name(dest.name + ".part")
-        proc = subprocess.run([sys.executable, str(tree / "convert_hf_to_gguf.py"), str(tiny_vlm), *extra,
-                               "--outtype", "f16", "--outfile", str(part)], capture_output=True, text=True, env=env)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        os.replace(part, dest)
+    prefix, text_gguf, mmproj = mm_fixtures.tiny_vlm_gguf(tiny_vlm)
     samples = bench_registry.load_samples("math_vision", data_file=MATHV, n=1)
     cfg = ls.ServerConfig(binary=ls.find_binary(prefix), model=text_gguf, mmproj=mmproj, ctx_size=2048, threads=2)
     with ls.LlamaServer(cfg) as server:
