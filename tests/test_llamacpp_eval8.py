@@ -177,8 +177,9 @@ with ls.LlamaServer(cfg) as server:
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["ctrl-c", "sigterm", "kill-9"])
 def test_signal_to_the_owner_stops_the_server(fake_prefix, model_file, sig):
+    """SIGKILL reaches no handler: the server dies with its owner through PR_SET_PDEATHSIG instead."""
     code = SCRIPT.format(src=str(ROOT / "src" / "eval"), binary=str(fake_prefix / "bin" / "llama-server"),
                          model=str(model_file))
     owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -310,3 +311,17 @@ def test_real_server_killed_mid_eval_is_a_clear_error(smollm2_dir, tmp_path, mon
     err = capsys.readouterr().err
     assert "llama-server died during the eval (exit code -9)" in err
     assert server_processes_for(gguf) == []
+
+
+def test_eval_sh_backend_llamacpp_starts_the_server_and_writes_the_schema(fake_prefix, model_file, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src" / "eval"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(["bash", str(ROOT / "pipelines" / "eval.sh"), "--backend", "llamacpp",
+                           *eval_args(tmp_path, fake_prefix, model_file)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    doc = json.loads((tmp_path / "res" / "fake.json").read_text())
+    results_schema.check_result(doc)
+    assert doc["backend"] == "openai" and doc["llamacpp"]["server_command"][0].endswith("llama-server")
+    assert "llama-server:" in done.stdout  # llamacpp_eval8's speed line, not vllm_eval8's summary alone
+    helped = subprocess.run(["bash", str(ROOT / "pipelines" / "eval.sh"), "--help"], capture_output=True, text=True,
+                            env={**env, "EVAL_BACKEND": "llamacpp"})
+    assert helped.returncode == 0 and "--mmproj" in helped.stdout  # EVAL_BACKEND=llamacpp picks the same entry

@@ -55,6 +55,7 @@ class EvalConfig:
     base_url: str = "http://127.0.0.1:8000/v1"
     served_model_name: str | None = None  # openai: the name the server knows the model by (default: model)
     model_path: str | None = None  # openai: the checkpoint/GGUF the server runs, for the fingerprint
+    mmproj_path: str | None = None  # openai via llamacpp_eval8: the vision projector GGUF, for the fingerprint
     api_key_env: str = "OPENAI_API_KEY"  # name of the env var holding the key; the key is never stored
     concurrency: int = 16
     request_timeout_s: float = 3600.0
@@ -72,6 +73,9 @@ class EvalConfig:
     def __post_init__(self):
         if not self.tag or any(c in self.tag for c in "/\\ ") or self.tag.startswith("."):
             raise ValueError(f"tag {self.tag!r} must be a plain file stem (no slashes/spaces), e.g. qwen35-bf16")
+        if self.backend == "llamacpp":
+            raise ValueError("backend 'llamacpp' starts llama-server itself: run it through pipelines/eval.sh "
+                             "--backend llamacpp or python -m llamacpp_eval8 (--gguf, --mmproj)")
         if self.backend not in eval_backends.BACKENDS:
             raise ValueError(f"backend {self.backend!r} unknown; choose one of {eval_backends.BACKENDS}")
         if self.budget not in BUDGETS:
@@ -132,7 +136,10 @@ def backend_identity(cfg: EvalConfig) -> dict:
         # a set --max-model-len caps the hf context too (image prompts past it are input errors)
         return {"backend": "hf", "dtype": cfg.dtype, **({"max_model_len": cfg.max_model_len} if cfg.max_model_len else {})}
     if cfg.backend == "openai":
-        return {"backend": "openai", "served_model_name": cfg.served_model_name or cfg.model}
+        ident = {"backend": "openai", "served_model_name": cfg.served_model_name or cfg.model}
+        if cfg.mmproj_path:  # only when set, so text-only config hashes stay what they were
+            ident["mmproj_fingerprint"] = model_fingerprint(cfg.mmproj_path)
+        return ident
     if not cfg.replay_file or not Path(cfg.replay_file).is_file():
         raise FileNotFoundError(f"--backend replay needs an existing --replay-file, got {cfg.replay_file!r}")
     return {"backend": "replay", "replay_sha256": provenance.sha256_file(Path(cfg.replay_file))}

@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -84,7 +85,10 @@ def server_command(cfg: ServerConfig, port: int) -> list[str]:
 
 
 def port_is_free(host: str, port: int) -> bool:
+    """No one listens on it. SO_REUSEADDR as llama-server itself binds: connections of a server that just
+    died linger in TIME_WAIT for a minute, and they must not make a restart on the same port fail."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -238,7 +242,8 @@ class LlamaServer:
         # start_new_session: the server leads its own process group, so stop() can kill the group and a
         # Ctrl-C in the terminal reaches us (we stop it) rather than racing it.
         self.proc = subprocess.Popen(self.command, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=_die_with(os.getpid()))
         if VramSampler.available():
             self.vram = VramSampler(self.proc.pid)
             self.vram.start()
@@ -358,6 +363,24 @@ class LlamaServer:
     @property
     def log_path(self) -> Path | None:
         return self._log_path
+
+
+def _die_with(parent_pid: int):
+    """preexec_fn: on Linux the server gets SIGKILL when the process that started it dies, also when that
+    process is SIGKILLed itself (which no handler sees): a killed eval leaves no server holding a GPU or a
+    port. Elsewhere a no-op (the signal handlers and atexit still stop it on every catchable exit)."""
+    def arm():
+        if not sys.platform.startswith("linux"):
+            return
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent_pid:  # the parent died before the signal was armed
+            os._exit(1)
+    return arm
 
 
 def find_binary(prefix: Path | None, name: str = "llama-server") -> Path:

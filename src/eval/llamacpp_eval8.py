@@ -11,8 +11,11 @@ llama_server.py), also when the eval fails or is interrupted.
     python -m llamacpp_eval8 --gguf out/model-IQ3_XXS.gguf --tag q122-iq3 --benchmarks mmlu_pro,gpqa \
         --n 40 [--mmproj out/model-mmproj-f16.gguf] [--n-cpu-moe 20] [--override-tensor exps=CPU]
 
-Every vllm_eval8 option works here too (EVAL_* environment variables included); --backend is fixed to
-openai and --model defaults to the GGUF's file stem (the name the server answers to).
+Also reached as `bash pipelines/eval.sh --backend llamacpp --gguf ... [--mmproj ...]`. Every vllm_eval8
+option works here too (EVAL_* environment variables included, plus EVAL_GGUF / EVAL_MMPROJ); the results
+record backend "openai" (the client that generated) and the server in their `llamacpp` block; --model
+defaults to the GGUF's file stem (the name the server answers to). The mmproj's fingerprint is part of
+the generation config, so a resume with another projector is refused.
 """
 from __future__ import annotations
 
@@ -82,6 +85,7 @@ def run(cfg: vllm_eval8.EvalConfig, opts: ServerOptions, argv: Sequence[str] | N
               f"(log {log_path})", file=sys.stderr)
         eval_cfg = dataclasses.replace(cfg, backend="openai", base_url=server.base_url + "/v1",
                                        served_model_name=scfg.alias, model_path=str(opts.gguf),
+                                       mmproj_path=str(opts.mmproj) if opts.mmproj else None,
                                        concurrency=scfg.parallel)
         try:
             doc = vllm_eval8.run_eval(eval_cfg, argv=argv)
@@ -120,8 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.prog = "llamacpp_eval8"
     parser.description = __doc__
     g = parser.add_argument_group("llama-server")
-    g.add_argument("--gguf", required=True, help="the GGUF to serve (pipelines/pack_gguf.sh output)")
-    g.add_argument("--mmproj", default=None, help="vision projector GGUF (*-mmproj-f16.gguf)")
+    g.add_argument("--gguf", default=os.environ.get("EVAL_GGUF") or None, required=not os.environ.get("EVAL_GGUF"),
+                   help="the GGUF to serve (pipelines/pack_gguf.sh output) [env EVAL_GGUF]")
+    g.add_argument("--mmproj", default=os.environ.get("EVAL_MMPROJ") or None,
+                   help="vision projector GGUF (*-mmproj-f16.gguf); needed for image benchmarks [env EVAL_MMPROJ]")
     g.add_argument("--llama-cpp", default=None, help="llama.cpp install prefix (default: $LLAMA_CPP or the cached build)")
     g.add_argument("--port", type=int, default=0, help="loopback port; 0 = a free one (default)")
     g.add_argument("--parallel", type=int, default=None, help="server slots = concurrent requests (default min(concurrency, 4))")
@@ -163,8 +169,8 @@ def format_speed(block: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if args.backend not in (None, "openai"):
-        print(f"llamacpp_eval8: --backend is always openai here (got {args.backend!r})", file=sys.stderr)
+    if args.backend not in (None, "openai", "llamacpp"):  # llamacpp: how eval.sh names this path
+        print(f"llamacpp_eval8: the client is always openai here (got --backend {args.backend!r})", file=sys.stderr)
         return 2
     args.backend = "openai"
     if not args.model and not os.environ.get("EVAL_MODEL"):
