@@ -86,3 +86,33 @@ def test_fixed_grid_reproduces_the_builder_and_ste_gradients_flow():
         (out * torch.randn_like(out)).sum().backward()
         assert mod.A.grad is not None and mod.A.grad.abs().sum() > 0
         assert mod.B.grad is not None and mod.B.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("grid", ["sym", "asym"])
+def test_fast_fixed_grid_is_the_reference_grid_bit_for_bit_and_its_ste_gradient_is_autograds(grid):
+    # The training forward's in-place FixedGrid must give exactly quantize_fixed (the builder's own code
+    # functions), on whole and tail groups, along the last axis or axis 0, with an all-zero group.
+    torch.manual_seed(1)
+    spec = moe_quant.QuantSpec(bits=3.0, group=64, clip_steps=4, grid=grid)
+    for shape, axis in [((3, 40, 200), 2), ((96, 30), 0), ((24, 128), 1)]:
+        w = (torch.randn(shape) * 0.05).to(torch.bfloat16).float()
+        w.select(axis, 0).zero_()  # with group 64 this zeroes part of a group only ...
+        if axis == len(shape) - 1:
+            w[..., :64] = 0.0  # ... and here whole groups: zero scales
+        target = lora_quant.Target("x", "routed_expert", shape, axis, spec)
+        s, z, dq = lora_quant.build_scales(w, target)
+        grid_fast = lora_quant.FixedGrid(s, z, axis, spec, shape)
+        delta = torch.randn(shape) * 0.02
+        ref = lora_quant.quantize_fixed(w + delta, s, axis, spec, z)
+        fast = grid_fast.quantize_(w + delta)
+        assert torch.equal(ref.view(torch.int32), fast.view(torch.int32))  # same bits, +0.0 included
+        # the STE gradient into A and B is autograd's through delta = scaling * B A
+        mod = lora_quant.QuantLora(target, s, z, rank=3, alpha=6.0, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            mod.B.normal_(0, 0.05)
+        r = torch.randn(shape)
+        (mod(w) * r).sum().backward()
+        A, B = mod.A.detach().clone().requires_grad_(), mod.B.detach().clone().requires_grad_()
+        ((torch.matmul(B, A) * mod.scaling) * r).sum().backward()
+        assert torch.allclose(mod.A.grad, A.grad, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(mod.B.grad, B.grad, rtol=1e-5, atol=1e-7)

@@ -39,6 +39,7 @@ import provenance
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = "moe-lowbit/opd-run/1"
+HOST_ENV = ("OMP_NUM_THREADS", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE")
 
 
 class DistillError(RuntimeError):
@@ -69,8 +70,8 @@ class DistillConfig:
     alpha: float = 16.0
     lr: float = 1e-2
     batch_seqs: int = 4
-    micro_seqs: int = 1
-    token_budget: int = 600
+    micro_seqs: int = 2
+    token_budget: int = 1200
     nproc: int = 2
     device: str = "cpu"
     seed: int = 0
@@ -198,7 +199,7 @@ def paired_kl_delta(before: dict, after: dict, z: float) -> dict:
     return {"delta": iv.mean, "interval": [iv.lo, iv.hi]}
 
 
-def build_summary(cfg, paths: dict, timings: dict, student_dir: Path, teacher_dir: Path) -> dict:
+def build_summary(cfg, paths: dict, timings: dict, student_dir: Path, teacher_dir: Path, host: dict) -> dict:
     import compare
 
     fid = read_json(paths["fidelity"], "fidelity")
@@ -228,6 +229,7 @@ def build_summary(cfg, paths: dict, timings: dict, student_dir: Path, teacher_di
                 layout_unchanged=merge["same_names_shapes_dtypes_shards"], tensors_changed=merge["tensors"]["changed"])
     fp_before = arms["before"]["footprint_packed_bytes"]
     return {"schema": SCHEMA, "tag": cfg.tag, "teacher": str(teacher_dir), "student": str(student_dir),
+            "host": host, 
             "config": asdict(cfg), "fidelity": {"text": fid["text"], "file": str(paths["fidelity"]),
                                                 "teacher_ppl": fid["students"][0]["ppl_teacher"]},
             "arms": arms, "footprint_same_all": all(a["footprint_packed_bytes"] == fp_before for a in arms.values()),
@@ -259,8 +261,11 @@ def format_table(s: dict) -> str:
         for b, c in a[arm]["accuracy_vs_before"]["benchmarks"].items():
             lines.append(f"  {arm:<9} {b:<9} n={c['n']:<4} {c['acc_a']:.1f} -> {c['acc_b']:.1f}  delta {c['delta']:+.1f} "
                          f"paired 95% CI [{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}]  McNemar p={c['p_mcnemar']:.3g}")
+    h = s.get("host") or {}
+    load = "" if not h else (f"  (load average {h['loadavg_start'][0]:.1f} at start, {h['loadavg_end'][0]:.1f} at end, "
+                             f"{h['cpus']} CPUs)")
     lines.append(f"footprint unchanged by both merges: {s['footprint_same_all']}   wall time: "
-                 f"{s['timings_s'].get('total', 0):.0f} s")
+                 f"{s['timings_s'].get('total', 0):.0f} s{load}")
     return "\n".join(lines)
 
 
@@ -277,6 +282,9 @@ def all_finite(s: dict) -> bool:
 def run(cfg: DistillConfig, fresh: bool) -> dict:
     t_all = time.perf_counter()
     timings: dict = {}
+    # the box the wall times were measured on: a shared CPU box's load decides them more than the code
+    host = {"cpus": os.cpu_count(), "loadavg_start": list(os.getloadavg()),
+            "env": {k: os.environ.get(k) for k in HOST_ENV}}
 
     def timed(name, fn):
         t0 = time.perf_counter()
@@ -330,7 +338,8 @@ def run(cfg: DistillConfig, fresh: bool) -> dict:
         "--ctx", cfg.fidelity_ctx, "--max-tokens", cfg.fidelity_tokens, "--text-file", fid_text,
         "--device", cfg.device], logs, T))
     timings["total"] = time.perf_counter() - t_all
-    summary = build_summary(cfg, paths, timings, student_dir, teacher_dir)
+    host["loadavg_end"] = list(os.getloadavg())
+    summary = build_summary(cfg, paths, timings, student_dir, teacher_dir, host)
     atomic_io.write_json(results / "opd" / f"{cfg.tag}.json", summary)
     return summary
 

@@ -52,8 +52,8 @@ def build_student(student: str | Path, source: str | Path, roles, rank: int, alp
     for t in targets:
         s, z, dq = lora_quant.build_scales(kept[t.name], t)
         lora_quant.check_base_is_student(t, dq, params[t.name].detach())
-        lora_quant.check_base_is_student(t, lora_quant.quantize_fixed(kept[t.name], s, t.axis, t.spec, z),
-                                         params[t.name].detach())  # the training grid at B = 0, too
+        grid = lora_quant.FixedGrid(s, z, t.axis, t.spec, t.shape)  # the training grid at B = 0, too
+        lora_quant.check_base_is_student(t, grid.quantize_(kept[t.name].float().clone()), params[t.name].detach())
         scales[t.name], zeros[t.name] = s, z
         with torch.no_grad():
             params[t.name].copy_(kept.pop(t.name))

@@ -111,10 +111,14 @@ class HfScorer:
     @torch.no_grad()
     def score(self, items: list[dict], k: int) -> list[dict]:
         ids, mask = opd_data.padded_batch(items)
-        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False).logits
+        # only the positions that predict a completion token go through the LM head (see the trainer)
+        first = min(len(it["prompt_ids"]) - 1 for it in items)
+        last = max(len(it["prompt_ids"]) - 1 + len(it["completion_ids"]) for it in items)
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False,
+                            logits_to_keep=torch.arange(first, last, device=self.device)).logits
         out = []
         for b, it in enumerate(items):
-            rows = completion_rows(logits[b], len(it["prompt_ids"]), len(it["completion_ids"]))
+            rows = completion_rows(logits[b], len(it["prompt_ids"]) - first, len(it["completion_ids"]))
             out.append({n: t.cpu() for n, t in topk_rows(rows, torch.tensor(it["completion_ids"]), k).items()})
         return out
 
@@ -209,7 +213,7 @@ def score(cfg: ScoreConfig, argv=None) -> dict:
             or not (out / f"scores-{j:05d}.safetensors").is_file()]
     from tqdm import tqdm
 
-    t0, tokens = time.perf_counter(), 0
+    t0, tokens, load_s = time.perf_counter(), 0, 0.0
     scorer = None
     bar = tqdm(total=sum(len(it["completion_ids"]) for j in todo for it in shards[j]), desc="score", unit="tok",
                file=sys.stderr, dynamic_ncols=True, disable=not todo)
@@ -219,20 +223,26 @@ def score(cfg: ScoreConfig, argv=None) -> dict:
                 scorer = (HfScorer(str(teacher), cfg.device, cfg.dtype) if cfg.backend == "hf" else
                           VllmScorer(str(teacher), max(len(it["prompt_ids"]) + len(it["completion_ids"]) for it in items),
                                      cfg.dtype))
-            rows, batch, width = [], [], 0
-            for it in shards[j] + [None]:
+                load_s, t0 = time.perf_counter() - t0, time.perf_counter()  # tokens/s: scoring only
+            # longest first, so a batch pads to a similar width; rows go back in file order
+            order = sorted(range(len(shards[j])), key=lambda i: -(len(shards[j][i]["prompt_ids"]) +
+                                                                   len(shards[j][i]["completion_ids"])))
+            by_pos, batch, width = {}, [], 0
+            for i in order + [None]:
+                it = None if i is None else shards[j][i]
                 n = 0 if it is None else len(it["prompt_ids"]) + len(it["completion_ids"])
                 if batch and (it is None or max(width, n) * (len(batch) + 1) > cfg.batch_tokens):
-                    rows += scorer.score(batch, cfg.k)
-                    done = sum(len(b["completion_ids"]) for b in batch)
+                    for (pos, _), r in zip(batch, scorer.score([b for _, b in batch], cfg.k)):
+                        by_pos[pos] = r
+                    done = sum(len(b["completion_ids"]) for _, b in batch)
                     tokens += done
                     bar.update(done)
                     bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f} tok/s", refresh=False)
                     batch, width = [], 0
                 if it is not None:
-                    batch.append(it)
+                    batch.append((i, it))
                     width = max(width, n)
-            write_shard(out, j, shards[j], rows, keys[j])
+            write_shard(out, j, shards[j], [by_pos[i] for i in range(len(shards[j]))], keys[j])
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
@@ -241,7 +251,7 @@ def score(cfg: ScoreConfig, argv=None) -> dict:
              "rollouts": sources, "finished_only": cfg.finished_only, "items": len(items),
              "tokens": sum(len(it["completion_ids"]) for it in items),
              "shards": [{"file": f"scores-{j:05d}.safetensors", "uids": [it["uid"] for it in s]} for j, s in enumerate(shards)],
-             "resumed_shards": len(shards) - len(todo), "seconds_this_run": seconds,
+             "resumed_shards": len(shards) - len(todo), "seconds_this_run": seconds, "model_load_s": load_s,
              "tokens_per_s_this_run": tokens / max(seconds, 1e-9) if tokens else None,
              "provenance": provenance.record(argv=argv)}
     atomic_io.write_json(out / INDEX, index)

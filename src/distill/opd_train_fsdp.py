@@ -131,20 +131,42 @@ def schedule(n_items: int, lengths: list[int], batch: int, seed: int, steps: int
 
 
 def collate(batch: list[dict]) -> dict:
-    """Right-padded input ids + for each item the (row positions, teacher rows)."""
+    """Right-padded input ids + for each item the (row positions, teacher rows), and the window of
+    positions whose logits the loss reads: from the earliest P-1 to the latest P-1+C of the batch."""
     ids, mask = opd_data.padded_batch(batch)
-    return {"input_ids": ids, "attention_mask": mask, "items": batch}
+    first = min(len(it["prompt_ids"]) - 1 for it in batch)
+    last = max(len(it["prompt_ids"]) - 1 + len(it["completion_ids"]) for it in batch)
+    return {"input_ids": ids, "attention_mask": mask, "items": batch, "window": (first, last)}
+
+
+def micro_batches(mine: list[dict], micro: int) -> list[list[dict]]:
+    """This rank's rollouts cut into micro-batches of `micro`, longest first, so each pads to a similar width."""
+    order = sorted(mine, key=lambda it: -(len(it["prompt_ids"]) + len(it["completion_ids"])))
+    return [order[i:i + micro] for i in range(0, len(order), micro)]
+
+
+def rank_share(batch: list[dict], rank: int, world: int) -> list[dict]:
+    """Deal the step's rollouts to the ranks by length (longest to rank 0, next to rank 1, ...): each rank
+    gets about the same number of tokens; the global loss (a sum over all of them) is unchanged."""
+    order = sorted(range(len(batch)), key=lambda i: (-(len(batch[i]["prompt_ids"]) + len(batch[i]["completion_ids"])), i))
+    return [batch[i] for i in order[rank::world]]
 
 
 def batch_loss_sum(model, mb: dict, cfg: TrainConfig, device, autocast: bool) -> tuple[torch.Tensor, int]:
-    """Sum of per-token divergences of a micro-batch (the student's row P-1+i vs the teacher's row i)."""
+    """Sum of per-token divergences of a micro-batch (the student's row P-1+i vs the teacher's row i).
+    Only the window of positions that predict a completion token goes through the LM head and the loss
+    (`logits_to_keep`): the prompt rows would cost a [tokens, vocab] matmul and softmax for nothing."""
+    first, last = mb["window"]
+    keep = torch.arange(first, last, device=device)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
     with ctx:
         logits = model(input_ids=mb["input_ids"].to(device), attention_mask=mb["attention_mask"].to(device),
-                       use_cache=False).logits
+                       use_cache=False, logits_to_keep=keep).logits
+    if logits.shape[1] != last - first:
+        raise RuntimeError(f"the model ignored logits_to_keep (got {logits.shape[1]} positions, asked {last - first})")
     total, n = None, 0
     for b, it in enumerate(mb["items"]):
-        rows = opd_score.completion_rows(logits[b], len(it["prompt_ids"]), len(it["completion_ids"]))
+        rows = opd_score.completion_rows(logits[b], len(it["prompt_ids"]) - first, len(it["completion_ids"]))
         div = opd_loss.token_divergence(rows, it["topk_ids"].to(device), it["topk_logp"].to(device),
                                         it["rest_logp"].to(device), cfg.loss, cfg.beta, cfg.rest_floor)
         total = div.sum() if total is None else total + div.sum()
@@ -347,14 +369,13 @@ def _train(cfg: TrainConfig, dist: Dist, fresh: bool, argv, stop_after: int | No
         t0 = time.perf_counter()
         batch = [items[i] for i in plan[step]]
         global_tokens = sum(len(it["completion_ids"]) for it in batch)
-        mine = batch[dist.rank::dist.world]
+        mbs = micro_batches(rank_share(batch, dist.rank, dist.world), cfg.micro_seqs)
         local_sum = 0.0
         opt.zero_grad(set_to_none=True)
-        starts = list(range(0, len(mine), cfg.micro_seqs))
-        for m0 in starts:
+        for j, part in enumerate(mbs):
             if dist.enabled:  # accumulate locally; one reduce-scatter per step, after the last micro-batch
-                model.set_requires_gradient_sync(m0 == starts[-1])
-            mb = collate(mine[m0:m0 + cfg.micro_seqs])
+                model.set_requires_gradient_sync(j == len(mbs) - 1)
+            mb = collate(part)
             with parametrize.cached():  # Q(W + BA) once per forward, however often the experts index it
                 s, _ = batch_loss_sum(model, mb, cfg, dist.device, autocast)
             (s * (dist.world / global_tokens)).backward()
