@@ -77,6 +77,16 @@ def _generation_of(rec: Mapping) -> dict:
     return gen
 
 
+def _graded_as(sample, generation: Mapping):
+    """The sample as the graders must see it: one the engine refused at run time (prompt with its images
+    over the context) carries that reason like an unreadable image does, so it is scored wrong with it
+    (and never gets an official scorer's random-guess fallback), also when it is graded again."""
+    reason = generation.get("input_error")
+    if reason is None or (isinstance(sample.meta, dict) and sample.meta.get("input_error")):
+        return mm_images.without_pixels(sample)
+    return mm_images.without_pixels(dataclasses.replace(sample, meta={**sample.meta, "input_error": str(reason)}))
+
+
 def _status(robust, official) -> str:
     statuses = {bench_registry.grade_status(robust), bench_registry.grade_status(official) if official else "ok"}
     for s in (results_schema.GRADER_ERROR, results_schema.JUDGE_ERROR):
@@ -168,7 +178,7 @@ def run_eval(cfg: EvalConfig, backend: eval_backends.Backend | None = None, argv
             probes = [mm_images.without_pixels(s) for s in {s.bench: s for s in reversed(todo or regrade or unusable)}.values()]
             pool = GradingPool(min(workers, len(todo) + len(regrade) + len(unusable)), on_graded, grade_fn, probes)
             for sample in regrade:
-                pool.submit(mm_images.without_pixels(sample), _generation_of(trusted[sample.id]))
+                pool.submit(_graded_as(sample, trusted[sample.id]), _generation_of(trusted[sample.id]))
             for sample in unusable:
                 pool.submit(mm_images.without_pixels(sample), mm_eval.input_error_generation(sample.meta["input_error"]))
             if todo:
@@ -185,7 +195,7 @@ def run_eval(cfg: EvalConfig, backend: eval_backends.Backend | None = None, argv
                         gen_s += time.perf_counter() - t_g
                         break
                     gen_s += time.perf_counter() - t_g
-                    pool.submit(mm_images.without_pixels(todo[index]), generation)
+                    pool.submit(_graded_as(todo[index], generation), generation)
             pool.drain()
         except BaseException:
             # Interrupted (Ctrl-C, backend error): grades already arrived are on disk; finish the ones in flight.

@@ -14,6 +14,7 @@ import base64
 import dataclasses
 import hashlib
 import io
+import re
 from pathlib import Path
 
 IMAGE_PART = "image"
@@ -61,7 +62,11 @@ def describe(data: bytes, field: str) -> dict:
             im.load()  # verify() misses truncated pixel data; a full decode does not
             fmt, (w, h) = im.format, im.size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ImageError(f"{field}: not a decodable image ({type(err).__name__}: {str(err)[:120]})") from None
+        # PIL's message names the BytesIO object by its memory address: dropped, so the reason is the same in
+        # every run (a resumed run's JSONL equals an uninterrupted one's) and names the bytes instead
+        detail = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(err))[:120]
+        raise ImageError(f"{field}: not a decodable image ({type(err).__name__}: {detail}; {len(data)} bytes, "
+                         f"sha256 {hashlib.sha256(data).hexdigest()[:16]})") from None
     return {"field": field, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
             "format": fmt, "width": w, "height": h}
 
