@@ -342,7 +342,11 @@ def gptq_rows_kernel(W, U, rows_per_expert, imp, group, static, pos_scale, pos_z
                 codes[r0 + t, j] = np.int8(q)
                 deq[r0 + t, j] = dq
                 E[t] = (x - dq) / ujj
+            # the update on 1-D views indexed from 0, which LLVM vectorizes (the 2-D form W[r, k], k from j + 1,
+            # stayed scalar: 5.7x slower here); the same IEEE ops in the same order, so the same bytes
+            urow = U[ex, j, j + 1:]
             for t in range(r1 - r0):
                 e = E[t]
-                for k in range(j + 1, k_cols):
-                    W[r0 + t, k] -= e * U[ex, j, k]
+                wrow = W[r0 + t, j + 1:]
+                for k in range(urow.shape[0]):
+                    wrow[k] -= e * urow[k]
