@@ -26,6 +26,7 @@ ARGS=(--model "$MODEL" --out "$OUT" --expert-bits "$EXPERT_BITS" --linear-bits "
       --method "${METHOD:-clip}" --grid "${GRID:-sym}")
 [ -n "${REVISION:-}" ] && ARGS+=(--revision "$REVISION")
 [ -n "${ROLE_BITS:-}" ] && ARGS+=(--role-bits "$ROLE_BITS")
+case "${ACT_ORDER:-off}" in on|1|true|yes) ARGS+=(--act-order) ;; esac   # gptq: columns by decreasing diag(H)
 if [ -n "${CALIB_FILE:-}" ]; then ARGS+=(--calib-file "$CALIB_FILE")          # first of: a file,
 elif [ -n "${CALIB_DATASET:-}" ]; then ARGS+=(--calib-dataset "$CALIB_DATASET")  # a hub dataset,
 elif [ -n "${CALIB:-}" ]; then ARGS+=(--calib "$CALIB"); fi                       # a named source
