@@ -1,16 +1,18 @@
 """The allocation study: strategies x budgets on one MoE, KL(teacher || student) on held-out text.
 
 One process, one model load: the BF16 source is loaded once, the teacher's log-probs on the held-out
-windows are cached once (moe_eval's teacher cache), each expert slice is fake-quantized once per level
-(moe_quant.fake_quant) and every student is assembled from those slices in place, scored against the
-cache (moe_eval.score_student), and the next student overwrites the same expert parameters. Only routed
-experts are quantized (the rest stays at source precision) so the figures isolate the allocation.
+windows are cached once (moe_eval's teacher cache), every layer's experts are fake-quantized once per
+level (moe_quant's own math) and every student is assembled from those slices in place (a plan only
+picks each expert's level), scored against the cache (moe_eval.score_student, windows run `batch` at a
+time), and the next student overwrites the same expert parameters. Teacher and students run in the same
+dtype (bf16 decoder, fp32 output head by default). Only routed experts are quantized (the rest stays at
+source precision) so the figures isolate the allocation.
 
 Text: the probe runs on the calibration split of CPython's pydoc_data topics (the text the fixture's
 router was fitted on); KL is measured on the held-out split (disjoint topics) - moefy_fit.pydoc_topics_text.
 
     python src/quant/moe_study.py [--model embedded:smollm2-moe] [--strategies uniform,asal,...]
-        [--budgets 2.634,3.134] [--eval-tokens 4096] [--out-dir results/moe_study]
+        [--budgets 2.634,3.134] [--eval-tokens 4096] [--dtype bfloat16] [--batch 4] [--out-dir results/moe_study]
 Writes <out-dir>/study.json, probe.json, pareto.png, FINDINGS.md and refreshes the generated table in
 docs/MOE_FINDINGS.md.
 """
@@ -80,39 +82,90 @@ def unit_shapes(units: dict) -> dict:
 
 
 class StudentBuilder:
-    """Keeps the source expert weights and their fake-quant per level; writes a plan into the model."""
+    """Keeps the source expert weights and their fake-quant per level; writes a plan into the model.
+
+    Each layer's fused expert tensors are fake-quantized once per level in one call (groups run along the
+    last axis, row by row, so a slice of the layer result equals the slice quantized alone); a plan only
+    says which level each expert takes, so building a student is 2 x E slice copies per layer."""
 
     def __init__(self, model: torch.nn.Module, group: int, grid: str):
         self.experts = fused_experts(model)
         self.source = {l: (m.gate_up_proj.detach().clone(), m.down_proj.detach().clone())
                        for l, m in self.experts.items()}
         self.group, self.grid = group, grid
-        self.cache: dict = {}
+        self.cache: dict = {}  # (layer, bits) -> (gate_up [E, 2I, H], down [E, H, I]) in the model's dtype
 
-    def slice_at(self, layer: int, expert: int, bits: float) -> tuple:
-        key = (layer, expert, bits)
+    def layer_at(self, layer: int, bits: float) -> tuple:
+        key = (layer, float(bits))
         if key not in self.cache:
             gu, dn = self.source[layer]
             if bits >= 16:
-                self.cache[key] = (gu[expert], dn[expert])
+                self.cache[key] = (gu, dn)
             else:
-                spec = moe_quant.QuantSpec(bits=bits, group=self.group, grid=self.grid)
-                self.cache[key] = (moe_quant.fake_quant(gu[expert], spec, -1),
-                                   moe_quant.fake_quant(dn[expert], spec, -1))
+                spec = moe_quant.QuantSpec(bits=float(bits), group=self.group, grid=self.grid)
+                # the torch path (bit-identical to the numba kernel): the kernel's OpenMP pool keeps spinning
+                # after it returns and made every later forward of this process ~10x slower on 2 cores
+                self.cache[key] = tuple(moe_quant.quantize_tensor(t.float(), spec, -1, use_kernel=False,
+                                                                  return_codes=False).dequant.to(t.dtype)
+                                        for t in (gu, dn))
         return self.cache[key]
+
+    def prepare(self, levels: list) -> float:
+        """Fake-quantize every layer at every level up front (progress bar); returns the seconds it took."""
+        from tqdm import tqdm
+
+        t0 = time.time()
+        for layer in tqdm(sorted(self.source), desc="quantize levels", unit="layer", leave=False):
+            for b in levels:
+                self.layer_at(layer, b)
+        return time.time() - t0
 
     @torch.no_grad()
     def apply(self, bits: dict) -> None:
         for (layer, expert), b in bits.items():
-            gu, dn = self.slice_at(layer, expert, float(b))
-            self.experts[layer].gate_up_proj[expert].copy_(gu)
-            self.experts[layer].down_proj[expert].copy_(dn)
+            gu, dn = self.layer_at(layer, float(b))
+            self.experts[layer].gate_up_proj[expert].copy_(gu[expert])
+            self.experts[layer].down_proj[expert].copy_(dn[expert])
 
     @torch.no_grad()
     def restore(self) -> None:
         for l, m in self.experts.items():
             m.gate_up_proj.copy_(self.source[l][0])
             m.down_proj.copy_(self.source[l][1])
+
+
+def batched_logits_fn(model: torch.nn.Module, all_tokens: torch.Tensor, batch: int):
+    """tokens [ctx] -> logits [ctx, V], like moe_eval.hf_logits_fn, but run `batch` windows of `all_tokens`
+    [n, ctx] per forward: a call for window i (matched by content) computes windows i..i+batch-1 at once
+    and serves the following calls from that block. Any other input gets a forward of its own."""
+    dev = model.get_input_embeddings().weight.device
+    held: dict = {"start": -1, "logits": None}
+
+    @torch.no_grad()
+    def logits_of(tokens: torch.Tensor) -> torch.Tensor:
+        start, block = held["start"], held["logits"]
+        for i in range(start, start + (0 if block is None else block.shape[0])):
+            if torch.equal(tokens, all_tokens[i]):
+                return block[i - start]
+        hits = [i for i in range(all_tokens.shape[0]) if torch.equal(tokens, all_tokens[i])]
+        if not hits:
+            return model(input_ids=tokens.reshape(1, -1).to(dev), use_cache=False).logits[0]
+        held["logits"] = None  # free the old block before the next forward
+        i = hits[0]
+        held["start"], held["logits"] = i, model(input_ids=all_tokens[i: i + batch].to(dev), use_cache=False).logits
+        return held["logits"][0]
+
+    return logits_of
+
+
+def fp32_logits_head(model: torch.nn.Module) -> None:
+    """Keep the output head in fp32 on a bf16/fp16 model: the logits (and so every KL) are then not rounded
+    to 8 mantissa bits; the decoder runs in the low precision, the head casts its input up."""
+    head = model.get_output_embeddings()
+    if head is None or head.weight.dtype == torch.float32 or head.weight is model.get_input_embeddings().weight:
+        return  # tied: the embedding would change dtype too
+    head.float()
+    head.register_forward_pre_hook(lambda mod, args: tuple(a.float() for a in args))
 
 
 def default_budgets(units: dict, group: int, grid: str) -> list[float]:
@@ -124,7 +177,8 @@ def default_budgets(units: dict, group: int, grid: str) -> list[float]:
 
 def run_study(model_spec: str, strategies: list, budgets: list | None, levels: list, eval_tokens: int,
               probe_tokens: int, ctx: int, group: int = 128, grid: str = "full", seed: int = 0,
-              cache_root: str | None = None, log=print) -> dict:
+              cache_root: str | None = None, log=print, dtype: str = "bfloat16", batch: int = 4) -> dict:
+    """Probe, teacher cache, one fake-quant per layer and level, then every (budget, strategy) student."""
     import embedded_model
     import moe_eval
     import moe_probe
@@ -135,25 +189,27 @@ def run_study(model_spec: str, strategies: list, budgets: list | None, levels: l
     model_dir = (embedded_model.resolve(model_spec, log=log) if embedded_model.is_embedded(model_spec)
                  else Path(model_spec))
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=moe_eval.MODEL_DTYPES[dtype]).eval()
+    fp32_logits_head(model)
     t_load = time.time() - t_start
     # probe on the calibration split
     calib = moe_probe.calibration_windows(tok, moefy_fit.pydoc_topics_text(held_out=False), probe_tokens, ctx)
     t0 = time.time()
-    probe = moe_probe.probe_model(model, calib)
+    probe = moe_probe.probe_model(model, calib, batch)
     t_probe = time.time() - t0
-    # teacher cache on the held-out split
-    cfg = moe_eval.EvalConfig(ctx=ctx, max_tokens=eval_tokens, cache_root=cache_root)
+    # teacher cache on the held-out split (the source model in the same dtype as every student)
+    cfg = moe_eval.EvalConfig(ctx=ctx, max_tokens=eval_tokens, cache_root=cache_root, dtype=dtype)
     held = moefy_fit.pydoc_topics_text(held_out=True)
     windows = moe_eval.text_windows(held, tok, cfg, {"kind": "pydoc_data.topics held-out split"})
-    teacher_id = moe_eval.model_identity(model_dir) + ":float32"
+    teacher_id = moe_eval.model_identity(model_dir) + f":{dtype}:fp32-head"
+    logits_fn = batched_logits_fn(model, windows.tokens, batch)
     t0 = time.time()
-    cache = moe_eval.build_teacher_cache(lambda: moe_eval.hf_logits_fn(model), teacher_id, windows, cfg)
+    cache = moe_eval.build_teacher_cache(lambda: logits_fn, teacher_id, windows, cfg)
     t_teacher = time.time() - t0
     units = moe_alloc.expert_units(model_dir)
     budgets = budgets or default_budgets(units, group, grid)
     builder = StudentBuilder(model, group, grid)
-    logits_fn = moe_eval.hf_logits_fn(model)
+    t_quant = builder.prepare(levels)
     rows = []
     for budget in budgets:
         for strategy in strategies:
@@ -164,6 +220,7 @@ def run_study(model_spec: str, strategies: list, budgets: list | None, levels: l
             t_build0 = time.time()
             builder.apply(bits)
             t_build = time.time() - t_build0
+            t_score0 = time.time()
             res = moe_eval.score_student(logits_fn, windows, cache, cfg, name=f"{strategy}@{budget}")
             rows.append({"strategy": strategy, "budget_bits": budget, "effective_bits": plan["effective_bits"],
                          "experts_per_level": plan["experts_per_level"],
@@ -171,24 +228,39 @@ def run_study(model_spec: str, strategies: list, budgets: list | None, levels: l
                          "top1_agree": res["top1_agree"], "top1_agree_interval": res["top1_agree_interval"],
                          "ppl_ratio": res["ppl_ratio"], "ppl_ratio_interval": res["ppl_ratio_interval"],
                          "kl_per_window": res["per_window"]["kl"],
-                         "seconds": round(time.time() - t0, 2), "build_seconds": round(t_build, 2)})
+                         "seconds": round(time.time() - t0, 2), "build_seconds": round(t_build, 3),
+                         "score_seconds": round(time.time() - t_score0, 2)})
             log(f"{strategy:>9} @ {budget}: eff {plan['effective_bits']:.4f}  KL {res['kl_mean']:.4f} "
                 f"[{res['kl_mean_interval'][0]:.4f}, {res['kl_mean_interval'][1]:.4f}]  ({rows[-1]['seconds']} s)")
     builder.restore()
     import provenance
 
+    n = max(len(rows), 1)
     return {"format": FORMAT, "model": str(model_dir), "model_spec": model_spec, "levels": levels,
             "group": group, "grid": grid, "budgets": budgets, "strategies": strategies, "seed": seed,
+            "dtype": dtype, "logits_head": "fp32", "batch": batch,
             "quantized": "routed experts only (everything else at source precision)",
             "eval_text": dict(windows.source, tokens_sha256=windows.sha256, n_windows=int(windows.tokens.shape[0]),
                               ctx=ctx, n_scored_tokens=windows.n_scored),
             "probe_text": {"kind": "pydoc_data.topics calibration split", "tokens": int(calib.numel())},
             "teacher_cache": {"hit": cache.hit, "computed_windows": cache.computed_windows},
             "timing_s": {"load": round(t_load, 1), "probe": round(t_probe, 1), "teacher": round(t_teacher, 1),
-                         "total": round(time.time() - t_start, 1),
-                         "per_student_mean": round(sum(r["seconds"] for r in rows) / max(len(rows), 1), 2)},
+                         "quantize_levels": round(t_quant, 1), "total": round(time.time() - t_start, 1),
+                         "per_student_mean": round(sum(r["seconds"] for r in rows) / n, 2),
+                         "per_student_build_mean": round(sum(r["build_seconds"] for r in rows) / n, 3),
+                         "load_average": load_average()},
             "probe_summary": probe["summary"], "provenance": provenance.record(),
             "results": rows, "_probe": probe}
+
+
+def load_average() -> list | None:
+    """1/5/15-minute load average of the box when the study ended (the timings are read next to it)."""
+    import os
+
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def paired_delta(a: list, b: list, z: float = 1.96) -> dict:
@@ -232,8 +304,12 @@ def findings_table(study: dict) -> str:
             lines.append(f"  KL(inverse) - KL(asal), paired over windows: {d['mean']:+.4f} "
                          f"[{d['lo']:+.4f}, {d['hi']:+.4f}]: {verdict}.")
     t = study["timing_s"]
+    extra = (f", levels quantized once {t['quantize_levels']} s" if "quantize_levels" in t else "")
+    la = f"; load average at the end {t['load_average']}" if t.get("load_average") else ""
     lines += ["", f"Wall time: total {t['total']} s (load {t['load']}, probe {t['probe']}, teacher {t['teacher']} "
-                  f"once), {t['per_student_mean']} s per student."]
+                  f"once{extra}), {t['per_student_mean']} s per student"
+                  + (f" (assembly {t['per_student_build_mean']} s of it)" if "per_student_build_mean" in t else "")
+                  + f", {len(study['results'])} students{la}."]
     return "\n".join(lines) + "\n"
 
 
@@ -287,6 +363,10 @@ def main(argv=None) -> int:
     ap.add_argument("--probe-tokens", type=int, default=8192)
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="decoder dtype of teacher and students alike (the output head stays fp32); bf16 ran this "
+                         "model's forward ~1.7x faster on this box's CPU (AVX512-BF16)")
+    ap.add_argument("--batch", type=int, default=4, help="windows per forward")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a shared 2-core box one thread ran this model's forward "
                          "5-13x faster than two; 0 = torch's default)")
@@ -312,7 +392,8 @@ def main(argv=None) -> int:
     try:
         study = run_study(args.model, strategies, budgets, [float(x) for x in args.levels.split(",")],
                           args.eval_tokens, args.probe_tokens, args.ctx, args.group, args.grid, args.seed,
-                          args.cache_root, log=lambda m: print(m, file=sys.stderr))
+                          args.cache_root, log=lambda m: print(m, file=sys.stderr), dtype=args.dtype,
+                          batch=args.batch)
     except (StudyError, moe_alloc.AllocError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
