@@ -333,7 +333,9 @@ def test_smoke_pipeline_reduced_end_to_end(tmp_path, smollm2_dir):
     results = tmp_path / "results"
     res = run_pipeline(SMOKE_SH, {"SMOKE_N": "3", "SMOKE_MAX_NEW_TOKENS": "24", "SMOKE_FIDELITY_TOKENS": "126",
                                   "SMOKE_FIDELITY_CTX": "64", "SMOKE_RESULTS_DIR": str(results),
-                                  "SMOKE_WORK_DIR": str(tmp_path / "work")}, timeout=1500)
+                                  "SMOKE_WORK_DIR": str(tmp_path / "work"),
+                                  "CALIB_TOKENS": "2048"},  # smoke.env's gptq recipe, on fewer calibration tokens
+                       timeout=1500)
     assert res.returncode == 0, res.stderr[-4000:]
     assert res.stdout.rstrip().endswith("SMOKE OK")
     summary = json.loads((results / "smoke" / "smoke_smollm2-135m-instruct.json").read_text())
