@@ -92,7 +92,7 @@ def generate(cfg: GenConfig, fresh: bool = False, argv=None) -> dict:
     todo = [p for p in prompts if p["id"] not in done]
     ids = encode_prompts(tok, todo, cfg.thinking)
     longest = max([len(x) for x in ids] + [len(r["prompt_ids"]) for r in done.values()] + [1])
-    t0 = time.perf_counter()
+    t0, load_s = time.perf_counter(), 0.0
     new_tokens = 0
     if todo:
         from tqdm import tqdm
@@ -101,6 +101,7 @@ def generate(cfg: GenConfig, fresh: bool = False, argv=None) -> dict:
         llm = LLM(model=str(model_dir), dtype=cfg.dtype, seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size,
                   max_model_len=cfg.max_model_len or longest + cfg.max_new_tokens + 8,
                   enforce_eager=True if cfg.enforce_eager is None else cfg.enforce_eager)
+        load_s, t0 = time.perf_counter() - t0, time.perf_counter()  # tokens/s: generation only, not the engine start
         bar = tqdm(total=len(todo), desc="rollouts", unit="prompt", file=sys.stderr, dynamic_ncols=True)
         try:
             for b0 in range(0, len(todo), cfg.batch_prompts):
@@ -135,7 +136,7 @@ def generate(cfg: GenConfig, fresh: bool = False, argv=None) -> dict:
     summary = {"prompts": len(records), "samples_generated": sampled, "samples_kept": kept,
                "truncated": truncated, "finished_fraction": (sampled - truncated) / max(sampled, 1),
                "completion_tokens_kept": sum(s["n_tokens"] for r in records for s in r["samples"]),
-               "resumed_prompts": len(done), "seconds_this_run": seconds,
+               "resumed_prompts": len(done), "seconds_this_run": seconds, "engine_start_s": load_s,
                "tokens_per_s_this_run": new_tokens / max(seconds, 1e-9), "config": ident}
     if kept == 0:
         raise OpdInputError(f"no samples kept in {out} ({sampled} generated, {truncated} truncated"
