@@ -503,3 +503,42 @@ def test_a_stale_gguf_intermediate_is_rebuilt(tmp_path, smollm2_dir, llama_prefi
     assert "router_type: f16 -> f32" in err and "checkpoints.model" in err
     meta = json.loads((out / f"{a.name}-IQ3_XXS.meta.json").read_text())
     assert meta["source_gguf"]["path"].endswith(f"{a.name}-BF16.gguf")
+
+
+@pytest.mark.slow
+@pytest.mark.llamacpp
+def test_smollm2_moe_fixture_packs_and_answers_through_llama_server(llama_prefix):
+    """The real-weight qwen2_moe fixture goes through the whole pipeline (convert -> imatrix -> quantize with
+    the recipe) and the packed GGUF answers a completion through llama-server."""
+    import urllib.request
+
+    import embedded_model
+    import llama_server as ls
+
+    moe = embedded_model.resolve("embedded:smollm2-moe", log=lambda m: None)
+    out, meta = gf.packed("smollm2-moe", moe, llama_prefix)
+    gguf = out / "smollm2-moe-IQ3_XXS.gguf"
+    types = read_back(gguf)
+    n_layers = json.loads((moe / "config.json").read_text())["num_hidden_layers"]
+    for kind in ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight", "ffn_gate_shexp.weight",
+                 "ffn_down_shexp.weight", "ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight"):
+        assert sum(n.endswith(kind) for n in types) == n_layers, kind  # every layer is a qwen2moe block
+    assert of_kind(types, "ffn_gate_inp.weight") == {"f16"}  # the router: ROUTER_TYPE, never quantized
+    assert of_kind(types, "ffn_down_shexp.weight") == {"q8_0"}
+    assert types["output.weight"] == types["token_embd.weight"] == "q8_0"  # the stored lm_head is packed
+    # expert rows are 576 (gate/up) and 128 (down) wide, not whole 256-blocks: llama-quantize falls back,
+    # and the meta JSON reports each fallback as the file holds it
+    reported = {f["tensor"]: f for f in meta["llama_quantize_fallbacks"]}
+    assert "blk.0.ffn_down_exps.weight" in reported
+    for name, fb in reported.items():
+        assert fb["row_len"] % 256 != 0 and types[name] == fb["actual"]
+    assert meta["prediction_mismatches"] == []
+    cfg = ls.ServerConfig(binary=ls.find_binary(llama_prefix), model=gguf, ctx_size=256, threads=2,
+                          log_path=out / "server-test.log")
+    with ls.LlamaServer(cfg) as server:
+        body = json.dumps({"prompt": "The capital of France is", "n_predict": 8, "temperature": 0.0}).encode()
+        req = urllib.request.Request(server.base_url + "/completion", data=body,
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=300) as r:
+            answer = json.loads(r.read().decode())
+    assert answer["tokens_predicted"] > 0 and answer["content"].strip(), answer

@@ -421,11 +421,15 @@ def byte_level_bpe_view(src: Path, dst: Path) -> Path:
 
 
 def resolve_model(model: str, revision: str | None = None) -> Path:
-    """A local checkpoint dir for MODEL: a directory, `embedded:smollm2`, or a hub repo id (downloaded)."""
-    if model == "embedded:smollm2":
-        import embedded_model
+    """A local checkpoint dir for MODEL: a directory, `embedded:NAME` (smollm2, smollm2-moe), or a hub repo
+    id (downloaded)."""
+    import embedded_model
 
-        ckpt = embedded_model.smollm2_bf16_dir()
+    if embedded_model.is_embedded(model):
+        try:
+            ckpt = embedded_model.resolve(model, log=lambda m: print(m, file=sys.stderr))
+        except embedded_model.EmbeddedModelError as e:
+            raise PackError(f"MODEL={model!r}: {e}") from e
         if tokenizer_conflict(ckpt):  # transformers' GGUF->tokenizers rebuild; see tokenizer_conflict
             return byte_level_bpe_view(ckpt, ckpt.parent / (ckpt.name + "-bpe-view"))
         return ckpt
@@ -659,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--imatrix", default=None)
     s.add_argument("--out", required=True)
     s.set_defaults(func=_cmd_tensor_types)
-    s = sub.add_parser("resolve-model", help="print a local checkpoint dir for MODEL (dir, hub id, embedded:smollm2)")
+    s = sub.add_parser("resolve-model", help="print a local checkpoint dir for MODEL (dir, hub id, embedded:NAME)")
     s.add_argument("model")
     s.add_argument("--revision", default=None)
     s.set_defaults(func=_cmd_resolve_model)
