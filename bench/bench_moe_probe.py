@@ -2,8 +2,8 @@
 
 Both sides run the same windows in one process, alternating, best of --repeats; the probe side is
 moe_probe.probe_model (hooks on every router, accumulation on the device, one host copy at the end).
-Prints the figures; the allocation study's wall time per student is printed by moe_study.py itself
-(results/moe_study/study.json "timing_s").
+Prints the figures; the allocation study's wall time per student is printed by bench/bench_moe_study.py
+(split into plan, assembly and scoring) and by moe_study.py itself (results/moe_study/study.json "timing_s").
 
     python bench/bench_moe_probe.py [--model embedded:smollm2-moe] [--tokens 4096] [--ctx 256] [--repeats 3]
 """
