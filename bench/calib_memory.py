@@ -61,6 +61,14 @@ def main(argv=None) -> int:
     print(f"depth x{b['layers'] / a['layers']:.1f}: source x{b['source_MiB'] / a['source_MiB']:.2f}, peak RSS "
           f"x{b['peak_rss_MiB'] / a['peak_rss_MiB']:.2f} (+{b['peak_rss_MiB'] - a['peak_rss_MiB']:.0f} MiB), "
           f"wall x{b['wall_s'] / a['wall_s']:.2f}")
+    # issue 8's bound: one layer (the source bytes each extra layer adds, bf16) + the activations (bf16
+    # [tokens, hidden]) + 1 GiB
+    layer_mib = (b["source_MiB"] - a["source_MiB"]) / max(b["layers"] - a["layers"], 1)
+    acts_mib = args.tokens * args.hidden * 2 / 2**20
+    bound = layer_mib + acts_mib + 1024
+    worst = max(r["peak_rss_MiB"] for r in rows)
+    print(f"bound: one layer {layer_mib:.1f} MiB + activations {acts_mib:.1f} MiB + 1024 MiB = {bound:.0f} MiB; "
+          f"worst peak RSS {worst:.0f} MiB -> {'within' if worst <= bound else 'OVER'} the bound")
     return 0
 
 
