@@ -299,3 +299,40 @@ def test_code_runs_record_the_sandbox_tier_and_the_weak_sandbox_switch(tmp_path)
     args = vllm_eval8.build_parser().parse_args(["--model", "m", "--tag", "t"])
     assert vllm_eval8.config_from_args(args, environ={"EVAL_ALLOW_WEAK_SANDBOX": "1"}).allow_weak_sandbox is True
     assert vllm_eval8.config_from_args(args, environ={}).allow_weak_sandbox is False
+
+
+def test_same_layout_other_weights_is_refused(tmp_path):
+    """A re-quantized or merged student at the teacher's path has the same file names and sizes; its
+    generations must not be reused for the new weights (the OPD arms once were)."""
+    ckpt = tmp_path / "student"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text('{"model_type": "llama"}')
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(bytes(range(256)) * 4096)
+    replay, _ = write_replay(tmp_path, fixture_cfg(tmp_path))
+    vllm_eval8.run_eval(fixture_cfg(tmp_path, model=str(ckpt), replay_file=str(replay)))
+    vllm_eval8.run_eval(fixture_cfg(tmp_path, model=str(ckpt), replay_file=str(replay)))  # same weights: resumes
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte in the middle differs
+    weights.write_bytes(bytes(data))
+    with pytest.raises(vllm_eval8.ResumeMismatch, match="model_fingerprint"):
+        vllm_eval8.run_eval(fixture_cfg(tmp_path, model=str(ckpt), replay_file=str(replay)))
+
+
+def test_big_weight_files_are_fingerprinted_by_sampled_content(tmp_path, monkeypatch):
+    import eval_config
+
+    monkeypatch.setattr(eval_config, "FULL_HASH_BYTES", 1 << 16)
+    big = tmp_path / "a.safetensors"
+    blob = bytearray(os.urandom(1 << 20))
+    big.write_bytes(blob)
+    copy = tmp_path / "b.safetensors"
+    copy.write_bytes(blob)
+    fp = eval_config.sampled_sha256(big, blocks=8, block_bytes=4096)
+    assert fp == eval_config.sampled_sha256(copy, blocks=8, block_bytes=4096)
+    span = len(blob) - 4096
+    blob[span * 3 // 7 + 100] ^= 0x01  # inside the 4th sampled block
+    big.write_bytes(blob)
+    assert eval_config.sampled_sha256(big, blocks=8, block_bytes=4096) != fp
+    copy.write_bytes(bytes(blob) + b"\0")  # one byte longer
+    assert eval_config.sampled_sha256(copy, blocks=8, block_bytes=4096) != fp

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -105,24 +106,51 @@ class EvalConfig:
 
 
 # ------------------------------------------------------------------------------------- identities
-def model_fingerprint(path: str | None) -> dict | None:
-    """Cheap identity of a local checkpoint (config + weight file names/sizes) or GGUF (size + head hash).
+SAMPLE_BLOCKS = 32  # content blocks read from each big weight file for its fingerprint
+SAMPLE_BLOCK_BYTES = 256 << 10
+FULL_HASH_BYTES = 64 << 20  # smaller files are hashed whole
 
-    Hashing 200+ GB of weights per eval is not affordable; config and shard sizes catch the usual mix-up
-    (wrong directory, half-copied shards). None for a hub id or a server-side name.
+
+def sampled_sha256(path: Path, blocks: int = SAMPLE_BLOCKS, block_bytes: int = SAMPLE_BLOCK_BYTES) -> str:
+    """sha256 over the size and `blocks` evenly spaced blocks (head and tail included) of a file.
+
+    Names and sizes alone cannot tell two checkpoints of one layout apart (a re-quantized or merged
+    student has the teacher's shard sizes), and hashing every byte of a 245 GB model per eval is not
+    affordable. A requantization or an adapter merge rewrites tensors all through a shard, so blocks
+    spread over the file see it; reading 8 MiB per shard costs well under a second.
+    """
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    if size <= FULL_HASH_BYTES:
+        h.update(bytes.fromhex(provenance.sha256_file(path)))
+        return h.hexdigest()
+    span = size - block_bytes
+    with open(path, "rb") as f:
+        for i in range(blocks):
+            f.seek(span * i // (blocks - 1))
+            h.update(f.read(block_bytes))
+    return h.hexdigest()
+
+
+def model_fingerprint(path: str | None) -> dict | None:
+    """Identity of a local checkpoint (config + sampled weight content) or GGUF (size + head hash).
+
+    It guards resume: generations of one checkpoint are never reused for another one at the same path.
+    None for a hub id or a server-side name.
     """
     if not path:
         return None
     p = Path(path)
     if p.is_file():
         return {"kind": "file", "size": p.stat().st_size,
-                "sha256_first_64MiB": provenance.sha256_file(p, limit_bytes=64 << 20)}
+                "sha256_first_64MiB": provenance.sha256_file(p, limit_bytes=64 << 20),
+                "sampled_sha256": sampled_sha256(p)}
     if p.is_dir():
         config = p / "config.json"
-        weights = sorted((f.name, f.stat().st_size) for f in p.iterdir()
+        weights = sorted((f.name, f.stat().st_size, sampled_sha256(f)) for f in p.iterdir()
                          if f.suffix in (".safetensors", ".gguf", ".bin") and f.is_file())
         return {"kind": "dir", "config_sha256": provenance.sha256_file(config) if config.is_file() else None,
-                "weights_sha256": provenance.sha256_json(weights), "n_weight_files": len(weights)}
+                "weights_sampled_sha256": provenance.sha256_json(weights), "n_weight_files": len(weights)}
     return None
 
 

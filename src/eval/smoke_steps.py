@@ -125,7 +125,8 @@ def eval_cmd(model_dir: Path, tag: str, role: str, plan: Plan, cfg: SmokeConfig,
            "--thinking", "on" if cfg.thinking else "off", "--temperature", f"{cfg.temperature:g}",
            "--seed", "0", "--data-seed", "0", "--max-new-tokens", plan.max_new_tokens,
            "--max-model-len", plan.max_new_tokens + PROMPT_ROOM, "--tensor-parallel-size", cfg.tensor_parallel_size,
-           "--dtype", "auto", "--results-dir", results_dir / "vllm_eval", "--no-progress"]
+           "--dtype", "auto", "--results-dir", results_dir / "vllm_eval", "--no-progress",
+           "--restart"]  # the smoke regenerates its own results: a log of another model/config is moved aside
     if plan.device == "cpu":
         cmd += ["--enforce-eager", "on"]  # torch.compile on CPU costs minutes for a two-minute eval
     if plan.n is not None:
