@@ -205,7 +205,8 @@ def plot(doc: dict, path: Path) -> None:
         ax.set_xlabel("file bits per weight (every tensor)")
         ax.set_title(f"ours at int{bits:g} body (labels: group / embedding / grid), llama.cpp as stars", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_lines():
+            ax.legend(fontsize=8)
     axes[0].set_ylabel("KL(BF16 || student), nats/token, llama-perplexity positions")
     fig.suptitle("SmolLM2-135M on held-out pydoc text: our methods vs llama.cpp (same windows, same positions)")
     fig.tight_layout()
