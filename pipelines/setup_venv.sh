@@ -12,7 +12,7 @@ VENV="${MOE_LOWBIT_VENV:-$CACHE/venv-cpu-py311-$KEY}"
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null || PY=python3
 
-if [ -f "$VENV/.moe_lowbit_ok" ]; then echo "$VENV"; exit 0; fi
+if [ -f "$VENV/.moe_lowbit_ok" ] && [ -x "$VENV/bin/python" ]; then echo "$VENV"; exit 0; fi
 # One builder at a time: a second caller waits for the first instead of deleting its half-built venv.
 mkdir -p "$(dirname "$VENV")"
 exec 9>"$VENV.lock"
@@ -20,7 +20,7 @@ if ! flock -n 9; then
   echo "setup_venv: another process is building $VENV; waiting for it" >&2
   flock 9
 fi
-if [ -f "$VENV/.moe_lowbit_ok" ]; then echo "$VENV"; exit 0; fi
+if [ -f "$VENV/.moe_lowbit_ok" ] && [ -x "$VENV/bin/python" ]; then echo "$VENV"; exit 0; fi
 if [ -d "$VENV" ]; then
   echo "setup_venv: $VENV exists but its install never finished; rebuilding it" >&2
   rm -rf "$VENV"
