@@ -190,14 +190,6 @@ def eval_cmd(cfg, model, tag, results: Path, reference: str | None) -> list:
     return cmd + (["--reference-tag", reference] if reference else [])
 
 
-def clear_eval_outputs(json_path: Path) -> None:
-    """Remove a tag's previous harness outputs before evaluating it again. vllm_eval8 resumes a tag's
-    samples when its generation config matches, and that config names the model by PATH: a retrained
-    merged_opd in the same directory would otherwise be scored with the previous model's answers."""
-    for p in (json_path, json_path.with_suffix(".jsonl")):
-        p.unlink(missing_ok=True)
-
-
 # -------------------------------------------------------------------------------------------- table
 def paired_kl_delta(before: dict, after: dict, z: float) -> dict:
     import fidelity_math
@@ -336,7 +328,6 @@ def run(cfg: DistillConfig, fresh: bool) -> dict:
             sys.executable, REPO_ROOT / "src/distill/merge_adapter.py", "--run", paths[f"run_{arm}"],
             "--out", paths[f"merged_{arm}"], "--force"], logs, T))
     for arm, model in (("before", student_dir), ("opd", paths["merged_opd"]), ("offpolicy", paths["merged_offpolicy"])):
-        clear_eval_outputs(paths[f"eval_{arm}"])
         timed(f"eval-{arm}", lambda arm=arm, model=model: run_step(
             f"eval-{arm}", eval_cmd(cfg, model, f"{cfg.tag}_{arm}", results, None), logs, T))
     fid_text = Path(cfg.fidelity_text)
