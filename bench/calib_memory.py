@@ -1,8 +1,13 @@
 """Peak RSS and wall time of a calibrated (gptq) build at two depths of the same tiny MoE: memory must be flat
-in depth (one layer + the activations), time linear in it. Each build runs in its own process
-(`/usr/bin/time`-free: the child reports ru_maxrss itself).
+in depth (one layer + the activations), time linear in it. Each build runs quant_save's CLI entry point in its
+own process; the child reports its VmHWM (the kernel's peak RSS of this process image) and, sampled every 50 ms,
+the peaks of anonymous and file-backed RSS. Not ru_maxrss: Linux carries the forking parent's peak into an
+exec'd child's ru_maxrss, and the parent here holds the source it just built (1.1 GB at 16 layers).
 
-    python bench/calib_memory.py [--layers 4,16] [--hidden 512] [--tokens 8192]
+`--default-caches` gives oneDNN's and ideep's shape-keyed caches their stock sizes (1024 entries) instead of
+the limits quant_save sets (layer_io.CPU_SHAPE_CACHE_LIMITS), to show what those limits buy.
+
+    python bench/calib_memory.py [--layers 4,16] [--hidden 512] [--tokens 8192] [--default-caches]
 """
 from __future__ import annotations
 
@@ -18,13 +23,35 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
-import json, resource, sys, time
+import json, resource, sys, threading, time
+from pathlib import Path
 import quant_save
+
+def rss_kib():
+    fields = dict(l.split(":", 1) for l in open("/proc/self/status") if l.startswith(("RssAnon", "RssFile", "VmHWM")))
+    return {k: int(v.split()[0]) for k, v in fields.items()}
+
+peak = {"RssAnon": 0, "RssFile": 0}
+done = threading.Event()
+
+def sample():
+    while not done.wait(0.05):
+        now = rss_kib()
+        for k in peak:
+            peak[k] = max(peak[k], now[k])
+
+threading.Thread(target=sample, daemon=True).start()
 t = time.perf_counter()
-meta = quant_save.build({"model": sys.argv[1], "out": sys.argv[2], "progress": False, "method": "gptq",
-                         "calib": "pydoc-topics", "calib_tokens": int(sys.argv[3]), "calib_ctx": 256})
-print("RESULT " + json.dumps({"wall_s": time.perf_counter() - t, "peak_rss_MiB": resource.getrusage(
-    resource.RUSAGE_SELF).ru_maxrss / 1024, "calibration_s": meta["timings"]["calibration_seconds"],
+rc = quant_save.main(["--model", sys.argv[1], "--out", sys.argv[2], "--no-progress", "--method", "gptq",
+                      "--calib", "pydoc-topics", "--calib-tokens", sys.argv[3], "--calib-ctx", "256"])
+done.set()
+meta = json.loads((Path(sys.argv[2]) / quant_save.META_NAME).read_text()) if rc == 0 else None
+if meta is None:
+    sys.exit(rc or 1)
+print("RESULT " + json.dumps({"wall_s": time.perf_counter() - t, "peak_rss_MiB": rss_kib()["VmHWM"] / 1024,
+    "ru_maxrss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "peak_anon_MiB": peak["RssAnon"] / 1024,
+    "peak_file_MiB": peak["RssFile"] / 1024, "calibration_s": meta["timings"]["calibration_seconds"],
     "source_MiB": meta["source"]["bytes"] / 2**20}))
 """
 
@@ -35,11 +62,15 @@ def main(argv=None) -> int:
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--default-caches", action="store_true",
+                    help="stock oneDNN/ideep cache sizes (1024) instead of quant_save's limits")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT / "tests"))
     import tiny_models
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(ROOT / "src" / d) for d in ("quant", "eval", "distill"))}
+    if args.default_caches:
+        env.update({"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "1024"})
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in (int(x) for x in args.layers.split(",")):
@@ -56,6 +87,7 @@ def main(argv=None) -> int:
             r = {"layers": n, **json.loads(line[len("RESULT "):])}
             rows.append(r)
             print(f"layers {n:>3}: source {r['source_MiB']:8.1f} MiB  peak RSS {r['peak_rss_MiB']:8.1f} MiB  "
+                  f"(anon {r['peak_anon_MiB']:7.1f}, file-backed {r['peak_file_MiB']:7.1f}, sampled every 50 ms)  "
                   f"wall {r['wall_s']:6.1f} s  (calibration {r['calibration_s']:.1f} s)")
     a, b = rows[0], rows[-1]
     print(f"depth x{b['layers'] / a['layers']:.1f}: source x{b['source_MiB'] / a['source_MiB']:.2f}, peak RSS "

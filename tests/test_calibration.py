@@ -229,3 +229,19 @@ def test_bad_calibration_input_gives_one_error_line(llama_src, tmp_path, capsys,
     assert len(err) == 1 and err[0].startswith("quant_save: error:") and message.format(tmp=tmp_path) in err[0], err
     assert not (out / "_ptq_meta.json").exists()
     assert not list(out.glob("*.safetensors"))
+
+
+def test_cli_limits_the_shape_keyed_cpu_caches_but_keeps_a_users_value(tmp_path, monkeypatch, capsys):
+    """oneDNN's and ideep's caches grow by one entry per routed-expert token count (bench/calib_memory.py): the
+    CLI caps them before the first forward, unless the user chose a size."""
+    import layer_io
+
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "")  # recorded, so teardown restores the original
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "64")
+    assert quant_save.main(["--model", str(tmp_path / "absent"), "--dry-run"]) == 2
+    capsys.readouterr()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == layer_io.CPU_SHAPE_CACHE_LIMITS[
+        "ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "0"
+    assert os.environ["LRU_CACHE_CAPACITY"] == "64"
+    layer_io.return_freed_memory()  # glibc's malloc_trim, or a no-op: must not raise

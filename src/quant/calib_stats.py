@@ -350,6 +350,7 @@ class _Pass:
         del recorded, usable
         t0 = time.perf_counter()
         layer_io.release(layer)
+        layer_io.return_freed_memory()
         tag = f"layer-{i:05d}"
         experts = {k: v for k, v in self.out.experts.items() if k not in experts_before}
         self._save(tag, tensors, stats, experts, x)

@@ -172,6 +172,38 @@ def release(module: nn.Module) -> None:
                                                    requires_grad=False)
 
 
+def return_freed_memory() -> None:
+    """Hand the pages of freed blocks back to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    A released layer's blocks are free but glibc keeps them in its heaps, fragmented between small live
+    allocations, so a process's peak RSS wanders up by tens of MiB per layer without it (measured by
+    bench/calib_memory.py)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is not None:
+        trim(0)
+
+
+# oneDNN's primitive cache and ideep's computation cache are keyed by shapes. Routed experts see a different
+# token count per expert per layer, so on CPU both caches fill with one entry per (expert count, weight
+# shape), each holding scratch buffers: about 27 MiB more per layer of the tiny MoE of bench/calib_memory.py,
+# and up to 1024 entries each. A calibration pass runs every shape once, so caching buys nothing there.
+CPU_SHAPE_CACHE_LIMITS = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0", "LRU_CACHE_CAPACITY": "1"}
+
+
+def limit_cpu_shape_caches(environ) -> None:
+    """Set the cache limits above in `environ` (os.environ), keeping any value the user set. They are read when
+    the first primitive is created, so call this before the first forward of the process."""
+    for key, value in CPU_SHAPE_CACHE_LIMITS.items():
+        environ.setdefault(key, value)
+
+
 def write_slot(skel: Skeleton, slot: Slot, value: torch.Tensor) -> None:
     """Put a (quantized) disk tensor into its in-memory place."""
     owner, attr = skel.params[slot.name]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import shutil
 import sys
@@ -38,6 +39,7 @@ import atomic_io
 import build_plan
 import calib_source
 import footprint
+import layer_io
 import model_adapters
 import provenance
 import shard_writer
@@ -371,6 +373,7 @@ def parse_args(argv=None) -> BuildConfig:
 
 
 def main(argv=None) -> int:
+    layer_io.limit_cpu_shape_caches(os.environ)  # before the calibration pass's first forward
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
