@@ -42,7 +42,12 @@ if [ -z "${GGML_CUDA:-}" ]; then
 fi
 case "$GGML_CUDA" in 1) BACKEND=cuda ;; 0) BACKEND=cpu ;; *) echo "install_llamacpp: GGML_CUDA must be 0 or 1, got '$GGML_CUDA'" >&2; exit 2 ;; esac
 
-PREFIX="$MOE_LOWBIT_CACHE/llama.cpp-$VERSION-$BACKEND"
+# A portable x86-64 build (SSE4.2/AVX/AVX2/FMA/F16C/BMI2), not -march=native: a native build on an AMX host
+# (Sapphire Rapids) routes quantized matmuls through ggml's AMX kernels, and there llama-perplexity
+# --kl-divergence died with SIGSEGV in ggml_backend_amx_mul_mat on a Q4_0 and a Q3_K_M GGUF (llama.cpp
+# 11434, under a VM). A portable build also stays valid when the cache dir moves to another CPU.
+FLAVOUR=portable
+PREFIX="$MOE_LOWBIT_CACHE/llama.cpp-$VERSION-$BACKEND-$FLAVOUR"
 if [ -f "$PREFIX/.moe_lowbit_ok" ] && have_tools "$PREFIX/bin"; then echo "$PREFIX"; exit 0; fi
 
 # One build at a time per prefix: a second caller waits for the first instead of racing it.
@@ -69,7 +74,7 @@ GENERATOR=(); command -v ninja >/dev/null && GENERATOR=(-G Ninja)
 CMAKE_ARGS=(-S "$TREE" -B "$PREFIX/build" "${GENERATOR[@]}" -DCMAKE_BUILD_TYPE=Release
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF
   -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF
-  -DBUILD_SHARED_LIBS=OFF -DGGML_CUDA="$([ "$BACKEND" = cuda ] && echo ON || echo OFF)")
+  -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=OFF -DGGML_CUDA="$([ "$BACKEND" = cuda ] && echo ON || echo OFF)")
 cmake "${CMAKE_ARGS[@]}" >&2
 cmake --build "$PREFIX/build" --config Release -j "$JOBS" --target "${TOOLS[@]}" >&2
 
@@ -78,6 +83,7 @@ for t in "${TOOLS[@]}"; do cp "$PREFIX/build/bin/$t" "$PREFIX/bin/"; done
 ln -sfn "$TREE" "$PREFIX/llama.cpp"   # convert_hf_to_gguf.py + gguf-py of the same version
 echo "$VERSION" > "$PREFIX/VERSION"
 echo "$BACKEND" > "$PREFIX/BACKEND"
+echo "$FLAVOUR" > "$PREFIX/FLAVOUR"
 rm -rf "$PREFIX/build"  # ~1 GiB of objects; the binaries are static
 touch "$PREFIX/.moe_lowbit_ok"   # last: a half build is never taken for a finished one
 echo "install_llamacpp: done, tools in $PREFIX/bin" >&2
