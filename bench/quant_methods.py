@@ -19,7 +19,7 @@ output hash and the windows are unchanged).
 Writes results/quant_methods/smollm2_methods.json, results/quant_methods/smollm2_pareto.png and the table
 between the markers in docs/QUANTIZE.md (all regenerated from the JSON: `--report-only`).
 
-    python bench/quant_methods.py [--only NAME,NAME] [--skip-gguf] [--calib-tokens 8192] [--report-only]
+    python bench/quant_methods.py [--only NAME,NAME] [--skip-gguf] [--rescore] [--calib-tokens 8192] [--report-only]
 """
 from __future__ import annotations
 
@@ -73,8 +73,9 @@ def configs() -> list[tuple[str, dict]]:
     rows += [_cfg(m, bits) for m in ("wclip", "awq") for bits in (4, 3)]
     rows += [_cfg("gptq", bits, group=g) for g in (32, 64) for bits in (4, 3)]
     rows += [_cfg("gptq", 4, emb=4), _cfg("gptq", 3, emb=4)]
-    rows += [_cfg("gptq", 3, grid=grid) for grid in ("full", "asym")]
+    rows += [_cfg("gptq", bits, grid=grid) for bits in (3, 4) for grid in ("full", "asym")]
     rows += [_cfg(m, bits, group=g) for m in ("rtn", "wclip", "awq") for g in (64, 32) for bits in (4, 3)]
+    rows += [_cfg(m, bits, emb=4) for m in ("wclip", "awq") for bits in (4, 3)]
     return rows
 
 
@@ -233,6 +234,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma list of build names (default: all, in configs() order)")
     ap.add_argument("--list", action="store_true", help="print the build names in run order and exit")
     ap.add_argument("--skip-gguf", action="store_true", help="no llama.cpp points (keeps those already in the JSON)")
+    ap.add_argument("--rescore", action="store_true",
+                    help="score the selected rows again even when their build is unchanged (e.g. rows scored on "
+                         "another machine: the build bytes match, the scoring forward's kernels may not)")
     ap.add_argument("--calib-tokens", type=int, default=8192,
                     help="calibration tokens for our methods AND the imatrix (default 8192 = 16 x 512)")
     ap.add_argument("--ctx", type=int, default=512)
@@ -325,7 +329,7 @@ def main(argv=None) -> int:
         step(f"build {name} (load {os.getloadavg()[0]:.1f})")
         meta, wall = build_one(teacher, work, name, opts, args.calib_tokens)
         prev = doc["ours"].get(name)
-        if prev and prev.get("build_sha256") == build_hash(meta) and prev.get("options") == opts:
+        if prev and prev.get("build_sha256") == build_hash(meta) and prev.get("options") == opts and not args.rescore:
             step(f"{name}: scored before on these windows, kept")
         else:
             scores = score_row(work / name, windows, cache, cfg)

@@ -84,7 +84,7 @@ def findings(rows: list[dict]) -> list[str]:
             out.append(f"* int{bits:g} g128 sym body, 8-bit embedding: best {best['name']} KL {best['kl']:.4f} "
                        f"(every position {best['kl_all']:.4f}) vs clip {clip['kl']:.4f} ({clip['kl_all']:.4f}): "
                        f"{ratio:.1f}x lower; {target}.")
-    for method in ("clip", "gptq"):
+    for method in METHODS:
         for bits in (4.0, 3.0):
             pts = [(g, _find(ours, method=method, linear_bits=bits, role_bits="embed=8", group=g, grid="sym"))
                    for g in (128, 64, 32)]
@@ -215,9 +215,9 @@ def plot(doc: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def replace_block(doc_text: str, block_body: str) -> str:
+def replace_block(doc_text: str, block_body: str, begin: str = BEGIN, end: str = END) -> str:
     """The document with the text between the markers replaced (markers appended if absent)."""
-    block = f"{BEGIN}\n{block_body}\n{END}"
-    if BEGIN in doc_text and END in doc_text:
-        return doc_text[:doc_text.index(BEGIN)] + block + doc_text[doc_text.index(END) + len(END):]
+    block = f"{begin}\n{block_body}\n{end}"
+    if begin in doc_text and end in doc_text:
+        return doc_text[:doc_text.index(begin)] + block + doc_text[doc_text.index(end) + len(end):]
     return doc_text.rstrip() + "\n\n" + block + "\n"
