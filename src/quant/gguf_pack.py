@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -350,21 +351,27 @@ def has_vision(model_dir: Path) -> bool:
     return "vision_config" in config
 
 
+_ASK_MTP = """
+import sys
+from pathlib import Path
+from conversion import ModelBase, ModelType, get_model_architecture, get_model_class
+cls = get_model_class(get_model_architecture(ModelBase.load_hparams(Path(sys.argv[1]), False), ModelType.TEXT))
+print(int(bool(getattr(cls, "supports_mtp_export", False))))
+"""
+
+
 def converter_supports_mtp(model_dir: Path, tree: Path) -> bool:
     """Whether the converter class of this checkpoint's architecture takes --mtp / --no-mtp (it refuses
-    them for others). Asked of the llama.cpp tree itself, so a version bump needs no table update."""
-    sys.path.insert(0, str(tree))
-    try:
-        from conversion import ModelBase, ModelType, get_model_architecture, get_model_class
-
-        hparams = ModelBase.load_hparams(Path(model_dir), False)
-        cls = get_model_class(get_model_architecture(hparams, ModelType.TEXT))
-    except Exception as err:  # an unsupported architecture fails again, clearly, in the converter itself
-        print(f"gguf_pack: could not ask the converter about MTP ({type(err).__name__}: {err})", file=sys.stderr)
+    them for others). Asked of the llama.cpp tree itself, so a version bump needs no table update, in a
+    child process with the tree's own gguf-py first: in-process, a `gguf` already imported from
+    site-packages (an older writer, without the tree's newer architectures) made the question fail."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(tree) / "gguf-py"), str(tree)])}
+    proc = subprocess.run([sys.executable, "-c", _ASK_MTP, str(model_dir)], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:  # an unsupported architecture fails again, clearly, in the converter itself
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"gguf_pack: could not ask the converter about MTP ({last})", file=sys.stderr)
         return False
-    finally:
-        sys.path.remove(str(tree))
-    return bool(getattr(cls, "supports_mtp_export", False))
+    return proc.stdout.strip().splitlines()[-1:] == ["1"]
 
 
 def converter_flags(model_dir: Path, mtp: str, supports_mtp: bool) -> list[str]:
