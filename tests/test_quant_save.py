@@ -447,9 +447,9 @@ def test_pipeline_passes_recipe_and_environment_overrides_to_the_builder(small_s
     assert (recipe["method"], recipe["role_bits"], recipe["act_order"]) == ("gptq", {"embed": 8.0}, True)  # smoke.env
     assert not (tmp_path / "out").exists()
     res = subprocess.run(["bash", str(ROOT / "pipelines" / "quantize.sh"), "--dry-run"], capture_output=True,
-                         text=True, env={**env, "METHOD": "awq", "ROLE_BITS": "lm_head=8", "GRID": "full"}, timeout=300)
+                         text=True, env={**env, "METHOD": "awq", "ROLE_BITS": "lm_head=8", "GRID": "asym"}, timeout=300)
     recipe = json.loads(next(l for l in res.stdout.splitlines() if l.startswith("recipe: "))[len("recipe: "):])
-    assert (recipe["method"], recipe["role_bits"], recipe["grid"]) == ("awq", {"lm_head": 8.0}, "full")
+    assert (recipe["method"], recipe["role_bits"], recipe["grid"]) == ("awq", {"lm_head": 8.0}, "asym")  # smoke.env: full
     probe = subprocess.run(["bash", str(ROOT / "pipelines" / "quantize.sh")], capture_output=True, text=True,
                            env={**env, "PROBE": "1"}, timeout=60)
     assert probe.returncode != 0 and "PROBE=1 needs PROBE_CALIB" in probe.stderr
