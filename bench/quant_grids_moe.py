@@ -35,7 +35,6 @@ sys.path.append(str(Path(__file__).resolve().parent))  # last: bench/ shadows sr
 
 import atomic_io  # noqa: E402
 import embedded_model  # noqa: E402
-import fidelity_math as fm  # noqa: E402
 import provenance  # noqa: E402
 import quant_methods_report as report_mod  # noqa: E402
 
@@ -55,15 +54,11 @@ def build_options(method: str, grid: str, calib_file: Path, calib_tokens: int, c
     return opts
 
 
-def paired(a: list, b: list) -> dict:
-    d = fm.interval_over_windows([x - y for x, y in zip(a, b)], 1.96)
-    return {"mean": d.mean, "lo": d.lo, "hi": d.hi}
-
-
 def table(doc: dict) -> str:
     lines = [f"SmolLM2-MoE fixture vs its BF16, {doc['text']['n_windows']} held-out windows x {doc['text']['ctx']} "
              f"tokens (one run, {doc['measured_utc']}); held out: every fifth pydoc topic; calibration: "
-             f"{doc['calib_tokens']} tokens of the other topics. KL(teacher || student), nats/token, mean +/- 1.96 stderr over windows; 'vs sym' is paired.",
+             f"{doc['calib_tokens']} tokens of the other topics. KL(teacher || student), nats/token, mean +/- 1.96 "
+             f"stderr over windows; 'vs sym' is paired.",
              "", "| build | bpw (all / experts) | KL | vs sym (same method) | top-1 | build s |", "|---|---|---|---|---|---|"]
     for name, r in doc["rows"].items():
         lo, hi = r["kl_interval"]
@@ -94,14 +89,12 @@ def main(argv=None) -> int:
         return 0
     methods = [m for m in args.methods.split(",") if m]
 
-    import torch  # noqa: F401  (after argparse: --help stays fast)
-
-    import moe_eval
+    import moe_eval  # after argparse: --help stays fast
+    import moe_study
     import moefy_fit
     import quant_save
 
-    cache_root = Path(os.environ.get("MOE_LOWBIT_CACHE") or Path.home() / ".cache" / "moe-lowbit")
-    work = Path(args.work) if args.work else cache_root / "bench-quant-grids-moe"
+    work = Path(args.work) if args.work else embedded_model.default_cache_root().parent / "bench-quant-grids-moe"
     work.mkdir(parents=True, exist_ok=True)
     teacher = embedded_model.smollm2_moe_dir()
     cfg = moe_eval.EvalConfig(ctx=args.ctx, max_tokens=args.eval_tokens, device="cpu")
@@ -119,7 +112,6 @@ def main(argv=None) -> int:
            "measured_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "text": {"tokens_sha256": windows.sha256, "n_windows": int(windows.tokens.shape[0]), "ctx": args.ctx,
                     "n_scored_tokens": windows.n_scored}, "rows": {}, "loadavg_start": list(os.getloadavg())}
-    per_window = {}
     for method in methods:
         for grid in GRIDS:
             name = f"{method}_e3_l4_emb8_g128_{grid}"
@@ -133,17 +125,14 @@ def main(argv=None) -> int:
             del model
             gc.collect()
             roles = meta["footprint"]["roles"]
-            per_window[name] = s["per_window"]["kl"]
             doc["rows"][name] = {"method": method, "grid": grid, "bpw": meta["footprint"]["total"]["effective_bits"],
                                  "bpw_experts": roles["routed_expert"]["effective_bits"], "kl": s["kl_mean"],
                                  "kl_interval": s["kl_mean_interval"], "top1": s["top1_agree"],
                                  "ppl_ratio": s["ppl_ratio"], "build_s": build_s,
-                                 "build_sha256": provenance.sha256_json(
-                                     {k: v.get("output", {}).get("sha256") for k, v in sorted(meta["shards"].items())}),
-                                 "kl_per_window": s["per_window"]["kl"]}
-            sym = f"{method}_e3_l4_emb8_g128_sym"
-            if grid != "sym" and sym in per_window:
-                doc["rows"][name]["vs_sym"] = paired(per_window[name], per_window[sym])
+                                 "build_sha256": quant_save.output_sha256(meta), "kl_per_window": s["per_window"]["kl"]}
+            sym = doc["rows"].get(f"{method}_e3_l4_emb8_g128_sym")
+            if grid != "sym" and sym:
+                doc["rows"][name]["vs_sym"] = moe_study.paired_delta(s["per_window"]["kl"], sym["kl_per_window"])
             print(f"[quant_grids_moe] {name}: {doc['rows'][name]['bpw']:.3f} bpw, KL {s['kl_mean']:.4f}, "
                   f"build {build_s:.0f} s", file=sys.stderr, flush=True)
     doc["loadavg_end"] = list(os.getloadavg())

@@ -95,11 +95,6 @@ def build_one(teacher: Path, work: Path, name: str, opts: dict, calib_tokens: in
     return meta, time.perf_counter() - t0
 
 
-def build_hash(meta: dict) -> str:
-    """Identity of a build's output bytes (the shard sha256s quant_save recorded)."""
-    return provenance.sha256_json({k: v.get("output", {}).get("sha256") for k, v in sorted(meta["shards"].items())})
-
-
 def stock_mix_recipe(work: Path, base: str) -> Path:
     """A recipe that leaves llama-quantize's own mix for `base`: gguf_pack refuses an empty recipe, so its one
     rule names routed experts, which a dense model has none of (gguf_pack notes it applies to nothing)."""
@@ -198,6 +193,8 @@ def score_row(student_dir: Path, windows, cache, cfg) -> dict:
 
 
 def row_record(name: str, opts: dict, meta: dict, wall: float, scores: dict) -> dict:
+    import quant_save
+
     fp = meta["footprint"]
     body = {r: v for r, v in fp["roles"].items() if r not in ("embed", "lm_head")}
     body_params = sum(v["params"] for v in body.values())
@@ -211,7 +208,7 @@ def row_record(name: str, opts: dict, meta: dict, wall: float, scores: dict) -> 
             "wall_s": meta["timings"]["total_seconds"], "bench_wall_s": wall, "calibration_s": meta["timings"].get("calibration_seconds"),
             "calib_tokens": calib.get("tokens"), "calib_tokens_sha256": calib.get("tokens_sha256"),
             "proxy_total": calib.get("proxy_total"), "proxy_total_clip": calib.get("proxy_total_clip"),
-            "methods_applied": meta.get("methods_applied"), "build_sha256": build_hash(meta),
+            "methods_applied": meta.get("methods_applied"), "build_sha256": quant_save.output_sha256(meta),
             "quantizer_sha256": meta.get("quantizer_sha256"), "git_sha": provenance.git_sha(),
             "measured_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_avg": list(os.getloadavg())}
 
@@ -264,6 +261,7 @@ def main(argv=None) -> int:
 
     import llama_server
     import moe_eval
+    import quant_save
 
     cache_root = Path(os.environ.get("MOE_LOWBIT_CACHE") or Path.home() / ".cache" / "moe-lowbit")
     work = Path(args.work) if args.work else cache_root / "bench-quant-methods"
@@ -329,7 +327,7 @@ def main(argv=None) -> int:
         step(f"build {name} (load {os.getloadavg()[0]:.1f})")
         meta, wall = build_one(teacher, work, name, opts, args.calib_tokens)
         prev = doc["ours"].get(name)
-        if prev and prev.get("build_sha256") == build_hash(meta) and prev.get("options") == opts and not args.rescore:
+        if prev and prev.get("build_sha256") == quant_save.output_sha256(meta) and prev.get("options") == opts and not args.rescore:
             step(f"{name}: scored before on these windows, kept")
         else:
             scores = score_row(work / name, windows, cache, cfg)

@@ -179,13 +179,8 @@ def return_freed_memory() -> None:
     allocations, so a process's peak RSS wanders up by tens of MiB per layer without it (measured by
     bench/calib_memory.py)."""
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        trim = None
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # the symbols already loaded: libc's, on glibc
     if trim is not None:
         trim(0)
 

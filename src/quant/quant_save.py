@@ -317,6 +317,11 @@ def _existing_build(out: Path, source: Source, identity: dict, force: bool):
     return None
 
 
+def output_sha256(meta: dict) -> str:
+    """Identity of a build's output bytes: the shard sha256s its `_ptq_meta.json` recorded."""
+    return provenance.sha256_json({k: v.get("output", {}).get("sha256") for k, v in sorted(meta["shards"].items())})
+
+
 def _shard_intact(path: Path, record: dict) -> bool:
     return (path.is_file() and path.stat().st_size == record.get("bytes")
             and provenance.sha256_file(path) == record.get("sha256"))
