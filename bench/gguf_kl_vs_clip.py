@@ -30,7 +30,7 @@ for sub in ("src/quant", "src/eval"):
     sys.path.insert(0, str(ROOT / sub))
 
 import embedded_model  # noqa: E402
-import gguf_pack  # noqa: E402
+import gguf_source  # noqa: E402
 import llama_server  # noqa: E402
 import llamacpp_fidelity  # noqa: E402
 import provenance  # noqa: E402
@@ -133,8 +133,8 @@ def main(argv=None) -> int:
         clip_ggufs[name] = work / f"{name}-BF16.gguf"
         if not clip_ggufs[name].is_file():
             # the clip carries the embedded model's tokenizer.json: convert through the same BPE view
-            src = gguf_pack.byte_level_bpe_view(clip, work / f"{name}-bpe-view") \
-                if gguf_pack.tokenizer_conflict(clip) else clip
+            src = gguf_source.byte_level_bpe_view(clip, work / f"{name}-bpe-view") \
+                if gguf_source.tokenizer_conflict(clip) else clip
             run([sys.executable, tree / "convert_hf_to_gguf.py", src, "--outtype", "bf16", "--outfile", clip_ggufs[name]],
                 env={"PYTHONPATH": f"{tree / 'gguf-py'}:{os.environ.get('PYTHONPATH', '')}"})
 

@@ -132,14 +132,14 @@ def pack_ggufs(work: Path, calib: Path, prefix: Path, imatrix_chunks: int, ctx: 
 def hf_to_gguf(model_dir: Path, out: Path, prefix: Path, work: Path) -> Path:
     """A checkpoint as a BF16 GGUF with llama.cpp's own converter (through the byte-level BPE view when the
     embedded tokenizer needs it, as pack_gguf does)."""
-    import gguf_pack
+    import gguf_source
 
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tree = prefix / "llama.cpp"
     view = work / f"{model_dir.name}-bpe-view"
-    src = gguf_pack.byte_level_bpe_view(model_dir, view) if gguf_pack.tokenizer_conflict(model_dir) else model_dir
+    src = gguf_source.byte_level_bpe_view(model_dir, view) if gguf_source.tokenizer_conflict(model_dir) else model_dir
     part = out.with_suffix(".part")
     subprocess.run([sys.executable, str(tree / "convert_hf_to_gguf.py"), str(src), "--outtype", "bf16", "--outfile",
                     str(part)], check=True, stdout=subprocess.DEVNULL,

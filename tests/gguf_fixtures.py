@@ -2,7 +2,7 @@
 llama.cpp's converter accepts, calibration text, and packed GGUFs cached on disk between test runs.
 
 Packed outputs are cached under $MOE_LOWBIT_CACHE/test-gguf/<name>-<key>, where the key hashes every
-input that changes the result (pack script, gguf_pack.py, recipe, configs/gguf.env, the model builder
+input that changes the result (pack script, gguf_pack/types/source.py, recipe, configs/gguf.env, the model builder
 arguments), so a change to any of them repacks instead of testing a stale file.
 """
 from __future__ import annotations
@@ -82,14 +82,17 @@ def build_tiny_qwen35_moe(out_dir: Path, tokenizer_dir: Path) -> Path:
     return out
 
 
-def gguf_source(model_dir: Path) -> Path:
+def packable_checkpoint(model_dir: Path) -> Path:
     """The checkpoint to pack: model_dir itself, or (embedded SmolLM2, whose tokenizer.json transformers
     rebuilt with byte_fallback) its byte-level BPE view, exactly as `MODEL=embedded:smollm2` resolves."""
-    import gguf_pack
+    import gguf_source
 
-    if gguf_pack.tokenizer_conflict(model_dir):
-        return gguf_pack.byte_level_bpe_view(model_dir, model_dir.parent / (model_dir.name + "-bpe-view"))
+    if gguf_source.tokenizer_conflict(model_dir):
+        return gguf_source.byte_level_bpe_view(model_dir, model_dir.parent / (model_dir.name + "-bpe-view"))
     return model_dir
+
+
+PACK_MODULES = ("gguf_pack.py", "gguf_types.py", "gguf_source.py", "gguf_convert.py")  # a change repacks
 
 
 def _key(*parts) -> str:
@@ -112,8 +115,8 @@ def run_pack(env: dict) -> subprocess.CompletedProcess:
 
 def packed(name: str, model_dir: Path, prefix: Path, base_type: str = "IQ3_XXS", **env) -> tuple[Path, dict]:
     """(output dir, meta JSON) of pack_gguf.sh on model_dir, reused while its inputs are unchanged."""
-    model_dir = gguf_source(model_dir)
-    key = _key(ROOT / "pipelines" / "pack_gguf.sh", ROOT / "src" / "quant" / "gguf_pack.py", ROOT / "src" / "quant" / "gguf_convert.py",
+    model_dir = packable_checkpoint(model_dir)
+    key = _key(ROOT / "pipelines" / "pack_gguf.sh", *(ROOT / "src" / "quant" / f for f in PACK_MODULES),
                ROOT / "configs" / "gguf.env", ROOT / "configs" / "gguf_tensor_types_iq3.txt",
                ROOT / "configs" / "gguf_tensor_types_q3k.txt", model_dir / "config.json", base_type,
                sorted(env.items()), str(prefix))

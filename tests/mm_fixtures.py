@@ -68,7 +68,7 @@ def tiny_vlm_gguf(tiny_vlm: Path) -> tuple[Path, Path, Path]:
     import sys
 
     import gguf_fixtures as gf
-    import gguf_pack
+    import gguf_source
 
     root = Path(__file__).resolve().parents[1]
     prefix = gf.llama_cpp_prefix()
@@ -78,7 +78,7 @@ def tiny_vlm_gguf(tiny_vlm: Path) -> tuple[Path, Path, Path]:
     cached = gf.cache_root() / "test-gguf" / f"tiny-vlm-{key}"
     text_gguf, mmproj = cached / "tiny-vlm-f16.gguf", cached / "tiny-vlm-mmproj-f16.gguf"
     cached.mkdir(parents=True, exist_ok=True)
-    text_flags = gguf_pack.converter_flags(tiny_vlm, "drop", gguf_pack.converter_supports_mtp(tiny_vlm, tree))
+    text_flags = gguf_source.converter_flags(tiny_vlm, "drop", gguf_source.converter_supports_mtp(tiny_vlm, tree))
     for extra, dest in ((text_flags, text_gguf), (["--mmproj"], mmproj)):
         if dest.is_file():
             continue

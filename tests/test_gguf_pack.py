@@ -1,4 +1,4 @@
-"""Tests for src/quant/gguf_pack.py and pipelines/pack_gguf.sh.
+"""Tests for src/quant/gguf_pack.py (with gguf_types.py and gguf_source.py) and pipelines/pack_gguf.sh.
 
 Fast tests check the recipe parser, the type planner (llama-quantize's rules and shape fallbacks) and the
 CLI guards on small GGUFs written with gguf-py. The `llamacpp` tests run the real pipeline (convert ->
@@ -20,6 +20,8 @@ import pytest
 import gguf_fixtures as gf
 import gguf_intermediates as gi
 import gguf_pack as gp
+import gguf_source as gs
+import gguf_types as gt
 
 ROOT = Path(__file__).resolve().parents[1]
 IQ3 = ROOT / "configs" / "gguf_tensor_types_iq3.txt"
@@ -27,12 +29,12 @@ Q3K = ROOT / "configs" / "gguf_tensor_types_q3k.txt"
 
 # --------------------------------------------------------------------------------------------- helpers
 def known():
-    return gp.ggml_types(), gp.known_tensor_names()
+    return gt.ggml_types(), gt.known_tensor_names()
 
 
 def ti(name, type_="bf16", shape=(256, 256)):
     n = int(np.prod(shape))
-    return gp.TensorInfo(name, type_, tuple(shape), n, n * 2)
+    return gt.TensorInfo(name, type_, tuple(shape), n, n * 2)
 
 
 def write_gguf(path: Path, tensors: dict[str, tuple[int, ...]], arch: str = "llama") -> Path:
@@ -59,8 +61,8 @@ def run_cli(*args, env=None):
 def test_shipped_recipes_parse_and_render_without_comments(recipe):
     types, names = known()
     text = recipe.read_text()
-    rules = gp.parse_recipe(text, types, names, str(recipe))
-    rendered = gp.render_tensor_type_file(rules)
+    rules = gt.parse_recipe(text, types, names, str(recipe))
+    rendered = gt.render_tensor_type_file(rules)
     assert "#" not in rendered and "\n\n" not in rendered and not rendered.startswith("\n")
     assert len(rendered.splitlines()) == len(rules) == sum(
         1 for line in text.splitlines() if line.split("#", 1)[0].strip())
@@ -69,7 +71,7 @@ def test_shipped_recipes_parse_and_render_without_comments(recipe):
 
 def test_iq3_recipe_routes_each_role_to_the_documented_type():
     types, names = known()
-    rules = gp.parse_recipe(IQ3.read_text(), types, names)
+    rules = gt.parse_recipe(IQ3.read_text(), types, names)
     tensors = [ti("token_embd.weight", shape=(256, 1000)), ti("output.weight", shape=(256, 1000)),
                ti("blk.0.ffn_gate_exps.weight", shape=(256, 512, 8)), ti("blk.0.ffn_down_exps.weight", shape=(512, 256, 8)),
                ti("blk.0.ffn_up_shexp.weight"), ti("blk.0.ffn_down_shexp.weight"),
@@ -78,7 +80,7 @@ def test_iq3_recipe_routes_each_role_to_the_documented_type():
                ti("blk.3.attn_output.weight"), ti("blk.0.ssm_out.weight"), ti("blk.0.ssm_alpha.weight", shape=(256, 4)),
                ti("blk.0.ssm_a", "f32", (4,)), ti("blk.0.ssm_conv1d.weight", "f32", (4, 768)),
                ti("blk.3.attn_q_norm.weight", "f32", (64,))]
-    plan = {p.name: p for p in gp.plan_types(tensors, rules, types)}
+    plan = {p.name: p for p in gt.plan_types(tensors, rules, types)}
     expect = {"token_embd.weight": "q8_0", "output.weight": "q8_0", "blk.0.ffn_gate_exps.weight": "iq3_xxs",
               "blk.0.ffn_down_exps.weight": "iq3_xxs", "blk.0.ffn_up_shexp.weight": "q8_0",
               "blk.0.ffn_down_shexp.weight": "q8_0", "blk.0.ffn_gate_inp.weight": "f32",
@@ -101,21 +103,21 @@ def test_iq3_recipe_routes_each_role_to_the_documented_type():
 def test_recipe_typos_are_errors_naming_the_line(line, needle):
     types, names = known()
     text = "# a comment\n\nffn_up_shexp=q8_0\n" + line + "   # trailing comment\n"
-    with pytest.raises(gp.RecipeError) as err:
-        gp.parse_recipe(text, types, names, "my.txt")
+    with pytest.raises(gt.RecipeError) as err:
+        gt.parse_recipe(text, types, names, "my.txt")
     assert needle in str(err.value) and "my.txt:4" in str(err.value)
 
 
 def test_empty_recipe_is_an_error():
     types, names = known()
-    with pytest.raises(gp.RecipeError, match="no PATTERN=TYPE"):
-        gp.parse_recipe("# only comments\n\n", types, names)
+    with pytest.raises(gt.RecipeError, match="no PATTERN=TYPE"):
+        gt.parse_recipe("# only comments\n\n", types, names)
 
 
 def test_first_matching_rule_wins_like_llama_quantize():
     types, names = known()
-    rules = gp.parse_recipe("ffn_down_exps=q8_0\nffn_.*_exps=iq3_xxs\n", types, names)
-    plan = {p.name: p for p in gp.plan_types([ti("blk.1.ffn_down_exps.weight"), ti("blk.1.ffn_up_exps.weight")],
+    rules = gt.parse_recipe("ffn_down_exps=q8_0\nffn_.*_exps=iq3_xxs\n", types, names)
+    plan = {p.name: p for p in gt.plan_types([ti("blk.1.ffn_down_exps.weight"), ti("blk.1.ffn_up_exps.weight")],
                                              rules, types)}
     assert plan["blk.1.ffn_down_exps.weight"].expected == "q8_0"
     assert plan["blk.1.ffn_up_exps.weight"].expected == "iq3_xxs"
@@ -128,20 +130,20 @@ def test_first_matching_rule_wins_like_llama_quantize():
     ("q8_0", 100, "f16"), ("f16", 100, "f16"),
 ])
 def test_shape_fallback_follows_llama_quantize(type_, row, expected):
-    got, reason = gp.shape_fallback(type_, row, gp.ggml_types())
+    got, reason = gt.shape_fallback(type_, row, gt.ggml_types())
     assert got == expected
-    assert (reason is None) == (got == type_ and row % gp.ggml_types()[type_][0] == 0)
+    assert (reason is None) == (got == type_ and row % gt.ggml_types()[type_][0] == 0)
 
 
 def test_fallbacks_are_planned_and_reported_against_what_was_written():
     types, names = known()
-    rules = gp.parse_recipe("ffn_.*_exps=iq3_xxs\n", types, names)
+    rules = gt.parse_recipe("ffn_.*_exps=iq3_xxs\n", types, names)
     source = [ti("blk.0.ffn_up_exps.weight", shape=(576, 1536, 4)), ti("blk.0.ffn_down_exps.weight", shape=(1536, 576, 4))]
-    plan = gp.plan_types(source, rules, types)
+    plan = gt.plan_types(source, rules, types)
     assert [p.expected for p in plan] == ["iq4_nl", "iq3_xxs"]
     written = [ti("blk.0.ffn_up_exps.weight", "iq4_nl", (576, 1536, 4)),
                ti("blk.0.ffn_down_exps.weight", "q4_0", (1536, 576, 4))]  # second: not what llama.cpp should do
-    report = gp.compare(plan, written)
+    report = gt.compare(plan, written)
     assert [(f["tensor"], f["requested"], f["actual"]) for f in report["fallbacks"]] == [
         ("blk.0.ffn_up_exps.weight", "iq3_xxs", "iq4_nl"), ("blk.0.ffn_down_exps.weight", "iq3_xxs", "q4_0")]
     assert "576" in report["fallbacks"][0]["reason"]
@@ -152,21 +154,21 @@ def test_fallbacks_are_planned_and_reported_against_what_was_written():
 def test_imatrix_need_is_detected_from_the_plan():
     types, names = known()
     tensors = [ti("token_embd.weight"), ti("blk.0.ffn_up_exps.weight", shape=(256, 256, 4)), ti("blk.0.attn_q.weight")]
-    iq3 = gp.plan_types(tensors, gp.parse_recipe(IQ3.read_text(), types, names), types)
-    q3k = gp.plan_types(tensors, gp.parse_recipe(Q3K.read_text(), types, names), types)
-    assert [p.name for p in gp.tensors_needing_imatrix(iq3, "IQ3_XXS")] == ["blk.0.ffn_up_exps.weight"]
-    assert gp.tensors_needing_imatrix(q3k, "Q3_K_M") == []
+    iq3 = gt.plan_types(tensors, gt.parse_recipe(IQ3.read_text(), types, names), types)
+    q3k = gt.plan_types(tensors, gt.parse_recipe(Q3K.read_text(), types, names), types)
+    assert [p.name for p in gt.tensors_needing_imatrix(iq3, "IQ3_XXS")] == ["blk.0.ffn_up_exps.weight"]
+    assert gt.tensors_needing_imatrix(q3k, "Q3_K_M") == []
     # a tensor left to the base mix needs one when the base type does
-    dense = gp.plan_types([ti("blk.0.ffn_up.weight")], gp.parse_recipe(Q3K.read_text(), types, names), types)
-    assert [p.name for p in gp.tensors_needing_imatrix(dense, "IQ3_XXS")] == ["blk.0.ffn_up.weight"]
-    assert gp.tensors_needing_imatrix(dense, "Q3_K_M") == []
+    dense = gt.plan_types([ti("blk.0.ffn_up.weight")], gt.parse_recipe(Q3K.read_text(), types, names), types)
+    assert [p.name for p in gt.tensors_needing_imatrix(dense, "IQ3_XXS")] == ["blk.0.ffn_up.weight"]
+    assert gt.tensors_needing_imatrix(dense, "Q3_K_M") == []
 
 
 def test_summary_counts_types_and_bits_per_weight():
-    written = [gp.TensorInfo("blk.0.ffn_up_exps.weight", "iq3_xxs", (256, 256, 4), 262144, 262144 * 98 // 256),
-               gp.TensorInfo("token_embd.weight", "q8_0", (256, 100), 25600, 25600 * 34 // 32),
-               gp.TensorInfo("blk.0.attn_norm.weight", "f32", (256,), 256, 1024)]
-    s = gp.summarize(written, file_bytes=200_000)
+    written = [gt.TensorInfo("blk.0.ffn_up_exps.weight", "iq3_xxs", (256, 256, 4), 262144, 262144 * 98 // 256),
+               gt.TensorInfo("token_embd.weight", "q8_0", (256, 100), 25600, 25600 * 34 // 32),
+               gt.TensorInfo("blk.0.attn_norm.weight", "f32", (256,), 256, 1024)]
+    s = gt.summarize(written, file_bytes=200_000)
     assert s["type_counts"] == {"f32": 1, "iq3_xxs": 1, "q8_0": 1}
     total_bits = 8 * (262144 * 98 // 256 + 25600 * 34 // 32 + 1024)
     assert s["bits_per_weight"] == pytest.approx(total_bits / (262144 + 25600 + 256))
@@ -177,19 +179,19 @@ def test_summary_counts_types_and_bits_per_weight():
 # ---------------------------------------------------------------------------------------- input guards
 def test_dequantized_clip_input_is_refused_unless_forced(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    assert gp.check_input(tmp_path) is None
-    (tmp_path / gp.PTQ_META).write_text("{}")
-    with pytest.raises(gp.PackError, match="dequantized PTQ checkpoint.*FORCE=1"):
-        gp.check_input(tmp_path)
-    assert "FORCE=1" in gp.check_input(tmp_path, force=True)
+    assert gs.check_input(tmp_path) is None
+    (tmp_path / gs.PTQ_META).write_text("{}")
+    with pytest.raises(gt.PackError, match="dequantized PTQ checkpoint.*FORCE=1"):
+        gs.check_input(tmp_path)
+    assert "FORCE=1" in gs.check_input(tmp_path, force=True)
     r = run_cli("check-input", tmp_path)
     assert r.returncode == 2 and "original BF16 checkpoint" in r.stderr
     assert run_cli("check-input", tmp_path, "--force").returncode == 0
 
 
 def test_input_without_config_is_refused(tmp_path):
-    with pytest.raises(gp.PackError, match="no config.json"):
-        gp.check_input(tmp_path)
+    with pytest.raises(gt.PackError, match="no config.json"):
+        gs.check_input(tmp_path)
 
 
 def test_tokenizer_the_converter_would_misread_is_refused_and_the_view_fixes_it(tmp_path):
@@ -200,21 +202,21 @@ def test_tokenizer_the_converter_would_misread_is_refused_and_the_view_fixes_it(
     src.mkdir()
     (src / "config.json").write_text("{}")
     (src / "tokenizer.json").write_text(json.dumps(tok))
-    assert "SentencePiece" in gp.tokenizer_conflict(src)
+    assert "SentencePiece" in gs.tokenizer_conflict(src)
     r = run_cli("check-tokenizer", src)
     assert r.returncode == 2 and "bpe-view" in r.stderr
-    view = gp.byte_level_bpe_view(src, tmp_path / "view")
-    assert gp.tokenizer_conflict(view) is None and (view / "config.json").is_symlink()
+    view = gs.byte_level_bpe_view(src, tmp_path / "view")
+    assert gs.tokenizer_conflict(view) is None and (view / "config.json").is_symlink()
     fixed = json.loads((view / "tokenizer.json").read_text())
     assert fixed["model"]["byte_fallback"] is False and fixed["decoder"]["type"] == "ByteLevel"
     assert fixed["pre_tokenizer"] == tok["pre_tokenizer"]  # encoding side untouched
     # a plain byte-level BPE (what HF ships for SmolLM2) or a SentencePiece-style BPE passes
     tok_ok = dict(tok, model={**tok["model"], "byte_fallback": False}, decoder={"type": "ByteLevel"})
     (src / "tokenizer.json").write_text(json.dumps(tok_ok))
-    assert gp.tokenizer_conflict(src) is None
+    assert gs.tokenizer_conflict(src) is None
     tok_spm = dict(tok, pre_tokenizer={"type": "Metaspace"})
     (src / "tokenizer.json").write_text(json.dumps(tok_spm))
-    assert gp.tokenizer_conflict(src) is None
+    assert gs.tokenizer_conflict(src) is None
 
 
 def test_mtp_flags(tmp_path):
@@ -223,14 +225,14 @@ def test_mtp_flags(tmp_path):
 
     (tmp_path / "config.json").write_text("{}")
     save_file({"model.layers.0.mlp.up_proj.weight": torch.zeros(2, 2)}, str(tmp_path / "model.safetensors"))
-    assert gp.converter_flags(tmp_path, "drop", supports_mtp=True) == ["--no-mtp"]
-    assert gp.converter_flags(tmp_path, "drop", supports_mtp=False) == []  # e.g. llama: the flag is refused
-    with pytest.raises(gp.PackError, match="no mtp"):
-        gp.converter_flags(tmp_path, "keep", supports_mtp=True)
+    assert gs.converter_flags(tmp_path, "drop", supports_mtp=True) == ["--no-mtp"]
+    assert gs.converter_flags(tmp_path, "drop", supports_mtp=False) == []  # e.g. llama: the flag is refused
+    with pytest.raises(gt.PackError, match="no mtp"):
+        gs.converter_flags(tmp_path, "keep", supports_mtp=True)
     save_file({"mtp.fc.weight": torch.zeros(2, 2)}, str(tmp_path / "model-2.safetensors"))
-    assert gp.converter_flags(tmp_path, "keep", supports_mtp=True) == []
-    with pytest.raises(gp.PackError, match="drop or keep"):
-        gp.converter_flags(tmp_path, "maybe", supports_mtp=True)
+    assert gs.converter_flags(tmp_path, "keep", supports_mtp=True) == []
+    with pytest.raises(gt.PackError, match="drop or keep"):
+        gs.converter_flags(tmp_path, "maybe", supports_mtp=True)
 
 
 # ----------------------------------------------------------------------------------- CLI on a real GGUF
@@ -244,7 +246,7 @@ def test_tensor_types_cli_refuses_a_missing_imatrix_and_writes_a_clean_file(tmp_
     assert not out.exists()
     r = run_cli("tensor-types", "--recipe", Q3K, "--gguf", src, "--base-type", "Q3_K_M", "--out", out)
     assert r.returncode == 0, r.stderr
-    assert out.read_text() == gp.render_tensor_type_file(gp.parse_recipe(Q3K.read_text(), *known()))
+    assert out.read_text() == gt.render_tensor_type_file(gt.parse_recipe(Q3K.read_text(), *known()))
     assert "applies to no tensor" in r.stderr  # the shared recipe names roles this model lacks
 
 
@@ -365,7 +367,7 @@ def test_fallbacks_reported_by_llama_quantize_are_parsed():
     line2 = ("warning: %-36s - ncols %6d not divisible by %3d (required for type %7s) "
              "(WARNING: must use F16 due to unusual shape) -> falling back to %7s\n"
              % ("blk.0.odd.weight", 100, 256, "q3_K", "f16"))
-    got = gp.quantize_log_fallbacks("llama_model_quantize: start\n" + line1 + "[  12/ 272] other\n" + line2)
+    got = gt.quantize_log_fallbacks("llama_model_quantize: start\n" + line1 + "[  12/ 272] other\n" + line2)
     assert got == [{"tensor": "blk.0.ffn_gate.weight", "requested": "iq3_xxs", "actual": "iq4_nl", "row_len": 576,
                     "block": 256},
                    {"tensor": "blk.0.odd.weight", "requested": "q3_k", "actual": "f16", "row_len": 100, "block": 256}]
@@ -446,7 +448,7 @@ def test_pack_refuses_missing_imatrix_typo_and_dequantized_input(smollm2_dir, ll
     for name in ("smollm2-BF16.gguf", "smollm2-imatrix.gguf"):  # reuse the converted model, not the outputs
         (out / name).symlink_to(cached / name)
     calib = gf.calibration_file(tmp_path / "calib.txt")
-    env = gf.pack_env(gf.gguf_source(smollm2_dir), out, calib, llama_prefix, NAME="smollm2", IMATRIX="none")
+    env = gf.pack_env(gf.packable_checkpoint(smollm2_dir), out, calib, llama_prefix, NAME="smollm2", IMATRIX="none")
     r = gf.run_pack(env)
     assert r.returncode != 0 and "requires an importance matrix" in r.stderr
     assert not (out / "smollm2-IQ3_XXS.gguf").exists()
@@ -457,7 +459,7 @@ def test_pack_refuses_missing_imatrix_typo_and_dequantized_input(smollm2_dir, ll
     clip = tmp_path / "clip"
     clip.mkdir()
     (clip / "config.json").write_text((smollm2_dir / "config.json").read_text())
-    (clip / gp.PTQ_META).write_text("{}")
+    (clip / gs.PTQ_META).write_text("{}")
     r = gf.run_pack({**env, "MODEL": str(clip), "OUT": str(tmp_path / "o")})
     assert r.returncode != 0 and "dequantized PTQ checkpoint" in r.stderr and not (tmp_path / "o").exists()
 
@@ -484,9 +486,9 @@ def test_a_stale_gguf_intermediate_is_rebuilt(tmp_path, smollm2_dir, llama_prefi
 
     dims = dict(hidden_size=256, intermediate_size=256, head_dim=64, num_attention_heads=4, num_key_value_heads=2,
                 vocab_size=49152)
-    a = gf.gguf_source(tiny_models.build_tiny_checkpoint("llama", tmp_path / "a" / "Model", seed=0,
+    a = gf.packable_checkpoint(tiny_models.build_tiny_checkpoint("llama", tmp_path / "a" / "Model", seed=0,
                                                          tokenizer_dir=smollm2_dir, **dims))
-    b = gf.gguf_source(tiny_models.build_tiny_checkpoint("llama", tmp_path / "b" / "Model", seed=1,
+    b = gf.packable_checkpoint(tiny_models.build_tiny_checkpoint("llama", tmp_path / "b" / "Model", seed=1,
                                                          tokenizer_dir=smollm2_dir, **dims))
     assert a.name == b.name  # same basename, other weights
     out, calib = tmp_path / "out", gf.calibration_file(tmp_path / "calib.txt")
