@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import fidelity_math as fm
+import fidelity_text as ft
 import moe_eval as me
 
 # Original prose (written for this test) so the model tests need no hub dataset.
@@ -149,11 +150,11 @@ def test_interval_over_windows():
 
 def test_windows_from_ids_layout():
     cfg = me.EvalConfig(ctx=4, max_tokens=100)
-    w = me.windows_from_ids(list(range(10, 20)), cfg, bos_id=1)
+    w = ft.windows_from_ids(list(range(10, 20)), cfg, bos_id=1)
     assert w.tolist() == [[1, 10, 11, 12], [1, 13, 14, 15], [1, 16, 17, 18]]  # tail token 19 dropped
-    assert me.windows_from_ids(list(range(8)), cfg, None).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert ft.windows_from_ids(list(range(8)), cfg, None).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
     with pytest.raises(ValueError, match="fewer than one window"):
-        me.windows_from_ids([5, 6], cfg, bos_id=1)
+        ft.windows_from_ids([5, 6], cfg, bos_id=1)
 
 
 def test_bad_config_names_the_value():
@@ -241,7 +242,7 @@ def prose_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def prose_windows(smollm2_dir, prose_file):
     cfg = me.EvalConfig(ctx=CTX, max_tokens=MAX_TOKENS)
-    text, record = me.read_text(me.TextSpec(kind="file", path=str(prose_file)))
+    text, record = ft.read_text(me.TextSpec(kind="file", path=str(prose_file)))
     return me.text_windows(text, me.load_tokenizer(smollm2_dir), cfg, record)
 
 
@@ -357,13 +358,13 @@ def test_teacher_sample_is_seeded_and_cached(teacher, smollm2_dir, tmp_path):
         loads.append(1)
         return teacher
 
-    a, hit_a = me.teacher_sample_windows(load, "smollm2", tok, spec, cfg)
-    b, hit_b = me.teacher_sample_windows(load, "smollm2", tok, spec, cfg)
+    a, hit_a = ft.teacher_sample_windows(load, "smollm2", tok, spec, cfg)
+    b, hit_b = ft.teacher_sample_windows(load, "smollm2", tok, spec, cfg)
     assert (hit_a, hit_b, len(loads)) == (False, True, 1) and torch.equal(a.tokens, b.tokens)
-    assert a.tokens.shape == (2, 6) and (a.tokens[:, 0] == me.sample_start_id(tok)).all()
-    fresh = me.sample_windows(teacher, me.sample_start_id(tok), 2, 6, seed=3)
+    assert a.tokens.shape == (2, 6) and (a.tokens[:, 0] == ft.sample_start_id(tok)).all()
+    fresh = ft.sample_windows(teacher, ft.sample_start_id(tok), 2, 6, seed=3)
     assert torch.equal(fresh, a.tokens)  # same seed, recomputed: same text
-    other, hit_c = me.teacher_sample_windows(load, "smollm2", tok, me.TextSpec(kind="teacher-sample", n_tokens=10,
+    other, hit_c = ft.teacher_sample_windows(load, "smollm2", tok, me.TextSpec(kind="teacher-sample", n_tokens=10,
                                                                                 seed=4), cfg)
     assert not hit_c and not torch.equal(other.tokens, a.tokens)
     assert a.source["kind"] == "teacher-sample" and a.source["seed"] == 3

@@ -180,6 +180,7 @@ def run_study(model_spec: str, strategies: list, budgets: list | None, levels: l
               cache_root: str | None = None, log=print, dtype: str = "bfloat16", batch: int = 4) -> dict:
     """Probe, teacher cache, one fake-quant per layer and level, then every (budget, strategy) student."""
     import embedded_model
+    import fidelity_config
     import moe_eval
     import moe_probe
     import moefy_fit
@@ -189,7 +190,7 @@ def run_study(model_spec: str, strategies: list, budgets: list | None, levels: l
     model_dir = (embedded_model.resolve(model_spec, log=log) if embedded_model.is_embedded(model_spec)
                  else Path(model_spec))
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=moe_eval.MODEL_DTYPES[dtype]).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=fidelity_config.MODEL_DTYPES[dtype]).eval()
     fp32_logits_head(model)
     t_load = time.time() - t_start
     # probe on the calibration split

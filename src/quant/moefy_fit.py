@@ -175,10 +175,10 @@ def main(argv=None) -> int:
     model = AutoModelForCausalLM.from_pretrained(str(dense), dtype=torch.float32).eval()
     windows = calibration_windows(tok, pydoc_topics_text(held_out=False), args.tokens, args.ctx)
     if args.sample_windows:
-        import moe_eval  # the dense model's own text, so the fit also sees its general distribution
+        import fidelity_text  # the dense model's own text, so the fit also sees its general distribution
 
-        sampled = moe_eval.sample_windows(model, int(windows[0, 0]), args.sample_windows, args.ctx,
-                                          seed=SAMPLE_SEED, temperature=0.8)
+        sampled = fidelity_text.sample_windows(model, int(windows[0, 0]), args.sample_windows, args.ctx,
+                                               seed=SAMPLE_SEED, temperature=0.8)
         windows = torch.cat([windows, sampled])
     pieces, stats = fit_model(model, windows, spec)
     meta = {"format": moefy.PIECES_FORMAT, "spec": moefy.spec_json(spec),
