@@ -1,0 +1,269 @@
+"""Which tensor classes of the embedded SmolLM2 deserve bits: held-out KL of the smoke recipe with one class
+raised (q/k/v/o/gate/up/down to --up-bits) or the embedding lowered (--embed-bits), then the combination
+that the measured changes predict is best at a footprint budget, built and measured itself.
+
+The base is the recipe's method, grid, group and calibration with uniform linear bits and
+--base-role-bits (its BITS_PLAN and ROLE_BITS are this bench's own output, so they are not read back).
+
+Text: CPython's pydoc topics. The recipe calibrates on the odd-numbered ones (`--calib pydoc-topics`);
+every row is scored on the even-numbered ones (--chunks windows of --ctx tokens, the HF tokenizer), so the
+choice never sees the smoke's own evaluation sets or its fidelity text. One teacher run, one window set:
+every delta is paired over the same windows.
+
+The chosen combination becomes a bits plan (quant_save --bits-plan) at --plan-out, and its recipe line
+is printed; the JSON and the docs table say what was predicted and what the build measured.
+
+Writes results/quant_methods/smollm2_sensitivity.json, the plan, and the table between its markers in
+docs/QUANTIZE.md (`--report-only` regenerates the table from the JSON).
+
+    python bench/quant_sensitivity.py [--recipe configs/smoke.env] [--up-bits 6] [--embed-bits 6,5]
+                                      [--budget-bpw BASE] [--report-only]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = Path(__file__).resolve().parent
+for sub in ("src/quant", "src/eval"):
+    sys.path.insert(0, str(ROOT / sub))
+sys.path.append(str(BENCH))
+
+import atomic_io  # noqa: E402
+import class_alloc  # noqa: E402
+import embedded_model  # noqa: E402
+import provenance  # noqa: E402
+import quant_methods_report as report_mod  # noqa: E402
+
+OUT_JSON = ROOT / "results" / "quant_methods" / "smollm2_sensitivity.json"
+PLAN_OUT = ROOT / "configs" / "plans" / "smollm2_smoke.json"
+DOC = ROOT / "docs" / "QUANTIZE.md"
+BEGIN, END = "<!-- quant_sensitivity table: begin (bench/quant_sensitivity.py) -->", "<!-- quant_sensitivity table: end -->"
+SCHEMA = "moe-lowbit/quant-sensitivity/v1"
+RECIPE_KEYS = ("METHOD", "GRID", "GROUP", "LINEAR_BITS", "ROLE_BITS", "ACT_ORDER", "CALIB", "CALIB_TOKENS", "CALIB_CTX",
+               "CLIP_STEPS", "CLIP_LO")
+
+
+def recipe_from_env(path: Path) -> dict:
+    """The quant_save options a configs/*.env recipe sets (sourced by bash in an environment without them,
+    so what is measured is the file's own defaults)."""
+    env = {k: v for k, v in os.environ.items() if k not in RECIPE_KEYS}
+    out = subprocess.run(["bash", "-c", f"set -a; source {str(path)!r} >/dev/null; env -0"], env=env,
+                         capture_output=True, check=True).stdout.decode()
+    seen = dict(kv.split("=", 1) for kv in out.split("\0") if "=" in kv)
+    missing = [k for k in ("METHOD", "GROUP", "LINEAR_BITS", "CALIB") if not seen.get(k)]
+    if missing:
+        raise SystemExit(f"quant_sensitivity: {path} does not set {', '.join(missing)}")
+    opts = {"method": seen["METHOD"], "grid": seen.get("GRID") or "sym", "group": int(seen["GROUP"]),
+            "linear_bits": float(seen["LINEAR_BITS"]), "role_bits": seen.get("ROLE_BITS", ""),
+            "act_order": seen.get("ACT_ORDER", "off") == "on", "calib": seen["CALIB"],
+            "calib_tokens": int(seen.get("CALIB_TOKENS") or 8192), "calib_ctx": int(seen.get("CALIB_CTX") or 512),
+            "clip_steps": int(seen.get("CLIP_STEPS") or 16), "clip_lo": float(seen.get("CLIP_LO") or 0.65)}
+    return opts
+
+
+def with_embed_bits(role_bits: str, bits: int) -> str:
+    """The recipe's --role-bits with embed (and a separate lm_head, if named) set to `bits`."""
+    kept = [kv for kv in filter(None, role_bits.split(",")) if kv.split("=")[0] not in ("embed", "lm_head")]
+    return ",".join(kept + [f"embed={bits}"])
+
+
+def teacher_classes(teacher: Path) -> dict:
+    from safetensors import safe_open
+
+    names = []
+    for f in sorted(teacher.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            names += list(h.keys())
+    return class_alloc.linear_classes(names)
+
+
+def chosen_plan(options: list[str], classes: dict, up_bits: int, base: dict, budget: float,
+                bpw: float | None = None) -> dict | None:
+    """The bits plan of a choice (option names like v_proj@6; embed@B goes to --role-bits, not the plan)."""
+    class_bits = {o.split("@")[0]: up_bits for o in options if not o.startswith("embed@")}
+    if not class_bits:
+        return None
+    return class_alloc.bits_plan(class_alloc.plan_tensors(classes, class_bits),
+                                 f"class sensitivity (bench/quant_sensitivity.py): {', '.join(sorted(options))}",
+                                 base["group"], base["grid"], budget_bpw_all_tensors=budget, bpw_all_tensors=bpw)
+
+
+def write_plan(doc: dict, plan_out: Path) -> None:
+    """Write the JSON's chosen plan (so `--report-only` regenerates it too) and record its path and hash."""
+    c = doc["choice"]
+    plan = chosen_plan(c["options"], teacher_classes(embedded_model.smollm2_bf16_dir()), doc["up_bits"],
+                       doc["base_options"], c["budget_bpw"], c["measured_bpw"])
+    c["plan"] = c["plan_sha256"] = None
+    if plan is not None:
+        atomic_io.write_text(plan_out, json.dumps(plan, indent=1) + "\n")
+        out = plan_out.resolve()
+        c["plan"] = str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out)
+        c["plan_sha256"] = provenance.sha256_file(out)
+    atomic_io.write_text(OUT_JSON, provenance.redact(json.dumps(doc, indent=1, default=str)) + "\n")
+
+
+def step(msg: str) -> None:
+    print(f"[quant_sensitivity] {msg}", file=sys.stderr, flush=True)
+
+
+def table(doc: dict) -> str:
+    t = doc["text"]
+    lines = [f"SmolLM2-135M-Instruct vs its BF16. Base: the method, grid, group and calibration of "
+             f"`{doc['recipe_path']}` with uniform linear bits and no bits plan ({doc['base_options_text']}); "
+             f"{t['n_windows']} held-out windows x {t['ctx']} tokens of the even pydoc topics (one run, "
+             f"{doc['measured_utc']}); calibration: the odd topics. KL(teacher || student), nats/token, mean +/- "
+             f"1.96 stderr over windows; 'vs base' is paired over the same windows; 'KL per bit' is the KL change "
+             f"per added bit per weight of the whole model.",
+             "", "| build | bpw (all tensors) | KL | vs base | KL per bit | top-1 |", "|---|---|---|---|---|---|"]
+    for name, r in doc["rows"].items():
+        lo, hi = r["kl_interval"]
+        vs = r.get("vs_base")
+        vs_txt = "-" if not vs else f"{vs['mean']:+.4f} [{vs['lo']:+.4f}, {vs['hi']:+.4f}]"
+        single = name != "chosen"  # the combination trades bits both ways: no per-bit figure
+        per_bit = f"{r['vs_base']['mean'] / r['delta_bpw']:+.3f}" if single and r.get("delta_bpw") else "-"
+        lines.append(f"| {name} | {r['bpw']:.3f} | {r['kl']:.4f} [{lo:.4f}, {hi:.4f}] | {vs_txt} | {per_bit} | "
+                     f"{100 * r['top1']:.1f}% |")
+    c = doc.get("choice")
+    if c:
+        lines += ["", f"Budget {c['budget_bpw']:.3f} bpw (all tensors). Chosen: "
+                  f"{', '.join(c['options']) or 'none (the base)'}; predicted KL {c['predicted_kl']:.4f} "
+                  f"(the single-option deltas added), measured {c['measured_kl']:.4f} at {c['measured_bpw']:.3f} bpw. "
+                  f"Plan: `{c['plan']}`."]
+    return "\n".join(lines)
+
+
+def report(doc: dict) -> None:
+    text = table(doc)
+    print(text)
+    atomic_io.write_text(DOC, report_mod.replace_block(DOC.read_text(), text, BEGIN, END))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", type=Path, default=ROOT / "configs" / "smoke.env", help="base recipe (configs/*.env)")
+    ap.add_argument("--base-role-bits", default="embed=8",
+                    help="the base build's --role-bits, in place of the recipe's (whose ROLE_BITS and BITS_PLAN "
+                         "may hold this bench's own earlier choice); default embed=8: uniform linears, 8-bit embedding")
+    ap.add_argument("--up-bits", type=int, default=6, help="bits of a raised class")
+    ap.add_argument("--embed-bits", default="6,5", help="comma list: lowered embedding bits to measure ('' = none)")
+    ap.add_argument("--classes", default="", help="comma list of classes to raise (default: every linear class)")
+    ap.add_argument("--budget-bpw", type=float, default=None, help="footprint budget in bits per weight, all "
+                    "tensors (default: the base build's, i.e. the same footprint)")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--chunks", type=int, default=16, help="held-out windows of --ctx tokens")
+    ap.add_argument("--plan-out", type=Path, default=PLAN_OUT, help="where the chosen bits plan is written")
+    ap.add_argument("--work", default=None, help="scratch dir (default $MOE_LOWBIT_CACHE/bench-quant-sensitivity)")
+    ap.add_argument("--report-only", action="store_true", help="regenerate the docs table and the plan from the JSON")
+    args = ap.parse_args(argv)
+    if args.report_only:
+        doc = json.loads(OUT_JSON.read_text())
+        write_plan(doc, args.plan_out)
+        report(doc)
+        return 0
+
+    import moe_eval  # after argparse: --help stays fast
+    import moe_study
+    import quant_save
+
+    base = {**recipe_from_env(args.recipe), "role_bits": args.base_role_bits}  # the recipe's BITS_PLAN: not read
+    teacher = embedded_model.smollm2_bf16_dir()
+    work = Path(args.work) if args.work else embedded_model.default_cache_root().parent / "bench-quant-sensitivity"
+    work.mkdir(parents=True, exist_ok=True)
+    classes = teacher_classes(teacher)
+    raise_classes = [c for c in args.classes.split(",") if c] or list(classes)
+    unknown = sorted(set(raise_classes) - set(classes))
+    if unknown:
+        raise SystemExit(f"quant_sensitivity: unknown classes {unknown}; this model has {sorted(classes)}")
+
+    import calib_source
+
+    eval_text = calib_source.pydoc_split()[1]  # the recipe's --calib pydoc-topics takes [0]: disjoint
+    cfg = moe_eval.EvalConfig(ctx=args.ctx, max_tokens=args.ctx * args.chunks, device="cpu")
+    windows = moe_eval.text_windows(eval_text, moe_eval.load_tokenizer(teacher), cfg,
+                                    {"kind": "pydoc_data.topics, even-numbered (held out)",
+                                     "sha256": hashlib.sha256(eval_text.encode()).hexdigest()})
+    cache = moe_eval.build_teacher_cache(lambda: moe_eval.hf_logits_fn(moe_eval.load_hf_model(teacher, cfg)),
+                                         moe_eval.model_identity(teacher), windows, cfg)
+    base_text = (f"{base['method']}, grid {base['grid']}, g{base['group']}, linears {base['linear_bits']:g} bit"
+                 f"{', act-order' if base['act_order'] else ''}, {base['role_bits'] or 'no role overrides'}, "
+                 f"calib {base['calib']} x {base['calib_tokens']}")
+    doc = {"schema": SCHEMA, "provenance": provenance.record(argv=sys.argv), "teacher": str(teacher),
+           "recipe_path": str(args.recipe.resolve().relative_to(ROOT)) if args.recipe.resolve().is_relative_to(ROOT)
+           else str(args.recipe), "base_options": base, "base_options_text": base_text, "up_bits": args.up_bits,
+           "measured_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "text": {"tokens_sha256": windows.sha256, "n_windows": int(windows.tokens.shape[0]), "ctx": args.ctx,
+                    "n_scored_tokens": windows.n_scored}, "rows": {}, "loadavg_start": list(os.getloadavg())}
+
+    def measure(name: str, opts: dict, plan: dict | None = None) -> dict:
+        if plan is not None:
+            plan_path = work / f"{name}.plan.json"
+            atomic_io.write_text(plan_path, json.dumps(plan, indent=1) + "\n")
+            opts = {**opts, "bits_plan": str(plan_path)}
+        step(f"build {name} (load {os.getloadavg()[0]:.1f})")
+        t0 = time.perf_counter()
+        meta = quant_save.build({"model": str(teacher), "out": str(work / name), "progress": False, "force": True,
+                                 **opts})
+        build_s = time.perf_counter() - t0
+        model = moe_eval.load_hf_model(work / name, cfg)
+        s = moe_eval.score_student(moe_eval.hf_logits_fn(model), windows, cache, cfg, name)
+        del model
+        gc.collect()
+        row = {"bpw": meta["footprint"]["total"]["effective_bits"], "kl": s["kl_mean"],
+               "kl_interval": s["kl_mean_interval"], "top1": s["top1_agree"], "ppl_ratio": s["ppl_ratio"],
+               "build_s": build_s, "build_sha256": quant_save.output_sha256(meta),
+               "kl_per_window": s["per_window"]["kl"], "options": {k: v for k, v in opts.items() if k != "bits_plan"},
+               "plan_tensors": len(plan["tensors"]) if plan else 0}
+        b = doc["rows"].get("base")
+        if b is not None:
+            row["vs_base"] = moe_study.paired_delta(row["kl_per_window"], b["kl_per_window"])
+            row["delta_bpw"] = row["bpw"] - b["bpw"]
+        doc["rows"][name] = row
+        step(f"{name}: {row['bpw']:.3f} bpw, KL {row['kl']:.4f}, build {build_s:.0f} s")
+        atomic_io.write_text(OUT_JSON, provenance.redact(json.dumps(doc, indent=1, default=str)) + "\n")
+        return row
+
+    measure("base", base)
+    options = []
+    for c in raise_classes:
+        name = f"{c}@{args.up_bits}"
+        r = measure(name, base, class_alloc.bits_plan(class_alloc.plan_tensors(classes, {c: args.up_bits}),
+                                                      f"one class raised: {name}", base["group"], base["grid"]))
+        options.append(class_alloc.Option(name, c, r["vs_base"]["mean"], r["delta_bpw"]))
+    for bits in [int(b) for b in args.embed_bits.split(",") if b]:
+        name = f"embed@{bits}"
+        r = measure(name, {**base, "role_bits": with_embed_bits(base["role_bits"], bits)})
+        options.append(class_alloc.Option(name, "embed", r["vs_base"]["mean"], r["delta_bpw"]))
+
+    budget = args.budget_bpw if args.budget_bpw is not None else doc["rows"]["base"]["bpw"]
+    choice = class_alloc.choose(options, budget - doc["rows"]["base"]["bpw"])
+    names = [o.name for o in choice.options]
+    chosen_opts = dict(base)
+    for o in names:
+        if o.startswith("embed@"):
+            chosen_opts["role_bits"] = with_embed_bits(base["role_bits"], int(o.split("@")[1]))
+    plan = chosen_plan(names, classes, args.up_bits, base, budget)
+    r = measure("chosen", chosen_opts, plan) if names else doc["rows"]["base"]
+    doc["choice"] = {"budget_bpw": budget, "options": names,
+                     "predicted_kl": doc["rows"]["base"]["kl"] + choice.predicted_delta_kl,
+                     "predicted_delta_bpw": choice.delta_bpw, "measured_kl": r["kl"], "measured_bpw": r["bpw"],
+                     "role_bits": chosen_opts["role_bits"]}
+    doc["loadavg_end"] = list(os.getloadavg())
+    write_plan(doc, args.plan_out)
+    report(doc)
+    plan_rel = doc["choice"]["plan"]
+    print(f"recipe: ROLE_BITS={chosen_opts['role_bits']}" + (f" BITS_PLAN={plan_rel}" if plan_rel else ""))
+    print(f"wrote {OUT_JSON} and the table in {DOC}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
