@@ -18,4 +18,4 @@ cd "$ROOT"
 exec python -m smoke --expert-bits "$EXPERT_BITS" --linear-bits "$LINEAR_BITS" --mtp-bits "$MTP_BITS" \
   --group "$GROUP" --clip-steps "$CLIP_STEPS" --clip-lo "$CLIP_LO" --method "${METHOD:-clip}" --grid "${GRID:-sym}" \
   --act-order "${ACT_ORDER:-off}" \
-  --role-bits "${ROLE_BITS:-}" --calib "${CALIB:-}" --calib-tokens "${CALIB_TOKENS:-0}" --calib-ctx "${CALIB_CTX:-512}" "$@"
+  --role-bits "${ROLE_BITS:-}" --bits-plan "${BITS_PLAN:-}" --calib "${CALIB:-}" --calib-tokens "${CALIB_TOKENS:-0}" --calib-ctx "${CALIB_CTX:-512}" "$@"

@@ -5,6 +5,7 @@ and the bad inputs through the real pipeline (missing model, no hub without fall
 disk, corrupt caches) - each must fail early with a message naming the fix and exit != 0.
 Slow tests really run pipelines/smoke.sh and smoke_moe.sh in a reduced mode (real vLLM on CPU).
 """
+import hashlib
 import json
 import os
 import re
@@ -159,6 +160,23 @@ def test_table_prints_the_json_numbers():
     assert "KL 0.01230" in table and "effective bits 4.139" in table and "x3.87" in table
     changed = smoke.render_table(_docs(acc_t=75.0, kl=0.5))
     assert "75.0" in changed and "KL 0.50000" in changed  # the table follows the JSON, nothing is fixed
+
+
+def test_bits_plan_reaches_quant_save_and_the_table(tmp_path):
+    """SMOKE's --bits-plan is passed to quant_save (repo-relative paths resolved) and named in the table."""
+    import smoke_steps
+
+    cfg = smoke.SmokeConfig(method="gptq", calib="pydoc-topics", bits_plan="configs/plans/x.json")
+    cmd = [str(c) for c in smoke_steps.quantize_cmd(Path("/t"), Path("/q"), cfg, "cpu", force=False)]
+    assert cmd[cmd.index("--bits-plan") + 1] == str(ROOT / "configs" / "plans" / "x.json")
+    absolute = smoke.SmokeConfig(bits_plan=str(tmp_path / "p.json"))
+    cmd = [str(c) for c in smoke_steps.quantize_cmd(Path("/t"), Path("/q"), absolute, "cpu", force=False)]
+    assert cmd[cmd.index("--bits-plan") + 1] == str(tmp_path / "p.json")
+    assert "--bits-plan" not in smoke_steps.quantize_cmd(Path("/t"), Path("/q"), smoke.SmokeConfig(), "cpu", False)
+    docs = _docs()
+    assert "bits plan" not in smoke.render_table(docs)
+    docs["summary"]["quant"]["bits_plan"] = {"path": "/r/configs/plans/x.json", "tensors": 60}
+    assert "bits plan x.json (60 tensors)" in smoke.render_table(docs)
 
 
 def test_missing_or_nan_numbers_block_smoke_ok():
@@ -341,6 +359,9 @@ def test_smoke_pipeline_reduced_end_to_end(tmp_path, smollm2_dir):
     summary = json.loads((results / "smoke" / "smoke_smollm2-135m-instruct.json").read_text())
     assert summary["mode"] == "offline" and summary["teacher"]["spec"] == smoke.EMBEDDED
     assert summary["quant"]["recipe"]["linear_bits"] == 4.0 and summary["quant"]["recipe"]["clip_steps"] == 8
+    plan = summary["quant"]["bits_plan"]  # smoke.env's BITS_PLAN reached the build, byte for byte
+    assert plan["sha256"] == hashlib.sha256((ROOT / "configs" / "plans" / "smollm2_smoke.json").read_bytes()).hexdigest()
+    assert f"bits plan smollm2_smoke.json ({plan['tensors']} tensors)" in res.stdout
     teacher, quant = _assert_table_matches_json(res.stdout, results, summary)
     assert teacher["generation"]["max_new_tokens"] == 24 and not teacher["generation"]["thinking"]
     assert all(b["n"] == 3 for b in teacher["benchmarks"].values())

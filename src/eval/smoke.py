@@ -95,6 +95,7 @@ OPTIONS = (
     ("--grid", "grid", str, "code grid: sym | full | asym"),
     ("--act-order", "act_order", _on_off, "on|off: gptq columns in decreasing diag(H) order"),
     ("--role-bits", "role_bits", str, "per-role bits overrides, ROLE=BITS[,ROLE=BITS] (e.g. embed=8)"),
+    ("--bits-plan", "bits_plan", str, "per-tensor bits plan JSON (quant_save --bits-plan; repo-relative ok)"),
     ("--calib", "calib", str, "calibration source: pydoc-topics | teacher-sample | a text file (calibrated methods)"),
     ("--calib-tokens", "calib_tokens", int, "calibration tokens (0 = quant_save's default)"),
     ("--calib-ctx", "calib_ctx", int, "calibration window length"),

@@ -59,6 +59,7 @@ class SmokeConfig:
     grid: str = "sym"
     act_order: bool = False  # quant_save --act-order (gptq)
     role_bits: str = ""  # e.g. embed=8 (quant_save --role-bits)
+    bits_plan: str = ""  # per-tensor bits JSON (quant_save --bits-plan), e.g. configs/plans/smollm2_smoke.json
     calib: str = ""  # calibration source for calibrated methods: pydoc-topics | teacher-sample | a file path
     calib_tokens: int = 0  # 0 = quant_save's default
     calib_ctx: int = 512

@@ -31,6 +31,12 @@ def _role_bits(recipe: Mapping) -> str:
     return (", " + ",".join(f"{k}={v:g}" for k, v in sorted(rb.items()))) if rb else ""
 
 
+def _bits_plan(record: Mapping | None) -> str:
+    if not record:
+        return ""
+    return f", bits plan {Path(record['path']).name} ({record['tensors']} tensors)"
+
+
 def render_table(docs: Mapping) -> str:
     """Pure: the smoke table, every number formatted from the JSON dicts in `docs`."""
     s, t, q, fid = docs["summary"], docs["teacher_eval"], docs["quant_eval"], docs["fidelity"]
@@ -43,7 +49,7 @@ def render_table(docs: Mapping) -> str:
              f"{', act-order' if recipe.get('act_order') else ''}, grid {recipe.get('grid', 'sym')}, "
              f"linear {recipe.get('linear_bits')} bit, experts "
              f"{recipe.get('expert_bits')} bit, group {recipe.get('group')}, clip steps {recipe.get('clip_steps')}"
-             f"{_role_bits(recipe)}; {s['quant']['build']})"]
+             f"{_role_bits(recipe)}{_bits_plan(s['quant'].get('bits_plan'))}; {s['quant']['build']})"]
     if s["random_weights"]:
         lines.append("  NOTE: RANDOM-WEIGHT MoE: only the plumbing is meaningful; no accuracy claim is made")
     lines += ["",

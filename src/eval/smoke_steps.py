@@ -107,6 +107,8 @@ def quantize_cmd(teacher_dir: Path, qdir: Path, cfg: SmokeConfig, device: str, f
            "--method", cfg.method, "--grid", cfg.grid]
     if cfg.role_bits:
         cmd += ["--role-bits", cfg.role_bits]
+    if cfg.bits_plan:
+        cmd += ["--bits-plan", REPO_ROOT / cfg.bits_plan]  # an absolute path stays itself under /
     if cfg.act_order and cfg.method == "gptq":
         cmd += ["--act-order"]
     if cfg.method not in ("clip", "rtn"):  # calibrated methods: the recipe's calibration text and size
@@ -301,6 +303,7 @@ def run_smoke(cfg: SmokeConfig, log=lambda m: print(m, file=sys.stderr, flush=Tr
         "data": "hub" if plan.use_hub_data else "offline",
         "teacher": {"spec": plan.teacher_spec, "requested": cfg.model, "dir": str(teacher_dir), "slug": plan.slug},
         "quant": {"dir": str(qdir), "recipe": meta.get("recipe"), "build": notes["quantize"],
+                  "bits_plan": meta.get("bits_plan"),
                   "footprint_total": meta["footprint"]["total"],
                   "footprint_roles": {role: {k: r.get(k) for k in ("bits", "effective_bits", "params", "rel_mse")}
                                       for role, r in meta["footprint"]["roles"].items()}},
