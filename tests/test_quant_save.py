@@ -439,12 +439,16 @@ def test_pipeline_passes_recipe_and_environment_overrides_to_the_builder(small_s
     env = {**os.environ, "MOE_LOWBIT_VENV": sys.prefix, "RECIPE": "configs/smoke.env", "MODEL": str(small_src),
            "OUT": str(tmp_path / "out"), "LINEAR_BITS": "8"}
     res = subprocess.run(["bash", str(ROOT / "pipelines" / "quantize.sh"), "--dry-run"], capture_output=True,
+                         text=True, env=env, timeout=300)  # smoke.env's bits plan names SmolLM2's 30 layers
+    assert res.returncode == 2 and "configs/plans/smollm2_smoke.json names tensor" in res.stderr, res.stderr[-2000:]
+    env["BITS_PLAN"] = ""  # the recipe's plan is overridable like every other knob
+    res = subprocess.run(["bash", str(ROOT / "pipelines" / "quantize.sh"), "--dry-run"], capture_output=True,
                          text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     recipe = json.loads(next(l for l in res.stdout.splitlines() if l.startswith("recipe: "))[len("recipe: "):])
     assert {k: recipe[k] for k in ("expert_bits", "linear_bits", "mtp_bits", "group", "clip_steps", "clip_lo")} == {
         "expert_bits": 3.0, "linear_bits": 8.0, "mtp_bits": 16.0, "group": 32, "clip_steps": 8, "clip_lo": 0.65}
-    assert (recipe["method"], recipe["role_bits"], recipe["act_order"]) == ("gptq", {"embed": 8.0}, True)  # smoke.env
+    assert (recipe["method"], recipe["role_bits"], recipe["act_order"]) == ("gptq", {"embed": 5.0}, True)  # smoke.env
     assert not (tmp_path / "out").exists()
     res = subprocess.run(["bash", str(ROOT / "pipelines" / "quantize.sh"), "--dry-run"], capture_output=True,
                          text=True, env={**env, "METHOD": "awq", "ROLE_BITS": "lm_head=8", "GRID": "asym"}, timeout=300)
