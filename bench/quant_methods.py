@@ -45,12 +45,14 @@ import calib_source  # noqa: E402
 import embedded_model  # noqa: E402
 import provenance  # noqa: E402
 import quant_methods_report as report_mod  # noqa: E402
+from recipe_env import recipe_from_env  # noqa: E402
 
 OUT_JSON = ROOT / "results" / "quant_methods" / "smollm2_methods.json"
 OUT_PNG = ROOT / "results" / "quant_methods" / "smollm2_pareto.png"
 DOC = ROOT / "docs" / "QUANTIZE.md"
 SCHEMA = "moe-lowbit/quant-methods/v2"
 GGUF_POINTS = ("Q3_K_M", "IQ3_XXS", "Q4_K_M", "Q4_0")  # IQ3_XXS base type = the IQ3 recipe (configs/gguf.env)
+SMOKE_RECIPE = ROOT / "configs" / "smoke.env"  # the main job's recipe, measured as one more row
 STOCK_MIX = {"Q4_K_M": "q4_k", "Q4_0": "q4_0"}  # packed with llama-quantize's own mix (no recipe rules)
 AGREEMENT = ("clip_int4_g128_emb8", "gptq_int4_g128_emb8")  # also scored by llama-perplexity
 CALIBRATED = ("wclip", "gptq", "awq")
@@ -76,7 +78,22 @@ def configs() -> list[tuple[str, dict]]:
     rows += [_cfg("gptq", bits, grid=grid) for bits in (3, 4) for grid in ("full", "asym")]
     rows += [_cfg(m, bits, group=g) for m in ("rtn", "wclip", "awq") for g in (64, 32) for bits in (4, 3)]
     rows += [_cfg(m, bits, emb=4) for m in ("wclip", "awq") for bits in (4, 3)]
-    return rows
+    return rows + [recipe_row(SMOKE_RECIPE)]
+
+
+def recipe_row(path: Path) -> tuple[str, dict]:
+    """A shipped recipe as one row, with its own group, grid, clip search, role bits and bits plan (the
+    calibration stays the bench's: the same text and tokens as every calibrated row and the imatrix), so the
+    table places what the main job ships among the matrix and the llama.cpp points."""
+    r = recipe_from_env(path)
+    if r["calib"] != "pydoc-topics" or r["calib_ctx"] != 512:
+        raise SystemExit(f"quant_methods: {path} calibrates on {r['calib']} (ctx {r['calib_ctx']}); this bench's "
+                         f"calibration text is pydoc-topics at ctx 512")
+    opts = {k: r[k] for k in ("method", "linear_bits", "group", "grid", "role_bits", "act_order", "clip_steps",
+                              "clip_lo")}
+    if r["bits_plan"]:
+        opts["bits_plan"] = r["bits_plan"]  # repo-relative, as the recipe writes it (build_one resolves it)
+    return f"recipe_{path.stem}", opts
 
 
 def step(msg: str) -> None:
@@ -89,9 +106,10 @@ def build_one(teacher: Path, work: Path, name: str, opts: dict, calib_tokens: in
 
     calib = {"calib": "pydoc-topics", "calib_tokens": calib_tokens, "calib_ctx": 512} \
         if opts["method"] in CALIBRATED else {}
+    plan = {"bits_plan": str(ROOT / opts["bits_plan"])} if opts.get("bits_plan") else {}
     t0 = time.perf_counter()
     meta = quant_save.build({"model": str(teacher), "out": str(work / name), "progress": False, "force": True,
-                             "clip_steps": 16, **opts, **calib})
+                             "clip_steps": 16, **opts, **calib, **plan})
     return meta, time.perf_counter() - t0
 
 
@@ -254,7 +272,7 @@ def main(argv=None) -> int:
         print(f"quant_methods: unknown build names {sorted(unknown)} (see --list)", file=sys.stderr)
         return 2
     if args.ctx != 512 or args.calib_tokens % args.ctx:
-        print(f"quant_methods: --ctx must be 512 (the calibration ctx) and --calib-tokens a multiple of it", file=sys.stderr)
+        print("quant_methods: --ctx must be 512 (the calibration ctx) and --calib-tokens a multiple of it", file=sys.stderr)
         return 2
 
     import torch

@@ -13,6 +13,11 @@ from pathlib import Path
 BEGIN, END = "<!-- quant_methods table: begin (bench/quant_methods.py) -->", "<!-- quant_methods table: end -->"
 LLAMA_REF = ("Q3_K_M", "IQ3_XXS", "Q4_K_M")  # the llama.cpp points the acceptance asks about
 METHODS = ("clip", "rtn", "wclip", "gptq", "awq")
+RECIPE_PREFIX = "recipe_"  # a shipped recipe's row (bench/quant_methods.recipe_row): a point, not on a method line
+
+
+def is_recipe(row: dict) -> bool:
+    return row["name"].startswith(RECIPE_PREFIX)
 
 
 def llama_label(base: str) -> str:
@@ -156,6 +161,11 @@ def table(doc: dict) -> str:
         wall = "-" if r["wall_s"] is None else f"{r['wall_s']:.0f}"
         lines.append(f"| {r['name']} | {r['bpw']:.2f} / {r['bpw_body']:.2f} | {_kl(r['kl'], r['kl_stderr'])} | "
                      f"{_kl(r['kl_all'], r['kl_all_stderr'])} | {top1} | {wall} |")
+    recipes = [r for r in rows if r["kind"] == "ours" and is_recipe(r)]
+    if recipes:
+        lines += ["", "Shipped recipes, measured as rows (their own options; the bench's calibration): " + "; ".join(
+            f"{r['name']} = `configs/{r['name'][len(RECIPE_PREFIX):]}.env`: " + ", ".join(
+                f"{k} {v}" for k, v in r["options"].items()) for r in recipes) + "."]
     agree = doc.get("agreement") or {}
     if agree:
         lines += ["", "Both tools on the same checkpoint (ours converted to a BF16 GGUF and scored by llama-perplexity "
@@ -190,20 +200,25 @@ def plot(doc: dict, path: Path) -> None:
     for ax, bits in zip(axes, (3.0, 4.0)):
         for i, method in enumerate(METHODS):
             pts = sorted((r["bpw"], r["kl"], r["name"]) for r in rows if r["kind"] == "ours" and r["method"] == method
-                         and r["kl"] is not None and r["options"].get("linear_bits") == bits)
+                         and r["kl"] is not None and r["options"].get("linear_bits") == bits and not is_recipe(r))
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{i}", label=method)
                 for x, y, name in pts:
                     short = name.replace(f"{method}_int{bits:g}_", "")
                     ax.annotate(short, (x, y), textcoords="offset points", xytext=(4, -9), fontsize=6, color=f"C{i}")
         for r in rows:
+            if r["kind"] == "ours" and is_recipe(r) and r["kl"] is not None and r["options"].get("linear_bits") == bits:
+                ax.scatter([r["bpw"]], [r["kl"]], marker="D", s=70, color="crimson", zorder=6)
+                ax.annotate(r["name"][len(RECIPE_PREFIX):] + " recipe", (r["bpw"], r["kl"]), textcoords="offset points",
+                            xytext=(6, -12), fontsize=8, color="crimson")
             if r["kind"] == "llamacpp" and r["kl"] is not None:
                 ax.scatter([r["bpw"]], [r["kl"]], marker="*", s=170, color="black", zorder=5)
                 ax.annotate(r["method"] + (" (IQ3 recipe)" if r["method"] == "IQ3_XXS" else ""), (r["bpw"], r["kl"]),
                             textcoords="offset points", xytext=(6, 4), fontsize=8)
         ax.set_yscale("log")
         ax.set_xlabel("file bits per weight (every tensor)")
-        ax.set_title(f"ours at int{bits:g} body (labels: group / embedding / grid), llama.cpp as stars", fontsize=9)
+        ax.set_title(f"ours at int{bits:g} body (labels: group / embedding / grid), shipped recipes as diamonds, "
+                     f"llama.cpp as stars", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_lines():
             ax.legend(fontsize=8)

@@ -26,7 +26,6 @@ import gc
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,34 +41,13 @@ import class_alloc  # noqa: E402
 import embedded_model  # noqa: E402
 import provenance  # noqa: E402
 import quant_methods_report as report_mod  # noqa: E402
+from recipe_env import recipe_from_env  # noqa: E402
 
 OUT_JSON = ROOT / "results" / "quant_methods" / "smollm2_sensitivity.json"
 PLAN_OUT = ROOT / "configs" / "plans" / "smollm2_smoke.json"
 DOC = ROOT / "docs" / "QUANTIZE.md"
 BEGIN, END = "<!-- quant_sensitivity table: begin (bench/quant_sensitivity.py) -->", "<!-- quant_sensitivity table: end -->"
 SCHEMA = "moe-lowbit/quant-sensitivity/v1"
-RECIPE_KEYS = ("METHOD", "GRID", "GROUP", "LINEAR_BITS", "ROLE_BITS", "ACT_ORDER", "CALIB", "CALIB_TOKENS", "CALIB_CTX",
-               "CLIP_STEPS", "CLIP_LO")
-
-
-def recipe_from_env(path: Path) -> dict:
-    """The quant_save options a configs/*.env recipe sets (sourced by bash in an environment without them,
-    so what is measured is the file's own defaults)."""
-    env = {k: v for k, v in os.environ.items() if k not in RECIPE_KEYS}
-    out = subprocess.run(["bash", "-c", f"set -a; source {str(path)!r} >/dev/null; env -0"], env=env,
-                         capture_output=True, check=True).stdout.decode()
-    seen = dict(kv.split("=", 1) for kv in out.split("\0") if "=" in kv)
-    missing = [k for k in ("METHOD", "GROUP", "LINEAR_BITS", "CALIB") if not seen.get(k)]
-    if missing:
-        raise SystemExit(f"quant_sensitivity: {path} does not set {', '.join(missing)}")
-    opts = {"method": seen["METHOD"], "grid": seen.get("GRID") or "sym", "group": int(seen["GROUP"]),
-            "linear_bits": float(seen["LINEAR_BITS"]), "role_bits": seen.get("ROLE_BITS", ""),
-            "act_order": seen.get("ACT_ORDER", "off") == "on", "calib": seen["CALIB"],
-            "calib_tokens": int(seen.get("CALIB_TOKENS") or 8192), "calib_ctx": int(seen.get("CALIB_CTX") or 512),
-            "clip_steps": int(seen.get("CLIP_STEPS") or 16), "clip_lo": float(seen.get("CLIP_LO") or 0.65)}
-    return opts
-
-
 def with_embed_bits(role_bits: str, bits: int) -> str:
     """The recipe's --role-bits with embed (and a separate lm_head, if named) set to `bits`."""
     kept = [kv for kv in filter(None, role_bits.split(",")) if kv.split("=")[0] not in ("embed", "lm_head")]
@@ -174,7 +152,8 @@ def main(argv=None) -> int:
     import moe_study
     import quant_save
 
-    base = {**recipe_from_env(args.recipe), "role_bits": args.base_role_bits}  # the recipe's BITS_PLAN: not read
+    recipe = {k: v for k, v in recipe_from_env(args.recipe).items() if k != "bits_plan"}  # this bench's output
+    base = {**recipe, "role_bits": args.base_role_bits}
     teacher = embedded_model.smollm2_bf16_dir()
     work = Path(args.work) if args.work else embedded_model.default_cache_root().parent / "bench-quant-sensitivity"
     work.mkdir(parents=True, exist_ok=True)

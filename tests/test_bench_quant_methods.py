@@ -54,6 +54,41 @@ def test_findings_acceptance_lines():
     assert "gptq int3, groups: g128 4.00 bpw KL 2.5000, g32 4.30 bpw KL 1.0000" in text
 
 
+def test_the_shipped_recipe_is_a_row_with_its_own_options():
+    """recipe_row reads configs/smoke.env as bash does (its bits plan included, the caller's env ignored)."""
+    import importlib.util
+    import os
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "quant_methods.py"  # src/quant has a quant_methods too
+    spec = importlib.util.spec_from_file_location("bench_quant_methods", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    os.environ["GROUP"] = "128"  # a caller's stray recipe variable must not leak into the measured row
+    try:
+        name, opts = bench.recipe_row(bench.SMOKE_RECIPE)
+    finally:
+        del os.environ["GROUP"]
+    env = bench.SMOKE_RECIPE.read_text()
+    assert name == "recipe_smoke" and opts["method"] == "gptq" and opts["act_order"] is True
+    assert f'GROUP="${{GROUP:-{opts["group"]}}}"' in env and opts["group"] != 128
+    assert (bench.ROOT / opts["bits_plan"]).is_file() and opts["bits_plan"] in env
+    assert bench.configs()[-1] == (name, opts)
+
+
+def test_recipe_rows_answer_and_are_named_in_the_table():
+    rows_doc = {"ours": {"recipe_smoke": {"options": {"method": "gptq", "linear_bits": 4.0, "bits_plan": "p.json"},
+                                          "bpw": 4.9, "bpw_body": 4.5, "kl_lp_positions": 0.15,
+                                          "kl_lp_positions_stderr": 0.01, "kl": 0.16, "kl_stderr": 0.01, "top1": 0.9,
+                                          "wall_s": 10.0}},
+                "llamacpp": {"IQ3_XXS": {"bits_per_weight": 5.0, "bits_per_weight_without_embed_output": 4.1,
+                                         "kl": 0.2, "kl_stderr": 0.01, "top1": 0.8}},
+                "text": {"n_windows": 1, "ctx": 8, "kind": "t"}, "calib_tokens": 8}
+    text = rep.table(rows_doc)
+    assert "recipe_smoke = `configs/smoke.env`: method gptq, linear_bits 4.0, bits_plan p.json" in text
+    assert "**yes**: recipe_smoke at 4.90 bpw" in text
+
+
 def test_replace_block_keeps_the_rest():
     doc = f"head\n{rep.BEGIN}\nold\n{rep.END}\ntail\n"
     assert rep.replace_block(doc, "new") == f"head\n{rep.BEGIN}\nnew\n{rep.END}\ntail\n"
