@@ -336,7 +336,8 @@ def main(argv=None) -> int:
             else:
                 doc["llamacpp"][s["name"]] = {**ggufs[s["name"]], "kl": s["kl_mean"], "kl_stderr": s["kl_mean_stderr"],
                                               "top1": s["top1_agree"], "ppl_ratio": s["ppl_ratio"],
-                                              "n_scored": s["n_scored_tokens"]}
+                                              "n_scored": s["n_scored_tokens"],
+                                              "measured_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         doc["llamacpp_perplexity_commands"] = lp["provenance"].get("commands")
 
     for name, opts in plan:

@@ -146,7 +146,12 @@ def _kl(v, se) -> str:
 def table(doc: dict) -> str:
     rows = rows_from(doc)
     t = doc["text"]
-    lines = [f"SmolLM2-135M-Instruct vs its BF16, one run ({doc.get('measured_utc', '?')}): {t['n_windows']} windows "
+    when = sorted(r["measured_utc"] for r in doc.get("ours", {}).values() if r.get("measured_utc"))
+    runs = (f"last run {doc.get('measured_utc', '?')}; our rows measured "
+            f"{when[0]} to {when[-1]}, kept across runs on the same windows (a row rebuilt with changed bytes is "
+            f"scored again)" if when
+            else f"one run ({doc.get('measured_utc', '?')})")
+    lines = [f"SmolLM2-135M-Instruct vs its BF16, {runs}: {t['n_windows']} windows "
              f"x {t['ctx']} tokens of the even pydoc topics ({t['kind']} ids, the same windows for both tools); "
              f"calibration: the odd pydoc topics, {doc['calib_tokens']} tokens, for our methods and for the imatrix "
              f"({doc.get('imatrix_chunks', '?')} chunks x {t['ctx']}). KL(teacher || student) in nats/token. "
@@ -217,13 +222,14 @@ def plot(doc: dict, path: Path) -> None:
                             textcoords="offset points", xytext=(6, 4), fontsize=8)
         ax.set_yscale("log")
         ax.set_xlabel("file bits per weight (every tensor)")
-        ax.set_title(f"ours at int{bits:g} body (labels: group / embedding / grid), shipped recipes as diamonds, "
-                     f"llama.cpp as stars", fontsize=9)
+        ax.set_title(f"ours at int{bits:g} body", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_lines():
             ax.legend(fontsize=8)
     axes[0].set_ylabel("KL(BF16 || student), nats/token, llama-perplexity positions")
-    fig.suptitle("SmolLM2-135M on held-out pydoc text: our methods vs llama.cpp (same windows, same positions)")
+    fig.suptitle("SmolLM2-135M on held-out pydoc text: our methods vs llama.cpp (same windows, same positions)\n"
+                 "lines: our methods (labels: group / embedding / grid); diamonds: shipped recipes; stars: llama.cpp",
+                 fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
