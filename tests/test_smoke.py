@@ -162,6 +162,17 @@ def test_table_prints_the_json_numbers():
     assert "75.0" in changed and "KL 0.50000" in changed  # the table follows the JSON, nothing is fixed
 
 
+def test_recipe_slug_names_every_departure_from_the_seed_recipe():
+    """Two recipes never share a quant name (and so a results file); the seed's recipe keeps its short name."""
+    seed = smoke.SmokeConfig(group=32, clip_steps=8)
+    assert smoke.recipe_slug(seed, "dense") == "w4g32c8"
+    variants = [dict(method="gptq"), dict(method="gptq", act_order=True), dict(grid="full"), dict(role_bits="embed=5"),
+                dict(role_bits="embed=8"), dict(bits_plan="configs/plans/a.json"), dict(bits_plan="configs/plans/b.json")]
+    slugs = [smoke.recipe_slug(smoke.SmokeConfig(group=32, clip_steps=8, **v), "dense") for v in variants]
+    assert len(set(slugs)) == len(slugs) and all(s.startswith("w4g32c8-") for s in slugs)
+    assert slugs[1] == "w4g32c8-gptq-ao" and slugs[5] == "w4g32c8-plan-a"
+
+
 def test_bits_plan_reaches_quant_save_and_the_table(tmp_path):
     """SMOKE's --bits-plan is passed to quant_save (repo-relative paths resolved) and named in the table."""
     import smoke_steps

@@ -189,8 +189,18 @@ def plan_smoke(cfg: SmokeConfig, facts: Facts) -> Plan:
 
 
 def recipe_slug(cfg: SmokeConfig, kind: str) -> str:
+    """The quant's name: bits, group and clip steps, then whatever departs from the seed's recipe (method,
+    grid, act-order, role bits, the bits plan's file name), so two recipes never share a results file."""
     bits = f"e{cfg.expert_bits:g}l{cfg.linear_bits:g}" if kind == "moe" else f"w{cfg.linear_bits:g}"
-    return f"{bits}g{cfg.group}c{cfg.clip_steps}"
+    parts = [f"{bits}g{cfg.group}c{cfg.clip_steps}"]
+    if cfg.method != "clip":
+        parts.append(cfg.method + ("-ao" if cfg.act_order and cfg.method == "gptq" else ""))
+    if cfg.grid != "sym":
+        parts.append(cfg.grid)
+    parts += [kv.replace("=", "").replace(".", "p") for kv in sorted(filter(None, cfg.role_bits.split(",")))]
+    if cfg.bits_plan:
+        parts.append("plan-" + Path(cfg.bits_plan).stem)
+    return "-".join(parts)
 
 
 def tags_for(plan: Plan, cfg: SmokeConfig) -> dict:
