@@ -78,14 +78,16 @@ def configs() -> list[tuple[str, dict]]:
     rows += [_cfg("gptq", bits, grid=grid) for bits in (3, 4) for grid in ("full", "asym")]
     rows += [_cfg(m, bits, group=g) for m in ("rtn", "wclip", "awq") for g in (64, 32) for bits in (4, 3)]
     rows += [_cfg(m, bits, emb=4) for m in ("wclip", "awq") for bits in (4, 3)]
-    return rows + [recipe_row(SMOKE_RECIPE)]
+    # the shipped smoke recipe, and the same with the embedding back at 8 bits (does it reach Q4_K_M?)
+    return rows + [recipe_row(SMOKE_RECIPE), recipe_row(SMOKE_RECIPE, role_bits="embed=8")]
 
 
-def recipe_row(path: Path) -> tuple[str, dict]:
+def recipe_row(path: Path, **overrides) -> tuple[str, dict]:
     """A shipped recipe as one row, with its own group, grid, clip search, role bits and bits plan (the
     calibration stays the bench's: the same text and tokens as every calibrated row and the imatrix), so the
-    table places what the main job ships among the matrix and the llama.cpp points."""
-    r = recipe_from_env(path)
+    table places what the main job ships among the matrix and the llama.cpp points. `overrides` (quant_save
+    options) make a variant, named `recipe_<stem>+<value>...`."""
+    r = {**recipe_from_env(path), **overrides}
     if r["calib"] != "pydoc-topics" or r["calib_ctx"] != 512:
         raise SystemExit(f"quant_methods: {path} calibrates on {r['calib']} (ctx {r['calib_ctx']}); this bench's "
                          f"calibration text is pydoc-topics at ctx 512")
@@ -93,7 +95,8 @@ def recipe_row(path: Path) -> tuple[str, dict]:
                               "clip_lo")}
     if r["bits_plan"]:
         opts["bits_plan"] = r["bits_plan"]  # repo-relative, as the recipe writes it (build_one resolves it)
-    return f"recipe_{path.stem}", opts
+    suffix = "".join("+" + str(v).replace("=", "") for _, v in sorted(overrides.items()))
+    return f"recipe_{path.stem}{suffix}", opts
 
 
 def step(msg: str) -> None:

@@ -169,7 +169,7 @@ def table(doc: dict) -> str:
     recipes = [r for r in rows if r["kind"] == "ours" and is_recipe(r)]
     if recipes:
         lines += ["", "Shipped recipes, measured as rows (their own options; the bench's calibration): " + "; ".join(
-            f"{r['name']} = `configs/{r['name'][len(RECIPE_PREFIX):]}.env`: " + ", ".join(
+            f"{r['name']} = `configs/{r['name'][len(RECIPE_PREFIX):].split('+')[0]}.env`: " + ", ".join(
                 f"{k} {v}" for k, v in r["options"].items()) for r in recipes) + "."]
     agree = doc.get("agreement") or {}
     if agree:

@@ -73,11 +73,13 @@ def test_the_shipped_recipe_is_a_row_with_its_own_options():
     assert name == "recipe_smoke" and opts["method"] == "gptq" and opts["act_order"] is True
     assert f'GROUP="${{GROUP:-{opts["group"]}}}"' in env and opts["group"] != 128
     assert (bench.ROOT / opts["bits_plan"]).is_file() and opts["bits_plan"] in env
-    assert bench.configs()[-1] == (name, opts)
+    assert bench.configs()[-2] == (name, opts)
+    variant, vopts = bench.configs()[-1]
+    assert variant == "recipe_smoke+embed8" and vopts == {**opts, "role_bits": "embed=8"}
 
 
 def test_recipe_rows_answer_and_are_named_in_the_table():
-    rows_doc = {"ours": {"recipe_smoke": {"options": {"method": "gptq", "linear_bits": 4.0, "bits_plan": "p.json"},
+    rows_doc = {"ours": {"recipe_smoke+embed8": {"options": {"method": "gptq", "linear_bits": 4.0, "bits_plan": "p.json"},
                                           "bpw": 4.9, "bpw_body": 4.5, "kl_lp_positions": 0.15,
                                           "kl_lp_positions_stderr": 0.01, "kl": 0.16, "kl_stderr": 0.01, "top1": 0.9,
                                           "wall_s": 10.0}},
@@ -85,8 +87,8 @@ def test_recipe_rows_answer_and_are_named_in_the_table():
                                          "kl": 0.2, "kl_stderr": 0.01, "top1": 0.8}},
                 "text": {"n_windows": 1, "ctx": 8, "kind": "t"}, "calib_tokens": 8}
     text = rep.table(rows_doc)
-    assert "recipe_smoke = `configs/smoke.env`: method gptq, linear_bits 4.0, bits_plan p.json" in text
-    assert "**yes**: recipe_smoke at 4.90 bpw" in text
+    assert "recipe_smoke+embed8 = `configs/smoke.env`: method gptq, linear_bits 4.0, bits_plan p.json" in text
+    assert "**yes**: recipe_smoke+embed8 at 4.90 bpw" in text
 
 
 def test_replace_block_keeps_the_rest():
