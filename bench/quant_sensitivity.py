@@ -3,7 +3,8 @@ raised (q/k/v/o/gate/up/down to --up-bits) or the embedding lowered (--embed-bit
 that the measured changes predict is best at a footprint budget, built and measured itself.
 
 The base is the recipe's method, grid, group and calibration with uniform linear bits and
---base-role-bits (its BITS_PLAN and ROLE_BITS are this bench's own output, so they are not read back).
+--base-role-bits (its BITS_PLAN is this bench's own output, so it is not read back). Every option, the
+embedding's included, is a plan entry: the plan file carries everything measured on this one model.
 
 Text: CPython's pydoc topics. The recipe calibrates on the odd-numbered ones (`--calib pydoc-topics`);
 every row is scored on the even-numbered ones (--chunks windows of --ctx tokens, the HF tokenizer), so the
@@ -48,12 +49,6 @@ PLAN_OUT = ROOT / "configs" / "plans" / "smollm2_smoke.json"
 DOC = ROOT / "docs" / "QUANTIZE.md"
 BEGIN, END = "<!-- quant_sensitivity table: begin (bench/quant_sensitivity.py) -->", "<!-- quant_sensitivity table: end -->"
 SCHEMA = "moe-lowbit/quant-sensitivity/v1"
-def with_embed_bits(role_bits: str, bits: int) -> str:
-    """The recipe's --role-bits with embed (and a separate lm_head, if named) set to `bits`."""
-    kept = [kv for kv in filter(None, role_bits.split(",")) if kv.split("=")[0] not in ("embed", "lm_head")]
-    return ",".join(kept + [f"embed={bits}"])
-
-
 def teacher_classes(teacher: Path) -> dict:
     from safetensors import safe_open
 
@@ -61,26 +56,32 @@ def teacher_classes(teacher: Path) -> dict:
     for f in sorted(teacher.glob("*.safetensors")):
         with safe_open(str(f), "pt") as h:
             names += list(h.keys())
-    return class_alloc.linear_classes(names)
+    return class_alloc.tensor_classes(names)
 
 
-def chosen_plan(options: list[str], classes: dict, up_bits: int, base: dict, budget: float,
-                bpw: float | None = None) -> dict | None:
-    """The bits plan of a choice (option names like v_proj@6; embed@B goes to --role-bits, not the plan)."""
-    class_bits = {o.split("@")[0]: up_bits for o in options if not o.startswith("embed@")}
-    if not class_bits:
+def option_plan(options: list[str], classes: dict, base: dict, strategy: str, budget: float | None = None) -> dict | None:
+    """The bits plan of a set of options named CLASS@BITS (v_proj@6, embed@5): every one is a plan entry, so
+    the plan file alone carries what was measured on this model (the recipe's --role-bits stay generic)."""
+    if not options:
         return None
-    return class_alloc.bits_plan(class_alloc.plan_tensors(classes, class_bits),
-                                 f"class sensitivity (bench/quant_sensitivity.py): {', '.join(sorted(options))}",
-                                 base["group"], base["grid"], budget_bpw_all_tensors=budget, bpw_all_tensors=bpw)
+    class_bits = {o.split("@")[0]: int(o.split("@")[1]) for o in options}
+    return class_alloc.bits_plan(class_alloc.plan_tensors(classes, class_bits), strategy, base["group"], base["grid"],
+                                 budget_bpw_all_tensors=budget)
+
+
+def chosen_plan(options: list[str], classes: dict, base: dict, budget: float) -> dict | None:
+    return option_plan(options, classes, base,
+                       f"class sensitivity (bench/quant_sensitivity.py): {', '.join(sorted(options))}", budget)
 
 
 def write_plan(doc: dict, plan_out: Path) -> None:
     """Write the JSON's chosen plan (so `--report-only` regenerates it too) and record its path and hash."""
     c = doc["choice"]
-    plan = chosen_plan(c["options"], teacher_classes(embedded_model.smollm2_bf16_dir()), doc["up_bits"],
-                       doc["base_options"], c["budget_bpw"], c["measured_bpw"])
+    plan = chosen_plan(c["options"], teacher_classes(embedded_model.smollm2_bf16_dir()), doc["base_options"],
+                       c["budget_bpw"])
     c["plan"] = c["plan_sha256"] = None
+    if plan is None and plan_out.is_file():
+        plan_out.unlink()  # the base won: an older choice's plan must not look current
     if plan is not None:
         atomic_io.write_text(plan_out, json.dumps(plan, indent=1) + "\n")
         out = plan_out.resolve()
@@ -115,7 +116,7 @@ def table(doc: dict) -> str:
         lines += ["", f"Budget {c['budget_bpw']:.3f} bpw (all tensors). Chosen: "
                   f"{', '.join(c['options']) or 'none (the base)'}; predicted KL {c['predicted_kl']:.4f} "
                   f"(the single-option deltas added), measured {c['measured_kl']:.4f} at {c['measured_bpw']:.3f} bpw. "
-                  f"Plan: `{c['plan']}`."]
+                  + (f"Plan: `{c['plan']}`." if c.get("plan") else "No plan: the base is the choice.")]
     return "\n".join(lines)
 
 
@@ -129,8 +130,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", type=Path, default=ROOT / "configs" / "smoke.env", help="base recipe (configs/*.env)")
     ap.add_argument("--base-role-bits", default="embed=8",
-                    help="the base build's --role-bits, in place of the recipe's (whose ROLE_BITS and BITS_PLAN "
-                         "may hold this bench's own earlier choice); default embed=8: uniform linears, 8-bit embedding")
+                    help="the base build's --role-bits, in place of the recipe's; default embed=8: uniform "
+                         "linears, 8-bit embedding")
     ap.add_argument("--up-bits", type=int, default=6, help="bits of a raised class")
     ap.add_argument("--embed-bits", default="6,5", help="comma list: lowered embedding bits to measure ('' = none)")
     ap.add_argument("--classes", default="", help="comma list of classes to raise (default: every linear class)")
@@ -158,7 +159,7 @@ def main(argv=None) -> int:
     work = Path(args.work) if args.work else embedded_model.default_cache_root().parent / "bench-quant-sensitivity"
     work.mkdir(parents=True, exist_ok=True)
     classes = teacher_classes(teacher)
-    raise_classes = [c for c in args.classes.split(",") if c] or list(classes)
+    raise_classes = [c for c in args.classes.split(",") if c] or [c for c in classes if c != "embed"]
     unknown = sorted(set(raise_classes) - set(classes))
     if unknown:
         raise SystemExit(f"quant_sensitivity: unknown classes {unknown}; this model has {sorted(classes)}")
@@ -214,32 +215,26 @@ def main(argv=None) -> int:
     options = []
     for c in raise_classes:
         name = f"{c}@{args.up_bits}"
-        r = measure(name, base, class_alloc.bits_plan(class_alloc.plan_tensors(classes, {c: args.up_bits}),
-                                                      f"one class raised: {name}", base["group"], base["grid"]))
+        r = measure(name, base, option_plan([name], classes, base, f"one class raised: {name}"))
         options.append(class_alloc.Option(name, c, r["vs_base"]["mean"], r["delta_bpw"]))
     for bits in [int(b) for b in args.embed_bits.split(",") if b]:
         name = f"embed@{bits}"
-        r = measure(name, {**base, "role_bits": with_embed_bits(base["role_bits"], bits)})
+        r = measure(name, base, option_plan([name], classes, base, f"embedding lowered: {name}"))
         options.append(class_alloc.Option(name, "embed", r["vs_base"]["mean"], r["delta_bpw"]))
 
     budget = args.budget_bpw if args.budget_bpw is not None else doc["rows"]["base"]["bpw"]
     choice = class_alloc.choose(options, budget - doc["rows"]["base"]["bpw"])
     names = [o.name for o in choice.options]
-    chosen_opts = dict(base)
-    for o in names:
-        if o.startswith("embed@"):
-            chosen_opts["role_bits"] = with_embed_bits(base["role_bits"], int(o.split("@")[1]))
-    plan = chosen_plan(names, classes, args.up_bits, base, budget)
-    r = measure("chosen", chosen_opts, plan) if names else doc["rows"]["base"]
+    r = measure("chosen", base, chosen_plan(names, classes, base, budget)) if names else doc["rows"]["base"]
     doc["choice"] = {"budget_bpw": budget, "options": names,
                      "predicted_kl": doc["rows"]["base"]["kl"] + choice.predicted_delta_kl,
                      "predicted_delta_bpw": choice.delta_bpw, "measured_kl": r["kl"], "measured_bpw": r["bpw"],
-                     "role_bits": chosen_opts["role_bits"]}
+                     "role_bits": base["role_bits"]}
     doc["loadavg_end"] = list(os.getloadavg())
     write_plan(doc, args.plan_out)
     report(doc)
     plan_rel = doc["choice"]["plan"]
-    print(f"recipe: ROLE_BITS={chosen_opts['role_bits']}" + (f" BITS_PLAN={plan_rel}" if plan_rel else ""))
+    print(f"recipe: ROLE_BITS={base['role_bits']}" + (f" BITS_PLAN={plan_rel}" if plan_rel else " (no plan: the base)"))
     print(f"wrote {OUT_JSON} and the table in {DOC}")
     return 0
 

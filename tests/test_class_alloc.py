@@ -24,6 +24,8 @@ def test_linear_classes_groups_by_projection_in_layer_order():
     assert all("norm" not in n and "embed" not in n for names in classes.values() for n in names)
     with pytest.raises(ValueError, match="no decoder-layer linear"):
         class_alloc.linear_classes(["model.embed_tokens.weight"])
+    with_embed = class_alloc.tensor_classes(NAMES)  # the embedding is a class of its own, norms are not
+    assert with_embed["embed"] == ["model.embed_tokens.weight"] and {**classes, "embed": with_embed["embed"]} == with_embed
 
 
 def _brute(options, budget):
@@ -73,6 +75,8 @@ def test_no_fit_and_bad_options_are_errors():
         class_alloc.choose([Option("down_proj@6", "down_proj", -0.1, 0.2)], -0.1)
     with pytest.raises(ValueError, match="unique"):
         class_alloc.choose([OPTS[0], OPTS[0]], 1.0)
+    with pytest.raises(ValueError, match="non-finite"):
+        class_alloc.choose([Option("v_proj@6", "v_proj", float("nan"), 0.05)], -0.1)
     with pytest.raises(ValueError, match="unknown tensor classes"):
         class_alloc.plan_tensors(class_alloc.linear_classes(NAMES), {"w_proj": 6})
 

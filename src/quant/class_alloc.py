@@ -14,12 +14,14 @@ Everything here is pure: names in, names out. The bench (bench/quant_sensitivity
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from dataclasses import dataclass
 
 from build_plan import BITS_PLAN_FORMAT  # the one format quant_save --bits-plan reads
 
 DENSE_LINEAR = re.compile(r"\.layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<cls>[a-z_]+_proj)\.weight$")
+EMBEDDING = re.compile(r"(?:^|\.)embed_tokens\.weight$")  # class "embed" (a tied lm_head shares it)
 MAX_OPTIONS = 20  # exhaustive search: 2^20 subsets is the most this should ever try
 
 
@@ -52,6 +54,17 @@ def linear_classes(names) -> dict[str, list[str]]:
     return {c: sorted(v, key=_layer_then_name) for c, v in sorted(out.items())}
 
 
+def tensor_classes(names) -> dict[str, list[str]]:
+    """`linear_classes` plus the input embedding as class "embed", so a plan can carry its bits: the plan,
+    not the recipe's --role-bits, then says everything that was measured on this one model."""
+    names = list(names)
+    classes = linear_classes(names)
+    embed = sorted(n for n in names if EMBEDDING.search(n))
+    if embed:
+        classes["embed"] = embed
+    return dict(sorted(classes.items()))
+
+
 def _layer_then_name(name: str) -> tuple[int, str]:
     m = DENSE_LINEAR.search(name)
     return (int(m.group("layer")) if m else -1, name)
@@ -68,6 +81,9 @@ def choose(options: list[Option], budget_delta_bpw: float) -> Choice:
     names = [o.name for o in options]
     if len(set(names)) != len(names):
         raise ValueError(f"option names must be unique, got {names}")
+    bad = [o.name for o in options if not (math.isfinite(o.delta_kl) and math.isfinite(o.delta_bpw))]
+    if bad:
+        raise ValueError(f"options with a non-finite KL or bits change: {bad}")
     groups: dict[str, list[Option]] = {}
     for o in options:
         groups.setdefault(o.group, []).append(o)
@@ -95,12 +111,13 @@ def plan_tensors(classes: dict[str, list[str]], class_bits: dict[str, float]) ->
 
 
 def bits_plan(tensors: dict[str, float], strategy: str, group: int, grid: str,
-              budget_bpw_all_tensors: float | None = None, bpw_all_tensors: float | None = None) -> dict:
+              budget_bpw_all_tensors: float | None = None) -> dict:
     """A bits-plan document in the format quant_save --bits-plan reads. Its budget is over all tensors
-    (bits per weight of the whole model), so it is recorded under its own keys: the format's
-    `budget_bits` means bits per routed-expert parameter (moe_alloc's plans) and stays empty here."""
+    (bits per weight of the whole model), so it is recorded under its own key: the format's `budget_bits`
+    means bits per routed-expert parameter (moe_alloc's plans) and stays empty here. It holds nothing
+    known only after the build, so the file a bench builds from is the file it ships."""
     if not tensors:
         raise ValueError("a bits plan needs at least one tensor")
     return {"format": BITS_PLAN_FORMAT, "strategy": strategy, "budget_bits": None,
-            "budget_bpw_all_tensors": budget_bpw_all_tensors, "bpw_all_tensors": bpw_all_tensors,
-            "group": group, "grid": grid, "tensors": dict(sorted(tensors.items()))}
+            "budget_bpw_all_tensors": budget_bpw_all_tensors, "group": group, "grid": grid,
+            "tensors": dict(sorted(tensors.items()))}
