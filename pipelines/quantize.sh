@@ -46,5 +46,8 @@ if [ "${PROBE:-0}" != "0" ]; then
     --out "$PROBE_DIR/plan.json"  # the plan is costed on the grid the build uses (2 bits needs GRID=full or asym)
   BITS_PLAN="$PROBE_DIR/plan.json"
 fi
-[ -n "${BITS_PLAN:-}" ] && ARGS+=(--bits-plan "$BITS_PLAN")
+if [ -n "${BITS_PLAN:-}" ]; then
+  [ -f "$BITS_PLAN" ] || [ ! -f "$ROOT/$BITS_PLAN" ] || BITS_PLAN="$ROOT/$BITS_PLAN"  # recipes name it repo-relative
+  ARGS+=(--bits-plan "$BITS_PLAN")
+fi
 exec python "$ROOT/src/quant/quant_save.py" "${ARGS[@]}" "$@"

@@ -448,7 +448,7 @@ def test_pipeline_passes_recipe_and_environment_overrides_to_the_builder(small_s
     recipe = json.loads(next(l for l in res.stdout.splitlines() if l.startswith("recipe: "))[len("recipe: "):])
     assert {k: recipe[k] for k in ("expert_bits", "linear_bits", "mtp_bits", "group", "clip_steps", "clip_lo")} == {
         "expert_bits": 3.0, "linear_bits": 8.0, "mtp_bits": 16.0, "group": 32, "clip_steps": 8, "clip_lo": 0.65}
-    assert (recipe["method"], recipe["role_bits"], recipe["act_order"]) == ("gptq", {"embed": 5.0}, True)  # smoke.env
+    assert (recipe["method"], recipe["role_bits"], recipe["act_order"]) == ("gptq", {"embed": 8.0}, True)  # smoke.env
     assert not (tmp_path / "out").exists()
     res = subprocess.run(["bash", str(ROOT / "pipelines" / "quantize.sh"), "--dry-run"], capture_output=True,
                          text=True, env={**env, "METHOD": "awq", "ROLE_BITS": "lm_head=8", "GRID": "asym"}, timeout=300)

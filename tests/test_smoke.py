@@ -167,10 +167,29 @@ def test_recipe_slug_names_every_departure_from_the_seed_recipe():
     seed = smoke.SmokeConfig(group=32, clip_steps=8)
     assert smoke.recipe_slug(seed, "dense") == "w4g32c8"
     variants = [dict(method="gptq"), dict(method="gptq", act_order=True), dict(grid="full"), dict(role_bits="embed=5"),
-                dict(role_bits="embed=8"), dict(bits_plan="configs/plans/a.json"), dict(bits_plan="configs/plans/b.json")]
+                dict(role_bits="embed=8"), dict(bits_plan="configs/plans/a.json"), dict(bits_plan="configs/plans/b.json"),
+                dict(bits_plan="other/a.json"), dict(clip_lo=0.7), dict(calib_tokens=4096), dict(mtp_bits=8.0)]
     slugs = [smoke.recipe_slug(smoke.SmokeConfig(group=32, clip_steps=8, **v), "dense") for v in variants]
     assert len(set(slugs)) == len(slugs) and all(s.startswith("w4g32c8-") for s in slugs)
-    assert slugs[1] == "w4g32c8-gptq-ao" and slugs[5] == "w4g32c8-plan-a"
+    assert slugs[1] == "w4g32c8-gptq-ao" and slugs[5].startswith("w4g32c8-plan-a-")
+    assert smoke.recipe_slug(smoke.SmokeConfig(), "moe") == "e3l4g128c8"  # the MoE smoke's seed recipe
+
+
+def test_a_bits_plan_for_another_model_is_not_applied(tmp_path):
+    """The recipe's SmolLM2 plan on another teacher: the smoke builds with the uniform bits and says so."""
+    from smoke_preflight import bits_plan_misfit
+    from tiny_models import build_tiny_checkpoint
+
+    ckpt = build_tiny_checkpoint("llama", tmp_path / "tiny")
+    own = tmp_path / "own.json"
+    own.write_text(json.dumps({"tensors": {"model.layers.0.self_attn.v_proj.weight": 6}}))
+    assert bits_plan_misfit(own, ckpt) is None
+    why = bits_plan_misfit(ROOT / "configs" / "plans" / "smollm2_smoke.json", ckpt)
+    assert why and "tensor(s) the teacher tiny lacks" in why and "model.layers.10." in why
+    assert bits_plan_misfit(tmp_path / "absent.json", ckpt) is None  # left to quant_save's own error
+    docs = _docs()
+    docs["summary"]["quant"]["bits_plan_skipped"] = {"path": "configs/plans/smollm2_smoke.json", "why": why}
+    assert "bits plan smollm2_smoke.json not applied (made for another model)" in smoke.render_table(docs)
 
 
 def test_bits_plan_reaches_quant_save_and_the_table(tmp_path):

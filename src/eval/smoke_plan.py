@@ -2,6 +2,8 @@
 what runs (hub model or offline fallback, data, device). No I/O here."""
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,7 +192,9 @@ def plan_smoke(cfg: SmokeConfig, facts: Facts) -> Plan:
 
 def recipe_slug(cfg: SmokeConfig, kind: str) -> str:
     """The quant's name: bits, group and clip steps, then whatever departs from the seed's recipe (method,
-    grid, act-order, role bits, the bits plan's file name), so two recipes never share a results file."""
+    grid, act-order, role bits, the bits plan's file name), then a short digest of the other build knobs
+    (clip range, MTP bits, calibration, the plan's path) when they depart too, so two recipes never share a
+    results file."""
     bits = f"e{cfg.expert_bits:g}l{cfg.linear_bits:g}" if kind == "moe" else f"w{cfg.linear_bits:g}"
     parts = [f"{bits}g{cfg.group}c{cfg.clip_steps}"]
     if cfg.method != "clip":
@@ -200,6 +204,11 @@ def recipe_slug(cfg: SmokeConfig, kind: str) -> str:
     parts += [kv.replace("=", "").replace(".", "p") for kv in sorted(filter(None, cfg.role_bits.split(",")))]
     if cfg.bits_plan:
         parts.append("plan-" + Path(cfg.bits_plan).stem)
+    hidden = ("clip_lo", "mtp_bits", "calib", "calib_tokens", "calib_ctx", "bits_plan")
+    seed = SmokeConfig()
+    if any(getattr(cfg, k) != getattr(seed, k) for k in hidden):
+        knobs = json.dumps({k: getattr(cfg, k) for k in hidden}, sort_keys=True)
+        parts.append(hashlib.sha256(knobs.encode()).hexdigest()[:6])
     return "-".join(parts)
 
 

@@ -140,3 +140,28 @@ def invalidate_broken_quant(qdir: Path, log) -> str | None:
         log(f"[smoke] the quantized checkpoint at {qdir} is broken ({broken}); rebuilding it")
         (qdir / "_ptq_meta.json").unlink()
     return broken
+
+
+def bits_plan_misfit(plan_path: Path, teacher_dir: Path) -> str | None:
+    """Why a bits plan cannot apply to this teacher (it names tensors the checkpoint lacks), else None.
+
+    A plan is measured on one model (configs/plans/smollm2_smoke.json on the embedded SmolLM2); the smoke
+    runs other models too (the hub model on a GPU box), which then get the recipe's uniform bits. A plan
+    file that is missing or not JSON, or a checkpoint quant_save cannot read, is left to quant_save, whose
+    error names it."""
+    import ckpt_source
+
+    try:
+        planned = json.loads(Path(plan_path).read_text()).get("tensors") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    try:
+        source = ckpt_source.open_source(str(teacher_dir), headers_only=True)
+    except ckpt_source.BuildError:
+        return None  # an unreadable checkpoint: quant_save's step names it
+    have = {t.name for shard in source.shards for t in shard.tensors}
+    missing = sorted(set(planned) - have)
+    if not missing:
+        return None
+    return f"it names {len(missing)} tensor(s) the teacher {Path(teacher_dir).name} lacks (e.g. {missing[0]})"
+

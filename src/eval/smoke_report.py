@@ -31,10 +31,13 @@ def _role_bits(recipe: Mapping) -> str:
     return (", " + ",".join(f"{k}={v:g}" for k, v in sorted(rb.items()))) if rb else ""
 
 
-def _bits_plan(record: Mapping | None) -> str:
-    if not record:
-        return ""
-    return f", bits plan {Path(record['path']).name} ({record['tensors']} tensors)"
+def _bits_plan(quant: Mapping) -> str:
+    record, skipped = quant.get("bits_plan"), quant.get("bits_plan_skipped")
+    if record:
+        return f", bits plan {Path(record['path']).name} ({record['tensors']} tensors)"
+    if skipped:
+        return f", bits plan {Path(skipped['path']).name} not applied (made for another model)"
+    return ""
 
 
 def render_table(docs: Mapping) -> str:
@@ -49,7 +52,7 @@ def render_table(docs: Mapping) -> str:
              f"{', act-order' if recipe.get('act_order') else ''}, grid {recipe.get('grid', 'sym')}, "
              f"linear {recipe.get('linear_bits')} bit, experts "
              f"{recipe.get('expert_bits')} bit, group {recipe.get('group')}, clip steps {recipe.get('clip_steps')}"
-             f"{_role_bits(recipe)}{_bits_plan(s['quant'].get('bits_plan'))}; {s['quant']['build']})"]
+             f"{_role_bits(recipe)}{_bits_plan(s['quant'])}; {s['quant']['build']})"]
     if s["random_weights"]:
         lines.append("  NOTE: RANDOM-WEIGHT MoE: only the plumbing is meaningful; no accuracy claim is made")
     lines += ["",

@@ -22,7 +22,7 @@ from smoke_plan import (
     EXIT_STEP_FAILED, Facts, PROMPT_ROOM, Plan, REPO_ROOT, SCHEMA, SmokeConfig, SmokeError,
     TINY_MOE, plan_smoke, recipe_slug, tags_for)
 from smoke_preflight import (
-    check_free_space, check_writable, checkpoint_bytes, child_env, fidelity_cache_bytes,
+    bits_plan_misfit, check_free_space, check_writable, checkpoint_bytes, child_env, fidelity_cache_bytes,
     invalidate_broken_quant, probe_facts)
 
 
@@ -226,6 +226,13 @@ def run_smoke(cfg: SmokeConfig, log=lambda m: print(m, file=sys.stderr, flush=Tr
         if plan.random_weights:
             log("[smoke] NOTE: the offline MoE has RANDOM weights: only the plumbing is tested, accuracies mean nothing")
         teacher_dir = resolve_teacher(plan, log)
+        plan_skipped = None
+        if cfg.bits_plan:
+            why = bits_plan_misfit(REPO_ROOT / cfg.bits_plan, teacher_dir)
+            if why:
+                log(f"[smoke] bits plan {cfg.bits_plan} not applied: {why}; the recipe's uniform bits are used")
+                plan_skipped = {"path": cfg.bits_plan, "why": why}
+                cfg = dataclasses.replace(cfg, bits_plan="")
     tags = tags_for(plan, cfg)
     results = Path(cfg.results_dir)
     results = results if results.is_absolute() else REPO_ROOT / results
@@ -303,7 +310,7 @@ def run_smoke(cfg: SmokeConfig, log=lambda m: print(m, file=sys.stderr, flush=Tr
         "data": "hub" if plan.use_hub_data else "offline",
         "teacher": {"spec": plan.teacher_spec, "requested": cfg.model, "dir": str(teacher_dir), "slug": plan.slug},
         "quant": {"dir": str(qdir), "recipe": meta.get("recipe"), "build": notes["quantize"],
-                  "bits_plan": meta.get("bits_plan"),
+                  "bits_plan": meta.get("bits_plan"), "bits_plan_skipped": plan_skipped,
                   "footprint_total": meta["footprint"]["total"],
                   "footprint_roles": {role: {k: r.get(k) for k in ("bits", "effective_bits", "params", "rel_mse")}
                                       for role, r in meta["footprint"]["roles"].items()}},
