@@ -78,16 +78,18 @@ def configs() -> list[tuple[str, dict]]:
     rows += [_cfg("gptq", bits, grid=grid) for bits in (3, 4) for grid in ("full", "asym")]
     rows += [_cfg(m, bits, group=g) for m in ("rtn", "wclip", "awq") for g in (64, 32) for bits in (4, 3)]
     rows += [_cfg(m, bits, emb=4) for m in ("wclip", "awq") for bits in (4, 3)]
-    # the shipped smoke recipe, and the same with the embedding back at 8 bits (does it reach Q4_K_M?)
-    return rows + [recipe_row(SMOKE_RECIPE), recipe_row(SMOKE_RECIPE, role_bits="embed=8")]
+    # the shipped smoke recipe, and the same with its plan's embedding back at 8 bits (does it reach Q4_K_M?)
+    return rows + [recipe_row(SMOKE_RECIPE),
+                   recipe_row(SMOKE_RECIPE, "embed8", plan_overrides={"model.embed_tokens.weight": 8})]
 
 
-def recipe_row(path: Path, **overrides) -> tuple[str, dict]:
+def recipe_row(path: Path, variant: str = "", plan_overrides: dict | None = None) -> tuple[str, dict]:
     """A shipped recipe as one row, with its own group, grid, clip search, role bits and bits plan (the
     calibration stays the bench's: the same text and tokens as every calibrated row and the imatrix), so the
-    table places what the main job ships among the matrix and the llama.cpp points. `overrides` (quant_save
-    options) make a variant, named `recipe_<stem>+<value>...`."""
-    r = {**recipe_from_env(path), **overrides}
+    table places what the main job ships among the matrix and the llama.cpp points. A variant changes some of
+    the plan's tensors (`plan_overrides`, recorded in the row's options) and is named
+    `recipe_<stem>+<variant>`."""
+    r = recipe_from_env(path)
     if r["calib"] != "pydoc-topics" or r["calib_ctx"] != 512:
         raise SystemExit(f"quant_methods: {path} calibrates on {r['calib']} (ctx {r['calib_ctx']}); this bench's "
                          f"calibration text is pydoc-topics at ctx 512")
@@ -95,8 +97,29 @@ def recipe_row(path: Path, **overrides) -> tuple[str, dict]:
                               "clip_lo")}
     if r["bits_plan"]:
         opts["bits_plan"] = r["bits_plan"]  # repo-relative, as the recipe writes it (build_one resolves it)
-    suffix = "".join("+" + str(v).replace("=", "") for _, v in sorted(overrides.items()))
-    return f"recipe_{path.stem}{suffix}", opts
+    if plan_overrides:
+        if not r["bits_plan"]:
+            raise SystemExit(f"quant_methods: {path} has no BITS_PLAN for the variant {variant!r} to change")
+        opts["plan_overrides"] = dict(sorted(plan_overrides.items()))
+    return f"recipe_{path.stem}" + (f"+{variant}" if variant else ""), opts
+
+
+def build_plan_file(work: Path, name: str, opts: dict) -> Path | None:
+    """The plan a row builds from: the recipe's own file, or (a variant) a copy with its overrides applied."""
+    if not opts.get("bits_plan"):
+        return None
+    plan = ROOT / opts["bits_plan"]
+    if not opts.get("plan_overrides"):
+        return plan
+    doc = json.loads(plan.read_text())
+    unknown = sorted(set(opts["plan_overrides"]) - set(doc["tensors"]))
+    if unknown:
+        raise SystemExit(f"quant_methods: {name}: plan_overrides name tensors {plan} does not plan: {unknown}")
+    doc["tensors"] = {**doc["tensors"], **opts["plan_overrides"]}
+    doc["strategy"] = f"{doc.get('strategy')}; variant {name}: {opts['plan_overrides']}"
+    out = work / f"{name}.plan.json"
+    atomic_io.write_text(out, json.dumps(doc, indent=1) + "\n")
+    return out
 
 
 def step(msg: str) -> None:
@@ -109,10 +132,12 @@ def build_one(teacher: Path, work: Path, name: str, opts: dict, calib_tokens: in
 
     calib = {"calib": "pydoc-topics", "calib_tokens": calib_tokens, "calib_ctx": 512} \
         if opts["method"] in CALIBRATED else {}
-    plan = {"bits_plan": str(ROOT / opts["bits_plan"])} if opts.get("bits_plan") else {}
+    plan_file = build_plan_file(work, name, opts)
+    plan = {"bits_plan": str(plan_file)} if plan_file else {}
+    build_opts = {k: v for k, v in opts.items() if k != "plan_overrides"}
     t0 = time.perf_counter()
     meta = quant_save.build({"model": str(teacher), "out": str(work / name), "progress": False, "force": True,
-                             "clip_steps": 16, **opts, **calib, **plan})
+                             "clip_steps": 16, **build_opts, **calib, **plan})
     return meta, time.perf_counter() - t0
 
 

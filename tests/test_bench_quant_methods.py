@@ -54,28 +54,32 @@ def test_findings_acceptance_lines():
     assert "gptq int3, groups: g128 4.00 bpw KL 2.5000, g32 4.30 bpw KL 1.0000" in text
 
 
-def test_the_shipped_recipe_is_a_row_with_its_own_options():
-    """recipe_row reads configs/smoke.env as bash does (its bits plan included, the caller's env ignored)."""
+def test_the_shipped_recipe_is_a_row_with_its_own_options(tmp_path, monkeypatch):
+    """recipe_row reads configs/smoke.env as bash does (its bits plan included, the caller's env ignored);
+    the +embed8 variant builds from a copy of the plan with only the embedding changed."""
     import importlib.util
-    import os
+    import json
 
     path = Path(__file__).resolve().parents[1] / "bench" / "quant_methods.py"  # src/quant has a quant_methods too
     spec = importlib.util.spec_from_file_location("bench_quant_methods", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
 
-    os.environ["GROUP"] = "128"  # a caller's stray recipe variable must not leak into the measured row
-    try:
-        name, opts = bench.recipe_row(bench.SMOKE_RECIPE)
-    finally:
-        del os.environ["GROUP"]
+    monkeypatch.setenv("GROUP", "128")  # a caller's stray recipe variable must not leak into the measured row
+    name, opts = bench.recipe_row(bench.SMOKE_RECIPE)
     env = bench.SMOKE_RECIPE.read_text()
     assert name == "recipe_smoke" and opts["method"] == "gptq" and opts["act_order"] is True
     assert f'GROUP="${{GROUP:-{opts["group"]}}}"' in env and opts["group"] != 128
     assert (bench.ROOT / opts["bits_plan"]).is_file() and opts["bits_plan"] in env
     assert bench.configs()[-2] == (name, opts)
     variant, vopts = bench.configs()[-1]
-    assert variant == "recipe_smoke+embed8" and vopts == {**opts, "role_bits": "embed=8"}
+    assert variant == "recipe_smoke+embed8" and vopts == {**opts, "plan_overrides": {"model.embed_tokens.weight": 8}}
+    assert bench.build_plan_file(tmp_path, name, opts) == bench.ROOT / opts["bits_plan"]
+    shipped = json.loads((bench.ROOT / opts["bits_plan"]).read_text())["tensors"]
+    changed = json.loads(bench.build_plan_file(tmp_path, variant, vopts).read_text())["tensors"]
+    assert shipped["model.embed_tokens.weight"] != 8 and changed == {**shipped, "model.embed_tokens.weight": 8}
+    with pytest.raises(SystemExit, match="does not plan"):
+        bench.build_plan_file(tmp_path, "bad", {**opts, "plan_overrides": {"lm_head.weight": 8}})
 
 
 def test_recipe_rows_answer_and_are_named_in_the_table():
