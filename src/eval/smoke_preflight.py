@@ -164,4 +164,3 @@ def bits_plan_misfit(plan_path: Path, teacher_dir: Path) -> str | None:
     if not missing:
         return None
     return f"it names {len(missing)} tensor(s) the teacher {Path(teacher_dir).name} lacks (e.g. {missing[0]})"
-
