@@ -62,8 +62,7 @@ def table(doc: dict) -> str:
              "", "| build | bpw (all / experts) | KL | vs sym (same method) | top-1 | build s |", "|---|---|---|---|---|---|"]
     for name, r in doc["rows"].items():
         lo, hi = r["kl_interval"]
-        vs = r.get("vs_sym")
-        vs_txt = "-" if not vs else f"{vs['mean']:+.4f} [{vs['lo']:+.4f}, {vs['hi']:+.4f}]"
+        vs_txt = report_mod.paired_text(r.get("vs_sym"))
         lines.append(f"| {name} | {r['bpw']:.3f} / {r['bpw_experts']:.3f} | {r['kl']:.4f} [{lo:.4f}, {hi:.4f}] | "
                      f"{vs_txt} | {100 * r['top1']:.1f}% | {r['build_s']:.0f} |")
     return "\n".join(lines)
@@ -72,7 +71,7 @@ def table(doc: dict) -> str:
 def report(doc: dict) -> None:
     text = table(doc)
     print(text)
-    atomic_io.write_text(DOC, report_mod.replace_block(DOC.read_text(), text, BEGIN, END))
+    report_mod.write_doc_block(DOC, text, BEGIN, END)
 
 
 def main(argv=None) -> int:

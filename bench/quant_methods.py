@@ -263,7 +263,7 @@ def report(doc: dict) -> None:
     text = report_mod.table(doc)
     print(text)
     report_mod.plot(doc, OUT_PNG)
-    atomic_io.write_text(DOC, report_mod.replace_block(DOC.read_text(), text))
+    report_mod.write_doc_block(DOC, text)
 
 
 def save(doc: dict, plan: list) -> None:

@@ -1,6 +1,6 @@
 """The report of bench/quant_methods.py, regenerated from its JSON: the table and the generated findings
 (between the markers in docs/QUANTIZE.md) and the Pareto PNG. Pure functions of the JSON document except
-`plot` and `write_doc_table`, which write the files.
+`plot` and `write_doc_block`, which write the files.
 
 KL used for every comparison ("KL lp-pos"): over llama-perplexity's positions (2nd half of each window),
 ours from moe_eval's forward (bench/quant_methods_kl.py), the GGUFs from llama-perplexity, so both sides
@@ -242,3 +242,15 @@ def replace_block(doc_text: str, block_body: str, begin: str = BEGIN, end: str =
     if begin in doc_text and end in doc_text:
         return doc_text[:doc_text.index(begin)] + block + doc_text[doc_text.index(end) + len(end):]
     return doc_text.rstrip() + "\n\n" + block + "\n"
+
+
+def write_doc_block(doc_path: Path, block_body: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace one bench's generated block in a docs file, atomically (every bench's table goes this way)."""
+    import atomic_io
+
+    atomic_io.write_text(doc_path, replace_block(doc_path.read_text(), block_body, begin, end))
+
+
+def paired_text(vs: dict | None) -> str:
+    """A paired difference (moe_study.paired_delta) as `+mean [lo, hi]`, or "-" for the reference row."""
+    return "-" if not vs else f"{vs['mean']:+.4f} [{vs['lo']:+.4f}, {vs['hi']:+.4f}]"

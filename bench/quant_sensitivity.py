@@ -50,13 +50,9 @@ DOC = ROOT / "docs" / "QUANTIZE.md"
 BEGIN, END = "<!-- quant_sensitivity table: begin (bench/quant_sensitivity.py) -->", "<!-- quant_sensitivity table: end -->"
 SCHEMA = "moe-lowbit/quant-sensitivity/v1"
 def teacher_classes(teacher: Path) -> dict:
-    from safetensors import safe_open
+    import gguf_source
 
-    names = []
-    for f in sorted(teacher.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            names += list(h.keys())
-    return class_alloc.tensor_classes(names)
+    return class_alloc.tensor_classes(gguf_source.checkpoint_tensor_names(teacher))
 
 
 def option_plan(options: list[str], classes: dict, base: dict, strategy: str, budget: float | None = None) -> dict | None:
@@ -87,6 +83,10 @@ def write_plan(doc: dict, plan_out: Path) -> None:
         out = plan_out.resolve()
         c["plan"] = str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out)
         c["plan_sha256"] = provenance.sha256_file(out)
+    save(doc)
+
+
+def save(doc: dict) -> None:
     atomic_io.write_text(OUT_JSON, provenance.redact(json.dumps(doc, indent=1, default=str)) + "\n")
 
 
@@ -105,8 +105,7 @@ def table(doc: dict) -> str:
              "", "| build | bpw (all tensors) | KL | vs base | KL per bit | top-1 |", "|---|---|---|---|---|---|"]
     for name, r in doc["rows"].items():
         lo, hi = r["kl_interval"]
-        vs = r.get("vs_base")
-        vs_txt = "-" if not vs else f"{vs['mean']:+.4f} [{vs['lo']:+.4f}, {vs['hi']:+.4f}]"
+        vs_txt = report_mod.paired_text(r.get("vs_base"))
         single = name != "chosen"  # the combination trades bits both ways: no per-bit figure
         per_bit = f"{r['vs_base']['mean'] / r['delta_bpw']:+.3f}" if single and r.get("delta_bpw") else "-"
         lines.append(f"| {name} | {r['bpw']:.3f} | {r['kl']:.4f} [{lo:.4f}, {hi:.4f}] | {vs_txt} | {per_bit} | "
@@ -123,7 +122,7 @@ def table(doc: dict) -> str:
 def report(doc: dict) -> None:
     text = table(doc)
     print(text)
-    atomic_io.write_text(DOC, report_mod.replace_block(DOC.read_text(), text, BEGIN, END))
+    report_mod.write_doc_block(DOC, text, BEGIN, END)
 
 
 def main(argv=None) -> int:
@@ -208,7 +207,7 @@ def main(argv=None) -> int:
             row["delta_bpw"] = row["bpw"] - b["bpw"]
         doc["rows"][name] = row
         step(f"{name}: {row['bpw']:.3f} bpw, KL {row['kl']:.4f}, build {build_s:.0f} s")
-        atomic_io.write_text(OUT_JSON, provenance.redact(json.dumps(doc, indent=1, default=str)) + "\n")
+        save(doc)
         return row
 
     measure("base", base)
