@@ -30,6 +30,7 @@ for sub in ("src/quant", "src/eval"):
     sys.path.insert(0, str(ROOT / sub))
 
 import embedded_model  # noqa: E402
+import cache_paths  # noqa: E402
 import gguf_source  # noqa: E402
 import llama_server  # noqa: E402
 import llamacpp_fidelity  # noqa: E402
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
 
     import moe_eval
 
-    cache = Path(os.environ.get("MOE_LOWBIT_CACHE") or Path.home() / ".cache" / "moe-lowbit")
+    cache = cache_paths.cache_root()
     work = Path(args.work) if args.work else cache / "bench-gguf-kl"
     work.mkdir(parents=True, exist_ok=True)
     calib_text, eval_text = split_texts()

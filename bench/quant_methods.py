@@ -41,6 +41,7 @@ for sub in ("src/quant", "src/eval"):
 sys.path.append(str(BENCH))
 
 import atomic_io  # noqa: E402
+import cache_paths  # noqa: E402
 import calib_source  # noqa: E402
 import embedded_model  # noqa: E402
 import provenance  # noqa: E402
@@ -309,7 +310,7 @@ def main(argv=None) -> int:
     import moe_eval
     import quant_save
 
-    cache_root = Path(os.environ.get("MOE_LOWBIT_CACHE") or Path.home() / ".cache" / "moe-lowbit")
+    cache_root = cache_paths.cache_root()
     work = Path(args.work) if args.work else cache_root / "bench-quant-methods"
     work.mkdir(parents=True, exist_ok=True)
     calib_text, eval_text = calib_source.pydoc_split()

@@ -13,6 +13,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import cache_paths
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Dims are multiples of 256 so IQ3_XXS applies to every expert row (no fallback on the target arch).
@@ -39,9 +41,7 @@ engines, but they too rode the train to the market on Thursdays.
 
 
 def cache_root() -> Path:
-    base = os.environ.get("MOE_LOWBIT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moe-lowbit")
-    return Path(base)
+    return cache_paths.cache_root()
 
 
 def llama_cpp_prefix() -> Path:

@@ -21,21 +21,19 @@ plus provenance) and prints the table, then `DISTILL OK` only if every number in
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import math
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import atomic_io
+import cache_paths
 import provenance
+import step_runner
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = "moe-lowbit/opd-run/1"
@@ -108,44 +106,23 @@ def config_from(args: argparse.Namespace, env=os.environ) -> DistillConfig:
 
 # -------------------------------------------------------------------------------------------- steps
 def run_step(name: str, cmd: list, log_dir: Path, timeout_s: float) -> None:
-    """One CLI in its own process group (a timeout ends it with what it started); output to a log file
-    and the tail to the error message."""
-    cmd = [str(c) for c in cmd]
-    print(f"[distill] {name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    tail: collections.deque = collections.deque(maxlen=30)
-    with open(log_dir / f"{name}.log", "w") as logf:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                errors="replace", start_new_session=True)
-        timer = threading.Timer(timeout_s, lambda: os.killpg(proc.pid, signal.SIGKILL))
-        timer.start()
-        try:
-            for line in proc.stdout:
-                logf.write(line)
-                logf.flush()
-                tail.append(line.rstrip())
-            rc = proc.wait()
-        except KeyboardInterrupt:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise
-        finally:
-            timer.cancel()
-    if rc != 0:
-        useful = [x for x in tail if "error" in x.lower()] or list(tail)[-3:]
-        raise DistillError(f"exited with {rc}: {' | '.join(useful[-3:])} (log: {log_dir / (name + '.log')})", name)
+    """One CLI (step_runner): output to a log file, the child's error line to the error message."""
+    print(f"[distill] {name}: {' '.join(str(c) for c in cmd)}", file=sys.stderr, flush=True)
+    log = log_dir / f"{name}.log"
+    try:
+        step_runner.run_step(name, cmd, REPO_ROOT, timeout_s, log_file=log, tail_lines=30)
+    except step_runner.StepFailed as e:
+        what = f"ran past {timeout_s:.0f} s" if e.timed_out else f"exited with {e.rc}"
+        raise DistillError(f"{what}: {' | '.join(step_runner.error_lines(e.tail))} (log: {log})", name) from None
 
 
 def resolve_model(spec: str, step: str) -> Path:
-    if spec.startswith("embedded:"):
-        out = subprocess.run([sys.executable, REPO_ROOT / "src/quant/embedded_model.py", spec], capture_output=True,
-                             text=True, cwd=REPO_ROOT)
-        if out.returncode != 0:
-            raise DistillError(f"{spec}: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else 'failed'}", step, 2)
-        return Path(out.stdout.strip().splitlines()[-1])
-    p = Path(spec)
-    if not (p / "config.json").is_file():
-        raise DistillError(f"{spec}: not a checkpoint directory (no config.json)", step, 2)
-    return p
+    import model_ref
+
+    try:
+        return model_ref.resolve(spec, log=lambda m: print(m, file=sys.stderr))
+    except model_ref.ModelRefError as e:
+        raise DistillError(str(e), step, 2) from None
 
 
 def read_json(path: Path, step: str) -> dict:
@@ -293,8 +270,7 @@ def run(cfg: DistillConfig, fresh: bool) -> dict:
         return out
 
     teacher_dir = timed("resolve", lambda: resolve_model(cfg.teacher, "resolve"))
-    base = os.environ.get("MOE_LOWBIT_SCRATCH") or str(Path.home() / ".cache/moe-lowbit/scratch")
-    work = Path(cfg.work or Path(base) / "opd" / cfg.tag)
+    work = Path(cfg.work or cache_paths.scratch_root() / "opd" / cfg.tag)
     if fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)

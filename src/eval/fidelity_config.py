@@ -5,12 +5,13 @@ moe_eval.py is the entry point that ties them together.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+import cache_paths
 
 CACHE_FORMAT_VERSION = 1
 CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -66,9 +67,7 @@ class EvalConfig:
     def cache_dir(self) -> Path:
         if self.cache_root:
             return Path(self.cache_root)
-        base = os.environ.get("MOE_LOWBIT_CACHE") or os.path.join(
-            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moe-lowbit")
-        return Path(base) / "fidelity"
+        return cache_paths.cache_dir("fidelity")
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 
+import cache_paths
 import provenance
 import verified_cache
 
@@ -40,9 +40,7 @@ def tiny_moe_config(vocab_size: int, bos_token_id: int | None, eos_token_id: int
 
 
 def default_cache_root() -> Path:
-    base = os.environ.get("MOE_LOWBIT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moe-lowbit")
-    return Path(base) / "smoke_models"
+    return cache_paths.cache_dir("smoke_models")
 
 
 def verify(ckpt: Path) -> str | None:

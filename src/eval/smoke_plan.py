@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from model_ref import HUB_ID
+
 
 SCHEMA = "moe-lowbit/smoke/v1"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SRC_DIRS = ("src/quant", "src/eval", "src/distill")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 EMBEDDED = "embedded:smollm2"
 EMBEDDED_MOE = "embedded:smollm2-moe"  # real weights: SmolLM2 MoEfied into qwen2_moe (docs/SMOLLM2_MOE.md)
 TINY_MOE = "tiny:qwen3_moe"  # random weights: plumbing tests only

@@ -2,21 +2,19 @@
 results-md), each named when it fails, and `run_smoke`, which runs them in order and writes the summary."""
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import cache_paths
 import provenance
+import step_runner
 
 from smoke_plan import (
     EXIT_STEP_FAILED, Facts, PROMPT_ROOM, Plan, REPO_ROOT, SCHEMA, SmokeConfig, SmokeError,
@@ -27,44 +25,16 @@ from smoke_preflight import (
 
 
 def run_step(name: str, cmd: Sequence[str], env: Mapping, timeout_s: float, log) -> list[str]:
-    """Run one step's CLI, streaming its output to stderr; the tail is kept for the failure message.
-
-    The child gets its own process group so a timeout or Ctrl-C ends it with everything it started
-    (vLLM engine cores) and nothing else."""
+    """Run one step's CLI (step_runner), streaming its output to stderr; a failure names its fix."""
     log(f"[smoke] {name}: {' '.join(str(c) for c in cmd)}")
-    tail: collections.deque = collections.deque(maxlen=40)
-    proc = subprocess.Popen([str(c) for c in cmd], env=dict(env), cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
-                            start_new_session=True)
-    timed_out = threading.Event()
-
-    def kill_group():
-        timed_out.set()
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    timer = threading.Timer(timeout_s, kill_group)
-    timer.start()
     try:
-        for line in proc.stdout:
-            sys.stderr.write(line)
-            tail.append(line.rstrip("\n"))
-        rc = proc.wait()
-    except KeyboardInterrupt:
-        kill_group()
-        proc.wait()
-        raise
-    finally:
-        timer.cancel()
-    if timed_out.is_set():
-        raise SmokeError(f"step {name} did not finish within {timeout_s:.0f} s; fix: raise SMOKE_STEP_TIMEOUT_S or "
-                         f"lower SMOKE_N / SMOKE_MAX_NEW_TOKENS", step=name, code=EXIT_STEP_FAILED)
-    if rc != 0:
-        raise SmokeError(f"step {name} exited with {rc}: {explain_failure(list(tail))}", step=name,
-                         code=EXIT_STEP_FAILED)
-    return list(tail)
+        return step_runner.run_step(name, cmd, REPO_ROOT, timeout_s, env=env, echo=sys.stderr)
+    except step_runner.StepFailed as e:
+        if e.timed_out:
+            raise SmokeError(f"step {name} did not finish within {timeout_s:.0f} s; fix: raise SMOKE_STEP_TIMEOUT_S "
+                             f"or lower SMOKE_N / SMOKE_MAX_NEW_TOKENS", step=name, code=EXIT_STEP_FAILED) from None
+        raise SmokeError(f"step {name} exited with {e.rc}: {explain_failure(e.tail)}", step=name,
+                         code=EXIT_STEP_FAILED) from None
 
 
 def explain_failure(tail: Sequence[str]) -> str:
@@ -78,9 +48,7 @@ def explain_failure(tail: Sequence[str]) -> str:
         hints.append("a directory is not writable: set SMOKE_WORK_DIR / SMOKE_RESULTS_DIR to a writable one")
     if re.search(r"out of memory|OutOfMemory|Cannot allocate memory", text, re.IGNORECASE):
         hints.append("out of memory: lower SMOKE_N / SMOKE_MAX_NEW_TOKENS or VLLM_CPU_KVCACHE_SPACE")
-    errors = [l for l in tail if re.search(r"(error|Error|failed|refused|Traceback)", l)]
-    shown = errors[-3:] if errors else list(tail)[-3:]
-    msg = " | ".join(s.strip() for s in shown if s.strip()) or "(no output)"
+    msg = " | ".join(step_runner.error_lines(tail))
     return msg + (f"; fix: {'; '.join(hints)}" if hints else "")
 
 
@@ -171,17 +139,13 @@ def resolve_teacher(plan: Plan, log) -> Path:
     except RuntimeError as e:  # EmbeddedModelError / SmokeModelError carry their own fix
         raise SmokeError(str(e)) from None
     if plan.mode == "hub":
-        try:
-            import huggingface_hub
+        import model_ref
 
-            log(f"[smoke] downloading {plan.teacher_spec} from the hub (cached by huggingface_hub)")
-            return Path(huggingface_hub.snapshot_download(
-                plan.teacher_spec, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model",
-                                                   "*.tiktoken", "*.py", "LICENSE*"]))
-        except Exception as e:  # network, auth, missing repo: one line, with the fix
-            first = provenance.redact(str(e)).splitlines()[0] if str(e) else type(e).__name__
-            raise SmokeError(f"SMOKE_MODEL={plan.teacher_spec}: hub download failed ({first}); fix: check the id, "
-                             f"HF_TOKEN for gated models, or use a local dir") from None
+        log(f"[smoke] downloading {plan.teacher_spec} from the hub (cached by huggingface_hub)")
+        try:
+            return model_ref.hub_snapshot(model_ref.parse(plan.teacher_spec, what="SMOKE_MODEL"), what="SMOKE_MODEL")
+        except model_ref.ModelRefError as e:  # network, auth, missing repo: one line, with the fix
+            raise SmokeError(str(e)) from None
     path = Path(plan.teacher_spec).expanduser().resolve()
     if not (path / "config.json").is_file():
         raise SmokeError(f"SMOKE_MODEL={plan.teacher_spec}: {path} has no config.json; fix: point it at a Hugging "
@@ -236,7 +200,7 @@ def run_smoke(cfg: SmokeConfig, log=lambda m: print(m, file=sys.stderr, flush=Tr
     tags = tags_for(plan, cfg)
     results = Path(cfg.results_dir)
     results = results if results.is_absolute() else REPO_ROOT / results
-    work = Path(cfg.work_dir or os.path.join(os.environ.get("MOE_LOWBIT_MODELS", REPO_ROOT / "models"), "smoke"))
+    work = Path(cfg.work_dir or cache_paths.models_root() / "smoke")
     qdir = work / f"{plan.slug}_{recipe_slug(cfg, cfg.kind)}"
     eval_dir = results / "vllm_eval"
     paths = {"teacher_eval": eval_dir / f"{tags['teacher']}.json", "quant_eval": eval_dir / f"{tags['quant']}.json",

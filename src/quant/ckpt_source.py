@@ -9,17 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import footprint
+import model_ref
 import provenance
 
 INDEX_NAME = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt", ".onnx")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MAX_HEADER_BYTES = 100 << 20
 
 
@@ -117,32 +116,24 @@ def read_shard_header(path: Path) -> ShardHeader:
 
 
 def resolve_model(model: str, revision: str | None, headers_only: bool) -> tuple[Path, str | None, list | None]:
-    """Local dir, or a hub id fetched with huggingface_hub (headers only for --dry-run)."""
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise BuildError(f"--model {model}: is a file; pass the checkpoint directory")
-        root = path.resolve()
-        # a hub cache snapshot dir (models--org--name/snapshots/<commit>) names its revision
-        in_hub_cache = root.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", root.name)
-        return root, root.name if in_hub_cache else None, None
-    if not HUB_ID.match(model):
-        raise BuildError(f"--model {model}: no such directory, and not a hub id of the form owner/name")
+    """Local dir, or a hub id (model_ref's allow-list; configs + remote headers only for --dry-run)."""
     try:
-        import huggingface_hub
-    except ImportError:
-        raise BuildError("--model is a hub id but huggingface_hub is not installed (pip install huggingface_hub)") from None
+        ref = model_ref.parse(model, revision)
+        if ref.kind != "hub":
+            root = model_ref.resolve(model, revision, require_config=False)
+            return root, model_ref.snapshot_revision(root), None
+        root = model_ref.hub_snapshot(ref, headers_only=headers_only).resolve()
+    except model_ref.ModelRefError as e:
+        raise BuildError(str(e)) from None
+    if not headers_only:
+        return root, root.name, None
+    import huggingface_hub
+
     try:
-        if headers_only:  # a dry run of a 200 GB model should not download it: configs + remote headers
-            root = Path(huggingface_hub.snapshot_download(model, revision=revision, allow_patterns=["*.json"]))
-            meta = huggingface_hub.get_safetensors_metadata(model, revision=revision)
-            return root.resolve(), root.name, [meta]
-        root = Path(huggingface_hub.snapshot_download(
-            model, revision=revision,
-            allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken", "*.py", "LICENSE*"]))
-    except Exception as e:  # network, auth, missing repo: all end the run with one line
-        raise BuildError(f"--model {model}: hub download failed: {provenance.redact(str(e)).splitlines()[0]}") from None
-    return root.resolve(), root.name, None
+        meta = huggingface_hub.get_safetensors_metadata(model, revision=revision)
+    except Exception as e:  # network, auth: one line
+        raise BuildError(f"--model {model}: remote headers unreadable: {provenance.redact(str(e)).splitlines()[0]}") from None
+    return root, root.name, [meta]
 
 
 def open_source(model: str, revision: str | None = None, headers_only: bool = False) -> Source:

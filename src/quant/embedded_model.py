@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
+import cache_paths
 import provenance
 import verified_cache
 
@@ -28,9 +28,7 @@ class EmbeddedModelError(RuntimeError):
 
 
 def default_cache_root() -> Path:
-    base = os.environ.get("MOE_LOWBIT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moe-lowbit")
-    return Path(base) / "embedded"
+    return cache_paths.cache_dir("embedded")
 
 
 def smollm2_gguf_path() -> Path:

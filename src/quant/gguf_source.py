@@ -133,23 +133,17 @@ def byte_level_bpe_view(src: Path, dst: Path) -> Path:
 def resolve_model(model: str, revision: str | None = None) -> Path:
     """A local checkpoint dir for MODEL: a directory, `embedded:NAME` (smollm2, smollm2-moe), or a hub repo
     id (downloaded)."""
-    import embedded_model
+    import model_ref
 
-    if embedded_model.is_embedded(model):
-        try:
-            ckpt = embedded_model.resolve(model, log=lambda m: print(m, file=sys.stderr))
-        except embedded_model.EmbeddedModelError as e:
-            raise PackError(f"MODEL={model!r}: {e}") from e
-        if tokenizer_conflict(ckpt):  # transformers' GGUF->tokenizers rebuild; see tokenizer_conflict
-            return byte_level_bpe_view(ckpt, ckpt.parent / (ckpt.name + "-bpe-view"))
-        return ckpt
-    if Path(model).is_dir():
-        return Path(model)
-    if model.startswith(("/", ".", "~")) or model.count("/") != 1:
-        raise PackError(f"MODEL={model!r} is neither an existing directory nor a hub id like Qwen/Qwen3.5-122B-A10B")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(model, revision=revision or None))
+    try:
+        kind = model_ref.parse(model, revision, what="MODEL").kind
+        ckpt = model_ref.resolve(model, revision, what="MODEL", log=lambda m: print(m, file=sys.stderr),
+                                 require_config=False)
+    except model_ref.ModelRefError as e:
+        raise PackError(str(e)) from None
+    if kind == "embedded" and tokenizer_conflict(ckpt):  # transformers' GGUF->tokenizers rebuild
+        return byte_level_bpe_view(ckpt, ckpt.parent / (ckpt.name + "-bpe-view"))
+    return ckpt
 
 
 def calibration_text(dataset: str, n_chars: int) -> str:

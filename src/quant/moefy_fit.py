@@ -162,10 +162,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from safetensors.torch import save
 
-    import embedded_model
+    import model_ref
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dense = embedded_model.resolve(args.dense) if embedded_model.is_embedded(args.dense) else Path(args.dense)
+    dense = model_ref.resolve(args.dense, what="--dense")
     spec = moefy.MoefySpec(args.n_experts, args.expert_size, args.shared_size, args.top_k, args.copies)
     cfg = json.loads((Path(dense) / "config.json").read_text())
     spec.check(int(cfg["intermediate_size"]))
