@@ -1,4 +1,4 @@
-"""Wall time per student of the allocation study (moe_study.run_study) on embedded:smollm2-moe.
+"""Wall time per student of the allocation study (fidelity_study.run_study) on embedded:smollm2-moe.
 
 Runs the study's own code path on a few strategies at one budget and prints, per student, the plan, the
 assembly from the once-quantized layers and the scoring against the cached teacher, next to the one-off
@@ -35,14 +35,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    import moe_study
+    import fidelity_study
 
     strategies = [s for s in args.strategies.split(",") if s]
     levels = [float(x) for x in args.levels.split(",")]
     load_before = os.getloadavg()
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="bench-moe-study-") as cache_root:
-        study = moe_study.run_study(args.model, strategies, None if args.budget is None else [args.budget], levels,
+        study = fidelity_study.run_study(args.model, strategies, None if args.budget is None else [args.budget], levels,
                                     args.eval_tokens, args.probe_tokens, args.ctx, cache_root=cache_root,
                                     log=lambda m: None, dtype=args.dtype, batch=args.batch)
     wall = time.time() - t0

@@ -132,6 +132,7 @@ def test_inverse_ranking_is_worse_than_activation_salience(moe_dir, tmp_path):
     at the study's low budget the gap was about half as large and not separated on 16 windows
     (+0.0020 [-0.0030, +0.0070]; +0.0055 [+0.0015, +0.0096] on 32)."""
     import moe_alloc
+    import fidelity_study
     import moe_study
 
     units = moe_alloc.expert_units(moe_dir)
@@ -141,7 +142,7 @@ def test_inverse_ranking_is_worse_than_activation_salience(moe_dir, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the study's CLI: on the shared 2-core box two threads ran 5-13x slower
     try:
-        study = moe_study.run_study("embedded:smollm2-moe", ["asal", "inverse"], [budget], [2.0, 4.0],
+        study = fidelity_study.run_study("embedded:smollm2-moe", ["asal", "inverse"], [budget], [2.0, 4.0],
                                     eval_tokens=3072, probe_tokens=2048, ctx=128, cache_root=str(tmp_path / "fid"),
                                     log=lambda m: None)
     finally:

@@ -124,7 +124,7 @@ def smollm2_moe_dir(cache_root: Path | None = None, force: bool = False, log=pri
     dense = smollm2_bf16_dir(cache_root, force=False, log=log)
     if not MOE_PIECES.is_file():
         raise EmbeddedModelError(f"{MOE_PIECES} is missing (the shipped router/permutation/scales); restore it "
-                                 f"from git or refit it with python src/quant/moefy_fit.py")
+                                 f"from git or refit it with python src/eval/moefy_fit.py")
     root = Path(cache_root) if cache_root else default_cache_root()
     key = provenance.sha256_json({"dense": dense.name, "pieces": provenance.sha256_file(MOE_PIECES),
                                   "v": MOE_FORMAT_VERSION})[:12]

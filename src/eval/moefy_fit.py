@@ -8,7 +8,7 @@ Calibration text: the Python reference-manual topics shipped in CPython's stdlib
 the topics whose sorted index is not a multiple of 5 (the others are held out, see moefy_eval.py);
 data/smoke/fidelity.txt is never seen here.
 
-    python src/quant/moefy_fit.py [--dense embedded:smollm2] [--tokens 16384] [--ctx 256]
+    python src/eval/moefy_fit.py [--dense embedded:smollm2] [--tokens 16384] [--ctx 256]
         [--out data/smollm2_moe/pieces.safetensors]
 """
 from __future__ import annotations
