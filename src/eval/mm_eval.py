@@ -23,7 +23,7 @@ from pathlib import Path
 
 import mm_images
 import results_schema
-from eval_backends import Backend, Sampling
+from backend_base import Backend, Sampling
 
 INPUT_ERROR = "input_error"
 VISION_CONFIG_KEYS = ("vision_config", "vision_tower", "mm_vision_tower", "visual")
