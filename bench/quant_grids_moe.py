@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     methods = [m for m in args.methods.split(",") if m]
 
     import moe_eval  # after argparse: --help stays fast
-    import moe_study
+    import fidelity_math
     import moefy_fit
     import quant_save
 
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
                                  "build_sha256": quant_save.output_sha256(meta), "kl_per_window": s["per_window"]["kl"]}
             sym = doc["rows"].get(f"{method}_e3_l4_emb8_g128_sym")
             if grid != "sym" and sym:
-                doc["rows"][name]["vs_sym"] = moe_study.paired_delta(s["per_window"]["kl"], sym["kl_per_window"])
+                doc["rows"][name]["vs_sym"] = fidelity_math.paired_delta(s["per_window"]["kl"], sym["kl_per_window"])
             print(f"[quant_grids_moe] {name}: {doc['rows'][name]['bpw']:.3f} bpw, KL {s['kl_mean']:.4f}, "
                   f"build {build_s:.0f} s", file=sys.stderr, flush=True)
     doc["loadavg_end"] = list(os.getloadavg())

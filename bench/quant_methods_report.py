@@ -252,5 +252,5 @@ def write_doc_block(doc_path: Path, block_body: str, begin: str = BEGIN, end: st
 
 
 def paired_text(vs: dict | None) -> str:
-    """A paired difference (moe_study.paired_delta) as `+mean [lo, hi]`, or "-" for the reference row."""
+    """A paired difference (fidelity_math.paired_delta) as `+mean [lo, hi]`, or "-" for the reference row."""
     return "-" if not vs else f"{vs['mean']:+.4f} [{vs['lo']:+.4f}, {vs['hi']:+.4f}]"

@@ -149,7 +149,7 @@ def main(argv=None) -> int:
         return 0
 
     import moe_eval  # after argparse: --help stays fast
-    import moe_study
+    import fidelity_math
     import quant_save
 
     recipe = {k: v for k, v in recipe_from_env(args.recipe).items() if k != "bits_plan"}  # this bench's output
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
                "plan_tensors": len(plan["tensors"]) if plan else 0}
         b = doc["rows"].get("base")
         if b is not None:
-            row["vs_base"] = moe_study.paired_delta(row["kl_per_window"], b["kl_per_window"])
+            row["vs_base"] = fidelity_math.paired_delta(row["kl_per_window"], b["kl_per_window"])
             row["delta_bpw"] = row["bpw"] - b["bpw"]
         doc["rows"][name] = row
         step(f"{name}: {row['bpw']:.3f} bpw, KL {row['kl']:.4f}, build {build_s:.0f} s")

@@ -133,7 +133,7 @@ def test_inverse_ranking_is_worse_than_activation_salience(moe_dir, tmp_path):
     (+0.0020 [-0.0030, +0.0070]; +0.0055 [+0.0015, +0.0096] on 32)."""
     import moe_alloc
     import fidelity_study
-    import moe_study
+    import fidelity_math
 
     units = moe_alloc.expert_units(moe_dir)
     params = sum(u.params for u in units.values())
@@ -152,7 +152,7 @@ def test_inverse_ranking_is_worse_than_activation_salience(moe_dir, tmp_path):
         assert abs(r["effective_bits"] - budget) <= 0.01
         assert r["experts_per_level"] == {"2.0": len(units) // 2, "4.0": len(units) // 2}
     assert kl["asal"]["kl_per_window"] != kl["inverse"]["kl_per_window"]
-    d = moe_study.paired_delta(kl["inverse"]["kl_per_window"], kl["asal"]["kl_per_window"])
+    d = fidelity_math.paired_delta(kl["inverse"]["kl_per_window"], kl["asal"]["kl_per_window"])
     assert study["eval_text"]["n_windows"] >= 24
     assert d["lo"] > 0, f"KL(inverse) - KL(asal) = {d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]: not separated"
     assert study["teacher_cache"]["computed_windows"] == study["eval_text"]["n_windows"]  # teacher ran once

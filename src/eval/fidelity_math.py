@@ -170,3 +170,9 @@ def ppl_from_nll_interval(nll: Interval) -> dict:
     return {"ppl": math.exp(nll.mean),
             "lo": None if nll.lo is None else math.exp(nll.lo),
             "hi": None if nll.hi is None else math.exp(nll.hi)}
+
+
+def paired_delta(a: list, b: list, z: float = 1.96) -> dict:
+    """Mean and interval of per-window KL(a) - KL(b) (same windows, so paired)."""
+    d = interval_over_windows([x - y for x, y in zip(a, b)], z)
+    return {"mean": d.mean, "lo": d.lo, "hi": d.hi}

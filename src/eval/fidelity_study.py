@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 import atomic_io
+import fidelity_math
 import moe_alloc
 import moe_quant
 import moe_study
@@ -177,7 +178,7 @@ def findings_table(study: dict) -> str:
             lv = "/".join(str(r["experts_per_level"].get(str(float(b)), 0)) for b in study["levels"])
             delta = "-"
             if uni is not None and r is not uni:
-                d = moe_study.paired_delta(r["kl_per_window"], uni["kl_per_window"])
+                d = fidelity_math.paired_delta(r["kl_per_window"], uni["kl_per_window"])
                 delta = f"{d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]"
             lo, hi = r["kl_mean_interval"]
             lines.append(f"| {budget} | {r['strategy']} | {r['effective_bits']:.4f} | {lv} | {r['kl_mean']:.4f} | "
@@ -189,7 +190,7 @@ def findings_table(study: dict) -> str:
         lines.append(f"* budget {budget}: KL ordering (lowest first) {order}.")
         by = {r["strategy"]: r for r in rows}
         if "asal" in by and "inverse" in by:
-            d = moe_study.paired_delta(by["inverse"]["kl_per_window"], by["asal"]["kl_per_window"])
+            d = fidelity_math.paired_delta(by["inverse"]["kl_per_window"], by["asal"]["kl_per_window"])
             verdict = ("inverse is worse than asal" if d["lo"] is not None and d["lo"] > 0 else
                        "inverse vs asal not separated at 95 %")
             lines.append(f"  KL(inverse) - KL(asal), paired over windows: {d['mean']:+.4f} "

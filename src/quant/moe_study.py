@@ -118,11 +118,3 @@ def default_budgets(units: dict, group: int, grid: str) -> list[float]:
     params = sum(u.params for u in units.values())
     cost = {b: sum(u.bits_at(b, group, grid) for u in units.values()) / params for b in (2.0, 3.0)}
     return [round((cost[2.0] + cost[3.0]) / 2, 4), round(cost[3.0], 4)]
-
-
-def paired_delta(a: list, b: list, z: float = 1.96) -> dict:
-    """Mean and interval of per-window KL(a) - KL(b) (same windows, so paired)."""
-    import fidelity_math as fm
-
-    d = fm.interval_over_windows([x - y for x, y in zip(a, b)], z)
-    return {"mean": d.mean, "lo": d.lo, "hi": d.hi}
