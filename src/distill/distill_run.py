@@ -27,17 +27,31 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+import dataclasses
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import atomic_io
 import cache_paths
 import provenance
 import step_runner
+import tool_config
+from tool_config import option
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = "moe-lowbit/opd-run/1"
 HOST_ENV = ("OMP_NUM_THREADS", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE")
+
+
+def host_env_defaults(device: str) -> dict:
+    """Environment defaults for the steps' processes (a set value always wins). On CPU: one OpenMP thread
+    per process (on a shared 2-core box two threads per process ran a forward 3.6x SLOWER than one, spinning
+    barriers on an oversubscribed CPU; torchrun already gives each of its 2 ranks one), and vLLM in one
+    process instead of three (engine core + worker each re-import torch/vLLM: ~75 s of every vLLM start)."""
+    out = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    if device == "cpu":
+        out.update(OMP_NUM_THREADS="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    return out
 
 
 class DistillError(RuntimeError):
@@ -48,60 +62,51 @@ class DistillError(RuntimeError):
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Every knob; each field F reads env OPD_<F> (configs/opd.env), the command line wins."""
+    """Every knob (tool_config: flag --F, env OPD_F, recipe key F). Defaults equal configs/opd.env (a test
+    keeps them equal): the offline smoke on the embedded fixture; docs/OPD.md explains each choice."""
 
-    teacher: str = "embedded:smollm2-moe"
-    student: str = ""  # empty: build it from the teacher with the recipe below
-    tag: str = "opd_smoke"
-    work: str = ""  # default $MOE_LOWBIT_SCRATCH/opd/<tag>
-    results_dir: str = "results"
-    prompts: str = "data/opd/smoke_prompts.jsonl"
-    n: int = 1
-    temperature: float = 1.0
-    max_new_tokens: int = 64
-    finished_only: bool = False
-    k: int = 20
-    loss: str = "reverse_kl"
-    offpolicy_loss: str = "forward_kl"
-    lora_roles: str = "routed_expert"
-    rank: int = 8
-    alpha: float = 16.0
-    lr: float = 1e-2
-    batch_seqs: int = 4
-    micro_seqs: int = 2
-    token_budget: int = 1200
-    nproc: int = 2
-    device: str = "cpu"
-    seed: int = 0
-    expert_bits: float = 3.0
-    linear_bits: float = 4.0
-    group: int = 128
-    clip_steps: int = 8
-    clip_lo: float = 0.65
-    benchmarks: str = "mmlu_pro,math500"
-    data_files: str = "mmlu_pro=data/smoke/mmlu_pro_easy.jsonl,math500=data/smoke/math500_easy.jsonl"
-    eval_n: str = "12"
-    eval_max_new_tokens: int = 48
-    fidelity_text: str = "data/smoke/fidelity.txt"
-    fidelity_ctx: int = 64
-    fidelity_tokens: int = 4096
-    step_timeout_s: int = 1800
+    teacher: str = option("embedded:smollm2-moe", "BF16 teacher = the student's source (dir, hub id, embedded:NAME)")
+    student: str = option("", "a quant_save output; empty: built from the teacher with the recipe below", path=True)
+    tag: str = option("opd_smoke", "run name: results/opd/<tag>.json")
+    work: str = option("", "work dir (default $MOE_LOWBIT_SCRATCH/opd/<tag>)", path=True)
+    results_dir: str = option("results", "results root", path=True)
+    prompts: str = option("data/opd/smoke_prompts.jsonl", "training prompts JSONL (never eval text)", path=True)
+    n: int = option(2, "rollouts per prompt")
+    temperature: float = option(1.0, "rollout temperature (sample the student's own distribution)")
+    max_new_tokens: int = option(64, "rollout budget")
+    finished_only: bool = option(False, "train only on rollouts that ended by themselves")
+    k: int = option(20, "teacher top-k per token (+ one rest bucket)")
+    loss: str = option("reverse_kl", "on-policy objective")
+    offpolicy_loss: str = option("forward_kl", "off-policy baseline objective (teacher samples)")
+    lora_roles: str = option("routed_expert", "tensor roles that get LoRA adapters")
+    rank: int = option(8, "LoRA rank")
+    alpha: float = option(16.0, "LoRA alpha")
+    lr: float = option(1e-2, "learning rate")
+    batch_seqs: int = option(4, "sequences per optimizer step")
+    micro_seqs: int = option(2, "sequences per forward per rank")
+    token_budget: int = option(6000, "training tokens per arm (the same for OPD and off-policy)")
+    nproc: int = option(2, "torchrun processes")
+    device: str = option("cpu", "cpu | cuda")
+    seed: int = option(0, "seed of sampling and training")
+    expert_bits: float = option(3.0, "student recipe (no OPD_STUDENT): routed expert bits")
+    linear_bits: float = option(4.0, "student recipe: other linears' bits")
+    group: int = option(128, "student recipe: group size")
+    clip_steps: int = option(8, "student recipe: clip search steps")
+    clip_lo: float = option(0.65, "student recipe: lowest clip ratio")
+    benchmarks: str = option("mmlu_pro,math500", "evaluation benchmarks (same samples for every arm)")
+    data_files: str = option("mmlu_pro=data/smoke/mmlu_pro_easy.jsonl,math500=data/smoke/math500_easy.jsonl",
+                             "BENCH=PATH,... offline evaluation files")
+    eval_n: str = option("12", "samples per benchmark")
+    eval_max_new_tokens: int = option(48, "evaluation generation budget")
+    fidelity_text: str = option("data/smoke/fidelity.txt", "held-out text for KL", path=True)
+    fidelity_ctx: int = option(64, "fidelity window length")
+    fidelity_tokens: int = option(4096, "fidelity tokens")
+    step_timeout_s: int = option(1800, "seconds one step may run")
 
 
-def config_from(args: argparse.Namespace, env=os.environ) -> DistillConfig:
-    values = {}
-    for f in fields(DistillConfig):
-        raw = getattr(args, f.name, None)
-        if raw is None:
-            raw = env.get(f"OPD_{f.name.upper()}")
-        if raw is None or raw == "" and f.type != "str":
-            continue
-        conv = {"int": int, "float": float, "bool": lambda v: str(v).lower() in ("1", "true", "on", "yes")}.get(f.type, str)
-        try:
-            values[f.name] = conv(raw)
-        except ValueError:
-            raise DistillError(f"OPD_{f.name.upper()}={raw!r} is not a valid {f.type}", "config", 2) from None
-    return DistillConfig(**values)
+TOOL = tool_config.Tool("distill_run", "OPD_", DistillConfig, (__doc__ or "").split("\n\n")[0])
+SMOKE = {"teacher": "embedded:smollm2-moe", "student": "", "device": "cpu", "nproc": 2}  # what --smoke pins
+RECIPE = REPO_ROOT / "configs" / "opd.env"
 
 
 # -------------------------------------------------------------------------------------------- steps
@@ -321,20 +326,35 @@ def run(cfg: DistillConfig, fresh: bool) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="distill_run", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(DistillConfig):
-        ap.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                        help=f"[env OPD_{f.name.upper()}, default {f.default!r}]")
-    ap.add_argument("--smoke", action="store_true", help="the offline fixture end to end (configs/opd.env defaults)")
-    ap.add_argument("--fresh", action="store_true", help="delete this tag's work dir first (else steps resume)")
-    return ap
+    return tool_config.build_parser(TOOL, extra=[
+        (("--smoke",), {"action": "store_true", "help": "the offline fixture end to end on CPU (pins "
+                        + ", ".join(f"{k}={v!r}" for k, v in SMOKE.items()) + ")"}),
+        (("--fresh",), {"action": "store_true", "help": "delete this tag's work dir first (else steps resume)"})])
+
+
+def config_from(args: argparse.Namespace, env=None) -> DistillConfig:
+    """tool_config's rule; configs/opd.env is the recipe unless --recipe / OPD_RECIPE names another
+    (OPD_CONFIG, the old name, still works); --smoke pins the offline fixture."""
+    env = dict(os.environ if env is None else env)
+    if env.get("OPD_CONFIG") and not env.get("OPD_RECIPE"):
+        print("distill_run: OPD_CONFIG is deprecated; use OPD_RECIPE", file=sys.stderr)
+        env["OPD_RECIPE"] = env["OPD_CONFIG"]
+    env.pop("OPD_CONFIG", None)
+    if not getattr(args, "recipe", None) and not env.get("OPD_RECIPE"):
+        args = argparse.Namespace(**{**vars(args), "recipe": str(RECIPE)})
+    try:
+        cfg = tool_config.resolve(TOOL, args, env)
+    except tool_config.ConfigError as e:
+        raise DistillError(str(e), "config", 2) from None
+    return dataclasses.replace(cfg, **SMOKE) if getattr(args, "smoke", False) else cfg
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from(args)
+        for key, value in host_env_defaults(cfg.device).items():  # once, by the entry point
+            os.environ.setdefault(key, value)
         summary = run(cfg, args.fresh)
     except DistillError as e:
         print(f"DISTILL FAILED at step {e.step}: {e}", file=sys.stderr)

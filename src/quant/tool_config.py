@@ -1,0 +1,208 @@
+"""One config rule for every tool (base layer): a frozen dataclass is the source of the flags, the
+PREFIX_* environment names, the --help text and the defaults, so none of them can drift.
+
+    @dataclass(frozen=True)
+    class DistillConfig:
+        lr: float = option(1e-2, "learning rate")
+    TOOL = Tool("distill_run", "OPD_", DistillConfig, "On-policy distillation ...")
+    cfg = tool_config.resolve(TOOL, argv)
+
+Precedence, lowest first: the dataclass default < the recipe file (configs/*.env, KEY=VALUE lines) <
+a deprecated unprefixed environment name (read for one release, with a one-line notice naming the new
+name) < PREFIX_FIELD in the environment < --field on the command line.
+
+As in nanoGPT's configurator: an unknown key is refused (in the environment under the tool's prefix, or
+in a recipe file, with its line), and a value keeps its default's type: one bool parser, one int rule.
+Relative paths given on the command line or in the environment resolve against the caller's cwd; those
+in a recipe file or a default are the project's own files and resolve against the repository.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import cache_paths
+
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
+_RECIPE_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
+_BASH_DEFAULT = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*):?-(.*)\}$")  # old recipes: KEY="${KEY:-value}"
+
+
+class ConfigError(ValueError):
+    """A bad key or value; the message names the key, where it came from, and what is accepted."""
+
+
+def option(default: Any, help: str, *, legacy: Sequence[str] = (), path: bool = False,
+           choices: Sequence[str] | None = None, kind: type | None = None) -> Any:
+    """A config field. `legacy`: old unprefixed env names still read; `path`: resolved against the cwd;
+    `kind`: the value type when the default is None (else the default's type)."""
+    return field(default=default, metadata={"help": help, "legacy": tuple(legacy), "path": path,
+                                            "choices": tuple(choices) if choices else None, "kind": kind})
+
+
+@dataclass(frozen=True)
+class Tool:
+    prog: str
+    prefix: str  # e.g. "OPD_"
+    config: type
+    description: str = ""
+
+
+def kind_of(f: dataclasses.Field) -> type:
+    kind = f.metadata.get("kind")
+    if kind is not None:
+        return kind
+    return str if f.default is None else type(f.default)
+
+
+def parse_bool(raw: str, key: str) -> bool:
+    v = str(raw).strip().lower()
+    if v in TRUE_WORDS:
+        return True
+    if v in FALSE_WORDS:
+        return False
+    raise ConfigError(f"{key}={raw!r}: expected one of {'/'.join(TRUE_WORDS)} or {'/'.join(FALSE_WORDS)}")
+
+
+def convert(f: dataclasses.Field, raw: Any, key: str) -> Any:
+    """RAW (a string from a flag, env or recipe) as the field's type; '' or 'none' keeps an optional unset."""
+    if not isinstance(raw, str):
+        return raw
+    if f.default is None and raw.strip().lower() in ("", "none"):
+        return None
+    kind = kind_of(f)
+    if kind is bool:
+        value = parse_bool(raw, key)
+    else:
+        try:
+            value = kind(raw.strip()) if kind in (int, float) else raw
+        except ValueError:
+            raise ConfigError(f"{key}={raw!r}: not a valid {kind.__name__}") from None
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{key}={raw!r}: choose one of {', '.join(choices)}")
+    return value
+
+
+def env_name(tool: Tool, f: dataclasses.Field) -> str:
+    return tool.prefix + f.name.upper()
+
+
+def read_recipe(path: Path, environ: Mapping[str, str] | None = None) -> dict:
+    """KEY -> (value, line number) from a configs/*.env file; `$MOE_LOWBIT_*` roots are expanded."""
+    env = dict(os.environ if environ is None else environ)
+    env.setdefault("MOE_LOWBIT_MODELS", str(cache_paths.models_root(env)))
+    env.setdefault("MOE_LOWBIT_CACHE", str(cache_paths.cache_root(env)))
+    env.setdefault("MOE_LOWBIT_SCRATCH", str(cache_paths.scratch_root(env)))
+    out = {}
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"recipe {path}: unreadable ({e})") from None
+    for no, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        m = _RECIPE_LINE.match(line)
+        if not m:
+            raise ConfigError(f"{path}:{no}: expected KEY=VALUE, got {line.strip()!r}")
+        value = _strip_value(m.group(2))
+        bash = _BASH_DEFAULT.match(value)
+        if bash:
+            value = _strip_value(bash.group(2))
+        for root in ("MOE_LOWBIT_MODELS", "MOE_LOWBIT_CACHE", "MOE_LOWBIT_SCRATCH"):
+            value = value.replace("${" + root + "}", env[root]).replace("$" + root, env[root])
+        out[m.group(1)] = (value, no)
+    return out
+
+
+def _strip_value(raw: str) -> str:
+    """Drop a trailing comment and one level of quotes."""
+    raw = raw.strip()
+    if raw[:1] in ("'", '"'):
+        end = raw.find(raw[0], 1)
+        return raw[1:end] if end > 0 else raw[1:]
+    return raw.split(" #", 1)[0].split("\t#", 1)[0].strip()
+
+
+def build_parser(tool: Tool, extra: Sequence[tuple[tuple, dict]] = ()) -> argparse.ArgumentParser:
+    """--field-name per field; help shows the env name and the default. `extra`: run-only flags."""
+    ap = argparse.ArgumentParser(prog=tool.prog, description=tool.description,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default=None, help=f"a configs/*.env recipe file [env {tool.prefix}RECIPE]")
+    for f in dataclasses.fields(tool.config):
+        kind = kind_of(f)
+        shown = "" if f.default in (None, "") else f"; default {f.default}"
+        ap.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                        metavar="on|off" if kind is bool else f.name.upper(),
+                        help=f"{f.metadata.get('help', '')} [env {env_name(tool, f)}{shown}]")
+    for args, kwargs in extra:
+        ap.add_argument(*args, **kwargs)
+    return ap
+
+
+def resolve(tool: Tool, args: argparse.Namespace, environ: Mapping[str, str] | None = None,
+            cwd: Path | None = None, notice=lambda m: print(m, file=sys.stderr)):
+    """The config from defaults < recipe < legacy env < PREFIX_ env < flags; every bad key named at once."""
+    env = os.environ if environ is None else environ
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    fields = {f.name: f for f in dataclasses.fields(tool.config)}
+    errors, values, from_user = [], {}, set()
+    recipe_path = getattr(args, "recipe", None) or env.get(tool.prefix + "RECIPE") or None
+    if recipe_path:
+        recipe_path = _absolute(recipe_path, cwd)
+        for key, (raw, no) in read_recipe(recipe_path, env).items():
+            name = key[len(tool.prefix):].lower() if key.startswith(tool.prefix) else _legacy_field(fields, key)
+            if name not in fields:
+                errors.append(f"{recipe_path}:{no}: unknown key {key} (known: {', '.join(sorted(k.upper() for k in fields))})")
+                continue
+            values[name] = (raw, f"{recipe_path}:{no} {key}")
+    for name, f in fields.items():
+        for old in f.metadata.get("legacy", ()):
+            if env.get(old, "") != "" and env.get(env_name(tool, f), "") == "":
+                notice(f"{tool.prog}: {old} is deprecated; use {env_name(tool, f)}")
+                values[name] = (env[old], old)
+                from_user.add(name)
+        if env.get(env_name(tool, f), "") != "":
+            values[name] = (env[env_name(tool, f)], env_name(tool, f))
+            from_user.add(name)
+        if getattr(args, name, None) is not None:
+            values[name] = (getattr(args, name), "--" + name.replace("_", "-"))
+            from_user.add(name)
+    known_env = {env_name(tool, f) for f in fields.values()} | {tool.prefix + "RECIPE"}
+    unknown = sorted(k for k in env if k.startswith(tool.prefix) and k not in known_env)
+    if unknown:
+        errors.append(f"unknown environment key(s) {', '.join(unknown)} for {tool.prog}")
+    out = {}
+    for name, (raw, where) in values.items():
+        try:
+            value = convert(fields[name], raw, where)
+        except ConfigError as e:
+            errors.append(str(e))
+            continue
+        if fields[name].metadata.get("path") and isinstance(value, str) and value:
+            value = str(_absolute(value, cwd if name in from_user else cache_paths.REPO_ROOT))
+        out[name] = value
+    if errors:
+        raise ConfigError("; ".join(errors))
+    try:
+        return tool.config(**out)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def _legacy_field(fields: Mapping[str, dataclasses.Field], key: str) -> str | None:
+    """The field an unprefixed recipe key names: its own name, or one of its legacy names."""
+    if key.lower() in fields:
+        return key.lower()
+    return next((n for n, f in fields.items() if key in f.metadata.get("legacy", ())), None)
+
+
+def _absolute(value: str, base: Path) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base / p
