@@ -1,28 +1,25 @@
-"""The quant_save options a configs/*.env recipe sets, read the way pipelines read it (sourced by bash), so
-a bench measures the file's own defaults and not whatever the caller's environment happens to hold."""
+"""The quant_save options a configs/*.env recipe sets, read by quant_config exactly as quantize.sh reads
+it (the file alone: no environment), so a bench measures the file's own values and not whatever the
+caller's environment happens to hold."""
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
-RECIPE_KEYS = ("METHOD", "GRID", "GROUP", "LINEAR_BITS", "ROLE_BITS", "BITS_PLAN", "ACT_ORDER", "CALIB",
-               "CALIB_TOKENS", "CALIB_CTX", "CLIP_STEPS", "CLIP_LO")
+import quant_config
 
 
 def recipe_from_env(path: Path) -> dict:
-    """quant_save.build options of the recipe at `path` (bits_plan: the file's BITS_PLAN as written, "" if
-    none; a repo-relative path stays relative, the caller resolves it)."""
-    env = {k: v for k, v in os.environ.items() if k not in RECIPE_KEYS}
-    out = subprocess.run(["bash", "-c", 'set -a; source "$1" >/dev/null; env -0', "recipe_env",
-                          str(Path(path).resolve())], env=env, capture_output=True, check=True).stdout.decode()
-    seen = dict(kv.split("=", 1) for kv in out.split("\0") if "=" in kv)
-    missing = [k for k in ("METHOD", "GROUP", "LINEAR_BITS", "CALIB") if not seen.get(k)]
+    """quant_save.build options of the recipe at `path` (bits_plan: repo-relative as the recipe names it,
+    "" if none; the caller resolves it)."""
+    cfg = quant_config.from_recipe(Path(path).resolve(), environ={})
+    missing = [k for k in ("method", "calib") if not getattr(cfg, k)]
     if missing:
-        raise SystemExit(f"{path} does not set {', '.join(missing)}")
-    return {"method": seen["METHOD"], "grid": seen.get("GRID") or "sym", "group": int(seen["GROUP"]),
-            "linear_bits": float(seen["LINEAR_BITS"]), "role_bits": seen.get("ROLE_BITS", ""),
-            "bits_plan": seen.get("BITS_PLAN", ""), "act_order": seen.get("ACT_ORDER", "off") in ("on", "1", "true", "yes"),  # as quantize.sh reads it
-            "calib": seen["CALIB"], "calib_tokens": int(seen.get("CALIB_TOKENS") or 8192),
-            "calib_ctx": int(seen.get("CALIB_CTX") or 512), "clip_steps": int(seen.get("CLIP_STEPS") or 16),
-            "clip_lo": float(seen.get("CLIP_LO") or 0.65)}
+        raise SystemExit(f"{path} does not set {', '.join(k.upper() for k in missing)}")
+    plan = cfg.bits_plan or ""
+    if plan and Path(plan).is_relative_to(quant_config.tool_config.cache_paths.REPO_ROOT):
+        plan = os.path.relpath(plan, quant_config.tool_config.cache_paths.REPO_ROOT)
+    return {"method": cfg.method, "grid": cfg.grid, "group": cfg.group, "linear_bits": cfg.linear_bits,
+            "role_bits": cfg.role_bits, "bits_plan": plan, "act_order": cfg.act_order, "calib": cfg.calib,
+            "calib_tokens": cfg.calib_tokens, "calib_ctx": cfg.calib_ctx, "clip_steps": cfg.clip_steps,
+            "clip_lo": cfg.clip_lo}

@@ -6,9 +6,5 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC1091
 source "$ROOT/env.sh"
-# shellcheck disable=SC1091
-source "$ROOT/configs/smoke_moe.env"
 moe_lowbit_ensure_venv
-cd "$ROOT"
-exec python -m smoke --expert-bits "$EXPERT_BITS" --linear-bits "$LINEAR_BITS" --mtp-bits "$MTP_BITS" \
-  --group "$GROUP" --clip-steps "$CLIP_STEPS" --clip-lo "$CLIP_LO" "$@"
+exec python "$ROOT/src/eval/smoke.py" --default-recipe "$ROOT/configs/smoke_moe.env" "$@"

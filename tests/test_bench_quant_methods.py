@@ -69,7 +69,7 @@ def test_the_shipped_recipe_is_a_row_with_its_own_options(tmp_path, monkeypatch)
     name, opts = bench.recipe_row(bench.SMOKE_RECIPE)
     env = bench.SMOKE_RECIPE.read_text()
     assert name == "recipe_smoke" and opts["method"] == "gptq" and opts["act_order"] is True
-    assert f'GROUP="${{GROUP:-{opts["group"]}}}"' in env and opts["group"] != 128
+    assert f'\nGROUP={opts["group"]}\n' in env and opts["group"] != 128
     assert (bench.ROOT / opts["bits_plan"]).is_file() and opts["bits_plan"] in env
     assert bench.configs()[-2] == (name, opts)
     variant, vopts = bench.configs()[-1]

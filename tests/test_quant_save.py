@@ -5,6 +5,7 @@ Expected axes and bits are derived here from the config and tensor names, indepe
 so a wrong adapter axis or role fails these tests.
 """
 import hashlib
+import dataclasses
 import json
 import os
 import re
@@ -413,12 +414,21 @@ def test_dequantized_qwen3_moe_generates_in_vllm(smollm2_dir, tmp_path):
 
 # ------------------------------------------------------------------------------ pipeline + recipes
 def recipe_values(recipe: str) -> dict:
-    """The values a configs/*.env recipe sets, as bash sees them (with an empty environment)."""
-    script = f'MOE_LOWBIT_MODELS=/m; source "{ROOT / recipe}"; for k in MODEL OUT EXPERT_BITS LINEAR_BITS MTP_BITS ' \
-             f'GROUP CLIP_STEPS CLIP_LO DEVICE; do echo "$k=${{!k}}"; done'
-    res = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env={"PATH": os.environ["PATH"]},
-                         check=True)
-    return dict(line.split("=", 1) for line in res.stdout.splitlines())
+    """The values a configs/*.env recipe sets, as quant_config reads them (with an empty environment)."""
+    import tool_config
+
+    return {k: v for k, (v, _line) in tool_config.read_recipe(ROOT / recipe, {"MOE_LOWBIT_MODELS": "/m"}).items()}
+
+
+def test_every_recipe_key_is_a_quant_config_field():
+    """configs/*.env quant recipes and quant_config.QuantConfig cannot drift: every key is a field."""
+    import quant_config
+
+    for recipe in ("configs/clip_122b.env", "configs/gptq_122b.env", "configs/smoke.env", "configs/smoke_moe_quant.env"):
+        cfg = quant_config.from_recipe(ROOT / recipe, environ={})
+        assert cfg.expert_bits == 3.0 and cfg.linear_bits == 4.0, recipe
+    names = {f.name.upper() for f in dataclasses.fields(quant_config.QuantConfig)}
+    assert set(recipe_values("configs/gptq_122b.env")) <= names
 
 
 def test_shipped_recipe_is_the_builder_default():
@@ -456,4 +466,5 @@ def test_pipeline_passes_recipe_and_environment_overrides_to_the_builder(small_s
     assert (recipe["method"], recipe["role_bits"], recipe["grid"]) == ("awq", {"lm_head": 8.0}, "asym")  # smoke.env: full
     probe = subprocess.run(["bash", str(ROOT / "pipelines" / "quantize.sh")], capture_output=True, text=True,
                            env={**env, "PROBE": "1"}, timeout=60)
-    assert probe.returncode != 0 and "PROBE=1 needs PROBE_CALIB" in probe.stderr
+    assert probe.returncode != 0 and "--probe needs --probe-calib FILE" in probe.stderr
+    assert "PROBE is deprecated; use QUANT_PROBE" in probe.stderr

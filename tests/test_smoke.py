@@ -38,11 +38,28 @@ def facts(**kw) -> smoke.Facts:
 # ------------------------------------------------------------------------------------------- planning
 def test_config_file_defaults_equal_smokeconfig_defaults():
     """configs/smoke_eval.env and SmokeConfig must say the same thing, or the pipeline and the module disagree."""
-    text = (ROOT / "configs" / "smoke_eval.env").read_text()
-    env = {m.group(1): m.group(2) for m in re.finditer(r'^export (SMOKE_\w+)="\$\{\1:-(.*)\}"', text, re.MULTILINE)}
-    assert "SMOKE_MODEL" in env and "SMOKE_N" in env
-    from_file = smoke.config_from_args(smoke.build_parser().parse_args([]), environ=env)
-    assert from_file == smoke.SmokeConfig()
+    import tool_config
+
+    recipe = tool_config.read_recipe(ROOT / "configs" / "smoke_eval.env")
+    assert "SMOKE_MODEL" in recipe and "SMOKE_N" in recipe
+    args = smoke.build_parser().parse_args(["--recipe", str(ROOT / "configs" / "smoke_eval.env")])
+    bare = tool_config.resolve(smoke.TOOL, args, {})  # the smoke's own knobs, before the quant recipe fills in
+    assert bare == smoke.SmokeConfig()
+
+
+def test_smoke_quant_knobs_come_from_the_quant_recipe_that_quantize_sh_reads():
+    import quant_config
+
+    cfg = smoke.config_from_args(smoke.build_parser().parse_args(["--default-recipe", "configs/smoke_eval.env"]), {})
+    q = quant_config.from_recipe(ROOT / "configs" / "smoke.env", environ={})
+    assert (cfg.method, cfg.grid, cfg.group, cfg.act_order, cfg.calib_tokens) == (q.method, q.grid, q.group,
+                                                                                  q.act_order, q.calib_tokens)
+    assert cfg.bits_plan == "configs/plans/smollm2_smoke.json"  # as written: the quant name spells it
+    env = {"SMOKE_GROUP": "64", "METHOD": "rtn"}  # the smoke's own name, and the old quant name (pipeline only)
+    cfg = smoke.config_from_args(smoke.build_parser().parse_args(["--default-recipe", "configs/smoke_eval.env"]), env)
+    assert (cfg.group, cfg.method, cfg.grid) == (64, "rtn", "full")
+    with pytest.raises(smoke.SmokeError, match="SMOKE_BOGUS"):
+        smoke.config_from_args(smoke.build_parser().parse_args([]), {"SMOKE_BOGUS": "1"})
 
 
 def test_offline_box_falls_back_to_embedded_model_and_shipped_data():

@@ -34,6 +34,7 @@ from pathlib import Path
 import atomic_io
 import cache_paths
 import provenance
+import quant_config
 import step_runner
 import tool_config
 from tool_config import option
@@ -285,10 +286,11 @@ def run(cfg: DistillConfig, fresh: bool) -> dict:
         student_dir = resolve_model(cfg.student, "resolve")
     else:
         student_dir = work / "student"
+        student = quant_config.QuantConfig(model=str(teacher_dir), out=str(student_dir), expert_bits=cfg.expert_bits,
+                                           linear_bits=cfg.linear_bits, group=cfg.group, clip_steps=cfg.clip_steps,
+                                           clip_lo=cfg.clip_lo, progress=False)
         timed("student-build", lambda: run_step("student-build", [
-            sys.executable, REPO_ROOT / "src/quant/quant_save.py", "--model", teacher_dir, "--out", student_dir,
-            "--expert-bits", cfg.expert_bits, "--linear-bits", cfg.linear_bits, "--group", cfg.group,
-            "--clip-steps", cfg.clip_steps, "--clip-lo", cfg.clip_lo, "--no-progress"], logs, T))
+            sys.executable, REPO_ROOT / "src/quant/quant_save.py", *quant_config.argv(student)], logs, T))
     paths = {"roll_student": work / "rollouts_student.jsonl", "roll_teacher": work / "rollouts_teacher.jsonl",
              "scores_student": work / "scores_student", "scores_teacher": work / "scores_teacher",
              "run_opd": work / "run_opd", "run_offpolicy": work / "run_offpolicy",

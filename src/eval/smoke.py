@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import provenance
+import quant_config
+import tool_config
 
 from smoke_plan import (  # noqa: F401  (re-exported: `import smoke` is the public API)
     EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_STEP_FAILED,
@@ -45,96 +47,49 @@ from smoke_report import (  # noqa: F401  (re-exported: `import smoke` is the pu
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def _on_off(value: str) -> bool:
-    v = str(value).strip().lower()
-    if v in ("1", "on", "true", "yes"):
-        return True
-    if v in ("0", "off", "false", "no"):
-        return False
-    raise ValueError(f"expected on/off (1/0), got {value!r}")
-
-
-def _opt_int(value: str) -> int | None:
-    return None if str(value).strip().lower() in ("", "all", "none") else int(value)
-
-
-def _bench_files(value: str) -> dict:
-    out = {}
-    for item in str(value).split(","):
-        if item.strip():
-            bench, sep, path = item.partition("=")
-            if not sep:
-                raise ValueError(f"data file {item!r} must look like BENCH=PATH")
-            out[bench.strip()] = path.strip()
-    return out
-
-
-# (flag, SmokeConfig field, converter, help); each also reads SMOKE_<FIELD upper> from the environment
-OPTIONS = (
-    ("--kind", "kind", str, "dense | moe"),
-    ("--model", "model", str, "hub id, local checkpoint dir, embedded:smollm2 or tiny:qwen3_moe"),
-    ("--offline-fallback", "offline_fallback", _on_off, "on|off: without GPU/hub, run the fallback model"),
-    ("--fallback-model", "fallback_model", str, f"one of {FALLBACKS}"),
-    ("--data", "data", str, "auto | offline (data/smoke) | hub"),
-    ("--benchmarks", "benchmarks", lambda v: tuple(b.strip() for b in v.split(",") if b.strip()), "comma list"),
-    ("--data-files", "data_files", _bench_files, "offline files, BENCH=PATH,BENCH=PATH (repo-relative ok)"),
-    ("--n", "n", _opt_int, "offline samples per benchmark (empty/all = every shipped row)"),
-    ("--hub-n", "hub_n", int, "hub samples per benchmark"),
-    ("--max-new-tokens", "max_new_tokens", int, "offline generation budget"),
-    ("--hub-max-new-tokens", "hub_max_new_tokens", int, "hub generation budget"),
-    ("--thinking", "thinking", _on_off, "on|off"),
-    ("--temperature", "temperature", float, "0 = greedy"),
-    ("--tp", "tensor_parallel_size", int, "vLLM tensor parallel size"),
-    ("--expert-bits", "expert_bits", float, "routed-expert bits"),
-    ("--linear-bits", "linear_bits", float, "bits of every other linear"),
-    ("--mtp-bits", "mtp_bits", float, "multi-token-prediction bits"),
-    ("--group", "group", int, "quant group size"),
-    ("--clip-steps", "clip_steps", int, "clip-ratio candidates"),
-    ("--clip-lo", "clip_lo", float, "smallest clip ratio"),
-    ("--method", "method", str, "quantization method: clip | rtn | wclip | gptq | awq"),
-    ("--grid", "grid", str, "code grid: sym | full | asym"),
-    ("--act-order", "act_order", _on_off, "on|off: gptq columns in decreasing diag(H) order"),
-    ("--role-bits", "role_bits", str, "per-role bits overrides, ROLE=BITS[,ROLE=BITS] (e.g. embed=8)"),
-    ("--bits-plan", "bits_plan", str, "per-tensor bits plan JSON (quant_save --bits-plan; repo-relative ok)"),
-    ("--calib", "calib", str, "calibration source: pydoc-topics | teacher-sample | a text file (calibrated methods)"),
-    ("--calib-tokens", "calib_tokens", int, "calibration tokens (0 = quant_save's default)"),
-    ("--calib-ctx", "calib_ctx", int, "calibration window length"),
-    ("--quant-device", "quant_device", str, "auto | cpu | cuda | cuda:N"),
-    ("--fidelity-text", "fidelity_text", str, "offline fidelity text: a UTF-8 file (repo-relative ok) or teacher-sample"),
-    ("--hub-fidelity-text", "hub_fidelity_text", str, "hub-mode fidelity text: teacher-sample or a file"),
-    ("--fidelity-tokens", "fidelity_tokens", int, "tokens scored for PPL/KL/top-1"),
-    ("--fidelity-ctx", "fidelity_ctx", int, "fidelity window length"),
-    ("--results-dir", "results_dir", str, "results root (vllm_eval/, fidelity/, smoke/, RESULTS.md)"),
-    ("--work-dir", "work_dir", str, "where quantized checkpoints go (default $MOE_LOWBIT_MODELS/smoke)"),
-    ("--hub-timeout-s", "hub_timeout_s", float, "bound of the hub reachability check"),
-    ("--step-timeout-s", "step_timeout_s", float, "a step running longer is killed and named"),
-    ("--resume", "resume", _on_off, "on|off: reuse finished generations of an identical earlier smoke"),
-)
+TOOL = tool_config.Tool("smoke", "SMOKE_", SmokeConfig, __doc__)
+QUANT_KNOBS = ("expert_bits", "linear_bits", "mtp_bits", "group", "clip_steps", "clip_lo", "method", "grid",
+               "act_order", "role_bits", "bits_plan", "calib", "calib_tokens", "calib_ctx")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="smoke", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for flag, name, _conv, help_text in OPTIONS:
-        p.add_argument(flag, dest=name, default=None, help=f"{help_text} [env SMOKE_{name.upper()}]")
-    p.add_argument("--plan", action="store_true", help="print the plan (mode, model, data, budget) and exit")
-    return p
+    return tool_config.build_parser(TOOL, extra=[
+        (("--default-recipe",), {"default": None, "help": "the recipe when none is named (the pipelines pass "
+                                 "theirs, and so the old unprefixed quant names are read too)"}),
+        (("--plan",), {"action": "store_true", "help": "print the plan (mode, model, data, budget) and exit"})])
 
 
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> SmokeConfig:
-    """Command line > SMOKE_* environment > SmokeConfig defaults."""
+    """tool_config's rule for the smoke's own knobs; the quant knobs not set there come from the quant
+    recipe (SMOKE_QUANT_RECIPE, a configs/*.env that pipelines/quantize.sh reads the same way)."""
     env = os.environ if environ is None else environ
-    values = {}
-    for _flag, name, conv, _help in OPTIONS:
-        raw = getattr(args, name)
-        env_key = "SMOKE_TP" if name == "tensor_parallel_size" else f"SMOKE_{name.upper()}"
-        if raw is None and env_key in env and (env[env_key] != "" or name == "n"):
-            raw = env[env_key]
-        if raw is not None:
-            try:
-                values[name] = conv(raw)
-            except ValueError as e:
-                raise SmokeError(f"bad value {raw!r} for {env_key} / {_flag}: {e}") from None
-    return SmokeConfig(**values)
+    pipeline = bool(getattr(args, "default_recipe", None))
+    try:
+        cfg = tool_config.resolve(TOOL, args, env, legacy=pipeline, default_recipe=getattr(args, "default_recipe", None))
+        if not cfg.quant_recipe:
+            return cfg
+        given = {f for f in QUANT_KNOBS if getattr(args, f, None) is not None
+                 or tool_config.env_given(_field(f), env, f"SMOKE_{f.upper()}")
+                 or (pipeline and any(tool_config.env_given(_field(f), env, old) for old in _field(f).metadata["legacy"]))}
+        recipe = tool_config.read_recipe(_repo_path(cfg.quant_recipe), env)
+        quant_keys = {f.name.upper() for f in dataclasses.fields(quant_config.QuantConfig)}
+        unknown = sorted(k for k in recipe if k not in quant_keys)
+        if unknown:
+            raise tool_config.ConfigError(f"{cfg.quant_recipe}:{recipe[unknown[0]][1]}: unknown quant key(s) {unknown}")
+        values = {f: tool_config.convert(_field(f), recipe[f.upper()][0], f"{cfg.quant_recipe} {f.upper()}")
+                  for f in QUANT_KNOBS if f not in given and f.upper() in recipe}
+        return dataclasses.replace(cfg, **values)
+    except (tool_config.ConfigError, ValueError) as e:
+        raise SmokeError(str(e)) from None
+
+
+def _field(name: str):
+    return next(f for f in dataclasses.fields(SmokeConfig) if f.name == name)
+
+
+def _repo_path(path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else REPO_ROOT / p
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 from model_ref import HUB_ID
+from tool_config import option
 
 
 SCHEMA = "moe-lowbit/smoke/v1"
@@ -33,49 +34,74 @@ class SmokeError(RuntimeError):
         self.step, self.code = step, code
 
 
+def _opt_int(value: str) -> int | None:
+    return None if str(value).strip().lower() in ("", "all", "none") else int(value)
+
+
+def _bench_files(items) -> dict:
+    out = {}
+    for item in items:
+        bench, sep, path = str(item).partition("=")
+        if not sep:
+            raise ValueError(f"data file {item!r} must look like BENCH=PATH")
+        out[bench.strip()] = path.strip()
+    return out
+
+
+def _benches(items) -> tuple:
+    return tuple(b.strip() for item in items for b in str(item).split(",") if b.strip())
+
+
+Q = "quant recipe: "  # the quant knobs come from SMOKE_QUANT_RECIPE (a configs/*.env quant recipe) unless set here
+
+
 @dataclass(frozen=True)
 class SmokeConfig:
-    """Every knob of a smoke run; defaults equal configs/smoke_eval.env (a test keeps them in sync)."""
+    """Every knob of a smoke run (tool_config: flag --F, env SMOKE_F, recipe key F); defaults equal
+    configs/smoke_eval.env (a test keeps them in sync); the quant knobs default to SMOKE_QUANT_RECIPE's."""
 
-    kind: str = "dense"  # dense | moe (moe: experts at expert_bits; offline fallback is a random tiny MoE)
-    model: str = "Qwen/Qwen3.5-2B"  # hub id | local checkpoint dir | embedded:smollm2 | tiny:qwen3_moe
-    offline_fallback: bool = True  # no GPU/hub -> run the fallback model instead of failing
-    fallback_model: str = EMBEDDED
-    data: str = "auto"  # auto (hub benchmarks iff GPU + hub) | offline (data/smoke) | hub
-    benchmarks: tuple = ("mmlu_pro", "math500")
-    data_files: Mapping = field(default_factory=lambda: {"mmlu_pro": "data/smoke/mmlu_pro_easy.jsonl",
-                                                         "math500": "data/smoke/math500_easy.jsonl"})
-    n: int | None = None  # offline samples per benchmark (None = every shipped row)
-    hub_n: int = 50  # hub samples per benchmark
-    max_new_tokens: int = 256  # offline generation budget
-    hub_max_new_tokens: int = 2048
-    thinking: bool = False  # SmolLM2 has no thinking mode; short smoke generations on GPU too
-    temperature: float = 0.0  # greedy: the teacher/quant difference then comes from the weights only
-    tensor_parallel_size: int = 1
-    expert_bits: float = 3.0
-    linear_bits: float = 4.0
-    mtp_bits: float = 16.0
-    group: int = 128
-    clip_steps: int = 8
-    clip_lo: float = 0.65
-    method: str = "clip"  # quant_save --method; configs/smoke.env sets the measured best (gptq)
-    grid: str = "sym"
-    act_order: bool = False  # quant_save --act-order (gptq)
-    role_bits: str = ""  # e.g. embed=8 (quant_save --role-bits)
-    bits_plan: str = ""  # per-tensor bits JSON (quant_save --bits-plan), e.g. configs/plans/smollm2_smoke.json
-    calib: str = ""  # calibration source for calibrated methods: pydoc-topics | teacher-sample | a file path
-    calib_tokens: int = 0  # 0 = quant_save's default
-    calib_ctx: int = 512
-    quant_device: str = "auto"  # auto = cuda when available, else cpu
-    fidelity_text: str = "data/smoke/fidelity.txt"  # offline: shipped text (sampling on CPU costs minutes)
-    hub_fidelity_text: str = "teacher-sample"  # hub mode: text sampled from the teacher (cheap on a GPU)
-    fidelity_tokens: int = 2048
-    fidelity_ctx: int = 128
-    results_dir: str = "results"
-    work_dir: str | None = None  # quantized checkpoints; default $MOE_LOWBIT_MODELS/smoke
-    hub_timeout_s: float = 5.0
-    step_timeout_s: float = 1800.0
-    resume: bool = False  # reuse finished generations of an earlier identical smoke (default: regenerate)
+    kind: str = option("dense", "dense | moe (moe: experts at expert_bits)", choices=("dense", "moe"))
+    model: str = option("Qwen/Qwen3.5-2B", "hub id, local checkpoint dir, embedded:smollm2 or tiny:qwen3_moe")
+    offline_fallback: bool = option(True, "without GPU/hub, run the fallback model instead of failing")
+    fallback_model: str = option(EMBEDDED, f"one of {FALLBACKS}")
+    data: str = option("auto", "auto (hub benchmarks iff GPU + hub) | offline (data/smoke) | hub")
+    benchmarks: tuple = option(("mmlu_pro", "math500"), "comma list", parse=_benches, repeat=True)
+    data_files: Mapping = option(None, "offline files, BENCH=PATH,BENCH=PATH (repo-relative ok)", parse=_bench_files,
+                                 repeat=True, factory=lambda: {"mmlu_pro": "data/smoke/mmlu_pro_easy.jsonl",
+                                                               "math500": "data/smoke/math500_easy.jsonl"})
+    n: int | None = option(None, "offline samples per benchmark (empty/all = every shipped row)", parse=_opt_int)
+    hub_n: int = option(50, "hub samples per benchmark")
+    max_new_tokens: int = option(256, "offline generation budget")
+    hub_max_new_tokens: int = option(2048, "hub generation budget")
+    thinking: bool = option(False, "thinking mode (SmolLM2 has none; short smoke generations on GPU too)")
+    temperature: float = option(0.0, "0 = greedy: the teacher/quant difference then comes from the weights only")
+    tensor_parallel_size: int = option(1, "vLLM tensor parallel size", flag="--tp", legacy=("SMOKE_TP",))
+    quant_recipe: str = option("configs/smoke.env", "the quant recipe (configs/*.env) the knobs below default to")
+    expert_bits: float = option(3.0, Q + "routed-expert bits", legacy=("EXPERT_BITS",))
+    linear_bits: float = option(4.0, Q + "bits of every other linear", legacy=("LINEAR_BITS",))
+    mtp_bits: float = option(16.0, Q + "multi-token-prediction bits", legacy=("MTP_BITS",))
+    group: int = option(128, Q + "group size", legacy=("GROUP",))
+    clip_steps: int = option(8, Q + "clip-ratio candidates", legacy=("CLIP_STEPS",))
+    clip_lo: float = option(0.65, Q + "smallest clip ratio", legacy=("CLIP_LO",))
+    method: str = option("clip", Q + "clip | rtn | wclip | gptq | awq", legacy=("METHOD",))
+    grid: str = option("sym", Q + "code grid: sym | full | asym", legacy=("GRID",))
+    act_order: bool = option(False, Q + "gptq columns in decreasing diag(H) order", legacy=("ACT_ORDER",))
+    role_bits: str = option("", Q + "per-role bits, ROLE=BITS[,ROLE=BITS] (e.g. embed=8)", legacy=("ROLE_BITS",))
+    bits_plan: str = option("", Q + "per-tensor bits plan JSON (repo-relative ok)", legacy=("BITS_PLAN",))
+    calib: str = option("", Q + "pydoc-topics | teacher-sample | a text file (calibrated methods)", legacy=("CALIB",))
+    calib_tokens: int = option(0, Q + "calibration tokens (0 = quant_save's default)", legacy=("CALIB_TOKENS",))
+    calib_ctx: int = option(512, Q + "calibration window length", legacy=("CALIB_CTX",))
+    quant_device: str = option("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
+    fidelity_text: str = option("data/smoke/fidelity.txt", "offline fidelity text: a UTF-8 file (repo-relative "
+                                "ok) or teacher-sample (sampling on CPU costs minutes)")
+    hub_fidelity_text: str = option("teacher-sample", "hub-mode fidelity text: teacher-sample or a file")
+    fidelity_tokens: int = option(2048, "tokens scored for PPL/KL/top-1")
+    fidelity_ctx: int = option(128, "fidelity window length")
+    results_dir: str = option("results", "results root (vllm_eval/, fidelity/, smoke/, RESULTS.md)")
+    work_dir: str | None = option(None, "where quantized checkpoints go (default $MOE_LOWBIT_MODELS/smoke)", kind=str)
+    hub_timeout_s: float = option(5.0, "bound of the hub reachability check")
+    step_timeout_s: float = option(1800.0, "a step running longer is killed and named")
+    resume: bool = option(False, "reuse finished generations of an identical earlier smoke (default: regenerate)")
 
     def __post_init__(self):
         if self.kind not in ("dense", "moe"):

@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 
 import cache_paths
 import provenance
+import quant_config
 import step_runner
 
 from smoke_plan import (
@@ -67,25 +68,24 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 # -------------------------------------------------------------------------------------- commands
+def quant_recipe(teacher_dir: Path, qdir: Path, cfg: SmokeConfig, device: str, force: bool):
+    """The smoke's quant knobs as the quant tool's own config (quant_config.argv makes the command line)."""
+    calibrated = cfg.method not in ("clip", "rtn")  # only calibrated methods get the calibration text
+    text = cfg.calib if calibrated and cfg.calib else None
+    is_file = bool(text) and Path(text).is_file()
+    return quant_config.QuantConfig(
+        model=str(teacher_dir), out=str(qdir), expert_bits=cfg.expert_bits, linear_bits=cfg.linear_bits,
+        mtp_bits=cfg.mtp_bits, group=cfg.group, clip_steps=cfg.clip_steps, clip_lo=cfg.clip_lo, method=cfg.method,
+        grid=cfg.grid, role_bits=cfg.role_bits, bits_plan=str(REPO_ROOT / cfg.bits_plan) if cfg.bits_plan else None,
+        act_order=cfg.act_order and cfg.method == "gptq", calib_file=text if is_file else None,
+        calib=text if text and not is_file else None, calib_ctx=cfg.calib_ctx,
+        calib_tokens=cfg.calib_tokens or quant_config.QuantConfig.calib_tokens, device=device, force=force,
+        progress=False)
+
+
 def quantize_cmd(teacher_dir: Path, qdir: Path, cfg: SmokeConfig, device: str, force: bool) -> list:
-    cmd = [sys.executable, REPO_ROOT / "src/quant/quant_save.py", "--model", teacher_dir, "--out", qdir,
-           "--expert-bits", f"{cfg.expert_bits:g}", "--linear-bits", f"{cfg.linear_bits:g}",
-           "--mtp-bits", f"{cfg.mtp_bits:g}", "--group", cfg.group, "--clip-steps", cfg.clip_steps,
-           "--clip-lo", f"{cfg.clip_lo:g}", "--device", device, "--no-progress",
-           "--method", cfg.method, "--grid", cfg.grid]
-    if cfg.role_bits:
-        cmd += ["--role-bits", cfg.role_bits]
-    if cfg.bits_plan:
-        cmd += ["--bits-plan", REPO_ROOT / cfg.bits_plan]  # an absolute path stays itself under /
-    if cfg.act_order and cfg.method == "gptq":
-        cmd += ["--act-order"]
-    if cfg.method not in ("clip", "rtn"):  # calibrated methods: the recipe's calibration text and size
-        cmd += ["--calib-ctx", cfg.calib_ctx]
-        if cfg.calib:
-            cmd += (["--calib-file", cfg.calib] if Path(cfg.calib).is_file() else ["--calib", cfg.calib])
-        if cfg.calib_tokens:
-            cmd += ["--calib-tokens", cfg.calib_tokens]
-    return cmd + (["--force"] if force else [])
+    return [sys.executable, REPO_ROOT / "src/quant/quant_save.py",
+            *quant_config.argv(quant_recipe(teacher_dir, qdir, cfg, device, force))]
 
 
 def eval_cmd(model_dir: Path, tag: str, role: str, plan: Plan, cfg: SmokeConfig, results_dir: Path,

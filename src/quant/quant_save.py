@@ -40,7 +40,6 @@ import build_plan
 import calib_source
 import footprint
 import layer_io
-import model_adapters
 import provenance
 import shard_writer
 from ckpt_source import INDEX_NAME, BuildError, Source, check_out_dir, open_source, side_files  # noqa: F401 (API)
@@ -328,53 +327,72 @@ def _shard_intact(path: Path, record: dict) -> bool:
 
 
 # -------------------------------------------------------------------------------------------- CLI
+def build_parser():
+    """quant_config's dataclass is the source of every flag (tool_config); run-only flags added here."""
+    import quant_config
+    import tool_config
+
+    return tool_config.build_parser(quant_config.TOOL, extra=[
+        (("--default-recipe",), {"default": None, "help": "the recipe when none is named (pipelines/quantize.sh "
+                                 "passes configs/clip_122b.env and so also reads the old unprefixed names)"}),
+        (("--no-progress",), {"dest": "no_progress", "action": "store_true", "help": "no tqdm bar"})])
+
+
+def resolve_cli(argv=None):
+    """Flags > QUANT_* env (> the old unprefixed names, through the pipeline only) > recipe > defaults."""
+    import quant_config
+    import tool_config
+
+    args = build_parser().parse_args(argv)
+    if args.no_progress:
+        args.progress = "off"
+    try:
+        return tool_config.resolve(quant_config.TOOL, args, legacy=bool(args.default_recipe),
+                                   default_recipe=args.default_recipe)
+    except tool_config.ConfigError as e:
+        raise BuildError(str(e)) from None
+
+
+def to_build_config(qcfg) -> BuildConfig:
+    import quant_config
+
+    if not qcfg.model:
+        raise BuildError("--model is required (a checkpoint dir, a hub id or embedded:NAME; env QUANT_MODEL)")
+    values = {k: v for k, v in dataclasses.asdict(qcfg).items()
+              if k not in quant_config.RUN_ONLY and k not in ("calib_file", "calib_dataset", "calib")}
+    return as_config({**values, **qcfg.calib_source()})
+
+
 def parse_args(argv=None) -> BuildConfig:
-    ap = argparse.ArgumentParser(
-        prog="quant_save.py",
-        description="Fake-quantize a HF safetensors checkpoint by tensor role (routed experts at --expert-bits, "
-                    "other linears at --linear-bits, routers/norms/vision kept), streaming one tensor at a time, "
-                    "optionally with a calibrated method (gptq, awq, wclip) run layer by layer. The output keeps "
-                    "the source's names, shapes, dtypes and shards.")
-    ap.add_argument("--model", required=True, help="local checkpoint dir, or a hub id (owner/name)")
-    ap.add_argument("--out", help="output dir (must not be inside the input); required unless --dry-run")
-    ap.add_argument("--expert-bits", type=float, default=3.0, help="bits for routed experts (default 3)")
-    ap.add_argument("--linear-bits", type=float, default=4.0,
-                    help="bits for attention, linear attention, shared experts, dense MLP, embed, lm_head (default 4)")
-    ap.add_argument("--mtp-bits", type=float, default=16.0, help="bits for multi-token-prediction weights (default 16)")
-    ap.add_argument("--role-bits", default="",
-                    help="override any role's bits: ROLE=BITS[,ROLE=BITS], e.g. embed=8,lm_head=8")
-    ap.add_argument("--bits-plan", help="per-tensor (per-expert) bits JSON from moe_alloc.py (format "
-                                        f"{build_plan.BITS_PLAN_FORMAT}); unlisted tensors keep their role bits")
-    ap.add_argument("--method", default="clip", help=f"rounding method: {', '.join(model_adapters.METHODS)} "
-                                                     "(default clip; wclip/gptq/awq need calibration text)")
-    ap.add_argument("--grid", default="sym", help=f"code grid: {', '.join(model_adapters.GRIDS)} (default sym: "
-                                                  "[-qmax, qmax]; full: all 2^b levels; asym: zero point)")
-    ap.add_argument("--group", type=int, default=128, help="quantization group size along the input axis")
-    ap.add_argument("--clip-steps", type=int, default=16, help="clip-ratio candidates in the MSE search (0 = absmax)")
-    ap.add_argument("--clip-lo", type=float, default=0.65, help="smallest clip ratio searched")
-    ap.add_argument("--damp", type=float, default=0.01, help="gptq: damping, as a fraction of mean diag(H)")
-    ap.add_argument("--act-order", action="store_true", help="gptq: quantize columns in decreasing diag(H) order")
-    src = ap.add_mutually_exclusive_group()
-    src.add_argument("--calib-file", help="calibration text file (UTF-8)")
-    src.add_argument("--calib-dataset", help="calibration hub dataset ID[:split[:field]] (default split train, "
-                                             "field text), or ID:config:split:field")
-    src.add_argument("--calib", choices=list(calib_source.NAMED_SOURCES),
-                     help="teacher-sample: text sampled from the source model; pydoc-topics: the odd-numbered "
-                          "topics of CPython's pydoc_data (offline)")
-    ap.add_argument("--calib-tokens", type=int, default=32768, help="calibration tokens (default 32768)")
-    ap.add_argument("--calib-ctx", type=int, default=512, help="calibration window length (default 512)")
-    ap.add_argument("--calib-batch", type=int, default=8, help="windows per forward in the calibration pass")
-    ap.add_argument("--min-expert-tokens", type=int, default=128,
-                    help="routed experts with fewer calibration tokens get statistics blended with the layer's pooled "
-                         "ones (default 128)")
-    ap.add_argument("--device", default="cpu", help="cpu | cuda (all GPUs split the shards) | cuda:N")
-    ap.add_argument("--revision", help="hub revision (branch, tag or commit) when --model is a hub id")
-    ap.add_argument("--dry-run", action="store_true", help="print roles, bits and footprint; write nothing")
-    ap.add_argument("--list-tensors", action="store_true", help="with --dry-run: one line per tensor")
-    ap.add_argument("--force", action="store_true", help="overwrite an OUT holding another build or other files")
-    ap.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
-    ns = vars(ap.parse_args(argv))
-    return as_config(ns)
+    return to_build_config(resolve_cli(argv))
+
+
+def probe_plan(qcfg):
+    """--probe: router statistics (moe_probe) -> a bits plan (moe_alloc) in OUT.probe/, each its own CLI in
+    a child process (its memory returns when it ends); the build then takes that plan."""
+    import step_runner
+
+    if not qcfg.out:
+        raise BuildError("--probe needs --out (the plan is written to OUT.probe/)")
+    text = qcfg.probe_calib or qcfg.calib_file
+    if not text:
+        raise BuildError("--probe needs --probe-calib FILE (or --calib-file): the text the router is probed on")
+    probe_dir = Path(str(qcfg.out) + ".probe")
+    here = Path(__file__).resolve().parent
+    steps = [("probe", [sys.executable, here / "moe_probe.py", "--model", qcfg.model, "--calib-file", text,
+                        "--tokens", qcfg.probe_tokens, "--out", probe_dir / "probe.json"]),
+             ("alloc", [sys.executable, here / "moe_alloc.py", "--probe", probe_dir / "probe.json", "--model",
+                        qcfg.model, "--budget", qcfg.alloc_budget, "--strategy", qcfg.alloc_strategy, "--levels",
+                        qcfg.alloc_levels, "--grid", qcfg.grid, "--group", qcfg.group,
+                        "--out", probe_dir / "plan.json"])]  # costed on the grid the build uses
+    probe_dir.mkdir(parents=True, exist_ok=True)
+    for name, cmd in steps:
+        print(f"quant_save: {name}: {' '.join(map(str, cmd))}", file=sys.stderr, flush=True)
+        try:
+            step_runner.run_step(name, cmd, Path.cwd(), timeout_s=7 * 24 * 3600, echo=sys.stderr)
+        except step_runner.StepFailed as e:
+            raise BuildError(str(e)) from None
+    return dataclasses.replace(qcfg, bits_plan=str(probe_dir / "plan.json"))
 
 
 def main(argv=None) -> int:
@@ -382,7 +400,8 @@ def main(argv=None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            build(parse_args(argv))
+            qcfg = resolve_cli(argv)
+            build(to_build_config(probe_plan(qcfg) if qcfg.probe else qcfg))
     except BuildError as e:
         print(f"quant_save: error: {e}", file=sys.stderr)
         return 2

@@ -39,11 +39,18 @@ class ConfigError(ValueError):
 
 
 def option(default: Any, help: str, *, legacy: Sequence[str] = (), path: bool = False,
-           choices: Sequence[str] | None = None, kind: type | None = None) -> Any:
-    """A config field. `legacy`: old unprefixed env names still read; `path`: resolved against the cwd;
-    `kind`: the value type when the default is None (else the default's type)."""
-    return field(default=default, metadata={"help": help, "legacy": tuple(legacy), "path": path,
-                                            "choices": tuple(choices) if choices else None, "kind": kind})
+           choices: Sequence[str] | None = None, kind: type | None = None, parse=None, repeat: bool = False,
+           sep: str = ",", flag: str | None = None, factory=None) -> Any:
+    """A config field. `legacy`: old env names still read (with a notice); `path`: resolved against the
+    cwd; `kind`: the value type when the default is None (else the default's type); `parse`: a function
+    for structured values (str -> value, or list of str -> value with `repeat`: a repeatable flag, and
+    env/recipe values split on `sep`); `flag`: the flag when it is not --field-name; `factory`: a
+    default_factory for mutable defaults."""
+    meta = {"help": help, "legacy": tuple(legacy), "path": path, "choices": tuple(choices) if choices else None,
+            "kind": kind, "parse": parse, "repeat": repeat, "sep": sep, "flag": flag}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,14 @@ def parse_bool(raw: str, key: str) -> bool:
 
 def convert(f: dataclasses.Field, raw: Any, key: str) -> Any:
     """RAW (a string from a flag, env or recipe) as the field's type; '' or 'none' keeps an optional unset."""
+    parse = f.metadata.get("parse")
+    if parse is not None:
+        if f.metadata.get("repeat") and isinstance(raw, str):
+            raw = [x for x in raw.split(f.metadata.get("sep") or ",") if x.strip()]
+        try:
+            return parse(raw)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{key}={raw!r}: {e}") from None
     if not isinstance(raw, str):
         return raw
     if f.default is None and raw.strip().lower() in ("", "none"):
@@ -92,6 +107,14 @@ def convert(f: dataclasses.Field, raw: Any, key: str) -> Any:
 
 def env_name(tool: Tool, f: dataclasses.Field) -> str:
     return tool.prefix + f.name.upper()
+
+
+def env_given(f: dataclasses.Field, environ: Mapping[str, str], key: str) -> bool:
+    """Whether KEY in the environment sets F. An empty value is 'unset', except for an optional field
+    (default None or ""), where it is the explicit 'none' (e.g. QUANT_BITS_PLAN= builds without a plan)."""
+    if key not in environ:
+        return False
+    return environ[key] != "" or f.default in (None, "")
 
 
 def read_recipe(path: Path, environ: Mapping[str, str] | None = None) -> dict:
@@ -124,6 +147,8 @@ def read_recipe(path: Path, environ: Mapping[str, str] | None = None) -> dict:
 def _strip_value(raw: str) -> str:
     """Drop a trailing comment and one level of quotes."""
     raw = raw.strip()
+    if raw.startswith("#"):
+        return ""
     if raw[:1] in ("'", '"'):
         end = raw.find(raw[0], 1)
         return raw[1:end] if end > 0 else raw[1:]
@@ -137,56 +162,69 @@ def build_parser(tool: Tool, extra: Sequence[tuple[tuple, dict]] = ()) -> argpar
     ap.add_argument("--recipe", default=None, help=f"a configs/*.env recipe file [env {tool.prefix}RECIPE]")
     for f in dataclasses.fields(tool.config):
         kind = kind_of(f)
-        shown = "" if f.default in (None, "") else f"; default {f.default}"
-        ap.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                        metavar="on|off" if kind is bool else f.name.upper(),
-                        help=f"{f.metadata.get('help', '')} [env {env_name(tool, f)}{shown}]")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        shown = "" if default in (None, "") or f.metadata.get("parse") else f"; default {default}"
+        extra_kw = {"action": "append"} if f.metadata.get("repeat") else {}
+        if kind is bool and not f.metadata.get("parse"):  # `--flag` alone means on; `--flag off` works too
+            extra_kw = {"nargs": "?", "const": "on", "metavar": "on|off"}
+        ap.add_argument(f.metadata.get("flag") or "--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                        help=f"{f.metadata.get('help', '')} [env {env_name(tool, f)}{shown}]",
+                        **({"metavar": f.name.upper()} | extra_kw))
     for args, kwargs in extra:
         ap.add_argument(*args, **kwargs)
     return ap
 
 
 def resolve(tool: Tool, args: argparse.Namespace, environ: Mapping[str, str] | None = None,
-            cwd: Path | None = None, notice=lambda m: print(m, file=sys.stderr)):
-    """The config from defaults < recipe < legacy env < PREFIX_ env < flags; every bad key named at once."""
+            cwd: Path | None = None, notice=lambda m: print(m, file=sys.stderr), legacy: bool = True,
+            default_recipe: str | Path | None = None):
+    """The config from defaults < recipe < legacy env < PREFIX_ env < flags; every bad key named at once.
+    `legacy=False` ignores the old unprefixed env names (a module run directly, not through its pipeline,
+    must not pick up a stray MODEL or OUT; an old name under the prefix, like SMOKE_TP, is always read);
+    `default_recipe`: the recipe when none is named."""
     env = os.environ if environ is None else environ
     cwd = Path.cwd() if cwd is None else Path(cwd)
     fields = {f.name: f for f in dataclasses.fields(tool.config)}
     errors, values, from_user = [], {}, set()
     recipe_path = getattr(args, "recipe", None) or env.get(tool.prefix + "RECIPE") or None
+    if not recipe_path and legacy and env.get("RECIPE"):
+        notice(f"{tool.prog}: RECIPE is deprecated; use {tool.prefix}RECIPE")
+        recipe_path = env["RECIPE"]
+    recipe_path = recipe_path or default_recipe
     if recipe_path:
         recipe_path = _absolute(recipe_path, cwd)
         for key, (raw, no) in read_recipe(recipe_path, env).items():
-            name = key[len(tool.prefix):].lower() if key.startswith(tool.prefix) else _legacy_field(fields, key)
+            name = _recipe_field(tool, fields, key)
             if name not in fields:
                 errors.append(f"{recipe_path}:{no}: unknown key {key} (known: {', '.join(sorted(k.upper() for k in fields))})")
                 continue
             values[name] = (raw, f"{recipe_path}:{no} {key}")
     for name, f in fields.items():
-        for old in f.metadata.get("legacy", ()):
-            if env.get(old, "") != "" and env.get(env_name(tool, f), "") == "":
+        for old in (o for o in f.metadata.get("legacy", ()) if legacy or o.startswith(tool.prefix)):
+            if env_given(f, env, old) and not env_given(f, env, env_name(tool, f)) and getattr(args, name, None) is None:
                 notice(f"{tool.prog}: {old} is deprecated; use {env_name(tool, f)}")
                 values[name] = (env[old], old)
                 from_user.add(name)
-        if env.get(env_name(tool, f), "") != "":
+        if env_given(f, env, env_name(tool, f)):
             values[name] = (env[env_name(tool, f)], env_name(tool, f))
             from_user.add(name)
         if getattr(args, name, None) is not None:
             values[name] = (getattr(args, name), "--" + name.replace("_", "-"))
             from_user.add(name)
-    known_env = {env_name(tool, f) for f in fields.values()} | {tool.prefix + "RECIPE"}
+    known_env = ({env_name(tool, f) for f in fields.values()} | {tool.prefix + "RECIPE"}
+                 | {old for f in fields.values() for old in f.metadata.get("legacy", ())})
     unknown = sorted(k for k in env if k.startswith(tool.prefix) and k not in known_env)
     if unknown:
         errors.append(f"unknown environment key(s) {', '.join(unknown)} for {tool.prog}")
     out = {}
     for name, (raw, where) in values.items():
+        if fields[name].metadata.get("path") and isinstance(raw, str) and raw:
+            raw = str(_absolute(raw, cwd if name in from_user else cache_paths.REPO_ROOT))
         try:
             value = convert(fields[name], raw, where)
         except ConfigError as e:
             errors.append(str(e))
             continue
-        if fields[name].metadata.get("path") and isinstance(value, str) and value:
-            value = str(_absolute(value, cwd if name in from_user else cache_paths.REPO_ROOT))
         out[name] = value
     if errors:
         raise ConfigError("; ".join(errors))
@@ -196,8 +234,10 @@ def resolve(tool: Tool, args: argparse.Namespace, environ: Mapping[str, str] | N
         raise ConfigError(str(e)) from None
 
 
-def _legacy_field(fields: Mapping[str, dataclasses.Field], key: str) -> str | None:
-    """The field an unprefixed recipe key names: its own name, or one of its legacy names."""
+def _recipe_field(tool: Tool, fields: Mapping[str, dataclasses.Field], key: str) -> str | None:
+    """The field a recipe key names: PREFIX_FIELD, FIELD, or one of the field's old names."""
+    if key.startswith(tool.prefix) and key[len(tool.prefix):].lower() in fields:
+        return key[len(tool.prefix):].lower()
     if key.lower() in fields:
         return key.lower()
     return next((n for n, f in fields.items() if key in f.metadata.get("legacy", ())), None)
