@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     # embedded checkpoint splits whitespace before digits differently, see docs/GGUF.md)
     import torch
 
-    cfg = moe_eval.EvalConfig(ctx=args.ctx, max_tokens=n_tok, device="cpu", add_bos=False)
+    cfg = moe_eval.FidelityConfig(ctx=args.ctx, max_tokens=n_tok, device="cpu", add_bos=False)
     windows = moe_eval.TokenWindows(torch.tensor(lc_ids, dtype=torch.int64).reshape(args.chunks, args.ctx),
                                     {"kind": "llama.cpp /tokenize", "path": str(evalf),
                                      "sha256": provenance.sha256_file(evalf)})

@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     work = Path(args.work) if args.work else embedded_model.default_cache_root().parent / "bench-quant-grids-moe"
     work.mkdir(parents=True, exist_ok=True)
     teacher = embedded_model.smollm2_moe_dir()
-    cfg = moe_eval.EvalConfig(ctx=args.ctx, max_tokens=args.eval_tokens, device="cpu")
+    cfg = moe_eval.FidelityConfig(ctx=args.ctx, max_tokens=args.eval_tokens, device="cpu")
     tok = moe_eval.load_tokenizer(teacher)
     # disjoint by construction: one split takes the topics with index % 5 == 0, the other the rest
     calib_text, eval_text = moefy_fit.pydoc_topics_text(held_out=False), moefy_fit.pydoc_topics_text(held_out=True)

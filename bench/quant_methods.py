@@ -331,7 +331,7 @@ def main(argv=None) -> int:
     ids = llamacpp_ids(prefix, bf16, eval_text, n_tok)
     if len(ids) < n_tok:
         raise SystemExit(f"quant_methods: the evaluation text has {len(ids)} tokens, fewer than {n_tok}")
-    cfg = moe_eval.EvalConfig(ctx=args.ctx, max_tokens=n_tok, device="cpu", add_bos=False)
+    cfg = moe_eval.FidelityConfig(ctx=args.ctx, max_tokens=n_tok, device="cpu", add_bos=False)
     windows = moe_eval.TokenWindows(torch.tensor(ids, dtype=torch.int64).reshape(args.chunks, args.ctx),
                                     {"kind": "llama.cpp /tokenize", "path": str(evalf),
                                      "sha256": provenance.sha256_file(evalf)})

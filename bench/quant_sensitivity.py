@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     import calib_source
 
     eval_text = calib_source.pydoc_split()[1]  # the recipe's --calib pydoc-topics takes [0]: disjoint
-    cfg = moe_eval.EvalConfig(ctx=args.ctx, max_tokens=args.ctx * args.chunks, device="cpu")
+    cfg = moe_eval.FidelityConfig(ctx=args.ctx, max_tokens=args.ctx * args.chunks, device="cpu")
     windows = moe_eval.text_windows(eval_text, moe_eval.load_tokenizer(teacher), cfg,
                                     {"kind": "pydoc_data.topics, even-numbered (held out)",
                                      "sha256": hashlib.sha256(eval_text.encode()).hexdigest()})

@@ -149,7 +149,7 @@ def test_interval_over_windows():
 
 
 def test_windows_from_ids_layout():
-    cfg = me.EvalConfig(ctx=4, max_tokens=100)
+    cfg = me.FidelityConfig(ctx=4, max_tokens=100)
     w = ft.windows_from_ids(list(range(10, 20)), cfg, bos_id=1)
     assert w.tolist() == [[1, 10, 11, 12], [1, 13, 14, 15], [1, 16, 17, 18]]  # tail token 19 dropped
     assert ft.windows_from_ids(list(range(8)), cfg, None).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
@@ -159,9 +159,9 @@ def test_windows_from_ids_layout():
 
 def test_bad_config_names_the_value():
     with pytest.raises(ValueError, match="ctx must be >= 2"):
-        me.EvalConfig(ctx=1)
+        me.FidelityConfig(ctx=1)
     with pytest.raises(ValueError, match="cache_dtype"):
-        me.EvalConfig(cache_dtype="int8")
+        me.FidelityConfig(cache_dtype="int8")
 
 
 # --------------------------------------------------------------- pipeline on callables with known logits
@@ -177,7 +177,7 @@ def _fake_model(vocab: int, noise: float, seed: int):
 @pytest.mark.parametrize("cache_dtype", ["float32", "float16"])
 def test_scores_equal_direct_computation_on_known_logits(tmp_path, cache_dtype):
     vocab = 300
-    cfg = me.EvalConfig(ctx=16, max_tokens=1000, vocab_chunk=70, token_chunk=5, cache_root=str(tmp_path),
+    cfg = me.FidelityConfig(ctx=16, max_tokens=1000, vocab_chunk=70, token_chunk=5, cache_root=str(tmp_path),
                         cache_dtype=cache_dtype)
     tokens = torch.randint(0, vocab, (4, 16), generator=torch.Generator().manual_seed(5))
     windows = me.TokenWindows(tokens, {"kind": "test"})
@@ -203,9 +203,9 @@ def test_topk_cache_gives_a_labelled_lower_bound(tmp_path):
     windows = me.TokenWindows(tokens, {"kind": "test"})
     teacher, student = _fake_model(vocab, 0.0, 1), _fake_model(vocab, 1.0, 2)
     full = me.compare_loaded(teacher, {"s": student}, windows,
-                             me.EvalConfig(ctx=16, cache_root=str(tmp_path), cache_dtype="float32"), "fake")
+                             me.FidelityConfig(ctx=16, cache_root=str(tmp_path), cache_dtype="float32"), "fake")
     topk = me.compare_loaded(teacher, {"s": student}, windows,
-                             me.EvalConfig(ctx=16, cache_root=str(tmp_path), cache_topk=8), "fake")
+                             me.FidelityConfig(ctx=16, cache_root=str(tmp_path), cache_topk=8), "fake")
     assert topk["teacher_cache"]["key"] != full["teacher_cache"]["key"]  # the format is part of the key
     assert topk["students"]["s"]["kl_kind"] == "topk_lower_bound" and full["students"]["s"]["kl_kind"] == "exact"
     assert 0 < topk["students"]["s"]["kl_mean"] < full["students"]["s"]["kl_mean"]
@@ -213,14 +213,14 @@ def test_topk_cache_gives_a_labelled_lower_bound(tmp_path):
 
 def test_vocab_mismatch_fails_early(tmp_path):
     windows = me.TokenWindows(torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(7)))
-    cfg = me.EvalConfig(ctx=8, cache_root=str(tmp_path))
+    cfg = me.FidelityConfig(ctx=8, cache_root=str(tmp_path))
     with pytest.raises(ValueError, match="vocabulary of 60 logits but the teacher has 50"):
         me.compare_loaded(_fake_model(50, 0, 1), {"s": _fake_model(60, 0, 1)}, windows, cfg, "fake")
 
 
 def test_full_cache_size_guard_names_the_fix(tmp_path):
     windows = me.TokenWindows(torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(7)))
-    cfg = me.EvalConfig(ctx=8, cache_root=str(tmp_path), cache_max_gb=1e-9)
+    cfg = me.FidelityConfig(ctx=8, cache_root=str(tmp_path), cache_max_gb=1e-9)
     with pytest.raises(ValueError, match="--cache-topk"):
         me.compare_loaded(_fake_model(50, 0, 1), {}, windows, cfg, "fake")
 
@@ -229,7 +229,7 @@ def test_full_cache_size_guard_names_the_fix(tmp_path):
 
 @pytest.fixture(scope="module")
 def teacher(smollm2_dir):
-    return me.load_hf_model(smollm2_dir, me.EvalConfig(dtype="float32"))
+    return me.load_hf_model(smollm2_dir, me.FidelityConfig(dtype="float32"))
 
 
 @pytest.fixture(scope="module")
@@ -241,14 +241,14 @@ def prose_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prose_windows(smollm2_dir, prose_file):
-    cfg = me.EvalConfig(ctx=CTX, max_tokens=MAX_TOKENS)
+    cfg = me.FidelityConfig(ctx=CTX, max_tokens=MAX_TOKENS)
     text, record = ft.read_text(me.TextSpec(kind="file", path=str(prose_file)))
     return me.text_windows(text, me.load_tokenizer(smollm2_dir), cfg, record)
 
 
 @pytest.fixture(scope="module")
 def model_cfg(tmp_path_factory):
-    return me.EvalConfig(ctx=CTX, max_tokens=MAX_TOKENS, dtype="float32",
+    return me.FidelityConfig(ctx=CTX, max_tokens=MAX_TOKENS, dtype="float32",
                          cache_root=str(tmp_path_factory.mktemp("fidelity_cache")))
 
 
@@ -322,7 +322,7 @@ def test_teacher_cache_reused_and_invalidated(teacher, prose_windows, tmp_path):
     calls = {"forward": 0, "load": 0}
     hook = teacher.register_forward_hook(lambda *a: calls.__setitem__("forward", calls["forward"] + 1))
     small = me.TokenWindows(prose_windows.tokens[:2, :32].clone(), prose_windows.source)
-    cfg = me.EvalConfig(ctx=32, dtype="float32", cache_root=str(tmp_path))
+    cfg = me.FidelityConfig(ctx=32, dtype="float32", cache_root=str(tmp_path))
 
     def loader():
         calls["load"] += 1
@@ -338,7 +338,7 @@ def test_teacher_cache_reused_and_invalidated(teacher, prose_windows, tmp_path):
         changed = me.build_teacher_cache(loader, "smollm2", other_text, cfg)
         assert not changed.hit and changed.path != first.path and calls["forward"] == 4
         shorter = me.TokenWindows(prose_windows.tokens[:2, :16].clone(), prose_windows.source)
-        ctx_changed = me.build_teacher_cache(loader, "smollm2", shorter, me.EvalConfig(
+        ctx_changed = me.build_teacher_cache(loader, "smollm2", shorter, me.FidelityConfig(
             ctx=16, dtype="float32", cache_root=str(tmp_path)))
         assert not ctx_changed.hit and calls["forward"] == 6
         other_teacher = me.build_teacher_cache(loader, "another-model", small, cfg)
@@ -350,7 +350,7 @@ def test_teacher_cache_reused_and_invalidated(teacher, prose_windows, tmp_path):
 @pytest.mark.slow
 def test_teacher_sample_is_seeded_and_cached(teacher, smollm2_dir, tmp_path):
     tok = me.load_tokenizer(smollm2_dir)
-    cfg = me.EvalConfig(ctx=6, dtype="float32", cache_root=str(tmp_path))
+    cfg = me.FidelityConfig(ctx=6, dtype="float32", cache_root=str(tmp_path))
     spec = me.TextSpec(kind="teacher-sample", n_tokens=10, seed=3)
     loads = []
 

@@ -1,4 +1,4 @@
-"""What one fidelity run is: its knobs (EvalConfig), where its text comes from (TextSpec) and the token
+"""What one fidelity run is: its knobs (FidelityConfig), where its text comes from (TextSpec) and the token
 windows every model is scored on (TokenWindows). Shared by the text, teacher-cache and scoring modules;
 moe_eval.py is the entry point that ties them together.
 """
@@ -23,7 +23,7 @@ LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class FidelityConfig:
     """Every knob of one fidelity run; recorded verbatim in the output JSON."""
 
     ctx: int = 512

@@ -98,7 +98,7 @@ def run_study(model_spec: str, strategies: list, budgets: list | None, levels: l
     probe = moe_probe.probe_model(model, calib, batch)
     t_probe = time.time() - t0
     # teacher cache on the held-out split (the source model in the same dtype as every student)
-    cfg = moe_eval.EvalConfig(ctx=ctx, max_tokens=eval_tokens, cache_root=cache_root, dtype=dtype)
+    cfg = moe_eval.FidelityConfig(ctx=ctx, max_tokens=eval_tokens, cache_root=cache_root, dtype=dtype)
     held = moefy_fit.pydoc_topics_text(held_out=True)
     windows = moe_eval.text_windows(held, tok, cfg, {"kind": "pydoc_data.topics held-out split"})
     teacher_id = moe_eval.model_identity(model_dir) + f":{dtype}:fp32-head"

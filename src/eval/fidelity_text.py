@@ -13,7 +13,7 @@ import torch
 
 import atomic_io
 import provenance
-from fidelity_config import CACHE_FORMAT_VERSION, EvalConfig, TextSpec, TokenWindows
+from fidelity_config import CACHE_FORMAT_VERSION, FidelityConfig, TextSpec, TokenWindows
 
 
 def input_device(model: torch.nn.Module) -> torch.device:
@@ -48,7 +48,7 @@ def read_text(spec: TextSpec) -> tuple[str, dict]:
     return text, record
 
 
-def windows_from_ids(ids: list[int] | torch.Tensor, cfg: EvalConfig, bos_id: int | None) -> torch.Tensor:
+def windows_from_ids(ids: list[int] | torch.Tensor, cfg: FidelityConfig, bos_id: int | None) -> torch.Tensor:
     """Cut a token stream into [n, ctx] non-overlapping windows, BOS first when given; drop the tail."""
     ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)[: cfg.max_tokens]
     per = cfg.ctx - (1 if bos_id is not None else 0)
@@ -62,7 +62,7 @@ def windows_from_ids(ids: list[int] | torch.Tensor, cfg: EvalConfig, bos_id: int
     return torch.cat([torch.full((n, 1), bos_id, dtype=torch.int64), body], dim=1)
 
 
-def text_windows(text: str, tokenizer, cfg: EvalConfig, record: dict) -> TokenWindows:
+def text_windows(text: str, tokenizer, cfg: FidelityConfig, record: dict) -> TokenWindows:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id if cfg.add_bos else None
     tokens = windows_from_ids(ids, cfg, bos)
@@ -105,7 +105,7 @@ def sample_windows(model: torch.nn.Module, start_id: int, n_windows: int, ctx: i
 
 
 def teacher_sample_windows(load_teacher: Callable[[], torch.nn.Module], teacher_id: str, tokenizer,
-                           spec: TextSpec, cfg: EvalConfig) -> tuple[TokenWindows, bool]:
+                           spec: TextSpec, cfg: FidelityConfig) -> tuple[TokenWindows, bool]:
     """Teacher-sampled windows, cached on disk (sampling is a teacher forward too). -> (windows, cache hit)."""
     from safetensors.torch import load_file, save
 

@@ -12,7 +12,7 @@ How it measures (details and caveats in docs/FIDELITY.md):
   never needs an fp32 copy of a whole logits block;
 * intervals are mean +/- z*stderr over windows (the window is the independent unit, not the token).
 
-Modules: fidelity_config.py (EvalConfig, TextSpec, TokenWindows), fidelity_text.py (text -> windows,
+Modules: fidelity_config.py (FidelityConfig, TextSpec, TokenWindows), fidelity_text.py (text -> windows,
 teacher samples), teacher_cache.py (the on-disk teacher reference); this one loads models, scores
 students and is the CLI.
 
@@ -39,7 +39,7 @@ import torch
 import atomic_io
 import fidelity_math as fm
 import provenance
-from fidelity_config import CACHE_DTYPES, EvalConfig, LogitsFn, TextSpec, TokenWindows
+from fidelity_config import CACHE_DTYPES, FidelityConfig, LogitsFn, TextSpec, TokenWindows
 from fidelity_text import input_device, read_text, teacher_sample_windows, text_windows
 from teacher_cache import TeacherCache, build_teacher_cache, cache_record
 
@@ -93,7 +93,7 @@ def module_identity(model: torch.nn.Module) -> str:
     return "module:" + h.hexdigest()
 
 
-def load_hf_model(model_dir: str | Path, cfg: EvalConfig) -> torch.nn.Module:
+def load_hf_model(model_dir: str | Path, cfg: FidelityConfig) -> torch.nn.Module:
     """A transformers causal LM in eval mode on cfg.device with cfg.dtype."""
     from transformers import AutoModelForCausalLM
 
@@ -121,7 +121,7 @@ def hf_logits_fn(model: torch.nn.Module) -> LogitsFn:
 
 # ------------------------------------------------------------------------------------ scoring a student
 
-def score_student(logits_fn: LogitsFn, windows: TokenWindows, cache: TeacherCache, cfg: EvalConfig,
+def score_student(logits_fn: LogitsFn, windows: TokenWindows, cache: TeacherCache, cfg: FidelityConfig,
                   name: str = "student") -> dict:
     """Per-window mean KL, top-1 agreement and NLLs of one student against the cached teacher."""
     from safetensors import safe_open
@@ -163,7 +163,7 @@ def score_student(logits_fn: LogitsFn, windows: TokenWindows, cache: TeacherCach
     return summarize(per, torch.cat(token_kl), cache, cfg)
 
 
-def summarize(per: dict, token_kl: torch.Tensor, cache: TeacherCache, cfg: EvalConfig) -> dict:
+def summarize(per: dict, token_kl: torch.Tensor, cache: TeacherCache, cfg: FidelityConfig) -> dict:
     """Per-window lists -> the reported figures (windows have equal length, so window mean = token mean)."""
     z = cfg.z
     nll_t, nll_s = fm.interval_over_windows(per["nll_teacher"], z), fm.interval_over_windows(per["nll_student"], z)
@@ -195,7 +195,7 @@ def _as_logits_fn(model_or_fn) -> LogitsFn:
     return hf_logits_fn(model_or_fn) if isinstance(model_or_fn, torch.nn.Module) else model_or_fn
 
 
-def compare_loaded(teacher, students: dict, windows: TokenWindows, cfg: EvalConfig,
+def compare_loaded(teacher, students: dict, windows: TokenWindows, cfg: FidelityConfig,
                    teacher_id: str | None = None) -> dict:
     """Compare already-loaded students with an already-loaded teacher on given windows.
 
@@ -221,7 +221,7 @@ def _free(model) -> None:
         torch.cuda.empty_cache()
 
 
-def compare_models(teacher_dir: str | Path, student_dirs: list, text: TextSpec, cfg: EvalConfig,
+def compare_models(teacher_dir: str | Path, student_dirs: list, text: TextSpec, cfg: FidelityConfig,
                    teacher_id: str | None = None, argv=None) -> dict:
     """The full run on checkpoint directories -> the result dict (with provenance) the CLI writes.
 
@@ -288,7 +288,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-tokens", type=int, help="teacher-sample: tokens to sample (default: --max-tokens)")
     p.add_argument("--seed", type=int, default=0, help="teacher-sample seed")
     p.add_argument("--temperature", type=float, default=1.0, help="teacher-sample temperature")
-    d = EvalConfig()
+    d = FidelityConfig()
     p.add_argument("--ctx", type=int, default=d.ctx, help="window length in tokens")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="read at most this many text tokens")
     p.add_argument("--device", default=d.device, help="cpu | cuda | cuda:N | auto")
@@ -308,7 +308,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_arg_parser().parse_args(argv)
-    cfg = EvalConfig(ctx=args.ctx, max_tokens=args.max_tokens, device=args.device, dtype=args.dtype,
+    cfg = FidelityConfig(ctx=args.ctx, max_tokens=args.max_tokens, device=args.device, dtype=args.dtype,
                      vocab_chunk=args.vocab_chunk, token_chunk=args.token_chunk, cache_root=args.cache_root,
                      cache_dtype=args.cache_dtype, cache_topk=args.cache_topk, cache_max_gb=args.cache_max_gb,
                      add_bos=not args.no_bos, z=args.z)

@@ -46,7 +46,7 @@ def run(ctx: int, max_tokens: int, probe_tokens: int, cache_root: str | None, lo
     out = {"dense": str(dense_dir), "moe": str(moe_dir), "config": json.loads((moe_dir / "config.json").read_text()),
            "texts": {}}
     for key, (label, text) in texts().items():
-        c = moe_eval.EvalConfig(ctx=ctx, max_tokens=max_tokens, cache_root=cache_root)
+        c = moe_eval.FidelityConfig(ctx=ctx, max_tokens=max_tokens, cache_root=cache_root)
         windows = moe_eval.text_windows(text, tok, c, {"kind": label})
         res = moe_eval.compare_loaded(dense, {"moe": moe}, windows, c,
                                       teacher_id=moe_eval.model_identity(dense_dir) + ":float32")

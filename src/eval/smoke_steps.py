@@ -214,7 +214,7 @@ def run_smoke(cfg: SmokeConfig, log=lambda m: print(m, file=sys.stderr, flush=Tr
         check_writable(work, "quantized-checkpoint dir", "SMOKE_WORK_DIR")
         import moe_eval
 
-        fcache = moe_eval.EvalConfig().cache_dir()
+        fcache = moe_eval.FidelityConfig().cache_dir()
         check_writable(fcache, "fidelity teacher cache", "MOE_LOWBIT_CACHE")
         vocab = int(json.loads((teacher_dir / "config.json").read_text()).get("vocab_size")
                     or json.loads((teacher_dir / "config.json").read_text()).get("text_config", {}).get("vocab_size")

@@ -16,7 +16,7 @@ import torch
 import atomic_io
 import fidelity_math as fm
 import provenance
-from fidelity_config import CACHE_DTYPES, CACHE_FORMAT_VERSION, EvalConfig, LogitsFn, TokenWindows
+from fidelity_config import CACHE_DTYPES, CACHE_FORMAT_VERSION, FidelityConfig, LogitsFn, TokenWindows
 
 
 @dataclass
@@ -40,14 +40,14 @@ class TeacherCache:
         return self.path / f"window_{i:05d}.safetensors"
 
 
-def teacher_cache_key(teacher_id: str, windows: TokenWindows, cfg: EvalConfig) -> tuple[str, dict]:
+def teacher_cache_key(teacher_id: str, windows: TokenWindows, cfg: FidelityConfig) -> tuple[str, dict]:
     fields = {"teacher": teacher_id, "tokens_sha256": windows.sha256, "ctx": cfg.ctx,
               "dtype": str(cfg.torch_dtype), "device_type": cfg.device_type,
               "cache_dtype": cfg.cache_dtype, "cache_topk": cfg.cache_topk, "v": CACHE_FORMAT_VERSION}
     return provenance.sha256_json(fields), fields
 
 
-def _teacher_window_tensors(logits: torch.Tensor, tokens: torch.Tensor, cfg: EvalConfig) -> dict:
+def _teacher_window_tensors(logits: torch.Tensor, tokens: torch.Tensor, cfg: FidelityConfig) -> dict:
     """The cached reference for one window, computed in token slices (bounded fp32 temporaries)."""
     pred, targets = logits[:-1], tokens[1:].to(logits.device)
     parts: dict[str, list] = {}
@@ -71,7 +71,7 @@ def _teacher_window_tensors(logits: torch.Tensor, tokens: torch.Tensor, cfg: Eva
 
 
 def build_teacher_cache(load_teacher_fn: Callable[[], LogitsFn], teacher_id: str, windows: TokenWindows,
-                        cfg: EvalConfig) -> TeacherCache:
+                        cfg: FidelityConfig) -> TeacherCache:
     """Reuse the cached teacher reference for these windows, or compute the missing windows once.
 
     `load_teacher_fn` is only called on a miss, so a fully cached teacher is never loaded. Windows are
@@ -121,7 +121,7 @@ def build_teacher_cache(load_teacher_fn: Callable[[], LogitsFn], teacher_id: str
     return cache
 
 
-def _check_cache_size(n_windows: int, cfg: EvalConfig, vocab: int) -> None:
+def _check_cache_size(n_windows: int, cfg: FidelityConfig, vocab: int) -> None:
     if cfg.cache_topk:
         return
     gb = n_windows * (cfg.ctx - 1) * vocab * CACHE_DTYPES[cfg.cache_dtype].itemsize / 1e9
