@@ -102,12 +102,14 @@ def test_prometheus_parsing_and_throughput():
     text = ("# HELP llamacpp:prompt_tokens_total n\nllamacpp:prompt_tokens_total 300\n"
             "llamacpp:prompt_seconds_total 0.5\nllamacpp:tokens_predicted_total 50\n"
             "llamacpp:tokens_predicted_seconds_total 2\nllamacpp:x{a=\"b\"} 3\n")
-    m = ls.parse_prometheus(text)
+    import llamacpp_metrics as lm
+
+    m = lm.parse_prometheus(text)
     assert m == {"prompt_tokens_total": 300, "prompt_seconds_total": 0.5, "tokens_predicted_total": 50,
                  "tokens_predicted_seconds_total": 2}
-    t = ls.throughput(m)
+    t = lm.throughput(m)
     assert t["prefill_tok_s"] == 600 and t["decode_tok_s"] == 25
-    assert ls.throughput({})["decode_tok_s"] is None
+    assert lm.throughput({})["decode_tok_s"] is None
 
 
 # ----------------------------------------------------------------------------------------- lifecycle

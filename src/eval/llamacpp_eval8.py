@@ -29,6 +29,7 @@ from typing import Sequence
 
 import atomic_io
 import llama_server
+import llamacpp_metrics
 import mm_eval
 import provenance
 import vllm_eval8
@@ -95,7 +96,7 @@ def run(cfg: vllm_eval8.EvalConfig, opts: ServerOptions, argv: Sequence[str] | N
                     f"llama-server died during the eval (exit code {server.proc.returncode}); finished samples are "
                     f"kept in the JSONL and a rerun resumes. Log tail:\n{llama_server.tail(log_path)}") from err
             raise
-        totals = llama_server.throughput(server.metrics())
+        totals = llamacpp_metrics.throughput(server.metrics())
         probe = server.probe(PROBE_PROMPT, PROBE_TOKENS) if opts.probe else None
         block = {
             "server_command": [provenance.redact(a) for a in server.command],
