@@ -19,7 +19,7 @@ from pathlib import Path
 
 import footprint
 import model_adapters
-import moe_quant
+import quant_spec
 from ckpt_source import BuildError, Source, TensorEntry
 from model_adapters import Recipe, Role
 
@@ -30,7 +30,7 @@ BITS_PLAN_FORMAT = "moe-lowbit/bits-plan/1"
 class TensorPlan:
     entry: TensorEntry
     role: model_adapters.TensorRole
-    spec: moe_quant.QuantSpec | None  # None: copied byte for byte (or, with slice_specs, the largest slice spec)
+    spec: quant_spec.QuantSpec | None  # None: copied byte for byte (or, with slice_specs, the largest slice spec)
     slice_specs: tuple | None = None  # fused 3-D experts under a per-expert plan: one spec (or None = keep) per expert
 
     @property

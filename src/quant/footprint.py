@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import moe_quant
+import quant_spec
 
 # safetensors dtype strings -> bits per element
 DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8,
@@ -29,7 +29,7 @@ def dtype_bits(dtype: str) -> int:
     return DTYPE_BITS[dtype]
 
 
-def code_bits(spec: moe_quant.QuantSpec) -> float:
+def code_bits(spec: quant_spec.QuantSpec) -> float:
     """Bits per code: log2(3) for ternary, else the integer width."""
     return spec.code_bits
 
@@ -42,7 +42,7 @@ def n_scale_groups(shape, axis: int, group: int) -> int:
     return rows * math.ceil(k / group)
 
 
-def packed_bits(shape, axis: int, spec: moe_quant.QuantSpec) -> float:
+def packed_bits(shape, axis: int, spec: quant_spec.QuantSpec) -> float:
     """Exact packed size in bits: codes + per group one scale (+ one zero-point on the asym grid)."""
     numel = math.prod(int(s) for s in shape)
     return numel * code_bits(spec) + n_scale_groups(shape, axis, spec.group) * spec.group_overhead_bits
@@ -74,7 +74,7 @@ class RoleTally:
     sq_ref: float = 0.0
     bits: set = field(default_factory=set)
 
-    def add(self, shape, dtype: str, spec: moe_quant.QuantSpec | None, axis: int | None,
+    def add(self, shape, dtype: str, spec: quant_spec.QuantSpec | None, axis: int | None,
             sq_err: float = 0.0, sq_ref: float = 0.0) -> None:
         numel = math.prod(int(s) for s in shape)
         src = numel * dtype_bits(dtype)

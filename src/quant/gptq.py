@@ -178,7 +178,7 @@ def _unpermute_and_pack(codes, deq, perm, group_scale, group_zero, spec: QuantSp
         codes = codes.gather(-1, inv)
         deq = deq.gather(-1, inv)
     zeros8 = group_zero.to(torch.int8) if group_zero is not None else None
-    return codes.to(torch.int8), group_scale.to(spec.scale_dtype), zeros8, deq
+    return codes.to(torch.int8), group_scale.to(moe_quant.scale_dtype(spec)), zeros8, deq
 
 
 def _gptq_cpu_kernel(kernels, W, U, imp, spec: QuantSpec, group_scale, group_zero, pos_scale, pos_zero):

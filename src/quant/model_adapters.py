@@ -26,7 +26,7 @@ import warnings
 from dataclasses import dataclass
 from enum import Enum
 
-import moe_quant
+import quant_spec
 
 
 class Role(str, Enum):
@@ -65,7 +65,7 @@ class TensorRole:
 # ------------------------------------------------------------------------------------------ recipe
 METHODS = ("clip", "rtn", "wclip", "gptq", "awq")  # quant_methods.METHODS; checked here so a recipe fails early
 CALIBRATED_METHODS = frozenset({"wclip", "gptq", "awq"})  # need activation statistics H
-GRIDS = ("sym", "full", "asym")
+GRIDS = quant_spec.GRIDS
 
 
 @dataclass(frozen=True)
@@ -125,11 +125,11 @@ class Recipe:
             return float(self.linear_bits)
         return 16.0  # router, norm, vision, other
 
-    def spec(self, bits: float) -> moe_quant.QuantSpec:
-        return moe_quant.QuantSpec(bits=float(bits), group=self.group, clip_steps=self.clip_steps,
+    def spec(self, bits: float) -> quant_spec.QuantSpec:
+        return quant_spec.QuantSpec(bits=float(bits), group=self.group, clip_steps=self.clip_steps,
                                    clip_lo=self.clip_lo, grid=self.grid)
 
-    def spec_for(self, tensor_role: TensorRole, dtype_is_float: bool, ndim: int) -> moe_quant.QuantSpec | None:
+    def spec_for(self, tensor_role: TensorRole, dtype_is_float: bool, ndim: int) -> quant_spec.QuantSpec | None:
         """The QuantSpec to apply, or None when the tensor is copied unchanged."""
         if not (tensor_role.quantizable and dtype_is_float and ndim >= 2):
             return None

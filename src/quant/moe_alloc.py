@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import atomic_io
-import footprint
-import moe_quant
+import model_ref
+import quant_config
 
 FORMAT = "moe-lowbit/bits-plan/1"
 STRATEGIES = ("freq", "wmass", "asal", "wnorm", "composite", "uniform", "random", "inverse")
@@ -58,6 +58,9 @@ class ExpertUnit:
         return sum(math.prod(shape) for _, shape, _, _ in self.parts)
 
     def bits_at(self, level: float, group: int, grid: str) -> float:
+        import footprint
+        import moe_quant
+
         spec = moe_quant.QuantSpec(bits=level, group=group, grid=grid)
         return sum(footprint.packed_bits(shape, axis, spec) for _, shape, axis, _ in self.parts)
 
@@ -82,6 +85,7 @@ def read_shapes(model_dir: Path) -> dict:
 
 def expert_units(model_dir: Path) -> dict:
     """{(layer, expert): ExpertUnit} for every routed-expert weight the model's adapter names."""
+    import footprint
     import model_adapters
 
     config = json.loads((Path(model_dir) / "config.json").read_text())
@@ -265,6 +269,9 @@ def validate_plan(plan: dict, shapes: dict) -> None:
 
 def plan_effective_bits(plan: dict, shapes: dict, axis_of) -> float:
     """Effective bits of the plan's tensors (scales counted), recomputed from shapes alone."""
+    import footprint
+    import moe_quant
+
     total_bits = total_params = 0.0
     for name, bits in plan["tensors"].items():
         shape = shapes[name][0]
@@ -286,24 +293,21 @@ def main(argv=None) -> int:
     ap.add_argument("--strategy", required=True, choices=STRATEGIES)
     ap.add_argument("--levels", default="2,3,4", help="comma-separated bit levels")
     ap.add_argument("--group", type=int, default=128)
-    ap.add_argument("--grid", default="full", choices=moe_quant.GRIDS,
+    ap.add_argument("--grid", default="full", choices=quant_config.GRIDS,
                     help="quant grid the levels are charged for (full: 2^bits levels, so 2 bits is valid)")
     ap.add_argument("--spread", type=float, default=0.25, help="fraction of experts moved up / down a level")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random strategy")
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
     try:
-        import embedded_model
-
-        model_dir = (embedded_model.resolve(args.model, log=lambda m: print(m, file=sys.stderr))
-                     if embedded_model.is_embedded(args.model) else Path(args.model))
+        model_dir = model_ref.resolve(args.model, log=lambda m: print(m, file=sys.stderr))
         if not args.probe.is_file():
             raise AllocError(f"--probe {args.probe} does not exist (run moe_probe.py first)")
         probe = json.loads(args.probe.read_text())
         levels = [float(x) for x in args.levels.split(",") if x.strip()]
         plan = make_plan(probe, model_dir, args.budget, args.strategy, levels, args.group, args.grid,
                          args.spread, args.seed)
-    except (AllocError, ValueError) as e:
+    except (AllocError, ValueError) as e:  # ModelRefError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     plan["model"] = str(model_dir)

@@ -29,99 +29,16 @@ the same thing, summed in the same fixed order, so both paths write the same byt
 from __future__ import annotations
 
 import functools
-import math
 import warnings
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-SUPPORTED_BITS = (1.58, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 16.0)
-TERNARY_BITS = 1.58
-GRIDS = ("sym", "full", "asym")
+from quant_spec import GRIDS, SUPPORTED_BITS, TERNARY_BITS, QuantSpec, qmax_for_bits  # noqa: F401  (the math's vocabulary)
 
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """How one tensor is quantized. bits=16 means: leave it untouched."""
-
-    bits: float
-    group: int = 128
-    clip_steps: int = 16
-    clip_lo: float = 0.65
-    scale_dtype: torch.dtype = torch.float16
-    chunk_groups: int = 1 << 15  # groups per work chunk: bounds the fp32 temporaries (~40 MiB at g128)
-    grid: str = "sym"
-
-    def __post_init__(self):
-        bits = float(self.bits)
-        if not any(math.isclose(bits, b) for b in SUPPORTED_BITS):
-            raise ValueError(f"bits must be one of {list(SUPPORTED_BITS)}, got {self.bits}")
-        if self.grid not in GRIDS:
-            raise ValueError(f"unknown grid {self.grid!r}; known grids: {', '.join(GRIDS)}")
-        if not isinstance(self.group, int) or self.group <= 0:
-            raise ValueError(f"group must be a positive integer, got {self.group!r}")
-        if not isinstance(self.clip_steps, int) or self.clip_steps < 0:
-            raise ValueError(f"clip_steps must be an integer >= 0 (0 = absmax), got {self.clip_steps!r}")
-        if not 0.0 < self.clip_lo <= 1.0:
-            raise ValueError(f"clip_lo must be in (0, 1], got {self.clip_lo}")
-        if self.chunk_groups <= 0:
-            raise ValueError(f"chunk_groups must be > 0, got {self.chunk_groups}")
-        if self.is_identity:
-            return
-        if math.isclose(bits, TERNARY_BITS) and self.grid != "sym":
-            raise ValueError(f"bits=1.58 is the ternary grid {{-1, 0, 1}} (grid 'sym'); grid {self.grid!r} "
-                             f"has 2^bits levels: use bits=2 with it")
-        if bits == 2.0 and self.grid == "sym":
-            raise ValueError("bits=2 on the symmetric grid has only 3 levels ({-1, 0, 1}: ternary, worth "
-                             "log2(3) bits): use grid='full' or grid='asym' for 4 levels, or bits=1.58 for ternary")
-        if self.grid != "sym" and self.scale_dtype != torch.float16:
-            raise ValueError(f"grid {self.grid!r} stores fp16 scales; got scale_dtype {self.scale_dtype}")
-
-    @property
-    def is_identity(self) -> bool:
-        return float(self.bits) >= 16.0
-
-    @property
-    def qmax(self) -> int:
-        """Largest positive code (sym: also the largest magnitude)."""
-        return qmax_for_bits(self.bits)
-
-    @property
-    def code_range(self) -> tuple[int, int]:
-        """(lowest, highest) stored code: sym [-qmax, qmax]; full and asym [-2^(b-1), 2^(b-1) - 1]."""
-        if self.grid == "sym":
-            return -self.qmax, self.qmax
-        half = 2 ** (int(self.bits) - 1)
-        return -half, half - 1
-
-    @property
-    def levels(self) -> int:
-        """Distinct codes a group can use: sym 2^b - 1 (ternary 3), full and asym 2^b."""
-        lo, hi = self.code_range
-        return hi - lo + 1
-
-    @property
-    def code_bits(self) -> float:
-        """Bits a packer spends per code: log2(3) for ternary, else the integer width."""
-        return math.log2(3) if math.isclose(float(self.bits), TERNARY_BITS) else float(self.bits)
-
-    @property
-    def zero_bits(self) -> int:
-        """Bits per group for the zero-point (asym: an integer code, stored at the code width)."""
-        return int(self.bits) if self.grid == "asym" else 0
-
-    @property
-    def group_overhead_bits(self) -> int:
-        """Bits stored once per group: the scale, plus the zero-point on the asym grid."""
-        return torch.finfo(self.scale_dtype).bits + self.zero_bits
-
-    @property
-    def stored_bits_per_weight(self) -> float:
-        """Bits a packer spends per weight, scale and zero-point overhead included (what the footprint counts)."""
-        if self.is_identity:
-            return 16.0
-        return self.code_bits + self.group_overhead_bits / self.group
+def scale_dtype(spec: QuantSpec) -> torch.dtype:
+    """The torch dtype scales are stored in (QuantSpec names it, so the spec itself needs no torch)."""
+    return getattr(torch, spec.scale_dtype)
 
 
 class QuantResult(NamedTuple):
@@ -132,14 +49,6 @@ class QuantResult(NamedTuple):
     sq_ref: float = 0.0  # sum of w^2: sq_err / sq_ref is the relative error the builder reports
     zeros: torch.Tensor | None = None  # asym grid: int8 zero-points shaped like scales; dequant = (code - zero) * scale
     in_scale: torch.Tensor | None = None  # awq: per-input-channel scale s; dequant = ((code - zero) * scale) / s
-
-
-def qmax_for_bits(bits: float) -> int:
-    """Largest positive code: int3 -> 3 (sym: 7 levels), int4 -> 7; ternary and int2 -> 1."""
-    bits = float(bits)
-    if math.isclose(bits, TERNARY_BITS) or bits == 2.0:
-        return 1
-    return 2 ** (int(bits) - 1) - 1
 
 
 def clip_ratios(spec: QuantSpec) -> torch.Tensor:
@@ -153,7 +62,7 @@ def candidate_scales(absmax: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """[G] absmax -> [G, C] scales (sym grid), already rounded to the stored dtype."""
     ratios = clip_ratios(spec).to(absmax.device)
     raw = absmax[:, None] * ratios[None, :] / spec.qmax
-    return raw.to(spec.scale_dtype).to(torch.float32)
+    return raw.to(scale_dtype(spec)).to(torch.float32)
 
 
 def quantize_groups(groups: torch.Tensor, scales: torch.Tensor, qmax: int) -> torch.Tensor:
@@ -227,11 +136,11 @@ def grid_candidates(groups: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor
         if ratios.numel() > 1:
             mags.append(absmax[:, None] * ratios[None, :] / float(hi if hi > 0 else 1))
         raw = sign[:, None] * torch.cat(mags, dim=1)
-        return raw.to(spec.scale_dtype).to(torch.float32), None
+        return raw.to(scale_dtype(spec)).to(torch.float32), None
     xmin = groups.amin(dim=1).clamp(max=0.0)
     xmax = groups.amax(dim=1).clamp(min=0.0)
     span = (xmax - xmin)[:, None] * ratios[None, :]
-    scales = (span / float(hi - lo)).to(spec.scale_dtype).to(torch.float32)
+    scales = (span / float(hi - lo)).to(scale_dtype(spec)).to(torch.float32)
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     zeros = (torch.round(-(xmin[:, None] * ratios[None, :]) / safe) + lo).clamp_(lo, hi)
     zeros = torch.where(scales > 0, zeros, torch.zeros_like(zeros))
@@ -304,7 +213,7 @@ def quantize_groups_into(groups: torch.Tensor, spec: QuantSpec, codes, deq, chos
                          use_kernel: bool = True, zeros=None, importance: torch.Tensor | None = None):
     """Fill codes (int8), deq (fp32), chosen scale (and zero-point on the asym grid), and per-group squared
     error / squared norm (fp32, unweighted). `importance` [G, g] weights the search only."""
-    on_cpu = use_kernel and groups.device.type == "cpu" and spec.scale_dtype == torch.float16
+    on_cpu = use_kernel and groups.device.type == "cpu" and spec.scale_dtype == "float16"
     kernels = _numba_kernels() if on_cpu else None
     if kernels is not None and spec.grid == "sym" and importance is None:
         import numpy as np
@@ -388,7 +297,7 @@ def quantize_tensor(w: torch.Tensor, spec: QuantSpec, axis: int = -1, use_kernel
 
     out_rows = torch.empty((n_rows, k), dtype=w.dtype, device=w.device)
     codes_rows = torch.empty((n_rows, k), dtype=torch.int8, device=w.device) if return_codes else None
-    scales = torch.empty((n_rows, groups_per_row), dtype=spec.scale_dtype, device=w.device)
+    scales = torch.empty((n_rows, groups_per_row), dtype=scale_dtype(spec), device=w.device)
     zeros_rows = torch.empty((n_rows, groups_per_row), dtype=torch.int8, device=w.device) if spec.grid == "asym" else None
     rows_per_chunk = max(1, spec.chunk_groups // groups_per_row)
     sq_err = sq_ref = 0.0
@@ -411,7 +320,7 @@ def quantize_tensor(w: torch.Tensor, spec: QuantSpec, axis: int = -1, use_kernel
         quantize_groups_into(groups, spec, codes, deq, chosen, err, ref, use_kernel, zero, imp_groups)
         sq_err += fixed_order_total(err)
         sq_ref += fixed_order_total(ref)
-        limit = torch.finfo(spec.scale_dtype).max
+        limit = torch.finfo(scale_dtype(spec)).max
         if not bool(torch.isfinite(chosen).all()) or float(chosen.abs().max()) > limit or \
                 not bool(torch.isfinite(groups).all()):
             raise ValueError(f"rows {r0}..{r1} hold non-finite weights, or |w|max/qmax exceeds the "

@@ -11,11 +11,12 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+import model_adapters
 import tool_config
 from tool_config import option
 
-METHODS = ("clip", "rtn", "wclip", "gptq", "awq")
-GRIDS = ("sym", "full", "asym")
+METHODS = model_adapters.METHODS
+GRIDS = model_adapters.GRIDS
 NAMED_CALIB = ("teacher-sample", "pydoc-topics")
 DEFAULT_RECIPE = tool_config.cache_paths.REPO_ROOT / "configs" / "clip_122b.env"
 

@@ -39,12 +39,9 @@ import atomic_io
 import build_plan
 import calib_source
 import footprint
-import layer_io
 import provenance
-import shard_writer
 from ckpt_source import INDEX_NAME, BuildError, Source, check_out_dir, open_source, side_files  # noqa: F401 (API)
 from model_adapters import Recipe
-from shard_writer import quantize_shard, quantizer_sha256  # noqa: F401 (tests swap quant_save.quantize_shard)
 
 META_NAME = "_ptq_meta.json"
 META_FORMAT = "moe-lowbit/ptq-meta/2"
@@ -150,7 +147,9 @@ def build(args) -> dict:
     windows = calib_source.load_windows(calib_req, source.root) if recipe.calibrated else None
     calib_id = windows.identity if windows is not None else None
     plan_sha = bits_plan.sha256 if bits_plan else None
-    quantizer = quantizer_sha256()
+    import shard_writer
+
+    quantizer = shard_writer.quantizer_sha256()
     fingerprint = source.fingerprint()
     identity = {"recipe": recipe.as_dict(), "quantizer_sha256": quantizer, "fingerprint_sha256": fingerprint,
                 "calibration": calib_id, "bits_plan_sha256": plan_sha}
@@ -207,6 +206,13 @@ def build(args) -> dict:
     print(footprint.format_table(meta["footprint"]), file=sys.stderr)
     print(f"quant_save: wrote {out} in {meta['timings']['total_seconds']:.1f} s", file=sys.stderr)
     return meta
+
+
+def quantize_shard(*args, **kwargs):
+    """Write one output shard (shard_writer's); a test swaps this name to simulate a crash mid-build."""
+    import shard_writer
+
+    return shard_writer.quantize_shard(*args, **kwargs)
 
 
 def quantize_shard_hook():
@@ -396,11 +402,13 @@ def probe_plan(qcfg):
 
 
 def main(argv=None) -> int:
-    layer_io.limit_cpu_shape_caches(os.environ)  # before the calibration pass's first forward
     try:
+        qcfg = resolve_cli(argv)  # --help answers here, before anything heavy is imported
+        import layer_io
+
+        layer_io.limit_cpu_shape_caches(os.environ)  # before the calibration pass's first forward
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            qcfg = resolve_cli(argv)
             build(to_build_config(probe_plan(qcfg) if qcfg.probe else qcfg))
     except BuildError as e:
         print(f"quant_save: error: {e}", file=sys.stderr)
