@@ -89,6 +89,8 @@ def main(argv=None) -> int:
     methods = [m for m in args.methods.split(",") if m]
 
     import moe_eval  # after argparse: --help stays fast
+    import fidelity_text
+    import teacher_cache
     import fidelity_math
     import moefy_fit
     import quant_save
@@ -102,9 +104,9 @@ def main(argv=None) -> int:
     calib_text, eval_text = moefy_fit.pydoc_topics_text(held_out=False), moefy_fit.pydoc_topics_text(held_out=True)
     calib_file = work / "calib.txt"
     calib_file.write_text(calib_text, encoding="utf-8")
-    windows = moe_eval.text_windows(eval_text, tok, cfg, {"kind": "pydoc_data.topics, every fifth topic (held out)",
+    windows = fidelity_text.text_windows(eval_text, tok, cfg, {"kind": "pydoc_data.topics, every fifth topic (held out)",
                                                           "sha256": hashlib.sha256(eval_text.encode()).hexdigest()})
-    cache = moe_eval.build_teacher_cache(lambda: moe_eval.hf_logits_fn(moe_eval.load_hf_model(teacher, cfg)),
+    cache = teacher_cache.build_teacher_cache(lambda: moe_eval.hf_logits_fn(moe_eval.load_hf_model(teacher, cfg)),
                                          moe_eval.model_identity(teacher), windows, cfg)
     doc = {"schema": SCHEMA, "provenance": provenance.record(argv=sys.argv), "teacher": str(teacher),
            "calib_tokens": args.calib_tokens, "calib_text_sha256": provenance.sha256_file(calib_file),

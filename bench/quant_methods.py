@@ -228,6 +228,7 @@ def llamacpp_stage(prefix: Path, bf16: Path, ggufs: dict, ours: dict, evalf: Pat
 def score_row(student_dir: Path, windows, cache, cfg) -> dict:
     """moe_eval's every-position figures and the KL over llama-perplexity's positions, one forward."""
     import moe_eval
+    import teacher_cache
     import quant_methods_kl
 
     model = moe_eval.load_hf_model(student_dir, cfg)
@@ -308,6 +309,7 @@ def main(argv=None) -> int:
 
     import llama_server
     import moe_eval
+    import teacher_cache
     import quant_save
 
     cache_root = cache_paths.cache_root()
@@ -348,7 +350,7 @@ def main(argv=None) -> int:
            "ours": old.get("ours", {}) if same else {}, "llamacpp": old.get("llamacpp", {}) if same else {},
            "agreement": old.get("agreement", {}) if same else {}, "loadavg_start": list(os.getloadavg())}
 
-    cache = moe_eval.build_teacher_cache(lambda: moe_eval.hf_logits_fn(moe_eval.load_hf_model(teacher, cfg)),
+    cache = teacher_cache.build_teacher_cache(lambda: moe_eval.hf_logits_fn(moe_eval.load_hf_model(teacher, cfg)),
                                          moe_eval.model_identity(teacher), windows, cfg)
     lp_done = False
 

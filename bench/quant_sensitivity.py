@@ -149,6 +149,8 @@ def main(argv=None) -> int:
         return 0
 
     import moe_eval  # after argparse: --help stays fast
+    import fidelity_text
+    import teacher_cache
     import fidelity_math
     import quant_save
 
@@ -167,10 +169,10 @@ def main(argv=None) -> int:
 
     eval_text = calib_source.pydoc_split()[1]  # the recipe's --calib pydoc-topics takes [0]: disjoint
     cfg = moe_eval.FidelityConfig(ctx=args.ctx, max_tokens=args.ctx * args.chunks, device="cpu")
-    windows = moe_eval.text_windows(eval_text, moe_eval.load_tokenizer(teacher), cfg,
+    windows = fidelity_text.text_windows(eval_text, moe_eval.load_tokenizer(teacher), cfg,
                                     {"kind": "pydoc_data.topics, even-numbered (held out)",
                                      "sha256": hashlib.sha256(eval_text.encode()).hexdigest()})
-    cache = moe_eval.build_teacher_cache(lambda: moe_eval.hf_logits_fn(moe_eval.load_hf_model(teacher, cfg)),
+    cache = teacher_cache.build_teacher_cache(lambda: moe_eval.hf_logits_fn(moe_eval.load_hf_model(teacher, cfg)),
                                          moe_eval.model_identity(teacher), windows, cfg)
     base_text = (f"{base['method']}, grid {base['grid']}, g{base['group']}, linears {base['linear_bits']:g} bit"
                  f"{', act-order' if base['act_order'] else ''}, {base['role_bits'] or 'no role overrides'}, "

@@ -9,6 +9,7 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))  # last: bench/ shadows src/quant names
 
 import moe_eval  # noqa: E402
+import teacher_cache  # noqa: E402
 import quant_methods_kl as qkl  # noqa: E402
 import quant_methods_report as rep  # noqa: E402
 
@@ -107,10 +108,10 @@ def _fixture(tmp_path, n=3, ctx=16, vocab=40):
     noise = 0.3 * torch.randn(vocab, vocab, generator=g)
     teacher = lambda tokens: table[tokens]  # noqa: E731  logits depend on the current token only
     student = lambda tokens: (table + noise)[tokens]  # noqa: E731
-    cfg = moe_eval.EvalConfig(ctx=ctx, max_tokens=n * ctx, add_bos=False, cache_root=str(tmp_path), token_chunk=5,
+    cfg = moe_eval.FidelityConfig(ctx=ctx, max_tokens=n * ctx, add_bos=False, cache_root=str(tmp_path), token_chunk=5,
                               vocab_chunk=16)
     windows = moe_eval.TokenWindows(torch.randint(0, vocab, (n, ctx), generator=g))
-    cache = moe_eval.build_teacher_cache(lambda: teacher, "toy-teacher", windows, cfg)
+    cache = teacher_cache.build_teacher_cache(lambda: teacher, "toy-teacher", windows, cfg)
     return teacher, student, cfg, windows, cache
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import fidelity_math as fm
 import fidelity_text as ft
 import moe_eval as me
+import teacher_cache
 
 # Original prose (written for this test) so the model tests need no hub dataset.
 PROSE = """\
@@ -243,7 +244,7 @@ def prose_file(tmp_path_factory):
 def prose_windows(smollm2_dir, prose_file):
     cfg = me.FidelityConfig(ctx=CTX, max_tokens=MAX_TOKENS)
     text, record = ft.read_text(me.TextSpec(kind="file", path=str(prose_file)))
-    return me.text_windows(text, me.load_tokenizer(smollm2_dir), cfg, record)
+    return ft.text_windows(text, me.load_tokenizer(smollm2_dir), cfg, record)
 
 
 @pytest.fixture(scope="module")
@@ -329,19 +330,19 @@ def test_teacher_cache_reused_and_invalidated(teacher, prose_windows, tmp_path):
         return me.hf_logits_fn(teacher)
 
     try:
-        first = me.build_teacher_cache(loader, "smollm2", small, cfg)
+        first = teacher_cache.build_teacher_cache(loader, "smollm2", small, cfg)
         assert (first.hit, first.computed_windows, calls["forward"], calls["load"]) == (False, 2, 2, 1)
-        again = me.build_teacher_cache(loader, "smollm2", small, cfg)
+        again = teacher_cache.build_teacher_cache(loader, "smollm2", small, cfg)
         assert (again.hit, again.computed_windows, calls["forward"], calls["load"]) == (True, 0, 2, 1)
         assert again.path == first.path
         other_text = me.TokenWindows(prose_windows.tokens[1:3, :32].clone(), prose_windows.source)
-        changed = me.build_teacher_cache(loader, "smollm2", other_text, cfg)
+        changed = teacher_cache.build_teacher_cache(loader, "smollm2", other_text, cfg)
         assert not changed.hit and changed.path != first.path and calls["forward"] == 4
         shorter = me.TokenWindows(prose_windows.tokens[:2, :16].clone(), prose_windows.source)
-        ctx_changed = me.build_teacher_cache(loader, "smollm2", shorter, me.FidelityConfig(
+        ctx_changed = teacher_cache.build_teacher_cache(loader, "smollm2", shorter, me.FidelityConfig(
             ctx=16, dtype="float32", cache_root=str(tmp_path)))
         assert not ctx_changed.hit and calls["forward"] == 6
-        other_teacher = me.build_teacher_cache(loader, "another-model", small, cfg)
+        other_teacher = teacher_cache.build_teacher_cache(loader, "another-model", small, cfg)
         assert not other_teacher.hit and calls["forward"] == 8
     finally:
         hook.remove()

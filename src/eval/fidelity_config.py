@@ -7,19 +7,27 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 import cache_paths
 
+if TYPE_CHECKING:
+    import torch
+
 CACHE_FORMAT_VERSION = 1
-CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CACHE_DTYPES = ("bfloat16", "float16", "float32")  # by torch name: this module loads no torch (--help)
+MODEL_DTYPES = ("bfloat16", "float16", "float32")
 TEXT_KINDS = ("file", "dataset", "teacher-sample")
 
 # tokens [ctx] int64 -> logits [ctx, V] (any float dtype, any device): what every model is reduced to
-LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+LogitsFn = Callable[["torch.Tensor"], "torch.Tensor"]
+
+
+def torch_dtype(name: str):
+    """The torch dtype a name in CACHE_DTYPES / MODEL_DTYPES stands for."""
+    import torch
+
+    return getattr(torch, name)
 
 
 @dataclass(frozen=True)
@@ -55,14 +63,14 @@ class FidelityConfig:
             raise ValueError(f"cache_topk must be >= 0 (0 = full vocabulary), got {self.cache_topk}")
 
     @property
-    def torch_dtype(self) -> torch.dtype:
+    def torch_dtype(self):
         if self.dtype == "auto":
-            return torch.float32 if self.device == "cpu" else torch.bfloat16
-        return MODEL_DTYPES[self.dtype]
+            return torch_dtype("float32" if self.device == "cpu" else "bfloat16")
+        return torch_dtype(self.dtype)
 
     @property
     def device_type(self) -> str:
-        return "cuda" if self.device == "auto" else torch.device(self.device).type
+        return "cuda" if self.device == "auto" else self.device.split(":")[0]
 
     def cache_dir(self) -> Path:
         if self.cache_root:
@@ -111,7 +119,9 @@ class TokenWindows:
         return int(self.tokens.shape[0] * (self.tokens.shape[1] - 1))
 
 
-def tokens_sha256(tokens: torch.Tensor) -> str:
+def tokens_sha256(tokens) -> str:
+    import torch
+
     t = tokens.to(torch.int64).contiguous().cpu()
     h = hashlib.sha256(str(tuple(t.shape)).encode())
     h.update(t.numpy().tobytes())

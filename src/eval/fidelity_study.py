@@ -26,14 +26,14 @@ import json
 import sys
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 import atomic_io
-import fidelity_math
 import moe_alloc
-import moe_quant
-import moe_study
+import quant_config
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[2]
 FORMAT = "moe-lowbit/moe-study/1"
@@ -45,6 +45,8 @@ def batched_logits_fn(model: torch.nn.Module, all_tokens: torch.Tensor, batch: i
     """tokens [ctx] -> logits [ctx, V], like moe_eval.hf_logits_fn, but run `batch` windows of `all_tokens`
     [n, ctx] per forward: a call for window i (matched by content) computes windows i..i+batch-1 at once
     and serves the following calls from that block. Any other input gets a forward of its own."""
+    import torch
+
     dev = model.get_input_embeddings().weight.device
     held: dict = {"start": -1, "logits": None}
 
@@ -68,6 +70,8 @@ def batched_logits_fn(model: torch.nn.Module, all_tokens: torch.Tensor, batch: i
 def fp32_logits_head(model: torch.nn.Module) -> None:
     """Keep the output head in fp32 on a bf16/fp16 model: the logits (and so every KL) are then not rounded
     to 8 mantissa bits; the decoder runs in the low precision, the head casts its input up."""
+    import torch
+
     head = model.get_output_embeddings()
     if head is None or head.weight.dtype == torch.float32 or head.weight is model.get_input_embeddings().weight:
         return  # tied: the embedding would change dtype too
@@ -81,15 +85,18 @@ def run_study(model_spec: str, strategies: list, budgets: list | None, levels: l
     """Probe, teacher cache, one fake-quant per layer and level, then every (budget, strategy) student."""
     import fidelity_config
     import moe_eval
+    import fidelity_text
+    import teacher_cache
     import moe_probe
     import model_ref
+    import moe_study
     import moefy_fit
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t_start = time.time()
     model_dir = model_ref.resolve(model_spec, log=log)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=fidelity_config.MODEL_DTYPES[dtype]).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=fidelity_config.torch_dtype(dtype)).eval()
     fp32_logits_head(model)
     t_load = time.time() - t_start
     # probe on the calibration split
@@ -100,11 +107,11 @@ def run_study(model_spec: str, strategies: list, budgets: list | None, levels: l
     # teacher cache on the held-out split (the source model in the same dtype as every student)
     cfg = moe_eval.FidelityConfig(ctx=ctx, max_tokens=eval_tokens, cache_root=cache_root, dtype=dtype)
     held = moefy_fit.pydoc_topics_text(held_out=True)
-    windows = moe_eval.text_windows(held, tok, cfg, {"kind": "pydoc_data.topics held-out split"})
+    windows = fidelity_text.text_windows(held, tok, cfg, {"kind": "pydoc_data.topics held-out split"})
     teacher_id = moe_eval.model_identity(model_dir) + f":{dtype}:fp32-head"
     logits_fn = batched_logits_fn(model, windows.tokens, batch)
     t0 = time.time()
-    cache = moe_eval.build_teacher_cache(lambda: logits_fn, teacher_id, windows, cfg)
+    cache = teacher_cache.build_teacher_cache(lambda: logits_fn, teacher_id, windows, cfg)
     t_teacher = time.time() - t0
     units = moe_alloc.expert_units(model_dir)
     budgets = budgets or moe_study.default_budgets(units, group, grid)
@@ -165,6 +172,8 @@ def load_average() -> list | None:
 
 def findings_table(study: dict) -> str:
     """Markdown: one row per (budget, strategy), sorted by KL within each budget; paired deltas vs uniform."""
+    import fidelity_math
+
     lines = [f"Model `{study['model_spec']}`; KL(teacher || student) over {study['eval_text']['n_scored_tokens']} "
              f"held-out tokens ({study['eval_text']['n_windows']} windows of {study['eval_text']['ctx']}); "
              f"intervals: mean +/- 1.96 stderr over windows; levels {study['levels']}, g{study['group']} "
@@ -250,7 +259,7 @@ def main(argv=None) -> int:
                                                   "uniform int2/int3 and uniform int3)")
     ap.add_argument("--levels", default="2,3,4")
     ap.add_argument("--group", type=int, default=128)
-    ap.add_argument("--grid", default="full", choices=moe_quant.GRIDS)
+    ap.add_argument("--grid", default="full", choices=quant_config.GRIDS)
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--probe-tokens", type=int, default=8192)
     ap.add_argument("--ctx", type=int, default=256)
@@ -269,7 +278,11 @@ def main(argv=None) -> int:
     ap.add_argument("--render", type=Path, default=None,
                     help="re-render FINDINGS.md, pareto.png and the doc block from an existing study.json")
     args = ap.parse_args(argv)
-    if args.threads > 0:
+    import torch
+
+    import moe_study
+
+    if args.threads > 0:  # once, by the entry point
         torch.set_num_threads(args.threads)
     if args.render:
         study = json.loads(args.render.read_text())

@@ -33,15 +33,16 @@ import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 import atomic_io
-import fidelity_math as fm
 import provenance
 from fidelity_config import CACHE_DTYPES, FidelityConfig, LogitsFn, TextSpec, TokenWindows
-from fidelity_text import input_device, read_text, teacher_sample_windows, text_windows
-from teacher_cache import TeacherCache, build_teacher_cache, cache_record
+
+if TYPE_CHECKING:
+    import torch
+
+    from teacher_cache import TeacherCache
 
 SCHEMA = "moe-lowbit/fidelity/v1"
 
@@ -72,13 +73,19 @@ def model_identity(model_dir: str | Path) -> str:
     return "dir:" + provenance.sha256_json({p.name: _file_fingerprint(p) for p in files})
 
 
-@torch.no_grad()
 def module_identity(model: torch.nn.Module) -> str:
     """Fingerprint of a loaded model: per tensor name/shape/dtype, sum, sum of squares, strided sample.
 
     Computed where the weights live (no device->host copy of the weights); any realistic change to the
     weights (quantization, a different checkpoint) changes the sums.
     """
+    import torch
+
+    with torch.no_grad():
+        return _module_identity(model, torch)
+
+
+def _module_identity(model, torch) -> str:
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         flat = t.detach().reshape(-1)
@@ -110,6 +117,9 @@ def load_tokenizer(model_dir: str | Path):
 
 def hf_logits_fn(model: torch.nn.Module) -> LogitsFn:
     """Wrap a transformers causal LM as tokens [ctx] -> logits [ctx, V] (no grad, batch of one)."""
+    import torch
+
+    from fidelity_text import input_device
 
     @torch.no_grad()
     def logits_of(tokens: torch.Tensor) -> torch.Tensor:
@@ -124,7 +134,10 @@ def hf_logits_fn(model: torch.nn.Module) -> LogitsFn:
 def score_student(logits_fn: LogitsFn, windows: TokenWindows, cache: TeacherCache, cfg: FidelityConfig,
                   name: str = "student") -> dict:
     """Per-window mean KL, top-1 agreement and NLLs of one student against the cached teacher."""
+    import torch
     from safetensors import safe_open
+
+    import fidelity_math as fm
     from tqdm import tqdm
 
     per = {"kl": [], "top1": [], "nll_teacher": [], "nll_student": []}
@@ -165,6 +178,8 @@ def score_student(logits_fn: LogitsFn, windows: TokenWindows, cache: TeacherCach
 
 def summarize(per: dict, token_kl: torch.Tensor, cache: TeacherCache, cfg: FidelityConfig) -> dict:
     """Per-window lists -> the reported figures (windows have equal length, so window mean = token mean)."""
+    import fidelity_math as fm
+
     z = cfg.z
     nll_t, nll_s = fm.interval_over_windows(per["nll_teacher"], z), fm.interval_over_windows(per["nll_student"], z)
     delta = fm.interval_over_windows([s - t for s, t in zip(per["nll_student"], per["nll_teacher"])], z)
@@ -192,6 +207,8 @@ def summarize(per: dict, token_kl: torch.Tensor, cache: TeacherCache, cfg: Fidel
 # ------------------------------------------------------------------------------------------ entry points
 
 def _as_logits_fn(model_or_fn) -> LogitsFn:
+    import torch
+
     return hf_logits_fn(model_or_fn) if isinstance(model_or_fn, torch.nn.Module) else model_or_fn
 
 
@@ -203,6 +220,10 @@ def compare_loaded(teacher, students: dict, windows: TokenWindows, cfg: Fidelity
     runtime). teacher_id: the cache identity; for a module it defaults to its weight fingerprint, a
     callable must be given one (there is nothing to fingerprint).
     """
+    import torch
+
+    from teacher_cache import build_teacher_cache, cache_record
+
     if teacher_id is None:
         if not isinstance(teacher, torch.nn.Module):
             raise ValueError("a callable teacher needs an explicit teacher_id (used as its cache identity)")
@@ -215,6 +236,8 @@ def compare_loaded(teacher, students: dict, windows: TokenWindows, cfg: Fidelity
 
 
 def _free(model) -> None:
+    import torch
+
     del model
     gc.collect()
     if torch.cuda.is_available():
@@ -228,6 +251,9 @@ def compare_models(teacher_dir: str | Path, student_dirs: list, text: TextSpec, 
     The teacher is loaded only if its samples or logits are not cached, and freed before any student
     is loaded; students are loaded one at a time.
     """
+    from fidelity_text import read_text, teacher_sample_windows, text_windows
+    from teacher_cache import build_teacher_cache, cache_record
+
     if not student_dirs:
         raise ValueError("give at least one --student DIR")
     teacher_id = teacher_id or model_identity(teacher_dir)

@@ -15,8 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 import atomic_io
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,14 +30,17 @@ def texts() -> dict:
 
 
 def run(ctx: int, max_tokens: int, probe_tokens: int, cache_root: str | None, log=print) -> dict:
-    import embedded_model
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import fidelity_text
+    import model_ref
     import moe_eval
     import moe_probe
     import provenance
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dense_dir = embedded_model.resolve("embedded:smollm2", log=log)
-    moe_dir = embedded_model.resolve("embedded:smollm2-moe", log=log)
+    dense_dir = model_ref.resolve("embedded:smollm2", log=log)
+    moe_dir = model_ref.resolve("embedded:smollm2-moe", log=log)
     tok = AutoTokenizer.from_pretrained(str(dense_dir))
     dense = AutoModelForCausalLM.from_pretrained(str(dense_dir), dtype=torch.float32).eval()
     moe = AutoModelForCausalLM.from_pretrained(str(moe_dir), dtype=torch.float32).eval()
@@ -47,7 +48,7 @@ def run(ctx: int, max_tokens: int, probe_tokens: int, cache_root: str | None, lo
            "texts": {}}
     for key, (label, text) in texts().items():
         c = moe_eval.FidelityConfig(ctx=ctx, max_tokens=max_tokens, cache_root=cache_root)
-        windows = moe_eval.text_windows(text, tok, c, {"kind": label})
+        windows = fidelity_text.text_windows(text, tok, c, {"kind": label})
         res = moe_eval.compare_loaded(dense, {"moe": moe}, windows, c,
                                       teacher_id=moe_eval.model_identity(dense_dir) + ":float32")
         r = res["students"]["moe"]
@@ -117,7 +118,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "results" / "smollm2_moe" / "fixture_report.json")
     ap.add_argument("--doc", type=Path, default=REPO / "docs" / "SMOLLM2_MOE.md")
     args = ap.parse_args(argv)
-    if args.threads > 0:
+    if args.threads > 0:  # once, by the entry point
+        import torch
+
         torch.set_num_threads(args.threads)
     rep = run(args.ctx, args.max_tokens, args.probe_tokens, args.cache_root, log=lambda m: print(m, file=sys.stderr))
     atomic_io.write_json(args.out, rep)

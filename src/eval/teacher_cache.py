@@ -16,7 +16,7 @@ import torch
 import atomic_io
 import fidelity_math as fm
 import provenance
-from fidelity_config import CACHE_DTYPES, CACHE_FORMAT_VERSION, FidelityConfig, LogitsFn, TokenWindows
+from fidelity_config import CACHE_FORMAT_VERSION, FidelityConfig, LogitsFn, TokenWindows, torch_dtype
 
 
 @dataclass
@@ -63,7 +63,7 @@ def _teacher_window_tensors(logits: torch.Tensor, tokens: torch.Tensor, cfg: Fid
             parts.setdefault("topk_ids", []).append(ids.to(torch.int32).cpu())
             parts.setdefault("rest_logp", []).append(fm.rest_log_mass(x, ids, cfg.vocab_chunk, lse).cpu())
         else:
-            logp = torch.empty(x.shape, dtype=CACHE_DTYPES[cfg.cache_dtype])
+            logp = torch.empty(x.shape, dtype=torch_dtype(cfg.cache_dtype))
             for sl in fm.vocab_slices(x.shape[-1], cfg.vocab_chunk):
                 logp[:, sl] = (x[:, sl].float() - lse[:, None]).cpu()
             parts.setdefault("logp", []).append(logp)
@@ -124,7 +124,7 @@ def build_teacher_cache(load_teacher_fn: Callable[[], LogitsFn], teacher_id: str
 def _check_cache_size(n_windows: int, cfg: FidelityConfig, vocab: int) -> None:
     if cfg.cache_topk:
         return
-    gb = n_windows * (cfg.ctx - 1) * vocab * CACHE_DTYPES[cfg.cache_dtype].itemsize / 1e9
+    gb = n_windows * (cfg.ctx - 1) * vocab * torch_dtype(cfg.cache_dtype).itemsize / 1e9
     if gb > cfg.cache_max_gb:
         raise ValueError(f"a full-vocabulary teacher cache would take {gb:.1f} GB (> --cache-max-gb "
                          f"{cfg.cache_max_gb}); fix: raise --cache-max-gb, lower --max-tokens, or use "
