@@ -32,7 +32,8 @@ moe_lowbit_ensure_venv() {
     source "$MOE_LOWBIT_VENV/bin/activate"
     return 0
   fi
-  if [ -n "${VIRTUAL_ENV:-}" ] && python -c "import torch, transformers, safetensors" 2>/dev/null; then
+  # find_spec looks the packages up without importing them (importing torch alone takes seconds)
+  if [ -n "${VIRTUAL_ENV:-}" ] && python -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('torch', 'transformers', 'safetensors')))" 2>/dev/null; then
     return 0
   fi
   local venv

@@ -12,5 +12,6 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC1091
 source "$ROOT/env.sh"
+case " $* " in *" --help "*|*" -h "*) exec python3 "$ROOT/src/quant/quant_save.py" --help ;; esac  # no venv needed for help
 moe_lowbit_ensure_venv
 exec python "$ROOT/src/quant/quant_save.py" --default-recipe "$ROOT/configs/clip_122b.env" "$@"
