@@ -475,7 +475,7 @@ def test_tiny_moe_cache_that_cannot_be_written_is_one_clear_error(tmp_path, smol
 
     blocker = tmp_path / "cache-is-a-file"
     blocker.write_text("not a directory")
-    with pytest.raises(smoke_models.SmokeModelError, match="could not write the tiny MoE.*fix: check that "
+    with pytest.raises(smoke_models.SmokeModelError, match="could not write the tiny random-weight qwen3_moe.*fix: check that "
                                                            "MOE_LOWBIT_CACHE is writable"):
         smoke_models.tiny_moe_dir(smollm2_dir, blocker, log=lambda m: None)
 

@@ -80,19 +80,9 @@ def tiny_moe_dir(tokenizer_dir: Path, cache_root: Path | None = None, seed: int 
                                   "config": provenance.sha256_file(tokenizer_dir / "config.json")})[:12]
     root = Path(cache_root) if cache_root else default_cache_root()
     final = root / f"tiny-qwen3-moe-random-s{seed}-{key}"
-    if final.exists():
-        problem = verify(final)
-        if problem is None:
-            return final
-        log(f"smoke_models: cached tiny MoE at {final} is broken ({problem}); rebuilding it")
-    log(f"smoke_models: building a tiny random-weight qwen3_moe in {final} (once; a few seconds)")
-    try:
-        verified_cache.build_dir(final, lambda tmp: _write_tiny_moe(tokenizer_dir, tmp, seed), FORMAT_VERSION,
-                                 {"seed": seed, "random_weights": True})
-    except OSError as e:
-        raise SmokeModelError(f"could not write the tiny MoE under {root}: {e}; "
-                              f"fix: {verified_cache.write_failure_hint(e)}") from e
-    return final
+    return verified_cache.cached_or_built(
+        final, lambda tmp: _write_tiny_moe(tokenizer_dir, tmp, seed), FORMAT_VERSION,
+        {"seed": seed, "random_weights": True}, "the tiny random-weight qwen3_moe", log, SmokeModelError)
 
 
 def main(argv=None) -> int:

@@ -73,19 +73,10 @@ def smollm2_bf16_dir(cache_root: Path | None = None, force: bool = False, log=pr
     root = Path(cache_root) if cache_root else default_cache_root()
     key = f"{gguf.stat().st_size}-{int(gguf.stat().st_mtime)}-v{FORMAT_VERSION}"
     final = root / f"SmolLM2-135M-Instruct-bf16-{key}"
-    if final.exists() and not force:
-        problem = verify_checkpoint(final)
-        if problem is None:
-            return final
-        log(f"embedded_model: cached conversion at {final} is broken ({problem}); rebuilding it")
-    log(f"embedded_model: converting {gguf.name} -> BF16 checkpoint (once; ~30 s)")
-    try:
-        verified_cache.build_dir(final, lambda tmp: convert_gguf_to_bf16(gguf, tmp), FORMAT_VERSION,
-                                 {"source": str(gguf), "source_sha256": provenance.sha256_file(gguf)})
-    except OSError as e:
-        raise EmbeddedModelError(f"could not write the embedded model cache under {root}: {e}; "
-                                 f"fix: {verified_cache.write_failure_hint(e)}") from e
-    return final
+    return verified_cache.cached_or_built(
+        final, lambda tmp: convert_gguf_to_bf16(gguf, tmp), FORMAT_VERSION,
+        {"source": str(gguf), "source_sha256": provenance.sha256_file(gguf)},
+        f"the embedded SmolLM2 BF16 checkpoint (from {gguf.name})", log, EmbeddedModelError, force)
 
 
 MOE_FORMAT_VERSION = 2  # bump when the MoE assembly changes (2: lm_head stored, llama.cpp's qwen2moe needs it)
@@ -129,21 +120,10 @@ def smollm2_moe_dir(cache_root: Path | None = None, force: bool = False, log=pri
     key = provenance.sha256_json({"dense": dense.name, "pieces": provenance.sha256_file(MOE_PIECES),
                                   "v": MOE_FORMAT_VERSION})[:12]
     final = root / f"SmolLM2-135M-MoE-qwen2moe-{key}"
-    if final.exists() and not force:
-        problem = verify_checkpoint_version(final, MOE_FORMAT_VERSION)
-        if problem is None:
-            return final
-        log(f"embedded_model: cached MoE fixture at {final} is broken ({problem}); rebuilding it")
-    log(f"embedded_model: assembling embedded:smollm2-moe (qwen2_moe, shared + 8 routed experts) in {final} "
-        f"(once; ~20 s)")
-    try:
-        verified_cache.build_dir(final, lambda tmp: assemble_smollm2_moe(dense, MOE_PIECES, tmp),
-                                 MOE_FORMAT_VERSION, {"source": str(dense), "pieces": str(MOE_PIECES),
-                                                      "pieces_sha256": provenance.sha256_file(MOE_PIECES)})
-    except OSError as e:
-        raise EmbeddedModelError(f"could not write the embedded model cache under {root}: {e}; "
-                                 f"fix: {verified_cache.write_failure_hint(e)}") from e
-    return final
+    return verified_cache.cached_or_built(
+        final, lambda tmp: assemble_smollm2_moe(dense, MOE_PIECES, tmp), MOE_FORMAT_VERSION,
+        {"source": str(dense), "pieces": str(MOE_PIECES), "pieces_sha256": provenance.sha256_file(MOE_PIECES)},
+        "embedded:smollm2-moe (qwen2_moe, shared + 8 routed experts)", log, EmbeddedModelError, force)
 
 
 def verify_checkpoint_version(ckpt: Path, version: int) -> str | None:

@@ -67,3 +67,19 @@ def build_dir(final: Path, build, format_version: int, extra: dict | None = None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def cached_or_built(final: Path, build, format_version: int, extra: dict, what: str, log, error: type,
+                    force: bool = False) -> Path:
+    """`final` when its manifest still verifies, else rebuilt (`build(tmp_dir)`), saying which and why.
+    A write failure is raised as `error` with the fix; nothing half-written is left."""
+    if final.exists() and not force:
+        problem = verify_dir(final, format_version)
+        if problem is None:
+            return final
+        log(f"{what} at {final} is broken ({problem}); rebuilding it")
+    log(f"building {what} in {final} (once)")
+    try:
+        return build_dir(final, build, format_version, extra)
+    except OSError as e:
+        raise error(f"could not write {what} under {final.parent}: {e}; fix: {write_failure_hint(e)}") from e
