@@ -48,7 +48,7 @@ def test_types_follow_the_default():
         resolve(env={"DEMO_EAGER": "maybe"})
     with pytest.raises(ConfigError, match="--steps='1.5': not a valid int"):
         resolve(["--steps", "1.5"])
-    with pytest.raises(ConfigError, match="choose one of sym, full"):
+    with pytest.raises(ConfigError, match="--grid: unknown grid .diag.; choose one of sym, full"):
         resolve(["--grid", "diag"])
 
 

@@ -101,7 +101,7 @@ def convert(f: dataclasses.Field, raw: Any, key: str) -> Any:
             raise ConfigError(f"{key}={raw!r}: not a valid {kind.__name__}") from None
     choices = f.metadata.get("choices")
     if choices and value not in choices:
-        raise ConfigError(f"{key}={raw!r}: choose one of {', '.join(choices)}")
+        raise ConfigError(f"{key}: unknown {f.name.replace('_', ' ')} {value!r}; choose one of {', '.join(choices)}")
     return value
 
 
