@@ -77,6 +77,8 @@ def main(argv=None) -> int:
     cfg = json.loads((Path(dense) / "config.json").read_text())
     spec.check(int(cfg["intermediate_size"]))
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # once, here: the router fit's 300 tiny steps per layer spend 15x the math on
+    # thread hand-offs on a shared box
     t0 = time.time()
     tok = AutoTokenizer.from_pretrained(str(dense))
     model = AutoModelForCausalLM.from_pretrained(str(dense), dtype=torch.float32).eval()

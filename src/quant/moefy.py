@@ -134,18 +134,13 @@ def fit_router(x: torch.Tensor, target_share: torch.Tensor, steps: int = 300, lr
     w = torch.zeros(e, h, requires_grad=True)
     opt = torch.optim.Adam([w], lr=lr)
     xf, tf = x.detach().float(), target_share.detach().float()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 300 tiny steps: thread hand-offs cost 15x the math on a shared box
-    try:
-        with torch.enable_grad():
-            for _ in range(steps):
-                opt.zero_grad()
-                logp = F.log_softmax(xf @ w.T, dim=-1)
-                loss = -(tf * logp).sum(-1).mean() + weight_decay * w.pow(2).sum()
-                loss.backward()
-                opt.step()
-    finally:
-        torch.set_num_threads(threads)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad()
+            logp = F.log_softmax(xf @ w.T, dim=-1)
+            loss = -(tf * logp).sum(-1).mean() + weight_decay * w.pow(2).sum()
+            loss.backward()
+            opt.step()
     return w.detach()
 
 
