@@ -16,8 +16,8 @@ case "${1:-}" in -h|--help) usage; exit 0 ;; "") ;; *) echo "install_llamacpp: u
 
 # shellcheck disable=SC1091
 source "$ROOT/env.sh"
-# shellcheck disable=SC1091
-[ -f "$ROOT/configs/gguf.env" ] && source "$ROOT/configs/gguf.env"
+# the pinned version: the environment's, else configs/gguf.env's (a plain KEY=VALUE recipe, never sourced)
+LLAMA_CPP_VERSION="${LLAMA_CPP_VERSION:-$(sed -n 's/^LLAMA_CPP_VERSION=\([^[:space:]#]*\).*/\1/p' "$ROOT/configs/gguf.env")}"
 
 TOOLS=(llama-quantize llama-imatrix llama-server llama-perplexity llama-bench)
 

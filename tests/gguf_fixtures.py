@@ -92,7 +92,7 @@ def packable_checkpoint(model_dir: Path) -> Path:
     return model_dir
 
 
-PACK_MODULES = ("gguf_pack.py", "gguf_types.py", "gguf_source.py", "gguf_convert.py")  # a change repacks
+PACK_MODULES = ("gguf_pack.py", "gguf_types.py", "gguf_source.py", "gguf_convert.py", "gguf_run.py")  # a change repacks
 
 
 def _key(*parts) -> str:
@@ -103,9 +103,9 @@ def _key(*parts) -> str:
 
 
 def pack_env(model_dir: Path, out_dir: Path, calib: Path, prefix: Path, **env) -> dict:
-    return {**os.environ, "MODEL": str(model_dir), "OUT": str(out_dir), "CALIB_FILE": str(calib),
-            "IMATRIX_CHUNKS": "4", "IMATRIX_CTX": "128", "THREADS": str(os.cpu_count() or 2),
-            "LLAMA_CPP": str(prefix), **{k: str(v) for k, v in env.items()}}
+    return {**os.environ, "GGUF_MODEL": str(model_dir), "GGUF_OUT": str(out_dir), "GGUF_CALIB_FILE": str(calib),
+            "GGUF_IMATRIX_CHUNKS": "4", "GGUF_IMATRIX_CTX": "128", "GGUF_THREADS": str(os.cpu_count() or 2),
+            "LLAMA_CPP": str(prefix), **{("GGUF_" + k if k != "LLAMA_CPP" else k): str(v) for k, v in env.items()}}
 
 
 def run_pack(env: dict) -> subprocess.CompletedProcess:

@@ -351,12 +351,12 @@ def test_fresh_and_record_cli_rebuild_only_when_an_input_changed(tmp_path):
     assert run_cli("record", target, *args).returncode == 2  # nothing to record
 
 
-def test_pack_script_consults_the_keys_for_every_intermediate():
-    text = (ROOT / "pipelines" / "pack_gguf.sh").read_text()
-    for name in ("BF16", "MMPROJ_GGUF", "CALIB", "IMAT"):
-        assert f'gguf_pack fresh "${name}"' in text and f'gguf_pack record "${name}"' in text, name
-    for needle in ("router_type=$ROUTER_TYPE", "mtp=$MTP", "llama_cpp=$LLAMA_CPP_VERSION", "model=$MODEL_DIR",
-                   "bf16_inputs=$BF16.inputs.json", "calibration=$CALIB"):
+def test_pack_consults_the_keys_for_every_intermediate():
+    text = (ROOT / "src" / "quant" / "gguf_run.py").read_text()
+    for target in ("p.bf16", "p.mmproj", "calib", "target"):
+        assert f"p.step({target}, " in text, target  # Pack.step: `fresh` before, `record` after
+    for needle in ("router_type={cfg.router_type}", "mtp={cfg.mtp}", "llama_cpp={cfg.llama_cpp_version}",
+                   "model={model_dir}", "bf16_inputs={p.bf16}.inputs.json", "calibration={calib}"):
         assert needle in text, needle
 
 
@@ -454,13 +454,13 @@ def test_pack_refuses_missing_imatrix_typo_and_dequantized_input(smollm2_dir, ll
     assert not (out / "smollm2-IQ3_XXS.gguf").exists()
     bad = tmp_path / "bad.txt"
     bad.write_text("ffn_(gate|up|down)_exps=iq3_xxs\nattn_(q|k|v)=iq4_nll\n")
-    r = gf.run_pack({**env, "IMATRIX": "", "TENSOR_TYPES": str(bad)})
+    r = gf.run_pack({**env, "GGUF_IMATRIX": "", "GGUF_TENSOR_TYPES": str(bad)})
     assert r.returncode != 0 and "bad.txt:2" in r.stderr and "iq4_nll" in r.stderr
     clip = tmp_path / "clip"
     clip.mkdir()
     (clip / "config.json").write_text((smollm2_dir / "config.json").read_text())
     (clip / gs.PTQ_META).write_text("{}")
-    r = gf.run_pack({**env, "MODEL": str(clip), "OUT": str(tmp_path / "o")})
+    r = gf.run_pack({**env, "GGUF_MODEL": str(clip), "GGUF_OUT": str(tmp_path / "o")})
     assert r.returncode != 0 and "dequantized PTQ checkpoint" in r.stderr and not (tmp_path / "o").exists()
 
 

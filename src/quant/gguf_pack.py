@@ -1,12 +1,12 @@
-"""The CLI that pipelines/pack_gguf.sh calls between llama.cpp's tools, and the meta JSON of a packed GGUF.
+"""The CLI that gguf_run.py (pipelines/pack_gguf.sh) calls between llama.cpp's tools, and the meta JSON of a packed GGUF.
 
-pack_gguf.sh runs the llama.cpp tools; the decisions live in two modules beside this one, so that a typo
+gguf_run.py runs the llama.cpp tools; the decisions live in two modules beside this one, so that a typo
 in a recipe, a missing imatrix or a dequantized input fails *before* an hour of conversion:
   - gguf_types.py: the recipe language and the type llama-quantize will give each tensor (pure);
   - gguf_source.py: checks and flags for the source checkpoint (PTQ input, tokenizer, MTP, hub/embedded).
 The meta JSON says what the file really holds (types read back with gguf-py, not what we asked for).
 
-CLI (used by pack_gguf.sh; every subcommand has --help):
+CLI (used by gguf_run.py; every subcommand has --help):
     python -m gguf_pack check-input MODEL_DIR [--force]
     python -m gguf_pack check-tokenizer MODEL_DIR          (and: bpe-view SRC DST, the fix it names)
     python -m gguf_pack converter-flags MODEL_DIR --mtp drop|keep --tree LLAMA_CPP_TREE

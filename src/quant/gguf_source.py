@@ -20,14 +20,14 @@ def check_input(model_dir: Path, force: bool = False) -> str | None:
     """Refuse a dequantized PTQ checkpoint (quantizing it again stacks two roundings); None when fine."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
-        raise PackError(f"MODEL={model_dir} has no config.json; point MODEL at an HF checkpoint directory")
+        raise PackError(f"GGUF_MODEL={model_dir} has no config.json; point --model at an HF checkpoint directory")
     if (model_dir / PTQ_META).is_file():
-        msg = (f"MODEL={model_dir} is a dequantized PTQ checkpoint (it has {PTQ_META}): quantizing it to GGUF "
-               "stacks a second rounding on the first. Point MODEL at the original BF16 checkpoint, or set "
-               "FORCE=1 to pack it anyway")
+        msg = (f"GGUF_MODEL={model_dir} is a dequantized PTQ checkpoint (it has {PTQ_META}): quantizing it to GGUF "
+               "stacks a second rounding on the first. Point --model at the original BF16 checkpoint, or set "
+               "GGUF_FORCE=1 (--force) to pack it anyway")
         if not force:
             raise PackError(msg)
-        return "FORCE=1: " + msg
+        return "GGUF_FORCE=1: " + msg
     return None
 
 
