@@ -265,7 +265,11 @@ def run_python(source: str, stdin: str = "", limits: SandboxLimits = SandboxLimi
         for fd in owned:  # the child has them now; the report pipe reaches EOF when the sandbox is gone
             os.close(fd)
         owned = []
-        out, err, killed = collect(proc, limits.timeout_s, limits.max_output_bytes, stop)
+        try:
+            out, err, killed = collect(proc, limits.timeout_s, limits.max_output_bytes, stop)
+        except BaseException:  # interrupted (a grading budget, Ctrl-C): nothing of the run may outlive us
+            stop(proc)
+            raise
         report = read_available(report_r)
         rc = proc.returncode
         started = report.startswith(STARTED)
