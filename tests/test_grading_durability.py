@@ -127,7 +127,8 @@ def test_grader_failures_are_their_own_category_and_regraded_on_rerun(tmp_path, 
     assert "grader error" in vllm_eval8.format_summary(doc)
     # the fixed grader, rerun: the generation is reused, only the failed grade is redone
     again = vllm_eval8.run_eval(cfg)
-    assert again["resumed"] == {"reused": len(samples), "generated": 0, "torn_lines_dropped": 0, "regraded": 1}
+    assert again["resumed"] == {"reused": len(samples), "generated": 0, "torn_lines_dropped": 0, "regraded": 1,
+                              "verdicts_changed": 1, "truncation_reapplied": 0}
     assert results_schema.without_volatile(again)["benchmarks"] == results_schema.without_volatile(clean)["benchmarks"]
 
 
