@@ -226,22 +226,37 @@ def code_program(program_parts: tuple, code: str) -> str:
 
 
 def grade_code_program(program_parts: tuple, output: str, limits: sandbox.SandboxLimits,
-                       isolation: sandbox.Isolation | None = None) -> Graded:
-    """HumanEval/MBPP: passes only when the sandbox's own epilogue reports the run's nonce, i.e. the
-    program (its last assertion included) ran to its end without raising. The exit code is not evidence:
-    sys.exit(0), os._exit(0), atexit or excepthook tricks end the run before the epilogue. As in the
-    official harness, an `if __name__ == "__main__":` block in the answer does not run."""
+                       isolation: sandbox.Isolation | None = None, names: tuple | None = None) -> Graded:
+    """HumanEval/MBPP in two processes (sandbox_calls): the candidate (prefix + its code) serves calls;
+    the tests (prefix + test code) run in another sandbox and reach the candidate's `names` (default: the
+    names the tests use that only the candidate defines) through proxies that carry plain data only.
+    Passes only when the test process ran to its end and exited cleanly, and the candidate did not die or
+    stall in a call. As in the official harness, an `if __name__ == "__main__":` block in the answer does
+    not run."""
+    import sandbox_calls
+
     code = extractors.extract_code(output)
     if code is None:
         return no_answer()
+    prefix, tests = program_parts
     iso = isolation or sandbox.isolation_for(limits)
-    result = sandbox.run_python(code_program(program_parts, code), limits=limits, isolation=iso,
-                                run_name=TEST_PROGRAM_NAME)
-    detail = {"passed": int(result.completed), "total": 1, "isolation": result.isolation,
+    try:
+        names = list(names) if names is not None else sandbox_calls.entry_points(tests, prefix)
+    except SyntaxError as exc:
+        return Graded(code, False, False, {"status": "grader_error", "error": f"test code does not parse: {exc}"})
+    test, cand, relay = sandbox_calls.run_checked(prefix + "\n" + code + "\n", prefix, tests, names, limits, iso,
+                                                  run_name=TEST_PROGRAM_NAME)
+    passed = bool(test is not None and test.ok and test.completed and relay.failure is None)
+    detail = {"passed": int(passed), "total": 1, "isolation": iso.describe(),
               **({} if iso.strong else {"weak_sandbox": True})}
-    if not result.completed:
-        detail["error"] = _short(result) if not result.ok else "exited before the tests finished"
-    return Graded(code, result.completed, False, detail)
+    if not passed:
+        if relay.failure:
+            detail["error"] = f"{sandbox_calls.CALL_FAILED}: {relay.failure}"
+        elif test is None:
+            detail["error"] = "sandbox_error: the test process did not run"
+        else:
+            detail["error"] = _short(test) if not test.ok else "exited before the tests finished"
+    return Graded(code, passed, False, detail)
 
 
 # ---------------------------------------------------------------------------------------- HLE

@@ -209,12 +209,15 @@ def _throwaway_uid() -> int:
 
 
 def run_python(source: str, stdin: str = "", limits: SandboxLimits = SandboxLimits(),
-               isolation: Isolation | None = None, run_name: str = "__main__") -> RunResult:
+               isolation: Isolation | None = None, run_name: str = "__main__", hand_fds: tuple = (),
+               cancel=None) -> RunResult:
     """Run `source` as a Python program under `isolation` (probed from the limits when None).
 
     run_name is the program's __name__ (HumanEval-style test programs run as a module, not __main__, as
     the official harness execs them). Never raises for anything the program does; a sandbox that cannot
     even start is status="sandbox_error" (scored wrong by callers, and visible in their detail).
+    hand_fds: fds the program keeps open at the same numbers (pipes to another process); this call owns
+    and closes them. cancel: a threading.Event that stops the run early (status "cancelled").
     """
     iso = isolation or isolation_for(limits)
     start = time.monotonic()
@@ -224,7 +227,7 @@ def run_python(source: str, stdin: str = "", limits: SandboxLimits = SandboxLimi
     os.close(nonce_w)
     report_r, report_w = os.pipe()
     stdin_fd = memfd("stdin", stdin.encode("utf-8", "surrogatepass"))
-    owned = [nonce_r, report_w, stdin_fd]
+    owned = [nonce_r, report_w, stdin_fd, *hand_fds]
     workdir = info_r = None
     uid = _throwaway_uid() if iso.drop_uid else None
     try:
@@ -233,7 +236,8 @@ def run_python(source: str, stdin: str = "", limits: SandboxLimits = SandboxLimi
             program_fd, launcher_fd = memfd("main.py", program), memfd("launcher.py", LAUNCHER.read_bytes())
             owned += [program_fd, launcher_fd]
             config = {"workdir": BWRAP_WORKDIR, "program": f"{BWRAP_HARNESS}/main.py", "run_name": run_name,
-                      "nonce_fd": nonce_r, "report_fd": report_w, "rlimits": limits.rlimits(extra_tasks=1)}
+                      "nonce_fd": nonce_r, "report_fd": report_w, "rlimits": limits.rlimits(extra_tasks=1),
+                      "keep_fds": list(hand_fds)}
             info_r, info_w = os.pipe()
             owned.append(info_w)
             cmd = bwrap_command(iso.tool, iso.python, limits.workdir_mb << 20, clean_environment(BWRAP_WORKDIR),
@@ -248,7 +252,8 @@ def run_python(source: str, stdin: str = "", limits: SandboxLimits = SandboxLimi
             shutil.copyfile(LAUNCHER, Path(workdir, "_launcher.py"))
             config = {"workdir": workdir, "program": str(Path(workdir, "main.py")), "run_name": run_name,
                       "nonce_fd": nonce_r, "report_fd": report_w, "readonly_fs": iso.readonly_fs,
-                      "drop_to_uid": uid, "rlimits": limits.rlimits(), "audit_hook": True}
+                      "drop_to_uid": uid, "rlimits": limits.rlimits(), "audit_hook": True,
+                      "keep_fds": list(hand_fds)}
             if uid is not None:
                 os.chown(workdir, uid, uid)
             os.chmod(workdir, 0o755 if uid is not None else 0o700)
@@ -266,7 +271,7 @@ def run_python(source: str, stdin: str = "", limits: SandboxLimits = SandboxLimi
             os.close(fd)
         owned = []
         try:
-            out, err, killed = collect(proc, limits.timeout_s, limits.max_output_bytes, stop)
+            out, err, killed = collect(proc, limits.timeout_s, limits.max_output_bytes, stop, cancel)
         except BaseException:  # interrupted (a grading budget, Ctrl-C): nothing of the run may outlive us
             stop(proc)
             raise

@@ -152,9 +152,9 @@ def stop_bwrap(proc: subprocess.Popen, info_fd: int) -> None:
     stop_group(proc)
 
 
-def collect(proc: subprocess.Popen, timeout_s: float, max_output_bytes: int, stop) -> tuple:
-    """Read both pipes until EOF, the deadline or the output cap, then stop(proc);
-    returns (stdout, stderr, why_killed)."""
+def collect(proc: subprocess.Popen, timeout_s: float, max_output_bytes: int, stop, cancel=None) -> tuple:
+    """Read both pipes until EOF, the deadline, the output cap or `cancel` (a threading.Event) is set,
+    then stop(proc); returns (stdout, stderr, why_killed)."""
     deadline = time.monotonic() + timeout_s
     buffers = {proc.stdout: bytearray(), proc.stderr: bytearray()}
     sel = selectors.DefaultSelector()
@@ -167,6 +167,9 @@ def collect(proc: subprocess.Popen, timeout_s: float, max_output_bytes: int, sto
         now = time.monotonic()
         if now >= deadline:
             killed = "timeout"
+            break
+        if cancel is not None and cancel.is_set():
+            killed = "cancelled"
             break
         if exited_at is None and proc.poll() is not None:
             exited_at = now

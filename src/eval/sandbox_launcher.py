@@ -179,7 +179,7 @@ def main(argv: list) -> None:
             drop_privileges(int(cfg["drop_to_uid"]))
         apply_rlimits(cfg.get("rlimits", {}))
         os.chdir(workdir)
-        close_fds_except({0, 1, 2, nonce_fd, report_fd})
+        close_fds_except({0, 1, 2, nonce_fd, report_fd, *map(int, cfg.get("keep_fds", ()))})
         os.set_inheritable(nonce_fd, False)
         os.set_inheritable(report_fd, False)
         write(report_fd, STARTED)
