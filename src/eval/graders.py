@@ -208,11 +208,12 @@ def run_test_cases(code: str, tests: list, func_name: str | None, limits: sandbo
     return {"passed": passed, **base}
 
 
-def grade_code_tests(tests: list, func_name: str | None, output: str, limits: sandbox.SandboxLimits) -> Graded:
+def grade_code_tests(tests: list, func_name: str | None, output: str, limits: sandbox.SandboxLimits,
+                     isolation: sandbox.Isolation | None = None) -> Graded:
     code = extractors.extract_code(output)
     if code is None:
         return no_answer()
-    detail = run_test_cases(code, tests, func_name, limits)
+    detail = run_test_cases(code, tests, func_name, limits, isolation)
     return Graded(code, detail["passed"] == detail["total"] and "error" not in detail, False, detail)
 
 

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import sandbox_memory
 from sandbox_exec import (BWRAP_HARNESS, BWRAP_WORKDIR, bwrap_command, collect, memfd, read_available,
                           remove_tree, stop_bwrap, stop_group)
 
@@ -130,7 +131,8 @@ def candidate_isolations(is_root: bool, pythons: tuple, bwrap: str | None = None
     """Strongest first: bubblewrap for each interpreter, then the weak tiers."""
     bwrap = bwrap if bwrap is not None else (shutil.which("bwrap") or "")
     strong = "bwrap(userns+netns+pidns+mountns+ipcns, ro binds, tmpfs workdir, no caps" + \
-             (", throwaway uid" if is_root else "") + ")+aggregate rlimits"
+             (", throwaway uid" if is_root else "") + ")+aggregate rlimits" + \
+             ("+seccomp(no memfd/SysV shm/msg queues)" if sandbox_memory.host_machine() else "")
     ns = ("--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc")
     user = () if is_root else ("--user", "--map-root-user")
     who = "+uid-drop" if is_root else "+userns"
@@ -235,13 +237,16 @@ def run_python(source: str, stdin: str = "", limits: SandboxLimits = SandboxLimi
         if iso.strong:
             program_fd, launcher_fd = memfd("main.py", program), memfd("launcher.py", LAUNCHER.read_bytes())
             owned += [program_fd, launcher_fd]
+            machine = sandbox_memory.host_machine()
+            seccomp_fd = memfd("seccomp", sandbox_memory.seccomp_filter(machine)) if machine else None
+            owned += [seccomp_fd] if seccomp_fd is not None else []
             config = {"workdir": BWRAP_WORKDIR, "program": f"{BWRAP_HARNESS}/main.py", "run_name": run_name,
                       "nonce_fd": nonce_r, "report_fd": report_w, "rlimits": limits.rlimits(extra_tasks=1),
                       "keep_fds": list(hand_fds)}
             info_r, info_w = os.pipe()
             owned.append(info_w)
             cmd = bwrap_command(iso.tool, iso.python, limits.workdir_mb << 20, clean_environment(BWRAP_WORKDIR),
-                                program_fd, launcher_fd, config, info_w)
+                                program_fd, launcher_fd, config, info_w, seccomp_fd)
             stop = functools.partial(stop_bwrap, info_fd=info_r)
             popen_kw = {"cwd": "/", "env": {"PATH": SAFE_PATH}}
             if uid is not None:  # bwrap itself runs as the throwaway uid: the sandbox is never real root

@@ -34,10 +34,12 @@ def python_binds(python: str) -> list:
 
 
 def bwrap_command(tool: str, python: str, workdir_bytes: int, environment: dict, program_fd: int,
-                  launcher_fd: int, launcher_config: dict, info_fd: int) -> list:
-    """The full bwrap argv. Order matters: every mount, then the read-only remounts of / and /dev."""
+                  launcher_fd: int, launcher_config: dict, info_fd: int, seccomp_fd: int | None = None) -> list:
+    """The full bwrap argv. Order matters: every mount, then the read-only remounts of / and /dev.
+    seccomp_fd: a compiled seccomp BPF program (sandbox_memory) bwrap installs before the program runs."""
     args = [tool, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
             "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox", "--info-fd", str(info_fd),
+            *(["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []),
             "--ro-bind", "/usr", "/usr", *root_links(), *python_binds(python)]
     for path in ("/etc/ld.so.cache", "/etc/localtime"):
         if os.path.exists(path):
