@@ -560,15 +560,16 @@ def test_kernel_held_memory_cannot_pass_the_budget(iso, name):
 
 
 @pytest.mark.parametrize("name", ["memfd", "SysV shm"])
-def test_without_the_seccomp_filter_the_same_programs_hold_3x_the_budget(iso, name, monkeypatch):
+def test_without_the_seccomp_filter_the_same_programs_hold_3x_the_budget(iso, name):
     """Control: rlimits and the read-only /dev alone let these through, so the test above can fail."""
-    import graders
-    import sandbox_memory
+    import dataclasses
 
-    monkeypatch.setattr(sandbox_memory, "host_machine", lambda: None)
+    import graders
+
     limits = sandbox.SandboxLimits(timeout_s=20.0, memory_mb=512)
     tests = [{"input": "", "output": "held 1536\n", "testtype": "stdin"}]
-    graded = graders.grade_code_tests(tests, None, f"```python\n{KERNEL_MEMORY[name][0]}```", limits, isolation=iso)
+    bare = dataclasses.replace(iso, seccomp=False)
+    graded = graders.grade_code_tests(tests, None, f"```python\n{KERNEL_MEMORY[name][0]}```", limits, isolation=bare)
     assert graded.correct, graded.detail
 
 

@@ -236,34 +236,34 @@ def run_checked(candidate_program: str, test_prefix: str, test_body: str, names:
     test_source = (PROXIES.format(req=test_req_w, resp=test_resp_r, wire=WIRE_SOURCE) + test_prefix + "\n\n"
                    + f"globals().update(__moe_make_proxies({list(names)!r}))\ndel __moe_make_proxies\n\n" + test_body)
     cand_source = candidate_program + SERVER.format(req=cand_req_r, resp=cand_resp_w, wire=WIRE_SOURCE)
-    results, cancel, test_done = {}, threading.Event(), threading.Event()
+    results, test_done = {}, threading.Event()
+    cancel_r, cancel_w = os.pipe()  # closing cancel_w stops whichever sandbox is still running
 
-    def run(key, source, fds, name, done=None):
+    def run(key, source, fds, name, site, done=None):
         try:
             results[key] = sandbox.run_python(source, limits=limits, isolation=iso, run_name=name,
-                                              hand_fds=fds, cancel=cancel)
+                                              hand_fds=fds, cancel_fd=cancel_r, site=site)
         finally:
             if done is not None:
                 done.set()
 
-    threads = [threading.Thread(target=run, args=("cand", cand_source, (cand_req_r, cand_resp_w), run_name),
+    threads = [threading.Thread(target=run, args=("cand", cand_source, (cand_req_r, cand_resp_w), run_name, True),
                                 daemon=True),
-               threading.Thread(target=run, args=("test", test_source, (test_req_w, test_resp_r), "__main__",
+               threading.Thread(target=run, args=("test", test_source, (test_req_w, test_resp_r), "__main__", False,
                                                   test_done), daemon=True)]
-    parent_fds = [test_req_r, test_resp_w, cand_req_w, cand_resp_r]
+    parent_fds = [test_req_r, test_resp_w, cand_req_w, cand_resp_r, cancel_r]
     try:
         for t in threads:
             t.start()
         state = relay(test_req_r, test_resp_w, cand_req_w, cand_resp_r, call_timeout_s, test_done,
                       time.monotonic() + limits.timeout_s + 5.0)
         if state.failure:
-            cancel.set()  # the test waits on an answer that will not come
+            os.close(cancel_w)  # the test waits on an answer that will not come
+            cancel_w = None
         threads[1].join()
-        os.close(cand_req_w)  # the candidate's server sees end of file and returns
-        parent_fds.remove(cand_req_w)
-        threads[0].join(timeout=1.0)
     finally:
-        cancel.set()
+        if cancel_w is not None:
+            os.close(cancel_w)  # the tests are done: the candidate is stopped, not waited for
         for t in threads:
             t.join()
         for fd in parent_fds:

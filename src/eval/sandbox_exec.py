@@ -34,7 +34,8 @@ def python_binds(python: str) -> list:
 
 
 def bwrap_command(tool: str, python: str, workdir_bytes: int, environment: dict, program_fd: int,
-                  launcher_fd: int, launcher_config: dict, info_fd: int, seccomp_fd: int | None = None) -> list:
+                  launcher_fd: int, launcher_config: dict, info_fd: int, seccomp_fd: int | None = None,
+                  site: bool = True) -> list:
     """The full bwrap argv. Order matters: every mount, then the read-only remounts of / and /dev.
     seccomp_fd: a compiled seccomp BPF program (sandbox_memory) bwrap installs before the program runs."""
     args = [tool, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
@@ -51,7 +52,8 @@ def bwrap_command(tool: str, python: str, workdir_bytes: int, environment: dict,
              "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", BWRAP_WORKDIR, "--clearenv"]
     for key, value in environment.items():
         args += ["--setenv", key, value]
-    return args + ["--", python, "-I", "-B", f"{BWRAP_HARNESS}/launcher.py", json.dumps(launcher_config)]
+    return args + ["--", python, "-I", "-B", *(() if site else ("-S",)), f"{BWRAP_HARNESS}/launcher.py",
+                   json.dumps(launcher_config)]
 
 
 def memfd(name: str, data: bytes) -> int:
@@ -154,30 +156,33 @@ def stop_bwrap(proc: subprocess.Popen, info_fd: int) -> None:
     stop_group(proc)
 
 
-def collect(proc: subprocess.Popen, timeout_s: float, max_output_bytes: int, stop, cancel=None) -> tuple:
-    """Read both pipes until EOF, the deadline, the output cap or `cancel` (a threading.Event) is set,
-    then stop(proc); returns (stdout, stderr, why_killed)."""
+def collect(proc: subprocess.Popen, timeout_s: float, max_output_bytes: int, stop, cancel_fd: int | None = None) -> tuple:
+    """Read both pipes until EOF, the deadline, the output cap or `cancel_fd` becoming readable (the
+    caller closed its write end: another process of the same check is done), then stop(proc);
+    returns (stdout, stderr, why_killed)."""
     deadline = time.monotonic() + timeout_s
     buffers = {proc.stdout: bytearray(), proc.stderr: bytearray()}
     sel = selectors.DefaultSelector()
     for stream in buffers:
         os.set_blocking(stream.fileno(), False)
         sel.register(stream, selectors.EVENT_READ)
+    if cancel_fd is not None:
+        sel.register(cancel_fd, selectors.EVENT_READ, "cancel")
     killed = None
     exited_at = None
-    while sel.get_map():
+    while len(sel.get_map()) > (cancel_fd is not None):
         now = time.monotonic()
         if now >= deadline:
             killed = "timeout"
-            break
-        if cancel is not None and cancel.is_set():
-            killed = "cancelled"
             break
         if exited_at is None and proc.poll() is not None:
             exited_at = now
         if exited_at is not None and now - exited_at > 0.2:
             break  # the program is gone; a leftover grandchild holding the pipe gets killed below
         for key, _ in sel.select(timeout=min(0.05, deadline - now)):
+            if key.data == "cancel":
+                killed = "cancelled"
+                break
             chunk = key.fileobj.read(65536)
             if not chunk:
                 sel.unregister(key.fileobj)
