@@ -297,3 +297,48 @@ def test_a_prompt_helper_stays_trusted_code_in_the_test_process():
     liar = "def poly(xs, x):\n    return 0\n\ndef find_zero(xs):\n    return 123.0\n"
     assert graders.grade_code_program((prompt, tests), fenced(honest), LIMITS).correct
     assert not graders.grade_code_program((prompt, tests), fenced(liar), LIMITS).correct
+
+
+GRADING_MODULES = ("graders.py", "extractors.py", "sandbox.py", "sandbox_exec.py", "sandbox_launcher.py",
+                   "sandbox_memory.py", "sandbox_calls.py", "sandbox_wire.py")
+
+
+def test_forgeries_score_wrong_and_honest_code_passes_under_an_unprivileged_grader():
+    """The same forgeries, graded by a grader running as uid 65534 (setpriv when this test runs as root,
+    else the current non-root user): the sandbox then builds its namespaces unprivileged."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    python = "/usr/bin/python3"
+    if not os.path.exists(python):
+        pytest.skip("no /usr/bin/python3 for the unprivileged grader")
+    stage = Path(tempfile.mkdtemp(prefix="moe-grade-nobody-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None))
+    try:
+        stage.chmod(0o755)
+        for name in GRADING_MODULES:
+            shutil.copyfile(Path(graders.__file__).with_name(name), stage / name)
+            (stage / name).chmod(0o644)
+        cases = {name: [list(parts), fenced(code), False] for name, (parts, code) in TEST_FORGERIES.items()}
+        cases["honest"] = [list(HUMANEVAL_PARTS), fenced("def add(a, b):\n    return a + b\n"), True]
+        script = (f"import json, os, sys\nsys.path.insert(0, {str(stage)!r})\nimport graders, sandbox\n"
+                  f"cases = json.loads({json.dumps(cases)!r})\nlimits = sandbox.SandboxLimits(timeout_s=5.0)\n"
+                  "out = {'uid': os.getuid()}\n"
+                  "for name, (parts, answer, _) in cases.items():\n"
+                  "    g = graders.grade_code_program(tuple(parts), answer, limits)\n"
+                  "    out[name] = [g.correct, g.detail.get('isolation', '')[:5]]\n"
+                  "print(json.dumps(out))\n")
+        (stage / "grade.py").write_text(script)
+        (stage / "grade.py").chmod(0o644)
+        prefix = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"] if os.geteuid() == 0 else []
+        proc = subprocess.run([*prefix, python, "-I", str(stage / "grade.py")], capture_output=True, text=True,
+                              timeout=300, env={"PATH": "/usr/bin:/bin", "HOME": str(stage)}, cwd=str(stage))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        report = json.loads(proc.stdout)
+        assert report.pop("uid") != 0
+        assert report == {name: [want, "bwrap"] for name, (_p, _a, want) in cases.items()}, report
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

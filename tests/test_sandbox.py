@@ -596,3 +596,20 @@ def test_memory_mechanisms_are_recorded(iso):
     import sandbox_memory
 
     assert any("seccomp(" in m for m in sandbox_memory.mechanisms(True, 64, 32))
+
+
+def test_kernel_held_memory_is_refused_under_an_unprivileged_grader(world_dir):
+    programs = {name: prog for name, (prog, _reason) in KERNEL_MEMORY.items()}
+    grader = ("import json, os, sandbox\n"
+              f"programs = json.loads({json.dumps(programs)!r})\n"
+              "limits = sandbox.SandboxLimits(timeout_s=20.0, memory_mb=512)\n"
+              "out = {'uid': os.getuid()}\n"
+              "for name, prog in programs.items():\n"
+              "    r = sandbox.run_python(prog, limits=limits)\n"
+              "    out[name] = [r.status, 'held' in r.stdout, r.isolation[:5]]\n"
+              "print(json.dumps(out))\n")
+    proc = run_grader_as_nobody(world_dir, grader, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report.pop("uid") != 0
+    assert all(status != "ok" and not held and iso == "bwrap" for status, held, iso in report.values()), report
