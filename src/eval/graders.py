@@ -245,18 +245,20 @@ def grade_code_program(program_parts: tuple, output: str, limits: sandbox.Sandbo
         names = list(names) if names is not None else sandbox_calls.entry_points(tests, prefix)
     except SyntaxError as exc:
         return Graded(code, False, False, {"status": "grader_error", "error": f"test code does not parse: {exc}"})
-    test, cand, relay = sandbox_calls.run_checked(prefix + "\n" + code + "\n", prefix, tests, names, limits, iso,
-                                                  run_name=TEST_PROGRAM_NAME)
-    passed = bool(test is not None and test.ok and test.completed and relay.failure is None)
+    test, cand = sandbox_calls.run_checked(prefix + "\n" + code + "\n", prefix, tests, names, limits, iso,
+                                           run_name=TEST_PROGRAM_NAME)
+    # The candidate ends by being stopped once the tests are done (or, having answered, by itself);
+    # cut by its own limits it is a failure even if the tests somehow completed.
+    died = cand is None or cand.status in ("timeout", "output_limit", "sandbox_error")
+    passed = bool(test.ok and test.completed and not died)
     detail = {"passed": int(passed), "total": 1, "isolation": iso.describe(),
               **({} if iso.strong else {"weak_sandbox": True})}
     if not passed:
-        if relay.failure:
-            detail["error"] = f"{sandbox_calls.CALL_FAILED}: {relay.failure}"
-        elif test is None:
-            detail["error"] = "sandbox_error: the test process did not run"
-        else:
+        if not (test.ok and test.completed):
             detail["error"] = _short(test) if not test.ok else "exited before the tests finished"
+        else:
+            detail["error"] = f"{sandbox_calls.CALL_FAILED}: the candidate process ended with " + \
+                (cand.status if cand is not None else "no run")
     return Graded(code, passed, False, detail)
 
 
