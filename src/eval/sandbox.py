@@ -19,7 +19,6 @@ for with allow_weak_sandbox, and every result they produce says WEAK SANDBOX in 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import secrets
 import shutil
@@ -32,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import sandbox_memory
-from sandbox_exec import (BWRAP_HARNESS, BWRAP_WORKDIR, bwrap_command, collect, memfd, read_available,
+from sandbox_exec import (BWRAP_HARNESS, BWRAP_WORKDIR, bwrap_command, collect, launcher_argument, memfd, read_available,
                           remove_tree, stop_bwrap, stop_group)
 
 LAUNCHER = Path(__file__).with_name("sandbox_launcher.py")
@@ -267,7 +266,7 @@ def run_python(source: str, stdin: str = "", limits: SandboxLimits = SandboxLimi
             os.chmod(workdir, 0o755 if uid is not None else 0o700)
             cmd = [*iso.unshare_args, *(["--"] if iso.unshare_args else []), iso.python, "-I", "-B",
                    *(() if site else ("-S",)),
-                   str(Path(workdir, "_launcher.py")), json.dumps(config)]
+                   str(Path(workdir, "_launcher.py")), launcher_argument(config)]
             popen_kw = {"cwd": workdir, "env": clean_environment(workdir)}
             stop = stop_group
         try:

@@ -4,6 +4,7 @@ stopping the whole run, and removing what a weak tier left on disk. Standard lib
 from __future__ import annotations
 
 import json
+import marshal
 import os
 import selectors
 import signal
@@ -53,7 +54,12 @@ def bwrap_command(tool: str, python: str, workdir_bytes: int, environment: dict,
     for key, value in environment.items():
         args += ["--setenv", key, value]
     return args + ["--", python, "-I", "-B", *(() if site else ("-S",)), f"{BWRAP_HARNESS}/launcher.py",
-                   json.dumps(launcher_config)]
+                   launcher_argument(launcher_config)]
+
+
+def launcher_argument(config: dict) -> str:
+    """The launcher's config as it reads it: marshal (a builtin module, no import cost there), in hex."""
+    return marshal.dumps(config).hex()
 
 
 def memfd(name: str, data: bytes) -> int:
