@@ -8,9 +8,12 @@ machine load hits every tier alike:
 * now: graders.grade_code_program: candidate and tests in two bubblewrap processes, seccomp in both;
 * the floor: the same program in a bare `python -I` subprocess (no sandbox).
 
+* with --baseline-src DIR: the grader of another checkout (e.g. `git archive <commit> src/eval | tar -x -C
+  /tmp/base`, DIR = /tmp/base/src/eval), run in a worker process and timed in the same rounds.
+
 Prints the median and p90 wall time per program and the ratio now / before (target <= 1.2).
 
-    python bench/bench_sandbox.py [--runs 30]
+    python bench/bench_sandbox.py [--runs 30] [--baseline-src /tmp/base/src/eval]
 """
 from __future__ import annotations
 
@@ -49,9 +52,40 @@ def bare_python(python: str) -> bool:
     return subprocess.run([python, "-I", "-B", "-c", program], capture_output=True).returncode == 0
 
 
+WORKER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import graders, sandbox
+parts, answer = eval(sys.argv[2])
+limits, iso = sandbox.SandboxLimits(timeout_s=10), sandbox.detect_isolation()
+print("ready", flush=True)
+for _ in sys.stdin:
+    start = time.perf_counter()
+    ok = graders.grade_code_program(parts, answer, limits, isolation=iso).correct
+    print(time.perf_counter() - start, ok, flush=True)
+"""
+
+
+def baseline_worker(src: str) -> subprocess.Popen:
+    """Another checkout's grader in its own process (its modules share names with ours)."""
+    proc = subprocess.Popen([sys.executable, "-c", WORKER, src, repr((PARTS, ANSWER))], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "ready":
+        sys.exit(f"bench_sandbox: the grader in {src} did not start")
+    return proc
+
+
+def timed_by(proc: subprocess.Popen) -> tuple:
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    seconds, ok = proc.stdout.readline().split()
+    return float(seconds), ok == "True"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=30, help="programs graded per tier")
+    ap.add_argument("--baseline-src", help="src/eval of another checkout, timed in the same rounds")
     args = ap.parse_args(argv)
     limits = sandbox.SandboxLimits(timeout_s=10)
     now_iso = sandbox.detect_isolation()
@@ -63,9 +97,18 @@ def main(argv=None) -> None:
         "now: two bwrap processes + seccomp (candidate | tests)":
             lambda: graders.grade_code_program(PARTS, ANSWER, limits, isolation=now_iso).correct,
     }
+    worker = baseline_worker(args.baseline_src) if args.baseline_src else None
+    if worker is not None:
+        tiers[f"baseline checkout ({args.baseline_src})"] = None
     times = {name: [] for name in tiers}
     for _ in range(args.runs):
         for name, grade in tiers.items():
+            if grade is None:
+                seconds, ok = timed_by(worker)
+                times[name].append(seconds)
+                if not ok:
+                    sys.exit(f"bench_sandbox: {name} scored a correct program wrong")
+                continue
             start = time.perf_counter()
             ok = grade()
             times[name].append(time.perf_counter() - start)
@@ -80,6 +123,11 @@ def main(argv=None) -> None:
     before = statistics.median(times["before: one bwrap process, no seccomp"])
     now = statistics.median(times["now: two bwrap processes + seccomp (candidate | tests)"])
     print(f"per-program time now / before: {now / before:.2f}x (target <= 1.2x)")
+    if worker is not None:
+        worker.stdin.close()
+        worker.wait()
+        base = statistics.median(times[f"baseline checkout ({args.baseline_src})"])
+        print(f"per-program time now / baseline checkout: {now / base:.2f}x")
 
 
 if __name__ == "__main__":
