@@ -124,3 +124,17 @@ def test_a_readonly_results_dir_is_one_line_before_anything_loads(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "is not writable" in proc.stderr and str(target / "x") in proc.stderr
     assert not (target / "x").exists()
+
+
+def test_code_runs_record_the_memory_mechanisms_and_the_fingerprint(tmp_path):
+    from test_vllm_eval8 import FIX
+
+    base = dict(benchmarks=("humaneval",), data_files={"humaneval": str(FIX / "humaneval.jsonl")}, bench_options={})
+    samples, _ = vllm_eval8.load_all_samples(fixture_cfg(tmp_path, **base))
+    replay = tmp_path / "he.jsonl"
+    replay.write_text("".join(json.dumps({"id": s.id, "output": "no code", "finish_reason": "stop"}) + "\n"
+                              for s in samples))
+    grading = vllm_eval8.run_eval(fixture_cfg(tmp_path, **base, replay_file=str(replay)))["grading"]
+    assert grading["grader_fingerprint"] == eval_fingerprint.grader_fingerprint()
+    assert any(m.startswith("seccomp(") for m in grading["sandbox_memory"]), grading
+    assert any(m.startswith("tmpfs_workdir") for m in grading["sandbox_memory"])

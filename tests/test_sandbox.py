@@ -595,7 +595,8 @@ def test_memory_mechanisms_are_recorded(iso):
     assert "seccomp" in iso.describe()
     import sandbox_memory
 
-    assert any("seccomp(" in m for m in sandbox_memory.mechanisms(True, 64, 32))
+    assert any("seccomp(" in m for m in sandbox_memory.mechanisms(True, True, 64, 32))
+    assert not any("seccomp(" in m for m in sandbox_memory.mechanisms(False, False, 64, 32))
 
 
 def test_kernel_held_memory_is_refused_under_an_unprivileged_grader(world_dir):

@@ -156,6 +156,13 @@ def run_eval(cfg: EvalConfig, backend: eval_backends.Backend | None = None, argv
         cfg_hash = results_schema.config_hash(gen_cfg)
     fingerprint = eval_fingerprint.grader_fingerprint()
     grading_env["grader_fingerprint"] = fingerprint
+    if "sandbox" in grading_env:  # which mechanisms bound a program's memory here (docs/BENCHMARKS.md)
+        import sandbox
+        import sandbox_memory
+
+        iso, limits = sandbox.detect_isolation(allow_weak=cfg.allow_weak_sandbox), sandbox.SandboxLimits()
+        grading_env["sandbox_memory"] = sandbox_memory.mechanisms(iso.strong, iso.seccomp, limits.workdir_mb,
+                                                                  limits.file_size_mb)
 
     try:
         trusted, others, torn = resume_log.read_resumable(jsonl_path, by_id, gen_cfg, cfg_hash)

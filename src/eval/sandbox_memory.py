@@ -75,10 +75,12 @@ def cgroup_v2_memory() -> Path | None:
     return own if delegated and os.access(own, os.W_OK) else None
 
 
-def mechanisms(seccomp: bool, workdir_mb: int, file_size_mb: int) -> list:
-    """What bounds a strong-tier run's memory on this host, for the results."""
-    out = ["rlimit_as_per_process", "rlimit_nproc", f"tmpfs_workdir<={workdir_mb}MiB", "ro_/dev(no /dev/shm)",
-           f"rlimit_fsize<={file_size_mb}MiB"]
+def mechanisms(strong: bool, seccomp: bool, workdir_mb: int, file_size_mb: int) -> list:
+    """What bounds a run's memory on this host (strong = the bubblewrap tier), for the results."""
+    out = ["rlimit_as_per_process", "rlimit_nproc", f"rlimit_fsize<={file_size_mb}MiB"]
+    if not strong:
+        return out + ["WEAK tier: host temp dir without a size bound, no seccomp filter"]
+    out += [f"tmpfs_workdir<={workdir_mb}MiB", "ro_/dev(no /dev/shm)"]
     out.append("seccomp(memfd,SysV shm,SysV msg,POSIX mq: EPERM)" if seccomp else "NO seccomp (arch unsupported)")
     out.append("cgroup2 memory: delegated, unused" if cgroup_v2_memory() else "cgroup2 memory: not delegated")
     return out
