@@ -342,3 +342,13 @@ def test_forgeries_score_wrong_and_honest_code_passes_under_an_unprivileged_grad
         assert report == {name: [want, "bwrap"] for name, (_p, _a, want) in cases.items()}, report
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def test_exceptions_cross_as_their_builtin_type():
+    """A test that expects the function to raise still works across the two processes; a missing
+    function is a NameError in the tests."""
+    parts = ("", "try:\n    pick({}, 'k')\n    raise AssertionError('no KeyError')\nexcept KeyError:\n    pass\n"
+                 "assert pick({'k': 1}, 'k') == 1\n")
+    assert graders.grade_code_program(parts, fenced("def pick(d, k):\n    return d[k]\n"), LIMITS).correct
+    missing = graders.grade_code_program(parts, fenced("def other(d, k):\n    return 1\n"), LIMITS)
+    assert not missing.correct and "NameError" in missing.detail["error"]

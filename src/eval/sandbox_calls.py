@@ -28,7 +28,7 @@ import sandbox_wire
 WIRE_SOURCE = Path(sandbox_wire.__file__).read_text(encoding="utf-8")
 CALL_FAILED = "candidate_call_failed"
 
-# Appended to the candidate's program: after its module has run, answer calls until the grader hangs up.
+# Appended to the candidate's program: after its module has run, answer calls until the tests hang up.
 SERVER = '''
 
 def __moe_serve(request_fd={req}, response_fd={resp}):
@@ -44,9 +44,9 @@ def __moe_serve(request_fd={req}, response_fd={resp}):
             return
         try:
             name, args, kwargs = wire["decode"](frame)
+            if name not in namespace:
+                raise NameError("name %r is not defined" % name)
             result = ("ok", namespace[name](*args, **kwargs))
-        except KeyError as exc:
-            result = ("raise", "NameError", "name %r is not defined" % (exc.args[0] if exc.args else "?"))
         except BaseException as exc:
             result = ("raise", type(exc).__name__, str(exc)[:2000])
         try:
