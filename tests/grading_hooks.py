@@ -36,3 +36,11 @@ def raising_grade(sample, output):
     if sample.id == os.environ.get("GRADING_HOOK_RAISE_ID"):
         raise ZeroDivisionError("grader bug")
     return grading_pool.default_grade_fn(sample, output)
+
+
+def stall_one_grade(sample, output):
+    """One sample's grading never ends (a looping verifier); the others are graded normally."""
+    if sample.id == os.environ.get("GRADING_HOOK_STALL_ID"):
+        while True:
+            time.sleep(0.05)
+    return grading_pool.default_grade_fn(sample, output)

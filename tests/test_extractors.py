@@ -1,4 +1,6 @@
 """Answer extraction on realistic model outputs, plus a fuzz that nothing raises on arbitrary text."""
+import time
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -166,3 +168,75 @@ def test_no_extractor_raises(text):
     assert choice is None or choice in "ABCD"
     integer = ex.extract_integer(text)
     assert integer is None or integer.isdigit()
+
+
+# ------------------------------------------------------------------------------------ linear time
+
+MB = 1 << 20
+# Each a megabyte shaped against one regex or scan: unclosed \boxed{ floods (the old last_boxed rescanned
+# once per opening), whitespace runs where several quantifiers meet, letter and marker floods.
+ADVERSARIAL = {
+    "boxed flood": "\\boxed{" * (MB // 7),
+    "boxed text flood": "\\boxed{\\text{" * (MB // 12),
+    "spaces after answer is": "answer is" + " " * MB + "x",
+    "spaces after a marker": "Answer" + " " * MB,
+    "spaces inside boxed": "\\boxed{" + " " * MB,
+    "letters": "A " * (MB // 2),
+    "pronoun letters": "A a " * (MB // 4),
+    "answer colons": "answer: " * (MB // 8),
+    "answer letters one line": "answer: A" * (MB // 9),
+    "dollars": "answer: " + "$" * MB + "x",
+    "zeros": "\\boxed{" + "0" * MB + "x}",
+    "backticks": "```" + "`" * MB + "x",
+    "fence lines": "```python\n" + "``` x\n" * (MB // 6),
+    "newlines after marker": "Answer:" + "\n" * MB,
+    "open parens": "(" * MB,
+}
+
+
+def _best_of_two(fn, text) -> float:
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        fn(text)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+@pytest.mark.parametrize("name", sorted(ADVERSARIAL))
+def test_every_extractor_is_linear_on_a_megabyte(name):
+    import answer_cascades as ac
+
+    text = ADVERSARIAL[name]
+    fns = {f.__name__: f for f in (ex.extract_choice, ex.last_boxed, ex.extract_math_answer, ex.extract_integer,
+                                   ex.extract_code, ex.extract_final_line, ex.normalize_free_text, ex.final_segment)}
+    for cascade in (ac.MMLU_PRO_OFFICIAL, ac.GPQA_OFFICIAL, ac.MMMLU_OFFICIAL):
+        fns[cascade.name] = lambda t, c=cascade: ac.run_cascade(c, t)
+    slow = {fname: round(s, 2) for fname, fn in fns.items() if (s := _best_of_two(fn, text)) >= 1.0}
+    assert not slow, f"{name}: over 1 s on 1 MB: {slow}"
+
+
+def test_boxed_flood_still_finds_the_last_closed_box():
+    assert ex.last_boxed("\\boxed{" * 20000 + "\\boxed{42}" + "\\boxed{" * 20000) == "42"
+    assert ex.last_boxed("\\boxed{a{b}c} then \\boxed{x{y}") == "a{b}c"  # the last one never closes
+    assert ex.extract_integer("\\boxed{000}") == "0" and ex.extract_integer("\\boxed{007.00}") == "7"
+
+
+def test_linear_cascade_stages_equal_the_published_regexes_on_real_outputs():
+    """The linear replacements of MMLU-Pro's backtracking stages give the regex's own match, on the 2,100
+    real generations and on hand-made corner cases (overlaps, several lines, newlines after the colon)."""
+    import json
+    import re
+    from pathlib import Path
+
+    import answer_cascades as ac
+
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "mmlu_pro_real_outputs_sample.jsonl"
+    texts = [json.loads(line)["generated_text"] or "" for line in path.read_text().splitlines()] if path.exists() else []
+    texts += ["answer: Answer: B", "x\nanswer: C then answer: D\nAnswer: E", "Answer:\n\n  F", "no", "A B\nC",
+              "The answer: (A)\nanswer:B answer: J"]
+    assert len(texts) > 6 or not path.exists()
+    for (pattern, flags, group), linear in ac.LINEAR_EQUIVALENTS.items():
+        for text in texts:
+            want, got = re.search(pattern, text, flags), linear(text)
+            assert (want and want.group(group)) == (got and got.group(1 if group else 0)), (pattern, text[:200])

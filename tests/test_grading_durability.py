@@ -127,7 +127,8 @@ def test_grader_failures_are_their_own_category_and_regraded_on_rerun(tmp_path, 
     assert "grader error" in vllm_eval8.format_summary(doc)
     # the fixed grader, rerun: the generation is reused, only the failed grade is redone
     again = vllm_eval8.run_eval(cfg)
-    assert again["resumed"] == {"reused": len(samples), "generated": 0, "torn_lines_dropped": 0, "regraded": 1}
+    assert again["resumed"] == {"reused": len(samples), "generated": 0, "torn_lines_dropped": 0, "regraded": 1,
+                              "verdicts_changed": 1, "truncation_reapplied": 0}
     assert results_schema.without_volatile(again)["benchmarks"] == results_schema.without_volatile(clean)["benchmarks"]
 
 
@@ -156,3 +157,28 @@ def test_an_unstorable_record_names_its_sample(tmp_path):
 
     with resume_log.SampleLog(tmp_path / "x.jsonl") as log, pytest.raises(ValueError, match="'gpqa/rec7'"):
         log.append([{"id": "gpqa/rec7", "output": "x", "tokens": float("nan")}])
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_sample_over_its_grading_budget_is_wrong_with_grade_timeout_and_the_run_goes_on(tmp_path, monkeypatch,
+                                                                                       workers):
+    import grading_hooks
+    from grading_pool import GradingPool
+
+    samples, _ = vllm_eval8.load_all_samples(fixture_cfg(tmp_path))
+    samples = samples[:4]
+    monkeypatch.setenv("GRADING_HOOK_STALL_ID", samples[1].id)
+    got = {}
+    pool = GradingPool(workers, lambda s, g, robust, official: got.__setitem__(s.id, robust),
+                       grading_hooks.stall_one_grade, budget_s=1.5)
+    start = time.monotonic()
+    try:
+        for s in samples:
+            pool.submit(s, {"output": f"The answer is ({s.gold})", "finish_reason": "stop", "tokens": 3})
+        pool.drain()
+    finally:
+        pool.close()
+    assert time.monotonic() - start < 60
+    stalled = got.pop(samples[1].id)
+    assert stalled.correct is False and stalled.detail["reason"] == "grade_timeout"
+    assert len(got) == 3 and all(g.correct for g in got.values())  # the others were graded, right

@@ -307,7 +307,7 @@ def run_grader_as_nobody(stage: Path, grader_script: str, timeout: float = 90) -
     python = "/usr/bin/python3"
     if not os.path.exists(python):
         pytest.skip("no /usr/bin/python3 for the unprivileged grader")
-    modules = ("sandbox.py", "sandbox_exec.py", "sandbox_launcher.py")
+    modules = ("sandbox.py", "sandbox_exec.py", "sandbox_launcher.py", "sandbox_memory.py")
     for name in modules:
         shutil.copyfile(Path(sandbox.__file__).with_name(name), stage / name)
     (stage / "grader.py").write_text(f"import sys\nsys.path.insert(0, {str(stage)!r})\n" + grader_script)
@@ -523,3 +523,94 @@ def test_limits_split_the_budget():
         sandbox.SandboxLimits(memory_mb=512, max_processes=16)
     with pytest.raises(ValueError, match="workdir_mb"):
         sandbox.SandboxLimits(memory_mb=512, workdir_mb=512)
+
+
+# ------------------------------------------------------------- memory the kernel holds for the program
+# Each tries to hold 3x a 512 MiB budget outside the program's address space; the last line prints only
+# when it got there. All must be refused or killed, the grader must live on, and the sample is wrong
+# with the reason in its detail.
+KERNEL_MEMORY = {
+    "memfd": ("import os\nfds = []\nchunk = b'x' * (1 << 20)\nfor _ in range(48):\n"
+              "    fds.append(os.memfd_create('m'))\n    for _ in range(32):\n        os.write(fds[-1], chunk)\n"
+              "print('held', 48 * 32)\n", "PermissionError"),
+    "SysV shm": ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nlibc.shmat.restype = ctypes.c_void_p\n"
+                 "for _ in range(24):\n    sid = libc.shmget(0, 64 << 20, 0o1600)\n"
+                 "    if sid < 0:\n        raise OSError(ctypes.get_errno(), 'shmget refused')\n"
+                 "    addr = libc.shmat(sid, None, 0)\n    ctypes.memset(addr, 1, 64 << 20)\n"
+                 "    libc.shmdt(ctypes.c_void_p(addr))\nprint('held', 24 * 64)\n", "shmget refused"),
+    "POSIX shm": ("from multiprocessing import shared_memory\n"
+                  "m = shared_memory.SharedMemory(create=True, size=1536 << 20)\n"
+                  "m.buf[:] = b'x' * (1536 << 20)\nprint('held', 1536)\n", "Error"),
+    "/dev/shm file": ("chunk = b'x' * (1 << 20)\nwith open('/dev/shm/fill', 'wb') as f:\n"
+                      "    for _ in range(1536):\n        f.write(chunk)\nprint('held', 1536)\n", "Error"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KERNEL_MEMORY))
+def test_kernel_held_memory_cannot_pass_the_budget(iso, name):
+    import graders
+
+    program, reason = KERNEL_MEMORY[name]
+    limits = sandbox.SandboxLimits(timeout_s=20.0, memory_mb=512)
+    tests = [{"input": "", "output": "held 1536\n", "testtype": "stdin"}]
+    graded = graders.grade_code_tests(tests, None, f"```python\n{program}```", limits)
+    assert graded.correct is False and graded.detail["passed"] == 0, graded.detail
+    assert reason in graded.detail["error"], graded.detail
+    still_works(iso)  # the grader lives on
+
+
+@pytest.mark.parametrize("name", ["memfd", "SysV shm"])
+def test_without_the_seccomp_filter_the_same_programs_hold_3x_the_budget(iso, name):
+    """Control: rlimits and the read-only /dev alone let these through, so the test above can fail."""
+    import dataclasses
+
+    import graders
+
+    limits = sandbox.SandboxLimits(timeout_s=20.0, memory_mb=512)
+    tests = [{"input": "", "output": "held 1536\n", "testtype": "stdin"}]
+    bare = dataclasses.replace(iso, seccomp=False)
+    graded = graders.grade_code_tests(tests, None, f"```python\n{KERNEL_MEMORY[name][0]}```", limits, isolation=bare)
+    assert graded.correct, graded.detail
+
+
+def test_seccomp_filter_jumps_land_on_deny_or_allow():
+    import struct
+
+    import sandbox_memory as sm
+
+    for machine in sm.DENIED:
+        prog = sm.seccomp_filter(machine)
+        insns = [struct.unpack("=HBBI", prog[i:i + 8]) for i in range(0, len(prog), 8)]
+        assert insns[-1] == (0x06, 0, 0, 0x00050000 | 1) and insns[-2] == (0x06, 0, 0, 0x7FFF0000)
+        jumps = [(i, code, jt, jf) for i, (code, jt, jf, _k) in enumerate(insns) if code in (0x15, 0x35)]
+        denied = {k for code, _jt, _jf, k in insns if code == 0x15} - {sm.AUDIT_ARCH[machine]}
+        assert denied == set(sm.DENIED[machine].values())
+        for i, code, jt, jf in jumps:
+            assert i + 1 + jt < len(insns) and i + 1 + jf < len(insns)
+            if jt:  # every taken syscall match goes to the final EPERM
+                assert i + 1 + jt == len(insns) - 1
+
+
+def test_memory_mechanisms_are_recorded(iso):
+    assert "seccomp" in iso.describe()
+    import sandbox_memory
+
+    assert any("seccomp(" in m for m in sandbox_memory.mechanisms(True, True, 64, 32))
+    assert not any("seccomp(" in m for m in sandbox_memory.mechanisms(False, False, 64, 32))
+
+
+def test_kernel_held_memory_is_refused_under_an_unprivileged_grader(world_dir):
+    programs = {name: prog for name, (prog, _reason) in KERNEL_MEMORY.items()}
+    grader = ("import json, os, sandbox\n"
+              f"programs = json.loads({json.dumps(programs)!r})\n"
+              "limits = sandbox.SandboxLimits(timeout_s=20.0, memory_mb=512)\n"
+              "out = {'uid': os.getuid()}\n"
+              "for name, prog in programs.items():\n"
+              "    r = sandbox.run_python(prog, limits=limits)\n"
+              "    out[name] = [r.status, 'held' in r.stdout, r.isolation[:5]]\n"
+              "print(json.dumps(out))\n")
+    proc = run_grader_as_nobody(world_dir, grader, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report.pop("uid") != 0
+    assert all(status != "ok" and not held and iso == "bwrap" for status, held, iso in report.values()), report

@@ -127,7 +127,8 @@ def test_killed_run_resumes_without_regenerating_and_matches_clean_run(tmp_path,
     second = CountingReplay(replay)
     resumed = vllm_eval8.run_eval(cfg, backend=second)
     assert second.asked == [s.id for s in samples if s.id not in done]
-    assert resumed["resumed"] == {"reused": 4, "generated": len(samples) - 4, "torn_lines_dropped": 1, "regraded": 0}
+    assert resumed["resumed"] == {"reused": 4, "generated": len(samples) - 4, "torn_lines_dropped": 1, "regraded": 0,
+                                  "verdicts_changed": 0, "truncation_reapplied": 0}
     assert results_schema.without_volatile(resumed) == results_schema.without_volatile(clean)
     assert jsonl.read_text() == (clean_dir / "vllm_eval" / "run.jsonl").read_text()
 

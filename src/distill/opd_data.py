@@ -18,6 +18,16 @@ from pathlib import Path
 import atomic_io
 import provenance
 
+
+def _text(path: Path) -> str:
+    """The file as UTF-8; bad bytes are a one-line error naming file:line (eval_text)."""
+    import eval_text
+
+    try:
+        return eval_text.read_utf8(path)
+    except eval_text.TextDecodeError as err:
+        raise OpdInputError(str(err)) from None
+
 PROMPT_FIELDS = ("messages", "prompt", "problem", "question", "instruction", "text")
 PTQ_META = "_ptq_meta.json"
 
@@ -56,7 +66,7 @@ def load_prompts(path: str | None = None, dataset: str | None = None, split: str
         p = Path(path)
         if not p.is_file():
             raise OpdInputError(f"--prompts {path}: no such file")
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(_text(p).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -107,7 +117,7 @@ class ResumableJsonl:
             self.path.unlink(missing_ok=True)
             complete.unlink(missing_ok=True)
         if self.path.exists():
-            lines = self.path.read_text(encoding="utf-8").split("\n")
+            lines = _text(self.path).split("\n")
             try:
                 head = json.loads(lines[0])["header"]
             except (ValueError, KeyError, IndexError):
@@ -148,7 +158,7 @@ def read_rollouts(path: str | Path, allow_partial: bool = False) -> tuple[dict, 
         raise OpdInputError(f"rollouts {p}: no such file (run opd_gen.py first)")
     if not allow_partial and not complete_marker(p).is_file():
         raise OpdInputError(f"rollouts {p} is incomplete (no {complete_marker(p).name}); rerun opd_gen.py to finish it")
-    lines = [x for x in p.read_text(encoding="utf-8").split("\n") if x.strip()]
+    lines = [x for x in _text(p).split("\n") if x.strip()]
     header = json.loads(lines[0])["header"]
     records = []
     for line in lines[1:]:

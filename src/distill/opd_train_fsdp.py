@@ -250,10 +250,23 @@ def save_state(path: Path, model, opt, dist: Dist, extra: dict) -> None:
     dist.barrier()
 
 
+def read_state(path: Path) -> dict:
+    """The state file as plain data: weights_only unpickling, so a planted file cannot run code; anything
+    else is a one-line error naming the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, a torn zip, a foreign format: all mean "not ours"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise OpdInputError(f"{path}: not a training state written by this tool ({first}); delete it or pass --fresh") from None
+    if not isinstance(state, dict):
+        raise OpdInputError(f"{path}: not a training state written by this tool; delete it or pass --fresh")
+    return state
+
+
 def load_state(path: Path, model, opt, dist: Dist) -> dict:
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_state(path)
     opts = _sd_options(dist, broadcast_from_rank0=dist.enabled, strict=False)
     set_model_state_dict(model, state["model"], options=opts)
     set_optimizer_state_dict(model, opt, state["optim"], options=opts)
@@ -265,7 +278,7 @@ def check_resume(out: Path, ident: dict, fresh: bool) -> Path | None:
     path = out / STATE
     if fresh or not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_state(path)
     if state.get("config") != ident:
         raise OpdInputError(f"{path} was trained with other settings ({opd_data.config_diff(state.get('config') or {}, ident)}); "
                             f"delete {out} or pass --fresh")

@@ -43,9 +43,41 @@ class CascadeAnswer:
     stage: str  # "stage1".., "guess", or "none"
 
 
+def _first_line_last_answer(text: str):
+    """`re.search(r".*[aA]nswer:\\s*([A-J])", text)` in one pass: the search starts where the first line
+    holding an occurrence starts, and the greedy `.*` then settles on that line's last occurrence."""
+    line_end, found = None, None
+    for m in _ANSWER_COLON.finditer(text):  # overlapping: a lookahead, so "answer: Answer: B" has two
+        if line_end is None:
+            line_end = text.find("\n", m.start())
+        elif line_end != -1 and m.start() > line_end:
+            break
+        found = m
+    return found
+
+
+def _last_standalone_letter(text: str):
+    """`re.search(r"\\b[A-J]\\b(?!.*\\b[A-J]\\b)", text, re.DOTALL)` in one pass: the last such letter."""
+    found = None
+    for found in _STANDALONE_LETTER.finditer(text):
+        pass
+    return found
+
+
+_ANSWER_COLON = re.compile(r"(?=[aA]nswer:\s*+([A-J]))")
+_STANDALONE_LETTER = re.compile(r"\b[A-J]\b")
+# Published stages whose regex backtracks quadratically on long outputs -> a linear function giving the
+# same match (tests compare both on real outputs). Keyed by (pattern, flags, group).
+LINEAR_EQUIVALENTS = {(r".*[aA]nswer:\s*([A-J])", 0, 1): _first_line_last_answer,
+                      (r"\b[A-J]\b(?!.*\b[A-J]\b)", re.DOTALL, 0): _last_standalone_letter}
+
+
 def _stage_match(stage: Stage, text: str, cascade: "Cascade") -> tuple[bool, str | None]:
     """(matched, valid letter or None) of one stage."""
-    if stage.pick == "first":
+    linear = LINEAR_EQUIVALENTS.get((stage.pattern, stage.flags, stage.group))
+    if linear is not None and stage.pick == "first":
+        m = linear(text)
+    elif stage.pick == "first":
         m = re.search(stage.pattern, text, stage.flags)
     else:
         m = None

@@ -141,10 +141,11 @@ def _humaneval_sample(spec, row, index, source, options):
 
 
 def grade_humaneval(sample: Sample, output: str) -> Graded:
-    """The prompt goes first (its imports and helpers), the model's function redefines the stub."""
+    """The prompt goes first in both processes (its imports and helpers); the candidate's function
+    redefines the stub, and the tests reach it through the entry point's proxy (sandbox_calls)."""
     g = sample.gold
     return graders.grade_code_program((g["prompt"], f"{g['test']}\n\ncheck({g['entry_point']})\n"), output,
-                                      _code_limits(sample))
+                                      _code_limits(sample), names=(g["entry_point"],))
 
 
 def mbpp_prompt(task: str, tests: list) -> str:

@@ -42,18 +42,17 @@ def read_located_rows(path: str | Path) -> list:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         out = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    out.append((f"{path}:{n}", json.loads(line)))
-                except json.JSONDecodeError as err:
-                    raise DataFileError(f"{path}:{n}: not a JSON object ({err.msg} at column {err.colno})") from None
+        for n, line in enumerate(_utf8_lines(path), start=1):
+            if not line.strip():
+                continue
+            try:
+                out.append((f"{path}:{n}", json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise DataFileError(f"{path}:{n}: not a JSON object ({err.msg} at column {err.colno})") from None
         return out
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(_read_utf8(path))
         except json.JSONDecodeError as err:
             raise DataFileError(f"{path}:{err.lineno}: not JSON ({err.msg})") from None
         rows = data.get("rows") if isinstance(data, dict) else data
@@ -65,6 +64,24 @@ def read_located_rows(path: str | Path) -> list:
 
         return [(f"{path} row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
     raise ValueError(f"data_file {path}: unsupported suffix {suffix!r}; use .jsonl, .json or .parquet")
+
+
+def _utf8_lines(path: Path) -> list:
+    import eval_text
+
+    try:
+        return eval_text.utf8_lines(path)
+    except eval_text.TextDecodeError as err:
+        raise DataFileError(str(err)) from None
+
+
+def _read_utf8(path: Path) -> str:
+    import eval_text
+
+    try:
+        return eval_text.read_utf8(path)
+    except eval_text.TextDecodeError as err:
+        raise DataFileError(str(err)) from None
 
 
 def read_rows(path: str | Path) -> list:

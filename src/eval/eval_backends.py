@@ -234,21 +234,22 @@ class ReplayBackend(Backend):
         if not self.path.is_file():
             raise FileNotFoundError(f"replay file {self.path} does not exist; pass the <tag>.jsonl of an earlier run")
         self.generations: dict[str, dict] = {}
-        with open(self.path, encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if not isinstance(rec, Mapping) or "id" not in rec:
-                    continue
-                if not isinstance(rec.get("output"), str) or not isinstance(rec.get("finish_reason"), str):
-                    raise ValueError(f"{self.path}:{n}: record {rec.get('id')!r} lacks a string output/finish_reason")
-                gen = {"output": rec["output"], "finish_reason": rec["finish_reason"],
-                       "tokens": int(rec.get("tokens") or 0)}
-                if rec.get("reasoning") is not None:
-                    gen["reasoning"] = rec["reasoning"]
-                self.generations[str(rec["id"])] = gen
+        import eval_text
+
+        for n, line in enumerate(eval_text.utf8_lines(self.path), start=1):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(rec, Mapping) or "id" not in rec:
+                continue
+            if not isinstance(rec.get("output"), str) or not isinstance(rec.get("finish_reason"), str):
+                raise ValueError(f"{self.path}:{n}: record {rec.get('id')!r} lacks a string output/finish_reason")
+            gen = {"output": rec["output"], "finish_reason": rec["finish_reason"],
+                   "tokens": int(rec.get("tokens") or 0)}
+            if rec.get("reasoning") is not None:
+                gen["reasoning"] = rec["reasoning"]
+            self.generations[str(rec["id"])] = gen
         self.sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
 
     def stream(self, samples):

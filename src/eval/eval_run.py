@@ -18,6 +18,7 @@ from typing import Callable, Mapping, Sequence
 import atomic_io
 import bench_registry
 import eval_backends
+import eval_fingerprint
 import mm_eval
 import mm_images
 import official_scores
@@ -95,6 +96,10 @@ def _status(robust, official) -> str:
     return "ok"
 
 
+def _verdict(rec: Mapping) -> tuple:
+    return bool(rec.get("correct")), bool(rec.get("official_correct"))
+
+
 def official_scorer_info(bench: str) -> dict:
     o = bench_registry.BENCHMARKS[bench].official
     return {"name": o.name, "source": o.source, "exact": o.exact}
@@ -105,20 +110,37 @@ def grading_environment(cfg: EvalConfig) -> dict:
     return bench_registry.grading_environment(cfg.benchmarks, allow_weak_sandbox=cfg.allow_weak_sandbox)
 
 
+def check_results_dir(path) -> None:
+    """Refuse an unwritable results dir in one line, before any sample or engine is loaded."""
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"results dir {path} is not writable ({err.strerror or err}); "
+                         "pass --results-dir to a writable directory") from None
+
+
 def run_eval(cfg: EvalConfig, backend: eval_backends.Backend | None = None, argv: Sequence[str] | None = None,
-             grade_fn: Callable = default_grade_fn) -> dict:
+             grade_fn: Callable = default_grade_fn, regrade_all: bool = False) -> dict:
     """Run (or resume) one evaluation and write <results_dir>/<tag>.json + .jsonl; returns the JSON dict.
 
     `backend` may be passed in (tests, or to reuse a loaded engine across tags); it is then not closed
     here. Otherwise the backend named by cfg is built only if some sample still needs generating.
     `grade_fn(sample, output) -> (robust, official)` must be a module-level function (the pool pickles it).
+    regrade_all: re-grade every stored generation (the audit behind --regrade); the generation config is
+    taken from the JSONL's header, and a sample without a stored generation is an error (no engine runs).
     """
     if backend is not None and backend.name != cfg.backend:
         raise ValueError(f"run_eval got a {backend.name!r} backend but cfg.backend is {cfg.backend!r}; "
                          "the config hash must describe the backend that generates")
     t_start, start_utc = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     json_path, jsonl_path = cfg.results_paths()
-    json_path.parent.mkdir(parents=True, exist_ok=True)
+    check_results_dir(json_path.parent)
 
     t0 = time.perf_counter()
     samples, datasets = load_all_samples(cfg)
@@ -126,8 +148,21 @@ def run_eval(cfg: EvalConfig, backend: eval_backends.Backend | None = None, argv
     grading_env = grading_environment(cfg)
     mm_eval.refuse_text_only(cfg, samples)  # before any engine starts: a model that cannot see is named
     by_id = {s.id: s for s in samples}
-    gen_cfg = generation_config(cfg)
-    cfg_hash = results_schema.config_hash(gen_cfg)
+    if regrade_all:  # the run as it was generated, whatever the model path holds today
+        head = resume_log.read_header(jsonl_path)
+        gen_cfg, cfg_hash = head.get("generation") or {}, str(head.get("config_hash"))
+    else:
+        gen_cfg = generation_config(cfg)
+        cfg_hash = results_schema.config_hash(gen_cfg)
+    fingerprint = eval_fingerprint.grader_fingerprint()
+    grading_env["grader_fingerprint"] = fingerprint
+    if "sandbox" in grading_env:  # which mechanisms bound a program's memory here (docs/BENCHMARKS.md)
+        import sandbox
+        import sandbox_memory
+
+        iso, limits = sandbox.detect_isolation(allow_weak=cfg.allow_weak_sandbox), sandbox.SandboxLimits()
+        grading_env["sandbox_memory"] = sandbox_memory.mechanisms(iso.strong, iso.seccomp, limits.workdir_mb,
+                                                                  limits.file_size_mb)
 
     try:
         trusted, others, torn = resume_log.read_resumable(jsonl_path, by_id, gen_cfg, cfg_hash)
@@ -139,13 +174,23 @@ def run_eval(cfg: EvalConfig, backend: eval_backends.Backend | None = None, argv
         os.replace(jsonl_path, stale)
         print(f"eval: {err}; moved it to {stale.name}, starting fresh", file=sys.stderr)
         trusted, others, torn = {}, [], 0
-    regrade = [s for s in samples if s.id in trusted and resume_log.needs_regrade(trusted[s.id])]
+    rederived = {sid: resume_log.reapply_truncation(rec) for sid, rec in trusted.items()}
+    truncation_fixed = sum(rederived[sid]["correct"] != rec["correct"] for sid, rec in trusted.items())
+    trusted = rederived
+    regrade = [s for s in samples if s.id in trusted and (regrade_all or resume_log.needs_regrade(trusted[s.id], fingerprint))]
+    missing = [s.id for s in samples if s.id not in trusted]
+    if regrade_all and missing:
+        raise ValueError(f"--regrade {cfg.tag}: {len(missing)} sample(s) have no stored generation in {jsonl_path} "
+                         f"(first: {missing[0]}); finish the run before auditing it")
+    before = {s.id: _verdict(trusted[s.id]) for s in regrade}
     if trusted or torn:
         print(f"vllm_eval8: resuming {cfg.tag}: {len(trusted)} finished samples reused"
               + (f", {len(regrade)} of them graded again" if regrade else "")
+              + (f", truncation rule re-applied to {truncation_fixed}" if truncation_fixed else "")
               + (f", {torn} incomplete line(s) dropped" if torn else ""), file=sys.stderr)
     # Rewrite before appending: drops a torn last line so the next append starts on a fresh line.
-    resume_log.rewrite(jsonl_path, resume_log.header(gen_cfg, cfg_hash, "graded"), [*trusted.values(), *others])
+    resume_log.rewrite(jsonl_path, resume_log.header(gen_cfg, cfg_hash, "graded", fingerprint),
+                       [*trusted.values(), *others])
 
     todo = [s for s in samples if s.id not in trusted]
     unusable = [s for s in todo if s.meta.get("input_error")]  # unreadable image: scored with its reason
@@ -166,6 +211,7 @@ def run_eval(cfg: EvalConfig, backend: eval_backends.Backend | None = None, argv
         def on_graded(sample, generation, robust, official):
             t_w = time.perf_counter()
             rec = results_schema.sample_record(sample, generation, robust, cfg_hash, official, _status(robust, official))
+            rec["grader_fingerprint"] = fingerprint
             log.append([rec])  # fsynced before it returns: a kill after this line loses nothing graded
             with lock:
                 records[sample.id] = rec
@@ -220,7 +266,12 @@ def run_eval(cfg: EvalConfig, backend: eval_backends.Backend | None = None, argv
     ordered = [records[s.id] for s in samples]
     by_bench = {b: results_schema.apply_official_guesses([r for r in ordered if r["bench"] == b]) for b in cfg.benchmarks}
     ordered = [r for b in cfg.benchmarks for r in by_bench[b]]
-    resume_log.rewrite(jsonl_path, resume_log.header(gen_cfg, cfg_hash, "sample"), [*ordered, *others])
+    resume_log.rewrite(jsonl_path, resume_log.header(gen_cfg, cfg_hash, "sample", fingerprint), [*ordered, *others])
+    after = {r["id"]: r for r in ordered}
+    changed = [sid for sid in before if _verdict(after[sid]) != before[sid]]
+    if changed:
+        print(f"vllm_eval8: {len(changed)} verdict(s) changed on re-grading: {', '.join(changed[:10])}"
+              + (" ..." if len(changed) > 10 else ""), file=sys.stderr)
     benchmarks = {}
     for bench in cfg.benchmarks:
         block = results_schema.summarize_bench(by_bench[bench], official_scorer_info(bench))
@@ -247,7 +298,8 @@ def run_eval(cfg: EvalConfig, backend: eval_backends.Backend | None = None, argv
     wall = time.perf_counter() - t_start
     harness = wall - backend_init_s - gen_only
     doc["resumed"] = {"reused": len(trusted), "generated": len(todo), "torn_lines_dropped": torn,
-                      "regraded": len(regrade)}
+                      "regraded": len(regrade), "verdicts_changed": len(changed),
+                      "truncation_reapplied": truncation_fixed}
     doc["timing"] = {"start_utc": start_utc, "end_utc": end_utc, "wall_s": wall, "load_samples_s": load_s,
                      "backend_init_s": backend_init_s, "generate_s": gen_only, "prompt_render_s": prep_s,
                      "grade_wait_s": pool.grade_s if pool else 0.0, "write_s": counters["write_s"],
@@ -290,6 +342,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         import compare
 
         return compare.main(argv[1:])
+    if any(a == "--regrade" or a.startswith("--regrade=") for a in argv):
+        import results_regrade
+
+        return results_regrade.main(argv)
     import vllm_eval8
 
     args = build_parser(vllm_eval8.__doc__).parse_args(argv)

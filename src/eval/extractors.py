@@ -5,6 +5,9 @@ Shared rules (docs/BENCHMARKS.md):
     closed (generation cut off mid-thought) has no answer at all, even if the thought names one.
   * Where several candidates appear the LAST one wins (models restate, correct themselves, then conclude).
   * Nothing found is `None`; callers score it wrong and count it as no-answer. There is no guessing.
+  * Every function is linear in its input: a looping or replayed output of megabytes must not stall a
+    run. Hence possessive quantifiers (`*+`, Python >= 3.11) wherever whitespace runs meet, anchored
+    `.match(text, pos)` instead of slicing, and one brace-matching pass instead of a scan per `\boxed{`.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ ALL_ANSWER_MARKERS = ("Answer", "Final Answer", *sorted({m for ms in LOCALE_ANSW
 SCRIPT_LETTERS = {"أ": "A", "ا": "A", "ب": "B", "ج": "C", "د": "D",
                   "অ": "A", "ব": "B", "ড": "C", "ঢ": "D"}
 
+_SCRIPT_LETTER = re.compile("(?<![\\w])(?:" + "|".join(map(re.escape, SCRIPT_LETTERS)) + ")(?![\\w])")
 _THINK_OPEN = re.compile(r"<think>", re.IGNORECASE)
 _THINK_CLOSE = re.compile(r"</think>", re.IGNORECASE)
 
@@ -71,29 +75,50 @@ def extract_choice(text: str | None, letters: str = LETTERS, markers: tuple = AL
     if not seg:
         return None
     seg = _normalize_letters(seg)
-    for script, latin in SCRIPT_LETTERS.items():
-        seg = re.sub(rf"(?<![\w]){re.escape(script)}(?![\w])", latin, seg)
+    seg = _SCRIPT_LETTER.sub(lambda m: SCRIPT_LETTERS[m.group()], seg)
     L = _letter_class(letters)
-    wrap_open, wrap_close = r"[\s*_`\"'“]*[\(\[]?\s*", r"\s*[\)\]]?"
+    # Possessive runs: a letter never follows whitespace given back, so nothing is lost, and a megabyte of
+    # spaces after "answer is" costs one pass instead of a cubic backtrack. The closing run stays greedy: it
+    # gives its spaces back at most once per candidate letter.
+    wrap_open, wrap_close = r"[\s*_`\"'“]*+[\(\[]?+\s*+", r"\s*[\)\]]?"
     stages = [
-        rf"answer\s+is\s*[:：]?{wrap_open}({L}){wrap_close}(?![\w])",
-        r"(?:" + "|".join(re.escape(m) for m in markers) + r")[\s*_]*[:：]" + wrap_open + rf"({L}){wrap_close}(?![\w])",
-        rf"\\boxed\s*\{{\s*(?:\\text\{{)?\s*\(?({L})\)?\s*\}}?\s*\}}",
+        rf"answer\s++is\s*+[:：]?+{wrap_open}({L}){wrap_close}(?![\w])",
+        r"(?:" + "|".join(re.escape(m) for m in markers) + r")[\s*_]*+[:：]" + wrap_open + rf"({L}){wrap_close}(?![\w])",
+        rf"\\boxed\s*+\{{\s*+(?:\\text\{{)?+\s*+\(?+({L})\)?+\s*+\}}?\s*+\}}",
         rf"(?<![\w\\])\(?({L})\)?(?![\w'’])",
     ]
-    for i, pattern in enumerate(stages):
+    for i, pattern in enumerate(stages[:3]):
         flags = re.IGNORECASE if i < 2 else 0
         # Upper-case letters only, even when the marker match is case-insensitive ("answer is a" is prose).
         hits = [m.group(1) for m in re.finditer(pattern, seg, flags)
                 if m.group(1) in letters and not _reads_as_word(seg, m)]
         if hits:
             return hits[-1]
-    return None
+    return _last_standalone_letter(re.compile(stages[3]), seg, letters)
+
+
+def _last_standalone_letter(pattern: re.Pattern, seg: str, letters: str) -> str | None:
+    """Stage 4 from the end: scan a tail window, doubling it until a letter is found (a match is at most
+    three characters and its lookarounds see the whole text, so the window edge changes nothing). A text
+    full of letters costs one short window instead of a Python step per letter."""
+    size = 4096
+    while True:
+        start = max(0, len(seg) - size)
+        last = None
+        for m in pattern.finditer(seg, start):
+            if m.group(1) in letters and not _reads_as_word(seg, m):
+                last = m.group(1)
+        if last is not None or start == 0:
+            return last
+        size *= 2
+
+
+_WORD_AFTER = re.compile(r"\s++[a-z]")
 
 
 def _reads_as_word(seg: str, match: re.Match) -> bool:
     """'A' and 'I' followed by a lower-case word are English ("I think", "A cat"), not option letters."""
-    return match.group(1) in "AI" and re.match(r"\s+[a-z]", seg[match.end():]) is not None
+    return match.group(1) in "AI" and _WORD_AFTER.match(seg, match.end()) is not None
 
 
 def last_boxed(text: str | None) -> str | None:
@@ -101,19 +126,31 @@ def last_boxed(text: str | None) -> str | None:
     seg = final_segment(text)
     if not seg:
         return None
-    starts = [m for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", seg)]
+    closing = matching_braces(seg)
+    starts = list(_BOXED_OPEN.finditer(seg))
     for m in reversed(starts):
-        depth, i = 1, m.end()
-        while i < len(seg) and depth:
-            if seg[i] == "{":
-                depth += 1
-            elif seg[i] == "}":
-                depth -= 1
-            i += 1
-        if depth == 0:
-            return seg[m.end(): i - 1].strip()
-    bare = list(re.finditer(r"\\boxed\s+([^\s$\\]+)", seg))  # "\boxed 5" is valid TeX too
+        close = closing.get(m.end() - 1)
+        if close is not None:
+            return seg[m.end(): close].strip()
+    bare = list(_BOXED_BARE.finditer(seg))  # "\boxed 5" is valid TeX too
     return bare[-1].group(1) if bare else None
+
+
+_BOXED_OPEN = re.compile(r"\\(?:boxed|fbox)\s*+\{")
+_BOXED_BARE = re.compile(r"\\boxed\s++([^\s$\\]+)")
+_BRACE = re.compile(r"[{}]")
+
+
+def matching_braces(text: str) -> dict:
+    """{index of '{': index of its '}'} for every brace that closes, in one pass over the braces. A '{'
+    closes where the text after it first holds more '}' than '{', which is what a stack pairs it with."""
+    stack, pairs = [], {}
+    for m in _BRACE.finditer(text):
+        if m.group() == "{":
+            stack.append(m.start())
+        elif stack:
+            pairs[stack.pop()] = m.start()
+    return pairs
 
 
 def extract_math_answer(text: str | None) -> str | None:
@@ -124,11 +161,11 @@ def extract_math_answer(text: str | None) -> str | None:
     seg = final_segment(text)
     if not seg:
         return None
-    hits = re.findall(r"(?:final answer|answer)\s*(?:is|[:：])\s*[:：]?\s*([^\n]+)", seg, re.IGNORECASE)
+    hits = re.findall(r"(?:final answer|answer)\s*+(?:is|[:：])\s*+[:：]?+\s*+([^\n]+)", seg, re.IGNORECASE)
     if not hits:
         return None
     answer = hits[-1].strip().strip("*").strip().rstrip(".").strip()
-    answer = re.sub(r"^\$+|\$+$", "", answer).strip()
+    answer = answer.strip("$").strip()
     return answer.rstrip(".").strip() or None
 
 
@@ -138,10 +175,10 @@ def extract_integer(text: str | None) -> str | None:
     if raw is None:
         return None
     cleaned = re.sub(r"\\(?:text|mathrm|textbf|mathbf)\{([^{}]*)\}", r"\1", raw)
-    cleaned = re.sub(r"\^\s*\{?\\circ\}?|\\[,;!]|\\ |[\s$]", "", cleaned).replace("{", "").replace("}", "")
-    cleaned = cleaned.replace(",", "") if re.fullmatch(r"\d{1,3}(,\d{3})+", cleaned) else cleaned
-    m = re.fullmatch(r"[+]?0*(\d+)(?:\.0*)?", cleaned)
-    return m.group(1) if m else None
+    cleaned = re.sub(r"\^\s*+\{?\\circ\}?|\\[,;!]|\\ |[\s$]", "", cleaned).replace("{", "").replace("}", "")
+    cleaned = cleaned.replace(",", "") if re.fullmatch(r"\d{1,3}+(,\d{3})++", cleaned) else cleaned
+    m = re.fullmatch(r"[+]?(\d++)(?:\.0*+)?", cleaned)
+    return (m.group(1).lstrip("0") or "0") if m else None
 
 
 _FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})[ \t]*([\w+#.-]*)[^\n]*$", re.MULTILINE)
@@ -182,7 +219,7 @@ def extract_final_line(text: str | None, markers: tuple = ("Exact Answer", "Fina
     seg = final_segment(text)
     if not seg:
         return None
-    pattern = r"(?:" + "|".join(re.escape(m) for m in markers) + r")[\s*_]*[:：]\s*(.+)"
+    pattern = r"(?:" + "|".join(re.escape(m) for m in markers) + r")[\s*_]*+[:：]\s*+(.+)"
     hits = re.findall(pattern, seg, re.IGNORECASE)
     if not hits:
         return None
@@ -196,7 +233,7 @@ def normalize_free_text(text: str | None) -> str:
     if not text:
         return ""
     t = unicodedata.normalize("NFKC", text).casefold().strip()
-    t = re.sub(r"^\$+|\$+$", "", t).strip()
+    t = t.strip("$").strip()
     t = re.sub(r"\\text\{([^{}]*)\}", r"\1", t)
     t = t.strip(" \t\"'`“”‘’").rstrip(".").strip()
     return re.sub(r"\s+", " ", t)

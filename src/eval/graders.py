@@ -208,11 +208,12 @@ def run_test_cases(code: str, tests: list, func_name: str | None, limits: sandbo
     return {"passed": passed, **base}
 
 
-def grade_code_tests(tests: list, func_name: str | None, output: str, limits: sandbox.SandboxLimits) -> Graded:
+def grade_code_tests(tests: list, func_name: str | None, output: str, limits: sandbox.SandboxLimits,
+                     isolation: sandbox.Isolation | None = None) -> Graded:
     code = extractors.extract_code(output)
     if code is None:
         return no_answer()
-    detail = run_test_cases(code, tests, func_name, limits)
+    detail = run_test_cases(code, tests, func_name, limits, isolation)
     return Graded(code, detail["passed"] == detail["total"] and "error" not in detail, False, detail)
 
 
@@ -226,22 +227,39 @@ def code_program(program_parts: tuple, code: str) -> str:
 
 
 def grade_code_program(program_parts: tuple, output: str, limits: sandbox.SandboxLimits,
-                       isolation: sandbox.Isolation | None = None) -> Graded:
-    """HumanEval/MBPP: passes only when the sandbox's own epilogue reports the run's nonce, i.e. the
-    program (its last assertion included) ran to its end without raising. The exit code is not evidence:
-    sys.exit(0), os._exit(0), atexit or excepthook tricks end the run before the epilogue. As in the
-    official harness, an `if __name__ == "__main__":` block in the answer does not run."""
+                       isolation: sandbox.Isolation | None = None, names: tuple | None = None) -> Graded:
+    """HumanEval/MBPP in two processes (sandbox_calls): the candidate (prefix + its code) serves calls;
+    the tests (prefix + test code) run in another sandbox and reach the candidate's `names` (default: the
+    names the tests use that only the candidate defines) through proxies that carry plain data only.
+    Passes only when the test process ran to its end and exited cleanly, and the candidate did not die or
+    stall in a call. As in the official harness, an `if __name__ == "__main__":` block in the answer does
+    not run."""
+    import sandbox_calls
+
     code = extractors.extract_code(output)
     if code is None:
         return no_answer()
+    prefix, tests = program_parts
     iso = isolation or sandbox.isolation_for(limits)
-    result = sandbox.run_python(code_program(program_parts, code), limits=limits, isolation=iso,
-                                run_name=TEST_PROGRAM_NAME)
-    detail = {"passed": int(result.completed), "total": 1, "isolation": result.isolation,
+    try:
+        names = list(names) if names is not None else sandbox_calls.entry_points(tests, prefix)
+    except SyntaxError as exc:
+        return Graded(code, False, False, {"status": "grader_error", "error": f"test code does not parse: {exc}"})
+    test, cand = sandbox_calls.run_checked(prefix + "\n" + code + "\n", prefix, tests, names, limits, iso,
+                                           run_name=TEST_PROGRAM_NAME)
+    # The candidate ends by being stopped once the tests are done (or, having answered, by itself);
+    # cut by its own limits it is a failure even if the tests somehow completed.
+    died = cand is None or cand.status in ("timeout", "output_limit", "sandbox_error")
+    passed = bool(test.ok and test.completed and not died)
+    detail = {"passed": int(passed), "total": 1, "isolation": iso.describe(),
               **({} if iso.strong else {"weak_sandbox": True})}
-    if not result.completed:
-        detail["error"] = _short(result) if not result.ok else "exited before the tests finished"
-    return Graded(code, result.completed, False, detail)
+    if not passed:
+        if not (test.ok and test.completed):
+            detail["error"] = _short(test) if not test.ok else "exited before the tests finished"
+        else:
+            detail["error"] = f"{sandbox_calls.CALL_FAILED}: the candidate process ended with " + \
+                (cand.status if cand is not None else "no run")
+    return Graded(code, passed, False, detail)
 
 
 # ---------------------------------------------------------------------------------------- HLE

@@ -6,6 +6,11 @@ SIGALRM timeouts work), started while the engine loads. A worker dies with the p
 (PR_SET_PDEATHSIG, plus a parent watchdog). If a worker crashes (BrokenProcessPool), the pool is rebuilt
 and every sample that had no grade yet is graded again, one at a time: the one that crashes a worker
 again, alone, gets a grader_error verdict; the others get their grade. workers=0 grades inline in the calling thread.
+
+Every sample's whole grading (extract + verify + execute) has a wall-clock budget (budget_s). Past it, the
+grade is interrupted (a signal to the grading thread; a sandboxed program is killed on the way out) and the
+sample is scored wrong with reason grade_timeout; the run goes on. Code stuck in C past the budget plus a
+grace period takes its worker down with it, and the crash path above scores it a grader_error.
 """
 from __future__ import annotations
 
@@ -21,6 +26,52 @@ from typing import Callable, Sequence
 from graders import Graded
 
 WARM_UP_OUTPUT = "The answer is (A).\nAnswer: A\n\\boxed{1}"
+GRADE_BUDGET_S = 600.0  # per sample; LCB's slowest samples run dozens of tests of a few seconds each
+HARD_KILL_GRACE_S = 15.0
+GRADE_TIMEOUT = "grade_timeout"
+
+
+class GradeTimeout(BaseException):
+    """Raised in the grading thread at the budget. A BaseException, so a grader's `except Exception`
+    (there to turn a crash into a verdict) cannot swallow it."""
+
+
+def timeout_verdict(budget_s: float) -> tuple:
+    g = Graded(None, False, False, {"reason": GRADE_TIMEOUT,
+                                    "error": f"{GRADE_TIMEOUT}: grading took longer than {budget_s:g} s"})
+    return g, None
+
+
+def budgeted_grade(grade_fn: Callable, budget_s: float | None, sample, output) -> tuple:
+    """grade_fn(sample, output) under a wall-clock budget (module level: the pool pickles it). Enforced in
+    the main thread of a process (each pool worker, or an inline caller that is the main thread)."""
+    if not budget_s or threading.current_thread() is not threading.main_thread():
+        return grade_fn(sample, output)
+    armed = [True]
+
+    def interrupt(signum, frame):
+        if armed[0]:
+            raise GradeTimeout()
+
+    def hard_kill():
+        if armed[0]:
+            os._exit(70)
+
+    previous = signal.signal(signal.SIGUSR2, interrupt)
+    timer = threading.Timer(budget_s, signal.pthread_kill, (threading.get_ident(), signal.SIGUSR2))
+    killer = threading.Timer(budget_s + HARD_KILL_GRACE_S, hard_kill)
+    for t in (timer, killer):
+        t.daemon = True
+        t.start()
+    try:
+        return grade_fn(sample, output)
+    except GradeTimeout:
+        return timeout_verdict(budget_s)
+    finally:
+        armed[0] = False
+        timer.cancel()
+        killer.cancel()
+        signal.signal(signal.SIGUSR2, previous)
 
 
 def default_grade_workers() -> int:
@@ -75,8 +126,9 @@ class GradingPool:
     """submit(sample, generation) -> on_graded(sample, generation, robust, official) as soon as graded."""
 
     def __init__(self, workers: int, on_graded: Callable, grade_fn: Callable = default_grade_fn,
-                 probes: Sequence = ()):
+                 probes: Sequence = (), budget_s: float | None = GRADE_BUDGET_S):
         self.workers = int(workers)
+        self.budget_s = budget_s
         self.on_graded = on_graded
         self.grade_fn = grade_fn
         self.probes = [s for s in probes if not s.meta.get("judge")]  # never call a remote judge to warm up
@@ -106,14 +158,14 @@ class GradingPool:
         if self.pool is None:
             t0 = time.perf_counter()
             try:
-                robust, official = self.grade_fn(sample, generation["output"])
+                robust, official = budgeted_grade(self.grade_fn, self.budget_s, sample, generation["output"])
             except Exception as exc:  # a grade_fn bug becomes this sample's grader_error
                 robust, official = crash_verdict(f"grading failed: {type(exc).__name__}: {str(exc)[:300]}")
             self.grade_s += time.perf_counter() - t0
             self.on_graded(sample, generation, robust, official)
             return
         try:
-            future = self.pool.submit(self.grade_fn, sample, generation["output"])
+            future = self.pool.submit(budgeted_grade, self.grade_fn, self.budget_s, sample, generation["output"])
         except (BrokenProcessPool, RuntimeError):
             with self._lock:
                 self._broken.append((sample, generation))
@@ -161,7 +213,8 @@ class GradingPool:
             self._restart_if_broken()
             t0 = time.perf_counter()
             try:
-                robust, official = self.pool.submit(self.grade_fn, sample, generation["output"]).result()
+                robust, official = self.pool.submit(budgeted_grade, self.grade_fn, self.budget_s, sample,
+                                                    generation["output"]).result()
                 self.regraded_after_crash.append(sample.id)
             except BrokenProcessPool:
                 robust, official = crash_verdict("the grading worker crashed on this sample, again when graded alone")

@@ -6,8 +6,11 @@ appended and fsynced the moment its grade exists, in whatever order grading fini
 sample order ("record_order": "sample"), so two complete runs of the same evaluation are byte-identical.
 
 A line is reused on resume only when it is complete and its prompt hash and config hash match this run.
-A reused line whose grade is missing or failed (a grader crash, no official verdict yet) keeps its
-generation and is graded again. Outputs with invalid Unicode (a lone surrogate) are stored \\u-escaped.
+A reused line keeps its generation; its verdict is graded again when the grade is missing or failed (a
+grader crash, no official verdict yet) or was written under another grader fingerprint (eval_fingerprint),
+and the truncation rule is always re-applied from its finish_reason. The file is trusted input beyond
+that: a hand-edited verdict under the current fingerprint is not detected on resume; `--regrade` (re-grade
+every stored generation) is the audit. Outputs with invalid Unicode (a lone surrogate) are stored \\u-escaped.
 """
 from __future__ import annotations
 
@@ -25,9 +28,9 @@ class ResumeMismatch(RuntimeError):
     """The results JSONL on disk was produced under a different config or prompt; reusing it would lie."""
 
 
-def header(gen_cfg: dict, cfg_hash: str, record_order: str) -> dict:
+def header(gen_cfg: dict, cfg_hash: str, record_order: str, fingerprint: str | None = None) -> dict:
     return {"header": {"schema": results_schema.SCHEMA_VERSION, "config_hash": cfg_hash, "generation": gen_cfg,
-                       "record_order": record_order,
+                       "record_order": record_order, "grader_fingerprint": fingerprint,
                        "note": "graded: lines in grading-completion order (keyed by id); sample: dataset order"}}
 
 
@@ -46,9 +49,30 @@ def _config_diff(old: Mapping, new: Mapping) -> str:
     return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)) or "(unknown)"
 
 
-def needs_regrade(rec: Mapping) -> bool:
-    """A reusable generation whose grade must be redone: the grader failed, or no official verdict yet."""
-    return rec.get("grade_status", "ok") == results_schema.GRADER_ERROR or "official_correct" not in rec
+def needs_regrade(rec: Mapping, fingerprint: str | None = None) -> bool:
+    """A reusable generation whose grade must be redone: the grader failed, no official verdict yet, or
+    the verdict was written by other grading code than this run's (fingerprint given)."""
+    return (rec.get("grade_status", "ok") == results_schema.GRADER_ERROR or "official_correct" not in rec
+            or (fingerprint is not None and rec.get("grader_fingerprint") != fingerprint))
+
+
+def reapply_truncation(rec: Mapping) -> dict:
+    """The record with `correct` derived again from graded_correct and finish_reason: a stored row that
+    says a cut-off answer is correct does not survive a resume."""
+    correct = bool(rec.get("graded_correct")) and rec.get("finish_reason") != results_schema.TRUNCATED
+    return dict(rec) if rec.get("correct") is correct else {**rec, "correct": correct}
+
+
+def read_header(path: Path) -> dict:
+    """The header of a results JSONL; ValueError naming the file when there is none."""
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            first = json.loads(f.readline() or "null")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read its header line: {err}") from None
+    if not isinstance(first, dict) or "header" not in first:
+        raise ValueError(f"{path}:1: no header line; not a results JSONL written by this harness")
+    return first["header"]
 
 
 def read_resumable(path: Path, samples_by_id: Mapping, gen_cfg: dict, cfg_hash: str) -> tuple[dict, list, int]:

@@ -4,6 +4,7 @@ stopping the whole run, and removing what a weak tier left on disk. Standard lib
 from __future__ import annotations
 
 import json
+import marshal
 import os
 import selectors
 import signal
@@ -34,10 +35,13 @@ def python_binds(python: str) -> list:
 
 
 def bwrap_command(tool: str, python: str, workdir_bytes: int, environment: dict, program_fd: int,
-                  launcher_fd: int, launcher_config: dict, info_fd: int) -> list:
-    """The full bwrap argv. Order matters: every mount, then the read-only remounts of / and /dev."""
+                  launcher_fd: int, launcher_config: dict, info_fd: int, seccomp_fd: int | None = None,
+                  site: bool = True) -> list:
+    """The full bwrap argv. Order matters: every mount, then the read-only remounts of / and /dev.
+    seccomp_fd: a compiled seccomp BPF program (sandbox_memory) bwrap installs before the program runs."""
     args = [tool, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
             "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox", "--info-fd", str(info_fd),
+            *(["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []),
             "--ro-bind", "/usr", "/usr", *root_links(), *python_binds(python)]
     for path in ("/etc/ld.so.cache", "/etc/localtime"):
         if os.path.exists(path):
@@ -49,7 +53,13 @@ def bwrap_command(tool: str, python: str, workdir_bytes: int, environment: dict,
              "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", BWRAP_WORKDIR, "--clearenv"]
     for key, value in environment.items():
         args += ["--setenv", key, value]
-    return args + ["--", python, "-I", "-B", f"{BWRAP_HARNESS}/launcher.py", json.dumps(launcher_config)]
+    return args + ["--", python, "-I", "-B", *(() if site else ("-S",)), f"{BWRAP_HARNESS}/launcher.py",
+                   launcher_argument(launcher_config)]
+
+
+def launcher_argument(config: dict) -> str:
+    """The launcher's config as it reads it: marshal (a builtin module, no import cost there), in hex."""
+    return marshal.dumps(config).hex()
 
 
 def memfd(name: str, data: bytes) -> int:
@@ -152,8 +162,9 @@ def stop_bwrap(proc: subprocess.Popen, info_fd: int) -> None:
     stop_group(proc)
 
 
-def collect(proc: subprocess.Popen, timeout_s: float, max_output_bytes: int, stop) -> tuple:
-    """Read both pipes until EOF, the deadline or the output cap, then stop(proc);
+def collect(proc: subprocess.Popen, timeout_s: float, max_output_bytes: int, stop, cancel_fd: int | None = None) -> tuple:
+    """Read both pipes until EOF, the deadline, the output cap or `cancel_fd` becoming readable (the
+    caller closed its write end: another process of the same check is done), then stop(proc);
     returns (stdout, stderr, why_killed)."""
     deadline = time.monotonic() + timeout_s
     buffers = {proc.stdout: bytearray(), proc.stderr: bytearray()}
@@ -161,9 +172,11 @@ def collect(proc: subprocess.Popen, timeout_s: float, max_output_bytes: int, sto
     for stream in buffers:
         os.set_blocking(stream.fileno(), False)
         sel.register(stream, selectors.EVENT_READ)
+    if cancel_fd is not None:
+        sel.register(cancel_fd, selectors.EVENT_READ, "cancel")
     killed = None
     exited_at = None
-    while sel.get_map():
+    while len(sel.get_map()) > (cancel_fd is not None):
         now = time.monotonic()
         if now >= deadline:
             killed = "timeout"
@@ -173,6 +186,9 @@ def collect(proc: subprocess.Popen, timeout_s: float, max_output_bytes: int, sto
         if exited_at is not None and now - exited_at > 0.2:
             break  # the program is gone; a leftover grandchild holding the pipe gets killed below
         for key, _ in sel.select(timeout=min(0.05, deadline - now)):
+            if key.data == "cancel":
+                killed = "cancelled"
+                break
             chunk = key.fileobj.read(65536)
             if not chunk:
                 sel.unregister(key.fileobj)

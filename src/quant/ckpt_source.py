@@ -167,7 +167,43 @@ def open_source(model: str, revision: str | None = None, headers_only: bool = Fa
                              f"the model's shards")
     shards = tuple(read_shard_header(root / f) for f in files)
     _check_names(shards, weight_map, root)
+    check_shapes_against_config(shards, config)
     return Source(model, root, rev, config, shards, weight_map is not None)
+
+
+def _config_ints(config, out: set) -> set:
+    for value in (config.values() if isinstance(config, dict) else config if isinstance(config, list) else ()):
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int) and value > 0:
+            out.add(value)
+        elif isinstance(value, (dict, list)):
+            _config_ints(value, out)
+    return out
+
+
+def check_shapes_against_config(shards, config: dict) -> None:
+    """Header shapes that contradict config.json are refused before any tensor is read (a corrupt header
+    would otherwise end in a MemoryError, or in a model that does not match its config): the embedding
+    and LM head must be [vocab_size, hidden_size], a layer index must be below num_hidden_layers, and no
+    dimension may exceed twice the largest size the config names (fused tensors stay within that)."""
+    text = config.get("text_config") or config
+    vocab, hidden, layers = (text.get(k) or config.get(k) for k in ("vocab_size", "hidden_size", "num_hidden_layers"))
+    bound = 2 * max(_config_ints(config, set()) | {1})
+    for s in shards:
+        for t in s.tensors:
+            why = None
+            if vocab and hidden and re.search(r"(^|\.)(embed_tokens|lm_head)\.weight$", t.name) and \
+                    not t.name.startswith(("visual.", "model.visual.", "mtp.")) and tuple(t.shape) != (vocab, hidden):
+                why = f"expected [vocab_size={vocab}, hidden_size={hidden}]"
+            elif layers and (m := re.search(r"(?:^|\.)layers\.(\d+)\.", t.name)) and int(m.group(1)) >= layers \
+                    and not re.search(r"visual|vision|audio|mtp", t.name):  # towers count their own layers
+                why = f"layer {m.group(1)} but num_hidden_layers={layers}"
+            elif any(d > bound for d in t.shape):
+                why = f"a dimension above {bound}, twice the largest size in config.json"
+            if why:
+                raise BuildError(f"{s.file}: tensor {t.name} has shape {list(t.shape)}, which contradicts "
+                                 f"config.json ({why})")
 
 
 def _remote_headers(meta) -> tuple[ShardHeader, ...]:

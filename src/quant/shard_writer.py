@@ -30,6 +30,9 @@ from ckpt_source import BuildError, ShardHeader
 from model_adapters import Recipe
 
 COPY_CHUNK = 64 << 20
+# Float dtypes copied byte for byte -> (unsigned view, exponent mask): all exponent bits set = NaN or Inf.
+NON_FINITE_MASKS = {"BF16": ("<u2", 0x7F80), "F16": ("<u2", 0x7C00), "F32": ("<u4", 0x7F800000),
+                    "F64": ("<u8", 0x7FF0000000000000)}
 # Files whose source text decides the output bytes: a change invalidates resumed shards and calibration.
 QUANTIZER_FILES = ("moe_quant.py", "quant_kernels_cpu.py", "quant_methods.py", "model_adapters.py", "footprint.py",
                    "build_plan.py", "weight_quant.py", "shard_writer.py", "calib_stats.py", "calib_accum.py", "layer_io.py",
@@ -68,6 +71,18 @@ class Precomputed:
             return st.get_tensor(name)
 
 
+def non_finite_count(dtype: str, block: bytes) -> int:
+    """NaN/Inf values in a block of raw little-endian floats (0 for non-float dtypes); integer ops on a
+    zero-copy view, so checking a copied tensor costs a fraction of copying it."""
+    import numpy as np
+
+    if dtype not in NON_FINITE_MASKS:
+        return 0
+    view, mask = NON_FINITE_MASKS[dtype]
+    bits = np.frombuffer(block, dtype=view)
+    return int(np.count_nonzero((bits & np.array(mask, dtype=view)) == mask))
+
+
 def quantize_shard(shard: ShardHeader, rows: list[TensorPlan], out_path: Path, tmp_path: Path, device: str,
                    on_bytes=lambda n: None, recipe: Recipe | None = None, precomputed: Precomputed | None = None,
                    stats: dict | None = None) -> dict:
@@ -93,6 +108,10 @@ def quantize_shard(shard: ShardHeader, rows: list[TensorPlan], out_path: Path, t
                         block = raw.read(min(COPY_CHUNK, remaining))
                         if not block:
                             raise OSError(f"unexpected end of file in {shard.file} while reading {t.name}")
+                        bad = non_finite_count(t.dtype, block)
+                        if bad:  # refused like a quantized tensor holding NaN/Inf: the output would carry it
+                            raise BuildError(f"{t.name} ({shard.file}) holds {bad} NaN/Inf value(s); it is copied "
+                                             "unchanged, so the output would hold them too: fix the source checkpoint")
                         out.write(block)
                         digest.update(block)
                         remaining -= len(block)
