@@ -4,13 +4,10 @@ The output has exactly the source's tensor names, shapes, dtypes and shard files
 loads the BF16 teacher (transformers, vLLM, the GGUF packer) loads the student unchanged, and the
 evaluation measures precisely the weights a packer would store.
 
-This module is the orchestration and the CLI; each concern has its own module:
-* `ckpt_source`  reading the source (headers, index, hub) without loading it;
-* `build_plan`   role, bits and spec of every tensor, the optional `--bits-plan`, the footprint;
-* `calib_source` / `calib_stats`  calibration text -> windows -> per-layer, true-sequential statistics
-  and the tensors quantized with them (only for methods that need them: wclip, gptq, awq);
-* `shard_writer` streaming the output shards, per-shard resume records;
-* `weight_quant` the method dispatch for one tensor (`moe_quant` / `quant_methods` hold the math).
+Orchestration and CLI; one module per concern: `ckpt_source` (reading headers/index/hub), `build_plan` (role,
+bits, spec per tensor; `--bits-plan`; footprint), `calib_source`/`calib_stats` (per-layer true-sequential
+statistics for wclip/gptq/awq), `shard_writer` (output shards, resume records), `weight_quant` (one tensor's
+method), `sizing_run` (disk/RAM/GPU/time; refuses up front when the build does not fit).
 
 Resumable and honest about completeness: every shard (and every calibrated layer) is checkpointed; a
 rerun reuses only what matches this source + recipe + code + calibration and still hashes the same.
@@ -19,7 +16,7 @@ output shard's sha256 before it says so.
 
     python src/quant/quant_save.py --model DIR_OR_HUB_ID --out DIR [--expert-bits 3 --linear-bits 4 ...]
     python src/quant/quant_save.py --model DIR --out DIR --method gptq --calib-file calib.txt
-    python src/quant/quant_save.py --model DIR --dry-run        # roles, bits, footprint; writes nothing
+    python src/quant/quant_save.py --model DIR --dry-run        # roles, bits, footprint, sizing; writes nothing
 """
 from __future__ import annotations
 
@@ -43,6 +40,7 @@ import layer_io
 import model_adapters
 import provenance
 import shard_writer
+import sizing_run
 from ckpt_source import INDEX_NAME, BuildError, Source, check_out_dir, open_source, side_files  # noqa: F401 (API)
 from model_adapters import Recipe
 from shard_writer import quantize_shard, quantizer_sha256  # noqa: F401 (tests swap quant_save.quantize_shard)
@@ -72,6 +70,9 @@ class BuildConfig:
     calib_batch: int = 8  # windows per forward in the calibration pass
     min_expert_tokens: int = 128  # experts with fewer routed tokens get blended statistics
     bits_plan: str | None = None
+    max_disk: str | None = None  # sizing_run: preflight cap, --dry-run devices and cost table
+    size_for: str | None = None
+    costs: str | None = None
 
     def calib_request(self) -> calib_source.CalibRequest:
         return calib_source.CalibRequest(file=self.calib_file, dataset=self.calib_dataset, kind=self.calib,
@@ -134,7 +135,8 @@ def build(args) -> dict:
     if out is not None and Path(cfg.model).expanduser().exists():
         check_out_dir(out, Path(cfg.model).expanduser())  # before any download or read
     devices = ["cpu"] if cfg.dry_run else resolve_devices(cfg.device)
-    source = open_source(cfg.model, cfg.revision, headers_only=cfg.dry_run and not Path(cfg.model).exists())
+    hub = not Path(cfg.model).expanduser().exists()  # a hub id: sized from its headers before the download
+    source = open_source(cfg.model, cfg.revision, headers_only=hub)
     if out is not None:
         check_out_dir(out, source.root)
     bits_plan = build_plan.load_bits_plan(cfg.bits_plan) if cfg.bits_plan else None
@@ -145,9 +147,14 @@ def build(args) -> dict:
               f"e.g. {unclassified[:3]}", file=sys.stderr)
     if cfg.dry_run:
         build_plan.print_dry_run(source, adapter, plans, planned, recipe, cfg.list_tensors, bits_plan)
+        sizing_run.size_build(cfg, source, plans, planned)
         return {"dry_run": True, "recipe": recipe.as_dict(), "adapter": adapter.name, "footprint": planned,
                 "unclassified": unclassified, "bits_plan": bits_plan.record() if bits_plan else None}
 
+    sizing_run.size_build(cfg, source, plans, planned, out)  # refuses in one line before any weight (or download)
+    if hub:  # it fits: now download, and plan the downloaded files
+        source = open_source(cfg.model, cfg.revision)
+        adapter, plans, unclassified = build_plan.plan_source(source, recipe, bits_plan)
     windows = calib_source.load_windows(calib_req, source.root) if recipe.calibrated else None
     calib_id = windows.identity if windows is not None else None
     plan_sha = bits_plan.sha256 if bits_plan else None
@@ -331,18 +338,14 @@ def _shard_intact(path: Path, record: dict) -> bool:
 def parse_args(argv=None) -> BuildConfig:
     ap = argparse.ArgumentParser(
         prog="quant_save.py",
-        description="Fake-quantize a HF safetensors checkpoint by tensor role (routed experts at --expert-bits, "
-                    "other linears at --linear-bits, routers/norms/vision kept), streaming one tensor at a time, "
-                    "optionally with a calibrated method (gptq, awq, wclip) run layer by layer. The output keeps "
-                    "the source's names, shapes, dtypes and shards.")
+        description="Fake-quantize a HF safetensors checkpoint by tensor role, streaming, optionally with a calibrated "
+                    "method run layer by layer; the output keeps the source's names, shapes, dtypes and shards.")
     ap.add_argument("--model", required=True, help="local checkpoint dir, or a hub id (owner/name)")
     ap.add_argument("--out", help="output dir (must not be inside the input); required unless --dry-run")
     ap.add_argument("--expert-bits", type=float, default=3.0, help="bits for routed experts (default 3)")
-    ap.add_argument("--linear-bits", type=float, default=4.0,
-                    help="bits for attention, linear attention, shared experts, dense MLP, embed, lm_head (default 4)")
+    ap.add_argument("--linear-bits", type=float, default=4.0, help="bits for every other linear, embed, lm_head (default 4)")
     ap.add_argument("--mtp-bits", type=float, default=16.0, help="bits for multi-token-prediction weights (default 16)")
-    ap.add_argument("--role-bits", default="",
-                    help="override any role's bits: ROLE=BITS[,ROLE=BITS], e.g. embed=8,lm_head=8")
+    ap.add_argument("--role-bits", default="", help="override any role's bits: ROLE=BITS[,..], e.g. embed=8,lm_head=8")
     ap.add_argument("--bits-plan", help="per-tensor (per-expert) bits JSON from moe_alloc.py (format "
                                         f"{build_plan.BITS_PLAN_FORMAT}); unlisted tensors keep their role bits")
     ap.add_argument("--method", default="clip", help=f"rounding method: {', '.join(model_adapters.METHODS)} "
@@ -356,25 +359,22 @@ def parse_args(argv=None) -> BuildConfig:
     ap.add_argument("--act-order", action="store_true", help="gptq: quantize columns in decreasing diag(H) order")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--calib-file", help="calibration text file (UTF-8)")
-    src.add_argument("--calib-dataset", help="calibration hub dataset ID[:split[:field]] (default split train, "
-                                             "field text), or ID:config:split:field")
+    src.add_argument("--calib-dataset", help="calibration hub dataset ID[:split[:field]] or ID:config:split:field")
     src.add_argument("--calib", choices=list(calib_source.NAMED_SOURCES),
-                     help="teacher-sample: text sampled from the source model; pydoc-topics: the odd-numbered "
-                          "topics of CPython's pydoc_data (offline)")
+                     help="teacher-sample: text sampled from the source model; pydoc-topics: CPython's pydoc topics (offline)")
     ap.add_argument("--calib-tokens", type=int, default=32768, help="calibration tokens (default 32768)")
     ap.add_argument("--calib-ctx", type=int, default=512, help="calibration window length (default 512)")
     ap.add_argument("--calib-batch", type=int, default=8, help="windows per forward in the calibration pass")
     ap.add_argument("--min-expert-tokens", type=int, default=128,
-                    help="routed experts with fewer calibration tokens get statistics blended with the layer's pooled "
-                         "ones (default 128)")
+                    help="routed experts with fewer tokens get H blended with the layer's pooled H (default 128)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda (all GPUs split the shards) | cuda:N")
     ap.add_argument("--revision", help="hub revision (branch, tag or commit) when --model is a hub id")
     ap.add_argument("--dry-run", action="store_true", help="print roles, bits and footprint; write nothing")
     ap.add_argument("--list-tensors", action="store_true", help="with --dry-run: one line per tensor")
     ap.add_argument("--force", action="store_true", help="overwrite an OUT holding another build or other files")
     ap.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
-    ns = vars(ap.parse_args(argv))
-    return as_config(ns)
+    sizing_run.add_build_args(ap)
+    return as_config(vars(ap.parse_args(argv)))
 
 
 def main(argv=None) -> int:
@@ -383,7 +383,7 @@ def main(argv=None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             build(parse_args(argv))
-    except BuildError as e:
+    except (BuildError, sizing_run.SizingError) as e:
         print(f"quant_save: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, permissions, a shard vanishing mid-run
