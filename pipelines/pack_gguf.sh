@@ -3,7 +3,7 @@
 #   convert (BF16 GGUF, + *-mmproj-f16.gguf for a vision tower) -> imatrix on calibration text ->
 #   llama-quantize with the tensor-type recipe -> meta JSON (size, bpw, types read back, fallbacks, commands).
 #   BASE_TYPE=IQ3_XXS MODEL=/ckpt OUT=/out bash pipelines/pack_gguf.sh
-#   bash pipelines/pack_gguf.sh --help
+#   bash pipelines/pack_gguf.sh --help | --dry-run    (--dry-run: disk, RAM, GPU memory and time per step; exits)
 # Knobs (defaults in configs/gguf.env, RECIPE=configs/other.env to swap the file): MODEL OUT NAME BASE_TYPE
 # TENSOR_TYPES ROUTER_TYPE MTP MMPROJ CALIB_FILE CALIB_DATASET IMATRIX IMATRIX_CHUNKS IMATRIX_CTX IMATRIX_ARGS THREADS
 # FORCE. LLAMA_CPP=/path uses an existing llama.cpp build. A finished step is reused on a rerun only when
@@ -14,7 +14,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 case "${1:-}" in
   -h|--help) sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; echo; echo "configs/gguf.env:"; cat "$ROOT/configs/gguf.env"; exit 0 ;;
-  "") ;;
+  ""|--dry-run) ;;
   *) echo "pack_gguf: unknown argument '$1' (settings come from the environment; see --help)" >&2; exit 2 ;;
 esac
 # shellcheck disable=SC1091
@@ -31,6 +31,14 @@ if [ -z "$TENSOR_TYPES" ]; then
 fi
 [ -f "$TENSOR_TYPES" ] || { echo "pack_gguf: TENSOR_TYPES='$TENSOR_TYPES' not found" >&2; exit 2; }
 case "$ROUTER_TYPE" in f16|bf16|f32) ;; *) echo "pack_gguf: ROUTER_TYPE must be f16, bf16 or f32, got '$ROUTER_TYPE'" >&2; exit 2 ;; esac
+
+# sizing (sizing_run.py): printed for --dry-run; before a real run, a local MODEL whose outputs do not fit OUT's
+# disk (or MAX_DISK) or whose imatrix pass does not fit memory stops here, in one line
+case "${BASE_TYPE^^}" in IQ2*) GGUF_BITS=2.6 ;; IQ3*) GGUF_BITS=3.3 ;; Q3_K*) GGUF_BITS=3.6 ;; Q4*|IQ4*) GGUF_BITS=4.7 ;; *) GGUF_BITS=5.5 ;; esac
+SIZING=(python "$ROOT/src/quant/sizing_run.py" --stage pack --model "$MODEL" --gguf-bits "$GGUF_BITS" --out "$OUT"
+        --imatrix-tokens "$(( IMATRIX_CHUNKS * IMATRIX_CTX ))" ${MAX_DISK:+--max-disk "$MAX_DISK"})
+if [ "${1:-}" = "--dry-run" ]; then exec "${SIZING[@]}"; fi
+if [ -d "$MODEL" ]; then "${SIZING[@]}" --check >/dev/null || exit 2; fi
 
 # 0. input: the original checkpoint, never a dequantized PTQ clip (unless FORCE=1)
 MODEL_DIR="$(python -m gguf_pack resolve-model "$MODEL" ${REVISION:+--revision "$REVISION"} | tail -n 1)"

@@ -287,7 +287,7 @@ def make_backend(cfg) -> Backend:
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed,
                         max_new_tokens=cfg.resolved_max_new_tokens(), thinking=cfg.thinking)
     if cfg.backend == "vllm":
-        return VllmBackend(cfg.model, sampling, tensor_parallel_size=cfg.tensor_parallel_size,
+        return VllmBackend(cfg.model, sampling, tensor_parallel_size=cfg.resolved_tensor_parallel_size(),
                            max_model_len=cfg.resolved_max_model_len(),
                            gpu_memory_utilization=cfg.gpu_memory_utilization,
                            max_num_seqs=cfg.resolved_max_num_seqs(), dtype=cfg.dtype,

@@ -52,7 +52,7 @@ class EvalConfig:
     max_new_tokens: int | None = None  # None = from budget
     max_model_len: int | None = None
     max_num_seqs: int | None = None
-    tensor_parallel_size: int | None = None  # vllm: None = every visible GPU (resolved in config_from_args)
+    tensor_parallel_size: int | None = None  # vllm: None = every visible GPU (resolved_tensor_parallel_size)
     engine_args: Mapping = field(default_factory=dict)  # vllm: extra vllm.LLM(**kwargs), in the run identity
     seed_mode: str = "engine"  # vllm: engine = one engine seed (batched sampler); request = a seed per sample
     gpu_memory_utilization: float = 0.90
@@ -107,6 +107,10 @@ class EvalConfig:
 
     def resolved_max_num_seqs(self) -> int:
         return int(self.max_num_seqs or BUDGETS[self.budget]["max_num_seqs"])
+
+    def resolved_tensor_parallel_size(self) -> int:
+        """The TP vLLM gets: the flag, else every GPU this process sees (min 1); recorded with the results."""
+        return int(self.tensor_parallel_size or max(1, visible_gpu_count()))
 
     def n_for(self, bench: str) -> int | None:
         return self.n.get(bench, self.n_default)
@@ -170,7 +174,7 @@ def backend_identity(cfg: EvalConfig) -> dict:
     if cfg.backend == "vllm":
         eager = eval_backends.default_enforce_eager(cfg.model) if cfg.enforce_eager is None else cfg.enforce_eager
         ident = {"backend": "vllm", "dtype": cfg.dtype, "enforce_eager": eager,
-                 "max_model_len": cfg.resolved_max_model_len(), "tensor_parallel_size": cfg.tensor_parallel_size,
+                 "max_model_len": cfg.resolved_max_model_len(), "tensor_parallel_size": cfg.resolved_tensor_parallel_size(),
                  "seed_mode": cfg.seed_mode}
         if cfg.engine_args:  # only when set, so runs without them keep their config hash
             ident["engine_args"] = dict(sorted(cfg.engine_args.items()))
@@ -322,7 +326,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
 
 
 def visible_gpu_count() -> int:
-    """GPUs this process sees (CUDA_VISIBLE_DEVICES honoured); 0 without CUDA. Tests pass their own."""
+    """GPUs this process sees (CUDA_VISIBLE_DEVICES honoured); 0 without CUDA. Looked up at call time, so a
+    test can stub it (monkeypatch eval_config.visible_gpu_count)."""
     try:
         import torch
 
@@ -346,9 +351,8 @@ def parse_engine_args(items: Sequence[str]) -> dict:
     return out
 
 
-def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None,
-                     gpu_count=visible_gpu_count) -> EvalConfig:
-    """Command line > EVAL_* environment > EvalConfig defaults; vllm's TP defaults to gpu_count() (min 1)."""
+def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> EvalConfig:
+    """Command line > EVAL_* environment > EvalConfig defaults."""
     env = os.environ if environ is None else environ
     values: dict = {}
     for _flag, name, conv, _help in _SCALAR_OPTIONS:
@@ -382,8 +386,6 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
     engine = args.engine_arg if getattr(args, "engine_arg", None) is not None else [
         x for x in env.get("EVAL_ENGINE_ARGS", "").split(";") if x.strip()]
     values["engine_args"] = parse_engine_args(engine)
-    if values.get("tensor_parallel_size") is None and values.get("backend", "vllm") == "vllm":
-        values["tensor_parallel_size"] = max(1, int(gpu_count()))
     missing = [k for k in ("model", "tag") if not values.get(k)]
     if missing:
         raise ValueError(f"missing {', '.join('--' + m for m in missing)} (or EVAL_{missing[0].upper()})")
@@ -393,4 +395,6 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
 def config_for_record(cfg: EvalConfig) -> dict:
     rec = dataclasses.asdict(cfg)
     rec["benchmarks"] = list(cfg.benchmarks)
+    if cfg.backend == "vllm":
+        rec["tensor_parallel_size"] = cfg.resolved_tensor_parallel_size()
     return rec

@@ -40,7 +40,7 @@ def describe(cfg: EvalConfig) -> str:
     lines = [f"eval dry run: {cfg.model} -> {cfg.results_paths()[0]} (backend {cfg.backend})"]
     if cfg.backend == "vllm":
         eager = eval_backends.default_enforce_eager(cfg.model) if cfg.enforce_eager is None else cfg.enforce_eager
-        kwargs = eval_backends.vllm_engine_kwargs(cfg.model, cfg.tensor_parallel_size, cfg.resolved_max_model_len(),
+        kwargs = eval_backends.vllm_engine_kwargs(cfg.model, cfg.resolved_tensor_parallel_size(), cfg.resolved_max_model_len(),
                                                   cfg.gpu_memory_utilization, cfg.resolved_max_num_seqs(), cfg.dtype,
                                                   cfg.seed, eager, cfg.engine_args)
         lines.append(f"engine args: vllm.LLM(**{json.dumps(kwargs, sort_keys=True)})")
@@ -80,6 +80,6 @@ def sizing_lines(cfg: EvalConfig, tokens: int) -> str:
     dev = sizing_run.devices_for("cuda", None)
     costs = sizing_run.costs_for(dev, None)
     weights = sum(t.end - t.start for s in source.shards for t in s.tensors)
-    stages = sizing.eval_stages(weights, cfg.tensor_parallel_size or 1, cfg.gpu_memory_utilization,
+    stages = sizing.eval_stages(weights, cfg.resolved_tensor_parallel_size(), cfg.gpu_memory_utilization,
                                 sizing.with_gpu_memory(costs, dev), costs, tokens)
     return sizing.format_stages(stages, dev, costs)

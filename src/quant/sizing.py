@@ -228,7 +228,7 @@ def quantize_stages(work: ModelWork, out_bytes: int, calibrated: bool, tokens: i
 
 
 def pack_stages(source_bytes: float, params: int, gguf_bits: float, dev: Devices, costs: CostTable,
-                imatrix_tokens: int = 0) -> list[Stage]:
+                imatrix_tokens: int = 0, active_params: int | None = None) -> list[Stage]:
     """convert -> BF16 GGUF, imatrix (GPU when offloaded), quantize -> low-bit GGUF."""
     low = params * gguf_bits / 8
     n = dev.count if dev.kind == "gpu" else 1
@@ -238,8 +238,9 @@ def pack_stages(source_bytes: float, params: int, gguf_bits: float, dev: Devices
     if imatrix_tokens:
         out.append(Stage("llama-imatrix", disk_read=source_bytes, host_ram=source_bytes if dev.kind == "cpu" else 4 * GB,
                          gpu_mem=source_bytes / n * 1.05 if dev.kind == "gpu" else 0,
-                         seconds=source_bytes / GB / costs.read_gbps + 2 * params * imatrix_tokens / 1e9 / costs.forward_gflops / n,
-                         basis=f"{imatrix_tokens} tokens through all {params / 1e9:.0f}B weights (dense imatrix pass)"))
+                         seconds=(source_bytes / GB / costs.read_gbps
+                                  + 2 * (active_params or params) * imatrix_tokens / 1e9 / costs.forward_gflops / n),
+                         basis=f"{imatrix_tokens} tokens x {(active_params or params) / 1e9:.1f}B active weights"))
     out.append(Stage("llama-quantize -> low-bit GGUF", disk_read=source_bytes, disk_write=low, host_ram=2 * GB,
                      seconds=params / 1e9 * costs.clip_s_per_gparam * 2 + source_bytes / GB / costs.read_gbps,
                      basis=f"{gguf_bits:.2f} bits/weight; CPU rounding ~2x the clip search per weight (assumed)"))
@@ -258,15 +259,16 @@ def eval_stages(weight_bytes: float, tp: int, mem_util: float, dev: Devices, cos
                          f"new tokens at {rate:g} tok/s" if rate else "generation time: no measured throughput"))]
 
 
-def distill_stages(weight_bytes: float, params: int, dev: Devices, costs: CostTable, train_tokens: int) -> list[Stage]:
+def distill_stages(weight_bytes: float, active_params: int, dev: Devices, costs: CostTable,
+                   train_tokens: int) -> list[Stage]:
     """OPD: student rollouts (vLLM), teacher top-k, FSDP2 LoRA over all GPUs (bf16 weights sharded)."""
     n = dev.count if dev.kind == "gpu" else 1
     shard = weight_bytes / n
-    flops = 6 * params * train_tokens * 10 / 122  # active ~10B of 122B per token (top-8 of 256 + dense)
+    flops = 6 * active_params * train_tokens  # forward + backward through the weights a token uses
     return [Stage("FSDP2 LoRA step(s)", disk_read=weight_bytes, disk_write=weight_bytes, host_ram=shard + 8 * GB,
                   gpu_mem=shard + 4 * GB if dev.kind == "gpu" else 0,
                   seconds=flops / 1e9 / costs.forward_gflops / n + weight_bytes / GB / costs.read_gbps,
-                  basis=f"6 x active params x {train_tokens} tokens; weights sharded {n} ways")]
+                  basis=f"6 x {active_params / 1e9:.1f}B active x {train_tokens} tokens; weights sharded {n} ways")]
 
 
 # ----------------------------------------------------------------------------------------- checks

@@ -119,13 +119,18 @@ def stage_sizing(args) -> Sized:
     dev = sizing.with_gpu_memory(table, dev)
     total = sum(t.end - t.start for s in source.shards for t in s.tensors)
     params = sum(_numel(t.shape) for s in source.shards for t in s.tensors)
+    cfg = text_config(source.config)
+    experts = int(cfg.get("num_experts") or cfg.get("n_routed_experts") or cfg.get("num_local_experts") or 0)
+    routed = sum(_numel(t.shape) for s in source.shards for t in s.tensors if ".experts." in t.name
+                 and not t.name.startswith("mtp."))
+    active = params - routed + (routed * int(cfg.get("num_experts_per_tok") or 1) // experts if experts else routed)
     if args.stage == "pack":
-        stages = sizing.pack_stages(total, params, args.gguf_bits, dev, table, args.imatrix_tokens)
+        stages = sizing.pack_stages(total, params, args.gguf_bits, dev, table, args.imatrix_tokens, active)
     elif args.stage == "eval":
         tp = args.tensor_parallel_size or (dev.count if dev.kind == "gpu" else 1)
         stages = sizing.eval_stages(total, tp, args.gpu_memory_utilization, dev, table, args.n_tokens)
     else:
-        stages = sizing.distill_stages(total, params, dev, table, args.train_tokens)
+        stages = sizing.distill_stages(total, active, dev, table, args.train_tokens)
     return Sized(stages, dev, table, f"{args.stage} of {args.model}")
 
 
