@@ -28,6 +28,7 @@ GB = 10**9
 ROOT = Path(__file__).resolve().parents[2]
 CPU_COSTS_JSON = ROOT / "results" / "sizing" / "cost_model_cpu.json"
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")
 
 
 class SizingError(RuntimeError):
@@ -48,6 +49,7 @@ class CostTable:
     write_gbps: float = 1.0
     download_gbps: float = 0.25  # hub download (not measured anywhere: an assumption)
     clip_ram_factor: float = 6.0  # peak RSS growth / largest tensor's bytes on the streaming path
+    gptq_column_s: float = 0.0  # fixed cost per GPTQ column step per call (kernel launches; ~0 for the CPU kernel)
     gpu_mem_bytes: int = 0  # per device; 0 = CPU
     gen_tokens_per_s: float = 0.0  # aggregate decode throughput of the eval engine (0 = unknown)
 
@@ -58,8 +60,9 @@ H100 = CostTable(
             "fp32 67 TFLOP/s x 0.3 for GPTQ (batched Cholesky + column loop), x 0.5 for Hessian matmuls; bf16 "
             "989 TFLOP/s x 0.2 for the calibration forward; clip search 16 passes over the weights at 3.35 TB/s "
             "x 0.3 (~60 GB/s of bf16 weights = 30 Gparam/s); NVMe 2 GB/s read and write; hub 0.25 GB/s; vLLM "
-            "decode 2500 tok/s aggregate for a 10B-active MoE at TP 4. bench/gpu_check.sh measures the first two."),
-    clip_s_per_gparam=1 / 30, gptq_gflops=20_000, hessian_gflops=33_000, forward_gflops=200_000,
+            "decode 2500 tok/s aggregate for a 10B-active MoE at TP 4; 100 us of kernel launches per GPTQ column step "
+            "and call. bench/gpu_check.sh measures the clip and GPTQ rates."),
+    clip_s_per_gparam=1 / 30, gptq_gflops=20_000, gptq_column_s=100e-6, hessian_gflops=33_000, forward_gflops=200_000,
     read_gbps=2.0, write_gbps=2.0, download_gbps=0.25, clip_ram_factor=1.5, gen_tokens_per_s=2500.0)
 
 
@@ -133,6 +136,8 @@ class LayerWork:
     forward_flops: float = 0.0
     hessian_bytes: int = 0  # fp32 Hessians held at once (one per distinct input)
     largest_bytes: int = 0
+    columns_per_tensor: int = 0  # GPTQ column steps when every tensor is its own call (per-expert 2-D: B=1)
+    columns_batched: int = 0  # ... when a layer's experts of one projection are one [E, R, K] call
 
 
 @dataclass
@@ -147,6 +152,7 @@ def model_work(tensors, tokens: int, top_k: int, n_experts: int) -> ModelWork:
     """tensors: (name, shape, bytes, quantized, axis, routed) per tensor. Pure."""
     work = ModelWork()
     seen_inputs: set = set()
+    seen_kinds: set = set()
     share = top_k / n_experts if n_experts else 1.0
     for name, shape, nbytes, quantized, axis, routed in tensors:
         m = LAYER.search(name)
@@ -168,6 +174,11 @@ def model_work(tensors, tokens: int, top_k: int, n_experts: int) -> ModelWork:
         r = numel // (k * mats)
         lw.quant_params += numel
         lw.gptq_flops += mats * 2 * r * k * k
+        lw.columns_per_tensor += k
+        kind = (key, EXPERT_INDEX.sub(".experts.*.", name), k)
+        if kind not in seen_kinds:
+            seen_kinds.add(kind)
+            lw.columns_batched += k
         input_key = (key, name.rsplit(".", 2)[0], k, mats)  # gate/up, q/k/v share one input, one H, one Cholesky
         if input_key not in seen_inputs:
             seen_inputs.add(input_key)
@@ -190,7 +201,7 @@ class Stage:
 
 
 def quantize_stages(work: ModelWork, out_bytes: int, calibrated: bool, tokens: int, hidden: int,
-                    dev: Devices, costs: CostTable, downloading: bool = False) -> list[Stage]:
+                    dev: Devices, costs: CostTable, downloading: bool = False, batched: bool = False) -> list[Stage]:
     """The build's stages: [download], calibration (when calibrated), rounding + write."""
     n = dev.count if dev.kind == "gpu" else 1
     stages = []
@@ -205,8 +216,12 @@ def quantize_stages(work: ModelWork, out_bytes: int, calibrated: bool, tokens: i
     write_s = out_bytes / GB / costs.write_gbps
     if calibrated:
         big = max(layers, key=lambda lw: lw.bytes) if layers else LayerWork()
-        per_layer = [(lw.gptq_flops / costs.gptq_gflops + lw.hessian_flops / costs.hessian_gflops
-                      + lw.forward_flops / costs.forward_gflops) / 1e9 / n for lw in layers]
+        def layer_s(lw: LayerWork, batch: bool) -> float:  # unbatched = today's code: one call per tensor, devices[0]
+            return ((lw.gptq_flops / costs.gptq_gflops + lw.hessian_flops / costs.hessian_gflops
+                     + lw.forward_flops / costs.forward_gflops) / 1e9
+                    + (lw.columns_batched if batch else lw.columns_per_tensor) * costs.gptq_column_s) / (n if batch else 1)
+        per_layer = [layer_s(lw, batched) for lw in layers]
+        other = max((layer_s(lw, not batched) for lw in layers), default=0)
         acts = tokens * hidden * 4 * 3  # layer input, output and the quantized stream, fp32
         work_mem = big.bytes * 2 + big.hessian_bytes  # bf16 layer + an fp32 chunk of it + its Hessians
         host = big.bytes + acts + (work_mem if dev.kind == "cpu" else 0)
@@ -216,13 +231,15 @@ def quantize_stages(work: ModelWork, out_bytes: int, calibrated: bool, tokens: i
                             host_ram=host, gpu_mem=gpu, seconds=sum(per_layer) + read_s + write_s,
                             basis=(f"{worst:.2f} s/layer compute (GPTQ {big.gptq_flops / 1e12:.1f} TFLOP @ "
                                    f"{costs.gptq_gflops:g} GFLOP/s, Hessians {big.hessian_flops / 1e12:.1f} TFLOP, "
-                                   f"{tokens} tokens) x {len(layers)} layers over {n} device(s); + disk")))
+                                   f"{tokens} tokens, {'batched' if batched else 'one call per tensor'}; "
+                                   f"{'unbatched' if batched else 'batched'}: {other:.2f} s/layer) x {len(layers)} "
+                                   f"layers over {n if batched else 1} device(s); + disk")))
         return stages
     host = work.largest_bytes * costs.clip_ram_factor * (1 if dev.kind == "gpu" else 1)
     gpu = work.largest_bytes * costs.clip_ram_factor if dev.kind == "gpu" else 0
     stages.append(Stage("round (clip/rtn) + write", disk_read=work.source_bytes, disk_write=out_bytes,
                         host_ram=host, gpu_mem=gpu, seconds=max(clip_s, read_s, write_s),
-                        basis=(f"{costs.clip_s_per_gparam:g} s per 1e9 weights over {n} device(s) = {clip_s:.0f} s; "
+                        basis=(f"{costs.clip_s_per_gparam:.3g} s per 1e9 weights over {n} device(s) = {clip_s:.0f} s; "
                                f"read {read_s:.0f} s, write {write_s:.0f} s (overlapped)")))
     return stages
 

@@ -18,6 +18,12 @@ import sizing
 from sizing import Devices, SizingError
 
 
+# Whether calib_stats hands a layer's per-expert tensors to GPTQ as one [E, R, K] call (issue 23, deliverable 1)
+# or one call per disk tensor (B=1, the code this was written against). The per-call column loop is what the
+# GPU time of the unbatched build is made of; flip this when the batched build lands.
+BATCHED_EXPERT_GPTQ = False
+
+
 @dataclass(frozen=True)
 class Sized:
     stages: list
@@ -53,7 +59,8 @@ def plan_tensors(plans) -> list[tuple]:
 
 
 def quantize_sizing(source, plans, footprint_summary: dict, recipe, calib_tokens: int, device: str,
-                    size_for: str | None = None, costs: str | None = None, downloading: bool = False) -> Sized:
+                    size_for: str | None = None, costs: str | None = None, downloading: bool = False,
+                    batched: bool = BATCHED_EXPERT_GPTQ) -> Sized:
     """The build's stages from its plan. The output keeps the source's dtypes (fake-quant), so it is as
     large as the source; the packed store (footprint) is what a GGUF / compressed-tensors export holds."""
     cfg = text_config(source.config)
@@ -64,7 +71,7 @@ def quantize_sizing(source, plans, footprint_summary: dict, recipe, calib_tokens
     work = sizing.model_work(plan_tensors(plans), tokens, int(cfg.get("num_experts_per_tok") or 1),
                              int(cfg.get("num_experts") or cfg.get("n_routed_experts") or cfg.get("num_local_experts") or 0))
     stages = sizing.quantize_stages(work, work.source_bytes, recipe.calibrated, tokens, int(cfg.get("hidden_size") or 0),
-                                    dev, table, downloading)
+                                    dev, table, downloading, batched)
     return Sized(stages, dev, table, "this build")
 
 
