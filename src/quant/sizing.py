@@ -201,8 +201,10 @@ class Stage:
 
 
 def quantize_stages(work: ModelWork, out_bytes: int, calibrated: bool, tokens: int, hidden: int,
-                    dev: Devices, costs: CostTable, downloading: bool = False, batched: bool = False) -> list[Stage]:
-    """The build's stages: [download], calibration (when calibrated), rounding + write."""
+                    dev: Devices, costs: CostTable, downloading: bool = False, batched: bool = False,
+                    transient_bytes: int = 0) -> list[Stage]:
+    """The build's stages: [download], calibration (when calibrated), rounding + write. `transient_bytes`: disk
+    held on top of the output until the build ends (a calibrated build's per-layer progress files)."""
     n = dev.count if dev.kind == "gpu" else 1
     stages = []
     if downloading:
@@ -227,13 +229,16 @@ def quantize_stages(work: ModelWork, out_bytes: int, calibrated: bool, tokens: i
         host = big.bytes + acts + (work_mem if dev.kind == "cpu" else 0)
         gpu = (work_mem / n + acts) if dev.kind == "gpu" else 0
         worst = max(per_layer, default=0.0)
-        stages.append(Stage("calibrate + gptq (per layer)", disk_read=work.source_bytes, disk_write=out_bytes,
+        stages.append(Stage("calibrate + gptq (per layer)", disk_read=work.source_bytes,
+                            disk_write=out_bytes + transient_bytes,
                             host_ram=host, gpu_mem=gpu, seconds=sum(per_layer) + read_s + write_s,
                             basis=(f"{worst:.2f} s/layer compute (GPTQ {big.gptq_flops / 1e12:.1f} TFLOP @ "
                                    f"{costs.gptq_gflops:g} GFLOP/s, Hessians {big.hessian_flops / 1e12:.1f} TFLOP, "
                                    f"{tokens} tokens, {'batched' if batched else 'one call per tensor'}; "
                                    f"{'unbatched' if batched else 'batched'}: {other:.2f} s/layer) x {len(layers)} "
-                                   f"layers over {n if batched else 1} device(s); + disk")))
+                                   f"layers over {n if batched else 1} device(s); + disk"
+                                   + (f"; disk incl. {transient_bytes / GB:.0f} GB of progress files" if transient_bytes
+                                      else ""))))
         return stages
     host = work.largest_bytes * costs.clip_ram_factor * (1 if dev.kind == "gpu" else 1)
     gpu = work.largest_bytes * costs.clip_ram_factor if dev.kind == "gpu" else 0

@@ -22,6 +22,9 @@ from sizing import Devices, SizingError
 # or one call per disk tensor (B=1, the code this was written against). The per-call column loop is what the
 # GPU time of the unbatched build is made of; flip this when the batched build lands.
 BATCHED_EXPERT_GPTQ = False
+# A calibrated build today writes each quantized tensor to .ptq_progress and again into the shards, and deletes
+# the progress files only at the end: its disk peak is output + the quantized tensors. False once written once.
+CALIBRATED_WRITES_TWICE = True
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,8 @@ def quantize_sizing(source, plans, footprint_summary: dict, recipe, calib_tokens
     work = sizing.model_work(plan_tensors(plans), tokens, int(cfg.get("num_experts_per_tok") or 1),
                              int(cfg.get("num_experts") or cfg.get("n_routed_experts") or cfg.get("num_local_experts") or 0))
     stages = sizing.quantize_stages(work, work.source_bytes, recipe.calibrated, tokens, int(cfg.get("hidden_size") or 0),
-                                    dev, table, downloading, batched)
+                                    dev, table, downloading, batched,
+                                    quantized_bytes(plans) if recipe.calibrated and CALIBRATED_WRITES_TWICE else 0)
     return Sized(stages, dev, table, "this build")
 
 
@@ -85,6 +89,10 @@ def size_build(cfg, source, plans, planned: dict, out: Path | None = None) -> Si
     else:
         preflight(sized, out, cfg.max_disk)
     return sized
+
+
+def quantized_bytes(plans) -> int:
+    return sum(p.entry.end - p.entry.start for rows in plans.values() for p in rows if p.quantized)
 
 
 def store_line(summary: dict) -> str:
