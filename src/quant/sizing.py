@@ -240,7 +240,7 @@ def quantize_stages(work: ModelWork, out_bytes: int, calibrated: bool, tokens: i
                                    + (f"; disk incl. {transient_bytes / GB:.0f} GB of progress files" if transient_bytes
                                       else ""))))
         return stages
-    host = work.largest_bytes * costs.clip_ram_factor * (1 if dev.kind == "gpu" else 1)
+    host = work.largest_bytes * costs.clip_ram_factor
     gpu = work.largest_bytes * costs.clip_ram_factor if dev.kind == "gpu" else 0
     stages.append(Stage("round (clip/rtn) + write", disk_read=work.source_bytes, disk_write=out_bytes,
                         host_ram=host, gpu_mem=gpu, seconds=max(clip_s, read_s, write_s),
