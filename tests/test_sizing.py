@@ -133,3 +133,13 @@ def test_stage_dry_runs_print_a_table(sparse_122b, stage, capsys):
     assert "sizing for 4xH100" in out and "TOTAL" in out
     if stage == "eval":
         assert "62.5 GB per GPU" in out  # 250 GB of weights over TP 4
+
+
+@pytest.mark.parametrize("script,env_key", [("pack_gguf.sh", "MODEL"), ("distill.sh", "OPD_STUDENT")])
+def test_pipeline_dry_runs_print_sizing_and_exit(sparse_122b, script, env_key, tmp_path):
+    env = {**os.environ, env_key: str(sparse_122b), "OUT": str(tmp_path / "out")}
+    res = subprocess.run(["bash", str(ROOT / "pipelines" / script), "--dry-run"], capture_output=True, text=True,
+                         env=env, timeout=180)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "sizing for" in res.stdout and "250.2 GB" in res.stdout
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
