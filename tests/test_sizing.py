@@ -143,3 +143,20 @@ def test_pipeline_dry_runs_print_sizing_and_exit(sparse_122b, script, env_key, t
     assert res.returncode == 0, res.stderr[-2000:]
     assert "sizing for" in res.stdout and "250.2 GB" in res.stdout
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+
+def test_hub_ids_are_sized_from_headers_before_the_download(tmp_path):
+    calls = []
+
+    def opener(model, revision, headers_only=False, fail_headers=False):
+        calls.append(headers_only)
+        if headers_only and fail_headers:
+            raise RuntimeError("offline")
+        return f"source({model}, headers_only={headers_only})"
+    assert sizing_run.open_for_sizing(opener, "org/model", None, dry_run=False) == (
+        "source(org/model, headers_only=True)", True)  # the download waits for the preflight
+    offline = lambda m, r, headers_only=False: opener(m, r, headers_only, fail_headers=True)  # noqa: E731
+    assert sizing_run.open_for_sizing(offline, "org/model", None, dry_run=False)[1] is False
+    with pytest.raises(RuntimeError, match="offline"):
+        sizing_run.open_for_sizing(offline, "org/model", None, dry_run=True)
+    assert sizing_run.open_for_sizing(opener, str(tmp_path), None, dry_run=False)[1] is False

@@ -135,8 +135,7 @@ def build(args) -> dict:
     if out is not None and Path(cfg.model).expanduser().exists():
         check_out_dir(out, Path(cfg.model).expanduser())  # before any download or read
     devices = ["cpu"] if cfg.dry_run else resolve_devices(cfg.device)
-    hub = not Path(cfg.model).expanduser().exists()  # a hub id: sized from its headers before the download
-    source = open_source(cfg.model, cfg.revision, headers_only=hub)
+    source, hub = sizing_run.open_for_sizing(open_source, cfg.model, cfg.revision, cfg.dry_run)  # hub: headers first
     if out is not None:
         check_out_dir(out, source.root)
     bits_plan = build_plan.load_bits_plan(cfg.bits_plan) if cfg.bits_plan else None

@@ -79,6 +79,20 @@ def quantize_sizing(source, plans, footprint_summary: dict, recipe, calib_tokens
     return Sized(stages, dev, table, "this build")
 
 
+def open_for_sizing(open_source, model: str, revision: str | None, dry_run: bool):
+    """(source, download_pending): a hub id is opened from its remote headers first, so the build is sized and
+    refused before a 245 GB download; where the headers cannot be fetched (offline, a cached snapshot) a real
+    build opens the snapshot itself (downloading what is missing) and is sized before it reads a weight."""
+    if Path(model).expanduser().exists():
+        return open_source(model, revision), False
+    try:
+        return open_source(model, revision, headers_only=True), not dry_run
+    except RuntimeError:
+        if dry_run:
+            raise
+        return open_source(model, revision), False
+
+
 def size_build(cfg, source, plans, planned: dict, out: Path | None = None) -> Sized:
     """quant_save's hook: with no OUT (a dry run) print the store line and the sizing table; with OUT,
     refuse in one line when the build does not fit (`preflight`)."""
