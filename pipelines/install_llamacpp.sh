@@ -41,6 +41,16 @@ if [ -z "${GGML_CUDA:-}" ]; then
     GGML_CUDA=1; else GGML_CUDA=0; fi
 fi
 case "$GGML_CUDA" in 1) BACKEND=cuda ;; 0) BACKEND=cpu ;; *) echo "install_llamacpp: GGML_CUDA must be 0 or 1, got '$GGML_CUDA'" >&2; exit 2 ;; esac
+if [ "$BACKEND" = cpu ] && command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
+  # a GPU box getting a CPU-only llama.cpp: imatrix and llama-server would then run the 122B on the CPU (days)
+  why="GGML_CUDA=0 was set"; command -v nvcc >/dev/null || why="nvcc (the CUDA toolkit) is not on PATH"
+  { echo "################################################################################################"
+    echo "install_llamacpp: WARNING: this box has a GPU ($(nvidia-smi -L 2>/dev/null | head -n 1)) but llama.cpp is"
+    echo "install_llamacpp: WARNING: being built WITHOUT CUDA because $why."
+    echo "install_llamacpp: WARNING: llama-imatrix / llama-server will run on the CPU. Install the CUDA toolkit"
+    echo "install_llamacpp: WARNING: (nvcc) and rerun, or set GGML_CUDA=1 to fail loudly instead."
+    echo "################################################################################################"; } >&2
+fi
 
 # A portable x86-64 build (SSE4.2/AVX/AVX2/FMA/F16C/BMI2), not -march=native: a native build on an AMX host
 # (Sapphire Rapids) routes quantized matmuls through ggml's AMX kernels, and there llama-perplexity

@@ -337,3 +337,71 @@ def test_big_weight_files_are_fingerprinted_by_sampled_content(tmp_path, monkeyp
     assert eval_config.sampled_sha256(big, blocks=8, block_bytes=4096) != fp
     copy.write_bytes(bytes(blob) + b"\0")  # one byte longer
     assert eval_config.sampled_sha256(copy, blocks=8, block_bytes=4096) != fp
+
+
+# ------------------------------------------------------------------ TP / engine args / seeding / --dry-run
+def test_eval_dry_run_shows_tp_and_engine_args_in_engine_and_identity():
+    out = subprocess.run(["bash", str(ROOT / "pipelines" / "eval.sh"), "--model", "Qwen/Qwen3.5-122B-A10B", "--tag",
+                          "teacher", "--dry-run", "--tensor-parallel-size", "4", "--engine-arg",
+                          "enable_expert_parallel=true", "--n", "200"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    engine = json.loads(next(x for x in lines if x.startswith("engine args:")).split("LLM(**", 1)[1][:-1])
+    assert engine["tensor_parallel_size"] == 4 and engine["enable_expert_parallel"] is True
+    ident = json.loads(next(x for x in lines if x.startswith("run identity")).split("): ", 1)[1])
+    assert ident["tensor_parallel_size"] == 4 and ident["engine_args"] == {"enable_expert_parallel": True}
+    gpqa = next(i for i, x in enumerate(lines) if x.strip().startswith("gpqa"))
+    assert "official 86.6" in lines[gpqa + 1] and "cannot validate" in lines[gpqa + 1]  # n=200 cannot reach +-2 pt
+
+
+def test_tp_defaults_to_the_visible_gpu_count(monkeypatch):
+    import eval_config
+    import eval_dryrun
+
+    monkeypatch.setattr(eval_config, "visible_gpu_count", lambda: 3)
+    parser = vllm_eval8.build_parser()
+    cfg = vllm_eval8.config_from_args(parser.parse_args(["--model", "m", "--tag", "t"]), environ={})
+    assert cfg.tensor_parallel_size is None and cfg.resolved_tensor_parallel_size() == 3
+    assert vllm_eval8.generation_config(cfg)["tensor_parallel_size"] == 3
+    assert vllm_eval8.config_for_record(cfg)["tensor_parallel_size"] == 3  # recorded with the results
+    assert '"tensor_parallel_size": 3' in eval_dryrun.describe(cfg)
+    monkeypatch.setattr(eval_config, "visible_gpu_count", lambda: 0)
+    assert cfg.resolved_tensor_parallel_size() == 1  # no GPU: one (CPU) worker
+    flag = vllm_eval8.config_from_args(parser.parse_args(["--model", "m", "--tag", "t", "--tensor-parallel-size", "2"]),
+                                       environ={})
+    assert flag.resolved_tensor_parallel_size() == 2
+
+
+def test_engine_args_parse_hash_and_refuse_owned_keys():
+    parser = vllm_eval8.build_parser()
+    base = vllm_eval8.config_from_args(parser.parse_args(["--model", "m", "--tag", "t"]), environ={})
+    cfg = vllm_eval8.config_from_args(parser.parse_args(["--model", "m", "--tag", "t"]),
+                                      environ={"EVAL_ENGINE_ARGS": "kv_cache_dtype=fp8;max-logprobs=40"})
+    assert dict(cfg.engine_args) == {"kv_cache_dtype": "fp8", "max_logprobs": 40}
+    import provenance
+
+    assert provenance.sha256_json(vllm_eval8.generation_config(cfg)) != provenance.sha256_json(
+        vllm_eval8.generation_config(base))
+    assert "engine_args" not in vllm_eval8.generation_config(base)  # runs without them keep their old hash
+    with pytest.raises(ValueError, match="--engine-arg tensor_parallel_size: has its own flag"):
+        vllm_eval8.config_from_args(parser.parse_args(["--model", "m", "--tag", "t", "--engine-arg",
+                                                       "tensor_parallel_size=8"]), environ={})
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        vllm_eval8.config_from_args(parser.parse_args(["--model", "m", "--tag", "t", "--engine-arg", "novalue"]),
+                                    environ={})
+    kwargs = eval_backends.vllm_engine_kwargs("m", 4, 4096, 0.9, None, "auto", 0, False, cfg.engine_args)
+    assert kwargs["kv_cache_dtype"] == "fp8" and "max_num_seqs" not in kwargs
+
+
+@pytest.mark.parametrize("mode,seeded", [("engine", False), ("request", True)])
+def test_seed_mode_decides_per_request_seeds(mode, seeded):
+    """engine: no per-request seed, so vLLM keeps its batched sampler (no per-request torch.Generator)."""
+    pytest.importorskip("vllm")
+    backend = object.__new__(eval_backends.VllmBackend)  # the sampling params only; no engine is started
+    backend.sampling = eval_backends.Sampling(temperature=0.6, top_p=0.95, top_k=20, seed=5, max_new_tokens=16)
+    backend.per_request_seed = mode == "request"
+    sample = type("S", (), {"id": "gpqa/1"})()
+    params = backend._params(sample)
+    assert (params.seed is not None) == seeded
+    if seeded:
+        assert params.seed == results_schema.sample_seed(5, "gpqa/1")

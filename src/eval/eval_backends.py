@@ -7,9 +7,13 @@ including the end-of-sequence token (vLLM's convention). Backends also *stream*:
 yields ``(index, generation)`` as each sample finishes, which lets the runner log and grade while the
 engine keeps generating, and lets a killed run keep everything that had finished.
 
-Sampling is seeded per sample (``results_schema.sample_seed``) wherever the engine allows it (vLLM,
-OpenAI servers), so a sample's tokens do not depend on which batch it ran in; that is what makes a
-resumed run equal to an uninterrupted one.
+Sampling is seeded per sample (``results_schema.sample_seed``) on OpenAI servers and on vLLM with
+``seed_mode="request"``, so a sample's tokens do not depend on which batch it ran in (a resumed run equals
+an uninterrupted one). vLLM 0.32 turns any per-request seed into a per-request torch.Generator, which drops
+FlashInfer's batched top-k/top-p sampler and draws noise request by request (v1/sample/ops/
+topk_topp_sampler.py: forward_cuda, random_sample); so vLLM defaults to ``seed_mode="engine"``: one seed
+for the engine (``LLM(seed=...)``), the batched sampler, and a whole run that reproduces when rerun with
+the same config and sample order (a resumed run draws its remaining samples from a fresh engine stream).
 """
 from __future__ import annotations
 
@@ -36,17 +40,15 @@ class VllmBackend(Backend):
     def __init__(self, model: str, sampling: Sampling, tensor_parallel_size: int = 1,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
                  max_num_seqs: int | None = None, dtype: str = "auto", enforce_eager: bool | None = None,
-                 engine_seed: int = 0):
+                 engine_seed: int = 0, engine_args: Mapping | None = None, seed_mode: str = "engine"):
         from vllm import LLM
 
         self.sampling = sampling
+        self.per_request_seed = seed_mode == "request"
         self.enforce_eager = default_enforce_eager(model) if enforce_eager is None else enforce_eager
-        kwargs = dict(model=model, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
-                      gpu_memory_utilization=gpu_memory_utilization, dtype=dtype, seed=engine_seed,
-                      enforce_eager=self.enforce_eager)
-        if max_num_seqs:
-            kwargs["max_num_seqs"] = max_num_seqs
-        self.llm = LLM(**{k: v for k, v in kwargs.items() if v is not None})
+        self.engine_kwargs = vllm_engine_kwargs(model, tensor_parallel_size, max_model_len, gpu_memory_utilization,
+                                                max_num_seqs, dtype, engine_seed, self.enforce_eager, engine_args)
+        self.llm = LLM(**self.engine_kwargs)
         self._prep_s = 0.0
 
     def _params(self, sample):
@@ -55,7 +57,8 @@ class VllmBackend(Backend):
         s = self.sampling
         if s.temperature > 0:
             return SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                                  max_tokens=s.max_new_tokens, seed=s.seed_for(sample.id))
+                                  max_tokens=s.max_new_tokens,
+                                  seed=s.seed_for(sample.id) if self.per_request_seed else None)
         return SamplingParams(temperature=0.0, max_tokens=s.max_new_tokens)
 
     def stream(self, samples):
@@ -127,6 +130,15 @@ class VllmBackend(Backend):
             if shutdown is not None:
                 shutdown()
             del llm
+
+
+def vllm_engine_kwargs(model, tensor_parallel_size=1, max_model_len=None, gpu_memory_utilization=0.9,
+                       max_num_seqs=None, dtype="auto", seed=0, enforce_eager=False, engine_args=None) -> dict:
+    """The exact vllm.LLM(**kwargs) of a run (what --dry-run prints): the runner's own flags + --engine-arg."""
+    kwargs = dict(model=model, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
+                  gpu_memory_utilization=gpu_memory_utilization, dtype=dtype, seed=seed, enforce_eager=enforce_eager,
+                  max_num_seqs=max_num_seqs or None, **dict(engine_args or {}))
+    return {k: v for k, v in kwargs.items() if v is not None}
 
 
 def default_enforce_eager(model: str) -> bool:
@@ -276,11 +288,12 @@ def make_backend(cfg) -> Backend:
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed,
                         max_new_tokens=cfg.resolved_max_new_tokens(), thinking=cfg.thinking)
     if cfg.backend == "vllm":
-        return VllmBackend(cfg.model, sampling, tensor_parallel_size=cfg.tensor_parallel_size,
+        return VllmBackend(cfg.model, sampling, tensor_parallel_size=cfg.resolved_tensor_parallel_size(),
                            max_model_len=cfg.resolved_max_model_len(),
                            gpu_memory_utilization=cfg.gpu_memory_utilization,
                            max_num_seqs=cfg.resolved_max_num_seqs(), dtype=cfg.dtype,
-                           enforce_eager=cfg.enforce_eager, engine_seed=cfg.seed)
+                           enforce_eager=cfg.enforce_eager, engine_seed=cfg.seed, engine_args=cfg.engine_args,
+                           seed_mode=cfg.seed_mode)
     if cfg.backend == "hf" and _wants_images(cfg):
         import mm_eval
 

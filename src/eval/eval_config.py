@@ -25,6 +25,10 @@ BUDGETS = {
     "64k": {"max_new_tokens": 65536, "max_model_len": 73728, "max_num_seqs": 128},
 }
 ROLES = ("teacher", "quant", "baseline")
+SEED_MODES = ("engine", "request")
+# vllm.LLM arguments the runner sets from its own flags; --engine-arg may not override them
+RESERVED_ENGINE_ARGS = frozenset({"model", "tensor_parallel_size", "max_model_len", "gpu_memory_utilization",
+                                  "max_num_seqs", "dtype", "seed", "enforce_eager"})
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,9 @@ class EvalConfig:
     max_new_tokens: int | None = None  # None = from budget
     max_model_len: int | None = None
     max_num_seqs: int | None = None
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int | None = None  # vllm: None = every visible GPU (resolved_tensor_parallel_size)
+    engine_args: Mapping = field(default_factory=dict)  # vllm: extra vllm.LLM(**kwargs), in the run identity
+    seed_mode: str = "engine"  # vllm: engine = one engine seed (batched sampler); request = a seed per sample
     gpu_memory_utilization: float = 0.90
     dtype: str = "auto"
     enforce_eager: bool | None = None  # None = automatic (on for gemma*)
@@ -85,6 +91,11 @@ class EvalConfig:
             raise ValueError(f"role {self.role!r} unknown; choose one of {ROLES} (or leave it unset)")
         if not self.benchmarks:
             raise ValueError("no benchmarks given; pass e.g. --benchmarks mmlu_pro,gpqa")
+        if self.seed_mode not in SEED_MODES:
+            raise ValueError(f"seed_mode {self.seed_mode!r} unknown; choose one of {SEED_MODES}")
+        clash = sorted(set(self.engine_args) & RESERVED_ENGINE_ARGS)
+        if clash:
+            raise ValueError(f"--engine-arg {clash[0]}: has its own flag (--{clash[0].replace('_', '-')}); use that")
         if not 0.0 <= self.temperature <= 5.0 or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"sampling out of range: temperature={self.temperature} top_p={self.top_p}")
 
@@ -96,6 +107,10 @@ class EvalConfig:
 
     def resolved_max_num_seqs(self) -> int:
         return int(self.max_num_seqs or BUDGETS[self.budget]["max_num_seqs"])
+
+    def resolved_tensor_parallel_size(self) -> int:
+        """The TP vLLM gets: the flag, else every GPU this process sees (min 1); recorded with the results."""
+        return int(self.tensor_parallel_size or max(1, visible_gpu_count()))
 
     def n_for(self, bench: str) -> int | None:
         return self.n.get(bench, self.n_default)
@@ -158,8 +173,12 @@ def backend_identity(cfg: EvalConfig) -> dict:
     """The part of the backend that changes generations, computable without loading the model."""
     if cfg.backend == "vllm":
         eager = eval_backends.default_enforce_eager(cfg.model) if cfg.enforce_eager is None else cfg.enforce_eager
-        return {"backend": "vllm", "dtype": cfg.dtype, "enforce_eager": eager,
-                "max_model_len": cfg.resolved_max_model_len(), "tensor_parallel_size": cfg.tensor_parallel_size}
+        ident = {"backend": "vllm", "dtype": cfg.dtype, "enforce_eager": eager,
+                 "max_model_len": cfg.resolved_max_model_len(), "tensor_parallel_size": cfg.resolved_tensor_parallel_size(),
+                 "seed_mode": cfg.seed_mode}
+        if cfg.engine_args:  # only when set, so runs without them keep their config hash
+            ident["engine_args"] = dict(sorted(cfg.engine_args.items()))
+        return ident
     if cfg.backend == "hf":
         # a set --max-model-len caps the hf context too (image prompts past it are input errors)
         return {"backend": "hf", "dtype": cfg.dtype, **({"max_model_len": cfg.max_model_len} if cfg.max_model_len else {})}
@@ -255,7 +274,10 @@ _SCALAR_OPTIONS = (
     ("--max-new-tokens", "max_new_tokens", _opt_int, "override the budget's max new tokens"),
     ("--max-model-len", "max_model_len", _opt_int, "override the budget's max model length (vllm)"),
     ("--max-num-seqs", "max_num_seqs", _opt_int, "override the budget's concurrent sequences (vllm)"),
-    ("--tensor-parallel-size", "tensor_parallel_size", int, "vllm tensor parallel size"),
+    ("--tensor-parallel-size", "tensor_parallel_size", _opt_int, "vllm tensor parallel size (default: every "
+     "visible GPU)"),
+    ("--seed-mode", "seed_mode", str, "vllm: engine (one engine-level seed: batched sampler; a full rerun "
+     "reproduces) or request (a seed per sample: batch-independent, but vLLM samples request by request)"),
     ("--gpu-memory-utilization", "gpu_memory_utilization", float, "vllm GPU memory fraction"),
     ("--dtype", "dtype", str, "model dtype (auto, bfloat16, float32)"),
     ("--enforce-eager", "enforce_eager", _opt_bool, "on|off|auto (auto: on for gemma models)"),
@@ -293,8 +315,40 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--allow-weak-sandbox", action="store_true", default=None,
                         help="code benchmarks: run even when the sandbox lacks full isolation (the tier is recorded "
                              "in the results) [env EVAL_ALLOW_WEAK_SANDBOX]")
+    parser.add_argument("--engine-arg", action="append", default=None, metavar="KEY=VALUE",
+                        help="vllm: extra vllm.LLM argument (VALUE parsed as JSON when it parses, e.g. "
+                             "enable_expert_parallel=true, kv_cache_dtype=fp8); repeatable; hashed into the run "
+                             "identity [env EVAL_ENGINE_ARGS, ';'-separated]")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved engine arguments, data, n per "
+                                                              "benchmark and what the gate can decide at that n; exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def visible_gpu_count() -> int:
+    """GPUs this process sees (CUDA_VISIBLE_DEVICES honoured); 0 without CUDA. Looked up at call time, so a
+    test can stub it (monkeypatch eval_config.visible_gpu_count)."""
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        return 0
+
+
+def parse_engine_args(items: Sequence[str]) -> dict:
+    """KEY=VALUE -> {key: JSON value, or the string}; keys in vllm's snake_case."""
+    out = {}
+    for item in items:
+        key, sep, value = str(item).partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--engine-arg {item!r} must look like KEY=VALUE, e.g. enable_expert_parallel=true")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value.strip()
+    return out
 
 
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> EvalConfig:
@@ -329,6 +383,9 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
     values["allow_weak_sandbox"] = (bool(getattr(args, "allow_weak_sandbox", None))
                                     or env.get("EVAL_ALLOW_WEAK_SANDBOX", "") in ("1", "on", "true"))
     values["progress"] = not args.no_progress
+    engine = args.engine_arg if getattr(args, "engine_arg", None) is not None else [
+        x for x in env.get("EVAL_ENGINE_ARGS", "").split(";") if x.strip()]
+    values["engine_args"] = parse_engine_args(engine)
     missing = [k for k in ("model", "tag") if not values.get(k)]
     if missing:
         raise ValueError(f"missing {', '.join('--' + m for m in missing)} (or EVAL_{missing[0].upper()})")
@@ -338,4 +395,6 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
 def config_for_record(cfg: EvalConfig) -> dict:
     rec = dataclasses.asdict(cfg)
     rec["benchmarks"] = list(cfg.benchmarks)
+    if cfg.backend == "vllm":
+        rec["tensor_parallel_size"] = cfg.resolved_tensor_parallel_size()
     return rec

@@ -9,6 +9,7 @@ and the benchmark's own official scorer (acc_official, what the validation gate 
 
     python -m vllm_eval8 --model PATH --tag qwen-bf16 --benchmarks mmlu_pro,gpqa --n 40 --n gpqa=198
     python -m vllm_eval8 compare results/vllm_eval/A.json results/vllm_eval/B.json
+    python -m vllm_eval8 --model M --tag T --tensor-parallel-size 4 --engine-arg enable_expert_parallel=true --dry-run
 
 Every option also reads an environment variable EVAL_<OPTION> (e.g. EVAL_TEMPERATURE); the command line
 wins over the environment, which wins over the built-in defaults (kept equal to configs/eval.env).
@@ -27,5 +28,23 @@ from eval_run import format_summary, grading_environment, load_all_samples, main
 from grading_pool import GradingPool, default_grade_fn, default_grade_workers, warm_up  # noqa: F401
 from resume_log import ResumeMismatch, read_resumable  # noqa: F401
 
+
+
+def cli(argv=None) -> int:
+    """`--dry-run` prints what the run would do (eval_dryrun) and exits; anything else is eval_run.main."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--dry-run" not in argv or (argv and argv[0] == "compare"):
+        return main(argv)
+    import eval_dryrun
+    import provenance
+
+    try:
+        print(eval_dryrun.describe(config_from_args(build_parser(__doc__).parse_args(argv))))
+    except ValueError as err:
+        print(f"vllm_eval8: {provenance.redact(str(err))}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

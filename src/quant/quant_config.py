@@ -67,7 +67,14 @@ class QuantConfig:
     alloc_budget: float = option(3.0, "probe plan: routed-expert effective bits", legacy=("ALLOC_BUDGET",))
     alloc_strategy: str = option("asal", "probe plan: salience strategy (moe_alloc)", legacy=("ALLOC_STRATEGY",))
     alloc_levels: str = option("2,3,4", "probe plan: allowed expert bit levels", legacy=("ALLOC_LEVELS",))
-    dry_run: bool = option(False, "print roles, bits and footprint; write nothing")
+    dry_run: bool = option(False, "print roles, bits, footprint and the sizing table (disk, host RAM, GPU memory, "
+                                  "time per stage); write nothing")
+    max_disk: str | None = option(None, "disk the build may use (e.g. 500G); the real free space caps it too; the "
+                                        "build refuses up front when it needs more", legacy=("MAX_DISK",), kind=str)
+    size_for: str | None = option(None, "with --dry-run: size for these devices instead of the visible ones (cpu, "
+                                        "4xH100, 8xH200, Nxgpu:GiB)", kind=str)
+    costs: str | None = option(None, "cost table: cpu (measured by bench/sizing_costs.py), h100 (assumed) or a JSON "
+                                     "file (bench/gpu_check.sh's); default by device kind", kind=str)
     list_tensors: bool = option(False, "with --dry-run: one line per tensor")
     force: bool = option(False, "overwrite an OUT holding another build or other files")
     progress: bool = option(True, "progress bar")

@@ -4,13 +4,10 @@ The output has exactly the source's tensor names, shapes, dtypes and shard files
 loads the BF16 teacher (transformers, vLLM, the GGUF packer) loads the student unchanged, and the
 evaluation measures precisely the weights a packer would store.
 
-This module is the orchestration and the CLI; each concern has its own module:
-* `ckpt_source`  reading the source (headers, index, hub) without loading it;
-* `build_plan`   role, bits and spec of every tensor, the optional `--bits-plan`, the footprint;
-* `calib_source` / `calib_stats`  calibration text -> windows -> per-layer, true-sequential statistics
-  and the tensors quantized with them (only for methods that need them: wclip, gptq, awq);
-* `shard_writer` streaming the output shards, per-shard resume records;
-* `weight_quant` the method dispatch for one tensor (`moe_quant` / `quant_methods` hold the math).
+Orchestration and CLI; one module per concern: `ckpt_source` (reading headers/index/hub), `build_plan` (role,
+bits, spec per tensor; `--bits-plan`; footprint), `calib_source`/`calib_stats` (per-layer true-sequential
+statistics for wclip/gptq/awq), `shard_writer` (output shards, resume records), `weight_quant` (one tensor's
+method), `sizing_run` (disk/RAM/GPU/time; refuses up front when the build does not fit).
 
 Resumable and honest about completeness: every shard (and every calibrated layer) is checkpointed; a
 rerun reuses only what matches this source + recipe + code + calibration and still hashes the same.
@@ -19,7 +16,7 @@ output shard's sha256 before it says so.
 
     python src/quant/quant_save.py --model DIR_OR_HUB_ID --out DIR [--expert-bits 3 --linear-bits 4 ...]
     python src/quant/quant_save.py --model DIR --out DIR --method gptq --calib-file calib.txt
-    python src/quant/quant_save.py --model DIR --dry-run        # roles, bits, footprint; writes nothing
+    python src/quant/quant_save.py --model DIR --dry-run        # roles, bits, footprint, sizing; writes nothing
 """
 from __future__ import annotations
 
@@ -40,6 +37,7 @@ import build_plan
 import calib_source
 import footprint
 import provenance
+import sizing_run
 from ckpt_source import INDEX_NAME, BuildError, Source, check_out_dir, open_source, side_files  # noqa: F401 (API)
 from model_adapters import Recipe
 
@@ -68,6 +66,9 @@ class BuildConfig:
     calib_batch: int = 8  # windows per forward in the calibration pass
     min_expert_tokens: int = 128  # experts with fewer routed tokens get blended statistics
     bits_plan: str | None = None
+    max_disk: str | None = None  # sizing_run: preflight cap, --dry-run devices and cost table
+    size_for: str | None = None
+    costs: str | None = None
 
     def calib_request(self) -> calib_source.CalibRequest:
         return calib_source.CalibRequest(file=self.calib_file, dataset=self.calib_dataset, kind=self.calib,
@@ -130,7 +131,7 @@ def build(args) -> dict:
     if out is not None and Path(cfg.model).expanduser().exists():
         check_out_dir(out, Path(cfg.model).expanduser())  # before any download or read
     devices = ["cpu"] if cfg.dry_run else resolve_devices(cfg.device)
-    source = open_source(cfg.model, cfg.revision, headers_only=cfg.dry_run and not Path(cfg.model).exists())
+    source, hub = sizing_run.open_for_sizing(open_source, cfg.model, cfg.revision, cfg.dry_run)  # hub: headers first
     if out is not None:
         check_out_dir(out, source.root)
     bits_plan = build_plan.load_bits_plan(cfg.bits_plan) if cfg.bits_plan else None
@@ -141,9 +142,14 @@ def build(args) -> dict:
               f"e.g. {unclassified[:3]}", file=sys.stderr)
     if cfg.dry_run:
         build_plan.print_dry_run(source, adapter, plans, planned, recipe, cfg.list_tensors, bits_plan)
+        sizing_run.size_build(cfg, source, plans, planned)
         return {"dry_run": True, "recipe": recipe.as_dict(), "adapter": adapter.name, "footprint": planned,
                 "unclassified": unclassified, "bits_plan": bits_plan.record() if bits_plan else None}
 
+    sizing_run.size_build(cfg, source, plans, planned, out)  # refuses in one line before any weight (or download)
+    if hub:  # it fits: now download, and plan the downloaded files
+        source = open_source(cfg.model, cfg.revision)
+        adapter, plans, unclassified = build_plan.plan_source(source, recipe, bits_plan)
     windows = calib_source.load_windows(calib_req, source.root) if recipe.calibrated else None
     calib_id = windows.identity if windows is not None else None
     plan_sha = bits_plan.sha256 if bits_plan else None
@@ -410,7 +416,7 @@ def main(argv=None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             build(to_build_config(probe_plan(qcfg) if qcfg.probe else qcfg))
-    except BuildError as e:
+    except (BuildError, sizing_run.SizingError) as e:
         print(f"quant_save: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, permissions, a shard vanishing mid-run
