@@ -1,29 +1,15 @@
 #!/usr/bin/env bash
 # Evaluate one model: bash pipelines/eval.sh --model PATH --tag NAME [--benchmarks a,b] [--n 40] ...
 # Audit a finished run (re-grade its stored generations, no engine): bash pipelines/eval.sh --regrade TAG
-# Recipe: configs/eval.env (or EVAL_CONFIG=path); all flags: bash pipelines/eval.sh --help
-# Backends: vllm | hf | openai (a running server: --base-url) | replay run in vllm_eval8; llamacpp starts
-# llama-server on --gguf (and --mmproj for image benchmarks), evaluates through it and stops it
-# (llamacpp_eval8; flags: bash pipelines/eval.sh --backend llamacpp --help). Same results schema for all.
+# What a run would do (engine args, data, n, what the gate can decide): add --dry-run.
+# Recipe: configs/eval.env (--recipe / EVAL_RECIPE for another); every key is also EVAL_<KEY> and --<key>.
+# Backends: vllm | hf | openai (a running server: --base-url) | replay; llamacpp starts llama-server on --gguf
+# (and --mmproj for image benchmarks), evaluates through it and stops it. Same results schema for all.
+# This script only finds the venv; all flags: bash pipelines/eval.sh --help
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC1091
 source "$ROOT/env.sh"
+case " $* " in *" --help "*|*" -h "*) exec python3 "$ROOT/src/eval/vllm_eval8.py" "$@" ;; esac  # no venv needed
 moe_lowbit_ensure_venv
-# shellcheck disable=SC1090
-source "${EVAL_CONFIG:-$ROOT/configs/eval.env}"
-cd "$ROOT"
-backend="${EVAL_BACKEND:-vllm}"
-prev=""
-for arg in "$@"; do  # the last --backend wins, as argparse does
-  case "$arg" in --backend=*) backend="${arg#--backend=}" ;; esac
-  [ "$prev" = "--backend" ] && backend="$arg"
-  prev="$arg"
-done
-for arg in "$@"; do  # --regrade TAG: re-grade a finished run from its stored generations, no engine
-  case "$arg" in --regrade|--regrade=*) exec python -m vllm_eval8 "$@" ;; esac
-done
-if [ "$backend" = "llamacpp" ]; then
-  exec python -m llamacpp_eval8 "$@"
-fi
-exec python -m vllm_eval8 "$@"
+exec python "$ROOT/src/eval/vllm_eval8.py" --default-recipe "$ROOT/configs/eval.env" "$@"

@@ -218,12 +218,20 @@ def test_budget_maps_to_engine_limits():
 
 
 def test_eval_env_defaults_equal_evalconfig_defaults():
-    out = subprocess.run(["bash", "-c", f"source {ROOT / 'configs' / 'eval.env'} && env"], capture_output=True,
-                         text=True, check=True, env={"PATH": os.environ["PATH"]}).stdout
-    env = dict(line.split("=", 1) for line in out.splitlines() if line.startswith("EVAL_"))
-    from_env = vllm_eval8.config_from_args(vllm_eval8.build_parser().parse_args(["--model", "m", "--tag", "t"]),
-                                           environ=env)
-    assert from_env == vllm_eval8.EvalConfig(model="m", tag="t")
+    """configs/eval.env (what eval.sh reads) and EvalConfig's defaults say the same thing."""
+    args = vllm_eval8.build_parser().parse_args(["--model", "m", "--tag", "t", "--default-recipe",
+                                                 str(ROOT / "configs" / "eval.env")])
+    from_recipe = vllm_eval8.config_from_args(args, environ={})
+    assert from_recipe == vllm_eval8.EvalConfig(model="m", tag="t", results_dir=str(ROOT / "results" / "vllm_eval"))
+
+
+def test_unknown_eval_key_is_named_and_old_names_still_work(capsys):
+    args = vllm_eval8.build_parser().parse_args(["--model", "m", "--tag", "t"])
+    with pytest.raises(ValueError, match="EVAL_TEMPRATURE"):
+        vllm_eval8.config_from_args(args, environ={"EVAL_TEMPRATURE": "0.1"})
+    cfg = vllm_eval8.config_from_args(args, environ={"EVAL_OPTIONS": "mmmlu.locales=FR_FR,ZH_CN"})
+    assert cfg.bench_options == {"mmmlu": {"locales": ("FR_FR", "ZH_CN")}}
+    assert "EVAL_OPTIONS is deprecated; use EVAL_BENCH_OPTIONS" in capsys.readouterr().err
 
 
 def test_pipeline_passes_arguments_through(tmp_path):
@@ -321,22 +329,22 @@ def test_same_layout_other_weights_is_refused(tmp_path):
 
 
 def test_big_weight_files_are_fingerprinted_by_sampled_content(tmp_path, monkeypatch):
-    import eval_config
+    import eval_identity
 
-    monkeypatch.setattr(eval_config, "FULL_HASH_BYTES", 1 << 16)
+    monkeypatch.setattr(eval_identity, "FULL_HASH_BYTES", 1 << 16)
     big = tmp_path / "a.safetensors"
     blob = bytearray(os.urandom(1 << 20))
     big.write_bytes(blob)
     copy = tmp_path / "b.safetensors"
     copy.write_bytes(blob)
-    fp = eval_config.sampled_sha256(big, blocks=8, block_bytes=4096)
-    assert fp == eval_config.sampled_sha256(copy, blocks=8, block_bytes=4096)
+    fp = eval_identity.sampled_sha256(big, blocks=8, block_bytes=4096)
+    assert fp == eval_identity.sampled_sha256(copy, blocks=8, block_bytes=4096)
     span = len(blob) - 4096
     blob[span * 3 // 7 + 100] ^= 0x01  # inside the 4th sampled block
     big.write_bytes(blob)
-    assert eval_config.sampled_sha256(big, blocks=8, block_bytes=4096) != fp
+    assert eval_identity.sampled_sha256(big, blocks=8, block_bytes=4096) != fp
     copy.write_bytes(bytes(blob) + b"\0")  # one byte longer
-    assert eval_config.sampled_sha256(copy, blocks=8, block_bytes=4096) != fp
+    assert eval_identity.sampled_sha256(copy, blocks=8, block_bytes=4096) != fp
 
 
 # ------------------------------------------------------------------ TP / engine args / seeding / --dry-run

@@ -14,7 +14,8 @@ import bench_registry
 import eval_backends
 import official_scores
 import provenance
-from eval_config import EvalConfig, generation_config
+from eval_config import EvalConfig
+from eval_identity import generation_config
 
 GENERIC_ACC = 0.8  # the accuracy the gate arithmetic assumes where no official score exists
 

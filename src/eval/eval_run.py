@@ -25,7 +25,8 @@ import official_scores
 import provenance
 import resume_log
 import results_schema
-from eval_config import EvalConfig, build_parser, config_for_record, config_from_args, generation_config
+from eval_config import EvalConfig, config_for_record
+from eval_identity import generation_config
 from grading_pool import GradingPool, default_grade_fn, default_grade_workers
 from resume_log import ResumeMismatch
 
@@ -334,28 +335,3 @@ def format_summary(doc: Mapping) -> str:
             warnings.append(f"WARNING {bench}: {errs.get('grader_error', 0)} grader error(s), "
                             f"{errs.get('judge_error', 0)} judge error(s); see grade_detail in {doc['samples_file']}")
     return "\n".join(lines + warnings)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "compare":
-        import compare
-
-        return compare.main(argv[1:])
-    if any(a == "--regrade" or a.startswith("--regrade=") for a in argv):
-        import results_regrade
-
-        return results_regrade.main(argv)
-    import vllm_eval8
-
-    args = build_parser(vllm_eval8.__doc__).parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        doc = run_eval(cfg, argv=[sys.argv[0], *argv])
-    except (ValueError, FileNotFoundError, ResumeMismatch, RuntimeError) as err:
-        print(f"vllm_eval8: {provenance.redact(str(err))}", file=sys.stderr)
-        return 2
-    print(format_summary(doc))
-    print(f"wrote {cfg.results_paths()[0]}")
-    return 0
-

@@ -1,4 +1,4 @@
-"""Evaluate a GGUF through llama-server with the SAME harness as every other model: vllm_eval8.run_eval on
+"""Evaluate a GGUF through llama-server with the SAME harness as every other model: eval_run.run_eval on
 its openai backend (identical prompt build, extraction, grading, results schema, resume), so a GGUF score
 sits next to the BF16 and clip scores with nothing but the engine changed.
 
@@ -32,7 +32,9 @@ import llama_server
 import llamacpp_metrics
 import mm_eval
 import provenance
-import vllm_eval8
+import eval_config
+import eval_run
+from resume_log import ResumeMismatch
 
 ROOT = Path(__file__).resolve().parents[2]
 # A fixed probe: same text and length every run, so single-stream tok/s are comparable across GGUFs.
@@ -43,7 +45,7 @@ PROBE_TOKENS = 64
 
 @dataclasses.dataclass(frozen=True)
 class ServerOptions:
-    """The llama-server side of a run (the eval side is a vllm_eval8.EvalConfig)."""
+    """The llama-server side of a run (the eval side is a eval_config.EvalConfig)."""
     gguf: Path
     mmproj: Path | None = None
     llama_cpp: Path | None = None  # install prefix; None = $LLAMA_CPP or install_llamacpp.sh
@@ -59,7 +61,7 @@ class ServerOptions:
     probe: bool = True
 
 
-def server_config(opts: ServerOptions, cfg: vllm_eval8.EvalConfig, binary: Path, log_path: Path) -> llama_server.ServerConfig:
+def server_config(opts: ServerOptions, cfg: eval_config.EvalConfig, binary: Path, log_path: Path) -> llama_server.ServerConfig:
     parallel = opts.parallel or max(1, min(cfg.concurrency, 4))
     ctx = opts.ctx_per_slot or cfg.resolved_max_model_len()
     return llama_server.ServerConfig(
@@ -69,7 +71,7 @@ def server_config(opts: ServerOptions, cfg: vllm_eval8.EvalConfig, binary: Path,
         extra_args=tuple(opts.server_args), startup_timeout_s=opts.startup_timeout_s, log_path=log_path)
 
 
-def run(cfg: vllm_eval8.EvalConfig, opts: ServerOptions, argv: Sequence[str] | None = None) -> dict:
+def run(cfg: eval_config.EvalConfig, opts: ServerOptions, argv: Sequence[str] | None = None) -> dict:
     """Start the server, run the eval through it, stop it; returns the results JSON (with `llamacpp`)."""
     images = mm_eval.image_benchmarks(cfg.benchmarks)
     if images and opts.mmproj is None:  # refused before the server starts: this GGUF alone cannot see
@@ -89,7 +91,7 @@ def run(cfg: vllm_eval8.EvalConfig, opts: ServerOptions, argv: Sequence[str] | N
                                        mmproj_path=str(opts.mmproj) if opts.mmproj else None,
                                        concurrency=scfg.parallel)
         try:
-            doc = vllm_eval8.run_eval(eval_cfg, argv=argv)
+            doc = eval_run.run_eval(eval_cfg, argv=argv)
         except Exception as err:
             if not server.alive():
                 raise llama_server.ServerError(
@@ -121,7 +123,7 @@ def run(cfg: vllm_eval8.EvalConfig, opts: ServerOptions, argv: Sequence[str] | N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = vllm_eval8.build_parser()
+    parser = eval_config.build_parser()
     parser.prog = "llamacpp_eval8"
     parser.description = __doc__
     g = parser.add_argument_group("llama-server")
@@ -177,12 +179,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.model and not os.environ.get("EVAL_MODEL"):
         args.model = Path(args.gguf).stem
     try:
-        cfg = vllm_eval8.config_from_args(args)
+        cfg = eval_config.config_from_args(args)
         doc = run(cfg, options_from_args(args), argv=[sys.argv[0], *argv])
-    except (ValueError, FileNotFoundError, vllm_eval8.ResumeMismatch, llama_server.ServerError) as err:
+    except (ValueError, FileNotFoundError, ResumeMismatch, llama_server.ServerError) as err:
         print(f"llamacpp_eval8: {provenance.redact(str(err))}", file=sys.stderr)
         return 2
-    print(vllm_eval8.format_summary(doc))
+    print(eval_run.format_summary(doc))
     print(format_speed(doc["llamacpp"]))
     print(f"wrote {cfg.results_paths()[0]}")
     return 0

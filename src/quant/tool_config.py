@@ -40,14 +40,14 @@ class ConfigError(ValueError):
 
 def option(default: Any, help: str, *, legacy: Sequence[str] = (), path: bool = False,
            choices: Sequence[str] | None = None, kind: type | None = None, parse=None, repeat: bool = False,
-           sep: str = ",", flag: str | None = None, factory=None) -> Any:
+           sep: str = ",", flag: str | None = None, factory=None, internal: bool = False) -> Any:
     """A config field. `legacy`: old env names still read (with a notice); `path`: resolved against the
     cwd; `kind`: the value type when the default is None (else the default's type); `parse`: a function
     for structured values (str -> value, or list of str -> value with `repeat`: a repeatable flag, and
     env/recipe values split on `sep`); `flag`: the flag when it is not --field-name; `factory`: a
-    default_factory for mutable defaults."""
+    default_factory for mutable defaults; `internal`: derived from other fields, no flag and no env name."""
     meta = {"help": help, "legacy": tuple(legacy), "path": path, "choices": tuple(choices) if choices else None,
-            "kind": kind, "parse": parse, "repeat": repeat, "sep": sep, "flag": flag}
+            "kind": kind, "parse": parse, "repeat": repeat, "sep": sep, "flag": flag, "internal": internal}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -161,6 +161,8 @@ def build_parser(tool: Tool, extra: Sequence[tuple[tuple, dict]] = ()) -> argpar
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default=None, help=f"a configs/*.env recipe file [env {tool.prefix}RECIPE]")
     for f in dataclasses.fields(tool.config):
+        if f.metadata.get("internal"):
+            continue
         kind = kind_of(f)
         default = f.default if f.default is not dataclasses.MISSING else None
         shown = "" if default in (None, "") or f.metadata.get("parse") else f"; default {default}"
@@ -177,14 +179,14 @@ def build_parser(tool: Tool, extra: Sequence[tuple[tuple, dict]] = ()) -> argpar
 
 def resolve(tool: Tool, args: argparse.Namespace, environ: Mapping[str, str] | None = None,
             cwd: Path | None = None, notice=lambda m: print(m, file=sys.stderr), legacy: bool = True,
-            default_recipe: str | Path | None = None):
+            default_recipe: str | Path | None = None, known_env: Sequence[str] = ()):
     """The config from defaults < recipe < legacy env < PREFIX_ env < flags; every bad key named at once.
     `legacy=False` ignores the old unprefixed env names (a module run directly, not through its pipeline,
     must not pick up a stray MODEL or OUT; an old name under the prefix, like SMOKE_TP, is always read);
-    `default_recipe`: the recipe when none is named."""
+    `default_recipe`: the recipe when none is named; `known_env`: other PREFIX_ names a companion tool reads."""
     env = os.environ if environ is None else environ
     cwd = Path.cwd() if cwd is None else Path(cwd)
-    fields = {f.name: f for f in dataclasses.fields(tool.config)}
+    fields = {f.name: f for f in dataclasses.fields(tool.config) if not f.metadata.get("internal")}
     errors, values, from_user = [], {}, set()
     recipe_path = getattr(args, "recipe", None) or env.get(tool.prefix + "RECIPE") or None
     if not recipe_path and legacy and env.get("RECIPE"):
@@ -211,7 +213,7 @@ def resolve(tool: Tool, args: argparse.Namespace, environ: Mapping[str, str] | N
         if getattr(args, name, None) is not None:
             values[name] = (getattr(args, name), "--" + name.replace("_", "-"))
             from_user.add(name)
-    known_env = ({env_name(tool, f) for f in fields.values()} | {tool.prefix + "RECIPE"}
+    known_env = ({env_name(tool, f) for f in fields.values()} | {tool.prefix + "RECIPE"} | set(known_env)
                  | {old for f in fields.values() for old in f.metadata.get("legacy", ())})
     unknown = sorted(k for k in env if k.startswith(tool.prefix) and k not in known_env)
     if unknown:
