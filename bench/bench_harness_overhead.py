@@ -29,7 +29,7 @@ TARGET_PCT = 2.0
 
 
 def main(argv=None) -> int:
-    import eval_backends
+    import backend_registry
     import vllm_eval8
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
                                     max_num_seqs=16, enforce_eager=args.enforce_eager == "on", results_dir=tmp,
                                     grade_workers=args.grade_workers, progress=False)
         t0 = time.perf_counter()
-        backend = eval_backends.make_backend(cfg)
+        backend = backend_registry.make_backend(cfg)
         init_s = time.perf_counter() - t0
         try:
             t0 = time.perf_counter()

@@ -30,10 +30,14 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
+    import torch
 
+    import backend_base
+    import backend_hf
     import bench_registry
-    import eval_backends
     import mm_eval
+
+    torch.set_num_threads(args.threads)  # once, by this entry point
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
@@ -45,8 +49,8 @@ def main(argv=None) -> int:
         smoke = ROOT / "data" / "mm_smoke"
         samples = (bench_registry.load_samples("mmmu_pro", data_file=str(smoke / "mmmu_pro_{part}.jsonl"), n=args.n)
                    + bench_registry.load_samples("math_vision", data_file=str(smoke / "math_vision.jsonl"), n=args.n))
-        sampling = eval_backends.Sampling(temperature=0.0, max_new_tokens=args.max_new_tokens, thinking=False)
-        backend = mm_eval.HfVisionBackend(model, sampling, threads=args.threads)
+        sampling = backend_base.Sampling(temperature=0.0, max_new_tokens=args.max_new_tokens, thinking=False)
+        backend = backend_hf.HfVisionBackend(model, sampling)
         backend._one(samples[0])  # warm-up (first-call kernel setup), not measured
         backend._prep_s, backend.prep_per_image = 0.0, []
         t0 = time.perf_counter()

@@ -22,14 +22,16 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 for sub in ("src/eval", "src/quant"):
     sys.path.insert(0, str(ROOT / sub))
 
-import eval_backends  # noqa: E402
+import backend_base
+
+import backend_vllm
 from bench_spec import Sample  # noqa: E402
 
 
 def run(model: str, mode: str, samples, max_tokens: int, tp: int) -> tuple[float, list[str]]:
-    sampling = eval_backends.Sampling(temperature=0.6, top_p=0.95, top_k=20, seed=0, max_new_tokens=max_tokens,
+    sampling = backend_base.Sampling(temperature=0.6, top_p=0.95, top_k=20, seed=0, max_new_tokens=max_tokens,
                                       thinking=False)
-    backend = eval_backends.VllmBackend(model, sampling, tensor_parallel_size=tp, max_model_len=512,
+    backend = backend_vllm.VllmBackend(model, sampling, tensor_parallel_size=tp, max_model_len=512,
                                         max_num_seqs=len(samples), enforce_eager=True, seed_mode=mode)
     try:
         t0 = time.perf_counter()

@@ -18,7 +18,15 @@ from pathlib import Path
 
 import pytest
 
-import eval_backends
+import backend_base
+
+import backend_hf
+
+import backend_openai
+
+import backend_replay
+
+import backend_vllm
 import results_schema
 import vllm_eval8
 
@@ -40,13 +48,13 @@ def test_replay_skips_header_and_torn_lines_and_names_missing_ids(tmp_path):
     lines += [json.dumps({"id": s.id, "output": f"out {s.id}", "finish_reason": "stop", "tokens": 3})
               for s in samples[:3]]
     path.write_text("\n".join(lines) + '\n{"id": "mmlu_pro/73", "outp')
-    backend = eval_backends.ReplayBackend(path)
+    backend = backend_replay.ReplayBackend(path)
     got = backend.generate(samples[:3])
     assert [g["output"] for g in got] == [f"out {s.id}" for s in samples[:3]]
-    with pytest.raises(eval_backends.ReplayMissing, match="no generation for 1 of 4 samples"):
+    with pytest.raises(backend_replay.ReplayMissing, match="no generation for 1 of 4 samples"):
         backend.generate(samples)
     with pytest.raises(FileNotFoundError, match="replay file"):
-        eval_backends.ReplayBackend(tmp_path / "nope.jsonl")
+        backend_replay.ReplayBackend(tmp_path / "nope.jsonl")
 
 
 def test_replay_missing_id_is_a_one_line_cli_error(tmp_path, capsys):
@@ -62,12 +70,12 @@ def test_replay_missing_id_is_a_one_line_cli_error(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "mmlu_pro/70", "output": 3, "finish_reason": "stop"}) + "\n")
     with pytest.raises(ValueError, match="bad.jsonl:1: record 'mmlu_pro/70'"):
-        eval_backends.ReplayBackend(bad)
+        backend_replay.ReplayBackend(bad)
 
 
 def test_enforce_eager_is_automatic_for_gemma_only():
-    assert eval_backends.default_enforce_eager("/models/google/gemma-4-26B-A4B-it")
-    assert not eval_backends.default_enforce_eager("/models/Qwen/Qwen3.5-122B-A10B")
+    assert backend_vllm.default_enforce_eager("/models/google/gemma-4-26B-A4B-it")
+    assert not backend_vllm.default_enforce_eager("/models/Qwen/Qwen3.5-122B-A10B")
 
 
 # ------------------------------------------------------------------------------- OpenAI (stub server)
@@ -124,14 +132,14 @@ def stub():
         s.close()
 
 
-SAMPLING = eval_backends.Sampling(temperature=0.6, top_p=0.95, top_k=20, seed=0, max_new_tokens=64, thinking=False)
+SAMPLING = backend_base.Sampling(temperature=0.6, top_p=0.95, top_k=20, seed=0, max_new_tokens=64, thinking=False)
 
 
 def test_openai_request_carries_sampling_thinking_and_per_sample_seed(stub, monkeypatch):
     monkeypatch.setenv("MY_KEY", "sk-test-abcdefgh12345")
     s = stub()
     samples = mmlu_samples()
-    backend = eval_backends.OpenAIBackend("served", SAMPLING, s.url, api_key_env="MY_KEY", concurrency=2)
+    backend = backend_openai.OpenAIBackend("served", SAMPLING, s.url, api_key_env="MY_KEY", concurrency=2)
     got = backend.generate(samples)
     assert [g["tokens"] for g in got] == [7] * 4 and all(g["finish_reason"] == "stop" for g in got)
     assert [g["output"] for g in got] == ["echo: " + x.messages[-1]["content"][:20] for x in samples]
@@ -148,14 +156,14 @@ def test_openai_request_carries_sampling_thinking_and_per_sample_seed(stub, monk
 
 def test_openai_retries_transient_errors_then_succeeds(stub):
     s = stub([(503, {"error": "loading"}), (429, {"error": "busy"})])
-    backend = eval_backends.OpenAIBackend("m", SAMPLING, s.url, concurrency=1, max_retries=3, backoff_s=0.01)
+    backend = backend_openai.OpenAIBackend("m", SAMPLING, s.url, concurrency=1, max_retries=3, backoff_s=0.01)
     got = backend.generate(mmlu_samples()[:1])
     assert got[0]["output"].startswith("echo:") and len(s.requests) == 3
 
 
 def test_openai_client_errors_are_not_retried(stub):
     s = stub([(400, {"error": "prompt too long"})])
-    backend = eval_backends.OpenAIBackend("m", SAMPLING, s.url, concurrency=1, max_retries=3, backoff_s=0.01)
+    backend = backend_openai.OpenAIBackend("m", SAMPLING, s.url, concurrency=1, max_retries=3, backoff_s=0.01)
     with pytest.raises(RuntimeError, match="HTTP 400.*prompt too long"):
         backend.generate(mmlu_samples()[:1])
     assert len(s.requests) == 1
@@ -165,14 +173,14 @@ def test_openai_gives_up_after_retries_when_server_is_down():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed again: nothing listens there
-    backend = eval_backends.OpenAIBackend("m", SAMPLING, f"http://127.0.0.1:{port}/v1", max_retries=2, backoff_s=0.01)
+    backend = backend_openai.OpenAIBackend("m", SAMPLING, f"http://127.0.0.1:{port}/v1", max_retries=2, backoff_s=0.01)
     with pytest.raises(RuntimeError, match="failed after 3 attempts"):
         backend.generate(mmlu_samples()[:1])
 
 
 def test_openai_reasoning_is_split_from_the_graded_content(stub):
     s = stub([(200, Stub.ok({"messages": [{"content": ""}]}, content="The answer is (D)", reasoning="Nitrogen..."))])
-    got = eval_backends.OpenAIBackend("m", SAMPLING, s.url, concurrency=1).generate(mmlu_samples()[:1])
+    got = backend_openai.OpenAIBackend("m", SAMPLING, s.url, concurrency=1).generate(mmlu_samples()[:1])
     assert got[0] == {"output": "The answer is (D)", "finish_reason": "stop", "tokens": 7, "reasoning": "Nitrogen..."}
 
 
@@ -180,8 +188,8 @@ def test_openai_reasoning_is_split_from_the_graded_content(stub):
 @pytest.fixture(scope="module")
 def vllm_engine(smollm2_dir):
     """One in-process vLLM engine for the module (an engine start is the expensive part)."""
-    sampling = eval_backends.Sampling(temperature=0.6, top_p=0.95, top_k=20, seed=0, max_new_tokens=32, thinking=True)
-    backend = eval_backends.VllmBackend(str(smollm2_dir), sampling, max_model_len=1024, max_num_seqs=8,
+    sampling = backend_base.Sampling(temperature=0.6, top_p=0.95, top_k=20, seed=0, max_new_tokens=32, thinking=True)
+    backend = backend_vllm.VllmBackend(str(smollm2_dir), sampling, max_model_len=1024, max_num_seqs=8,
                                         enforce_eager=True)
     yield backend
     backend.close()
@@ -287,8 +295,8 @@ def test_openai_backend_against_real_vllm_server_matches_vllm_backend(vllm_serve
 @pytest.mark.slow
 def test_hf_backend_batches_with_left_padding_like_single_runs(smollm2_dir):
     samples = mmlu_samples()[:3]
-    greedy = eval_backends.Sampling(temperature=0.0, max_new_tokens=8, thinking=False)
-    batched = eval_backends.HfBackend(str(smollm2_dir), greedy, batch_size=3, threads=1)
+    greedy = backend_base.Sampling(temperature=0.0, max_new_tokens=8, thinking=False)
+    batched = backend_hf.HfBackend(str(smollm2_dir), greedy, batch_size=3)
     together = batched.generate(samples)
     batched.batch_size = 1
     alone = batched.generate(samples)

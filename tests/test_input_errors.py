@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import bench_registry
-import eval_backends
+import backend_replay
 import eval_text
 import opd_data
 
@@ -45,7 +45,7 @@ def test_a_replay_file_with_invalid_utf8_is_one_line_from_the_cli(tmp_path):
     replay.write_bytes(json.dumps({"id": "gpqa/x", "output": "A", "finish_reason": "stop"}).encode() + b"\n"
                        + b'{"id": "gpqa/y", "output": "\xff", "finish_reason": "stop"}\n')
     with pytest.raises(eval_text.TextDecodeError, match=rf"{replay}:2: not valid UTF-8"):
-        eval_backends.ReplayBackend(replay)
+        backend_replay.ReplayBackend(replay)
     proc = subprocess.run([sys.executable, "-m", "vllm_eval8", "--model", "m", "--tag", "t", "--backend", "replay",
                            "--replay-file", str(replay), "--benchmarks", "gpqa",
                            "--data-file", f"gpqa={FIX / 'gpqa_diamond.jsonl'}", "--results-dir", str(tmp_path / "r"),

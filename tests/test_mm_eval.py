@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 
 import bench_registry
-import eval_backends
+import backend_base
+import backend_hf
+import backend_openai
+import backend_vllm
 import mm_eval
 import mm_images
 import mm_smoke_data
@@ -158,22 +161,22 @@ def test_text_only_model_is_refused_up_front_naming_it(tmp_path):
 
 def test_servers_get_base64_image_url_parts_of_the_exact_bytes():
     s = bench_registry.load_samples("mmmu_pro", data_file=MMMU_FILE, settings="standard")[0]
-    msgs = eval_backends.chat_messages(s)
+    msgs = backend_base.chat_messages(s)
     part = next(p for p in msgs[0]["content"] if p["type"] == "image_url")
     head, b64 = part["image_url"]["url"].split(",", 1)
     assert head == "data:image/png;base64"
     import hashlib
 
     assert hashlib.sha256(base64.b64decode(b64)).hexdigest() == s.meta["images"][0]["sha256"]
-    backend = eval_backends.OpenAIBackend("m", eval_backends.Sampling(), base_url="http://127.0.0.1:9/v1")
+    backend = backend_openai.OpenAIBackend("m", backend_base.Sampling(), base_url="http://127.0.0.1:9/v1")
     assert backend.request_body(s)["messages"] == msgs
     light = mm_images.without_pixels(s)
     assert "image_data" not in light.meta and light.messages == s.messages
 
 
 def test_context_error_names_sizes():
-    assert mm_eval.context_error(100, 64, 200) is None
-    msg = mm_eval.context_error(300, 256, 200)
+    assert backend_hf.context_error(100, 64, 200) is None
+    msg = backend_hf.context_error(300, 256, 200)
     assert "300 tokens" in msg and "256 of them image tokens" in msg and "200" in msg
 
 
@@ -217,9 +220,9 @@ class _FakeLLM:
 @pytest.mark.slow  # importing vllm (SamplingParams) takes ~20 s on this box; no engine is started
 def test_vllm_backend_sends_image_parts_and_refuses_only_the_prompt_that_does_not_fit():
     samples = bench_registry.load_samples("math_vision", data_file=MATHV_FILE, n=3)
-    b64 = eval_backends.chat_messages(samples[1])[0]["content"][0]["image_url"]["url"].split(",", 1)[1]
-    backend = object.__new__(eval_backends.VllmBackend)
-    backend.sampling, backend._prep_s = eval_backends.Sampling(temperature=0.0, max_new_tokens=4), 0.0
+    b64 = backend_base.chat_messages(samples[1])[0]["content"][0]["image_url"]["url"].split(",", 1)[1]
+    backend = object.__new__(backend_vllm.VllmBackend)
+    backend.sampling, backend._prep_s = backend_base.Sampling(temperature=0.0, max_new_tokens=4), 0.0
     backend.llm = _FakeLLM(too_long=b64[-40:])
     gens = dict(backend.stream(samples))
     assert sorted(gens) == [0, 1, 2]

@@ -34,10 +34,12 @@ def tiny_vlm(tmp_path_factory, smollm2_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def backend(tiny_vlm):
-    import eval_backends
+    import backend_base
+    import backend_hf
+    import backend_openai
 
-    sampling = eval_backends.Sampling(temperature=0.0, max_new_tokens=4, thinking=False)
-    b = mm_eval.HfVisionBackend(str(tiny_vlm), sampling, threads=2)
+    sampling = backend_base.Sampling(temperature=0.0, max_new_tokens=4, thinking=False)
+    b = backend_hf.HfVisionBackend(str(tiny_vlm), sampling)
     yield b
     b.close()
 
@@ -135,7 +137,8 @@ def test_quantized_checkpoint_keeps_the_vision_tower_and_its_eval_runs(tiny_vlm,
 
 @pytest.mark.llamacpp
 def test_mmproj_gguf_loads_in_llama_server_and_answers_image_questions(tiny_vlm, tmp_path):
-    import eval_backends
+    import backend_base
+    import backend_openai
     import llama_server as ls
     import llamacpp_eval8
 
@@ -145,7 +148,7 @@ def test_mmproj_gguf_loads_in_llama_server_and_answers_image_questions(tiny_vlm,
     with ls.LlamaServer(cfg) as server:
         sees, why = mm_eval.server_sees_images(server.base_url + "/v1")
         assert sees is True, why
-        client = eval_backends.OpenAIBackend("tiny", eval_backends.Sampling(temperature=0.0, max_new_tokens=2,
+        client = backend_openai.OpenAIBackend("tiny", backend_base.Sampling(temperature=0.0, max_new_tokens=2,
                                                                             thinking=False), server.base_url + "/v1")
         with_image = client._post(client.request_body(samples[0]))
         text_only = {**client.request_body(samples[0])}

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 import bench_registry
-import eval_backends
+import backend_base
+import backend_vllm
 import mm_fixtures
 import results_schema
 import vllm_eval8
@@ -32,8 +33,8 @@ def tiny_blip2(tmp_path_factory, smollm2_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(tiny_blip2):
-    sampling = eval_backends.Sampling(temperature=0.0, max_new_tokens=4, thinking=False)
-    backend = eval_backends.VllmBackend(str(tiny_blip2), sampling, max_model_len=1024, max_num_seqs=4,
+    sampling = backend_base.Sampling(temperature=0.0, max_new_tokens=4, thinking=False)
+    backend = backend_vllm.VllmBackend(str(tiny_blip2), sampling, max_model_len=1024, max_num_seqs=4,
                                         enforce_eager=True, gpu_memory_utilization=0.5)
     yield backend
     backend.close()
@@ -42,7 +43,7 @@ def engine(tiny_blip2):
 def _first_token_logprobs(engine, sample) -> tuple[int, dict]:
     from vllm import SamplingParams
 
-    out = engine.llm.chat(eval_backends.chat_messages(sample), SamplingParams(temperature=0.0, max_tokens=1, logprobs=5),
+    out = engine.llm.chat(backend_base.chat_messages(sample), SamplingParams(temperature=0.0, max_tokens=1, logprobs=5),
                           use_tqdm=False, chat_template_kwargs={"enable_thinking": False})[0]
     return len(out.prompt_token_ids), {t: lp.logprob for t, lp in out.outputs[0].logprobs[0].items()}
 

@@ -14,7 +14,11 @@ from pathlib import Path
 
 import pytest
 
-import eval_backends
+import backend_base
+
+import backend_replay
+
+import backend_vllm
 import make_results_md
 import results_schema
 import vllm_eval8
@@ -48,7 +52,7 @@ def write_replay(tmp_path, cfg):
     return path, samples
 
 
-class CountingReplay(eval_backends.ReplayBackend):
+class CountingReplay(backend_replay.ReplayBackend):
     def __init__(self, path, stop_after=None):
         super().__init__(path)
         self.asked, self.stop_after = [], stop_after
@@ -397,7 +401,7 @@ def test_engine_args_parse_hash_and_refuse_owned_keys():
     with pytest.raises(ValueError, match="KEY=VALUE"):
         vllm_eval8.config_from_args(parser.parse_args(["--model", "m", "--tag", "t", "--engine-arg", "novalue"]),
                                     environ={})
-    kwargs = eval_backends.vllm_engine_kwargs("m", 4, 4096, 0.9, None, "auto", 0, False, cfg.engine_args)
+    kwargs = backend_vllm.vllm_engine_kwargs("m", 4, 4096, 0.9, None, "auto", 0, False, cfg.engine_args)
     assert kwargs["kv_cache_dtype"] == "fp8" and "max_num_seqs" not in kwargs
 
 
@@ -405,8 +409,8 @@ def test_engine_args_parse_hash_and_refuse_owned_keys():
 def test_seed_mode_decides_per_request_seeds(mode, seeded):
     """engine: no per-request seed, so vLLM keeps its batched sampler (no per-request torch.Generator)."""
     pytest.importorskip("vllm")
-    backend = object.__new__(eval_backends.VllmBackend)  # the sampling params only; no engine is started
-    backend.sampling = eval_backends.Sampling(temperature=0.6, top_p=0.95, top_k=20, seed=5, max_new_tokens=16)
+    backend = object.__new__(backend_vllm.VllmBackend)  # the sampling params only; no engine is started
+    backend.sampling = backend_base.Sampling(temperature=0.6, top_p=0.95, top_k=20, seed=5, max_new_tokens=16)
     backend.per_request_seed = mode == "request"
     sample = type("S", (), {"id": "gpqa/1"})()
     params = backend._params(sample)

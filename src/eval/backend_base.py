@@ -1,6 +1,6 @@
 """What every generation backend shares: the sampling settings, the Backend interface, and the chat
-messages an engine is sent (image parts as base64 image_url). Split from eval_backends so the
-backend modules can import it without importing each other."""
+messages an engine is sent (image parts as base64 image_url), so the backend_* modules share it
+without importing each other."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import eval_backends
+import backend_registry
 import tool_config
 from tool_config import option
 
@@ -123,7 +123,7 @@ class EvalConfig:
     tag: str = option("", "result name: <results-dir>/<tag>.json and .jsonl")
     benchmarks: tuple = option(("mmlu_pro", "gpqa", "mmmlu", "lcb", "hle"), "comma list of bench8_loaders "
                                "benchmarks (default: the five gated axes)", parse=_words, repeat=True)
-    backend: str = option("vllm", f"one of {eval_backends.BACKENDS} (eval.sh: also llamacpp)")
+    backend: str = option("vllm", f"one of {backend_registry.BACKENDS} (eval.sh: also llamacpp)")
     budget: str = option("32k", f"one of {sorted(BUDGETS)}: max new tokens / max model len / max seqs")
     n: Mapping = option(None, "samples: '40' for every benchmark, 'mmlu_pro=150' for one; repeatable",
                         parse=_parse_n, repeat=True, factory=dict)
@@ -185,8 +185,8 @@ class EvalConfig:
         if self.backend == "llamacpp":
             raise ValueError("backend 'llamacpp' starts llama-server itself: run it through pipelines/eval.sh "
                              "--backend llamacpp or python -m llamacpp_eval8 (--gguf, --mmproj)")
-        if self.backend not in eval_backends.BACKENDS:
-            raise ValueError(f"backend {self.backend!r} unknown; choose one of {eval_backends.BACKENDS}")
+        if self.backend not in backend_registry.BACKENDS:
+            raise ValueError(f"backend {self.backend!r} unknown; choose one of {backend_registry.BACKENDS}")
         if self.budget not in BUDGETS:
             raise ValueError(f"budget {self.budget!r} unknown; choose one of {sorted(BUDGETS)}")
         if self.role is not None and self.role not in ROLES:

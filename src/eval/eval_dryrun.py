@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 import bench_registry
-import eval_backends
+import backend_vllm
 import official_scores
 import provenance
 from eval_config import EvalConfig
@@ -40,8 +40,8 @@ def describe(cfg: EvalConfig) -> str:
     gen = generation_config(cfg)
     lines = [f"eval dry run: {cfg.model} -> {cfg.results_paths()[0]} (backend {cfg.backend})"]
     if cfg.backend == "vllm":
-        eager = eval_backends.default_enforce_eager(cfg.model) if cfg.enforce_eager is None else cfg.enforce_eager
-        kwargs = eval_backends.vllm_engine_kwargs(cfg.model, cfg.resolved_tensor_parallel_size(), cfg.resolved_max_model_len(),
+        eager = backend_vllm.default_enforce_eager(cfg.model) if cfg.enforce_eager is None else cfg.enforce_eager
+        kwargs = backend_vllm.vllm_engine_kwargs(cfg.model, cfg.resolved_tensor_parallel_size(), cfg.resolved_max_model_len(),
                                                   cfg.gpu_memory_utilization, cfg.resolved_max_num_seqs(), cfg.dtype,
                                                   cfg.seed, eager, cfg.engine_args)
         lines.append(f"engine args: vllm.LLM(**{json.dumps(kwargs, sort_keys=True)})")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import eval_backends
+import backend_vllm
 import provenance
 from eval_config import EvalConfig
 
@@ -62,7 +62,7 @@ def model_fingerprint(path: str | None) -> dict | None:
 def backend_identity(cfg: EvalConfig) -> dict:
     """The part of the backend that changes generations, computable without loading the model."""
     if cfg.backend == "vllm":
-        eager = eval_backends.default_enforce_eager(cfg.model) if cfg.enforce_eager is None else cfg.enforce_eager
+        eager = backend_vllm.default_enforce_eager(cfg.model) if cfg.enforce_eager is None else cfg.enforce_eager
         ident = {"backend": "vllm", "dtype": cfg.dtype, "enforce_eager": eager,
                  "max_model_len": cfg.resolved_max_model_len(), "tensor_parallel_size": cfg.resolved_tensor_parallel_size(),
                  "seed_mode": cfg.seed_mode}

@@ -17,7 +17,8 @@ from typing import Callable, Mapping, Sequence
 
 import atomic_io
 import bench_registry
-import eval_backends
+import backend_base
+import backend_registry
 import eval_fingerprint
 import mm_eval
 import mm_images
@@ -126,7 +127,7 @@ def check_results_dir(path) -> None:
                          "pass --results-dir to a writable directory") from None
 
 
-def run_eval(cfg: EvalConfig, backend: eval_backends.Backend | None = None, argv: Sequence[str] | None = None,
+def run_eval(cfg: EvalConfig, backend: backend_base.Backend | None = None, argv: Sequence[str] | None = None,
              grade_fn: Callable = default_grade_fn, regrade_all: bool = False) -> dict:
     """Run (or resume) one evaluation and write <results_dir>/<tag>.json + .jsonl; returns the JSON dict.
 
@@ -231,7 +232,7 @@ def run_eval(cfg: EvalConfig, backend: eval_backends.Backend | None = None, argv
             if todo:
                 t0 = time.perf_counter()
                 if own_backend:
-                    backend = eval_backends.make_backend(cfg)
+                    backend = backend_registry.make_backend(cfg)
                 backend_init_s = time.perf_counter() - t0
                 stream = iter(backend.stream(todo))
                 while True:
