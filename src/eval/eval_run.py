@@ -8,6 +8,7 @@ official_scores.py.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import json
 import os
 import sys
@@ -108,8 +109,17 @@ def official_scorer_info(bench: str) -> dict:
 
 
 def grading_environment(cfg: EvalConfig) -> dict:
-    """What grades this run (math-verify version, sandbox tier), checked before any generation."""
-    return bench_registry.grading_environment(cfg.benchmarks, allow_weak_sandbox=cfg.allow_weak_sandbox)
+    """What grades this run (math-verify version, sandbox tier and the mechanisms that bound a program's
+    memory here, docs/BENCHMARKS.md), checked before any generation."""
+    env = bench_registry.grading_environment(cfg.benchmarks, allow_weak_sandbox=cfg.allow_weak_sandbox)
+    if "sandbox" in env:
+        import sandbox
+        import sandbox_memory
+
+        iso, limits = sandbox.detect_isolation(allow_weak=cfg.allow_weak_sandbox), sandbox.SandboxLimits()
+        env["sandbox_memory"] = sandbox_memory.mechanisms(iso.strong, iso.seccomp, limits.workdir_mb,
+                                                          limits.file_size_mb)
+    return env
 
 
 def check_results_dir(path) -> None:
@@ -125,6 +135,138 @@ def check_results_dir(path) -> None:
     except OSError as err:
         raise ValueError(f"results dir {path} is not writable ({err.strerror or err}); "
                          "pass --results-dir to a writable directory") from None
+
+
+@dataclass
+class Resumed:
+    """What a resumed JSONL gives this run: trusted records (truncation re-applied), the records of other
+    benchmarks, torn lines dropped, and the stored verdicts to grade again (their old verdicts kept)."""
+    trusted: dict
+    others: list
+    torn: int
+    truncation_fixed: int
+    regrade: list
+    before: dict
+
+
+@dataclass
+class Progress:
+    """The generate-and-grade phase's result: every record by id and where the time went."""
+    records: dict
+    backend: backend_base.Backend | None = None
+    backend_init_s: float = 0.0
+    gen_s: float = 0.0
+    prep_s: float = 0.0
+    grade_s: float = 0.0
+    write_s: float = 0.0
+
+
+def resume(cfg: EvalConfig, samples: list, jsonl_path, gen_cfg: dict, cfg_hash: str, fingerprint: str,
+           regrade_all: bool) -> Resumed:
+    """Read the JSONL back: keep what this identity made, re-apply the truncation rule, pick what to re-grade."""
+    by_id = {s.id: s for s in samples}
+    try:
+        trusted, others, torn = resume_log.read_resumable(jsonl_path, by_id, gen_cfg, cfg_hash)
+    except ResumeMismatch as err:
+        if not cfg.restart:
+            raise ResumeMismatch(f"{err}. Refusing to mix generations: use a new --tag, or pass --restart to move "
+                                 f"{jsonl_path.name} aside and start fresh") from None
+        stale = jsonl_path.with_name(f"{jsonl_path.name}.stale-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+        os.replace(jsonl_path, stale)
+        print(f"eval: {err}; moved it to {stale.name}, starting fresh", file=sys.stderr)
+        trusted, others, torn = {}, [], 0
+    rederived = {sid: resume_log.reapply_truncation(rec) for sid, rec in trusted.items()}
+    truncation_fixed = sum(rederived[sid]["correct"] != rec["correct"] for sid, rec in trusted.items())
+    regrade = [s for s in samples
+               if s.id in rederived and (regrade_all or resume_log.needs_regrade(rederived[s.id], fingerprint))]
+    missing = [s.id for s in samples if s.id not in rederived]
+    if regrade_all and missing:
+        raise ValueError(f"--regrade {cfg.tag}: {len(missing)} sample(s) have no stored generation in {jsonl_path} "
+                         f"(first: {missing[0]}); finish the run before auditing it")
+    if rederived or torn:
+        print(f"vllm_eval8: resuming {cfg.tag}: {len(rederived)} finished samples reused"
+              + (f", {len(regrade)} of them graded again" if regrade else "")
+              + (f", truncation rule re-applied to {truncation_fixed}" if truncation_fixed else "")
+              + (f", {torn} incomplete line(s) dropped" if torn else ""), file=sys.stderr)
+    return Resumed(rederived, others, torn, truncation_fixed, regrade,
+                   {s.id: _verdict(rederived[s.id]) for s in regrade})
+
+
+def generate_and_grade(cfg: EvalConfig, samples: list, res: Resumed, jsonl_path, cfg_hash: str, fingerprint: str,
+                       backend: backend_base.Backend | None, grade_fn: Callable) -> Progress:
+    """Generate what is missing and grade it (and what needs re-grading) as it streams in; every graded
+    sample is fsynced to the JSONL before the next, so a kill loses nothing graded."""
+    todo = [s for s in samples if s.id not in res.trusted]
+    unusable = [s for s in todo if s.meta.get("input_error")]  # unreadable image: scored with its reason
+    todo = [s for s in todo if not s.meta.get("input_error")]
+    out = Progress(dict(res.trusted), backend)
+    if not (todo or res.regrade or unusable):
+        return out
+    own_backend, lock = backend is None, threading.Lock()
+    pool = stream = bar = None
+    log = resume_log.SampleLog(jsonl_path)
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(samples), initial=len(res.trusted) - len(res.regrade), desc=f"eval {cfg.tag}",
+                   unit="sample")
+
+    def on_graded(sample, generation, robust, official):
+        t_w = time.perf_counter()
+        rec = results_schema.sample_record(sample, generation, robust, cfg_hash, official, _status(robust, official))
+        rec["grader_fingerprint"] = fingerprint
+        log.append([rec])  # fsynced before it returns: a kill after this line loses nothing graded
+        with lock:
+            out.records[sample.id] = rec
+            out.write_s += time.perf_counter() - t_w
+            if bar is not None:
+                bar.update(1)
+
+    try:
+        workers = default_grade_workers() if cfg.grade_workers is None else int(cfg.grade_workers)
+        probes = [mm_images.without_pixels(s) for s in {s.bench: s for s in reversed(todo or res.regrade or unusable)}.values()]
+        pool = GradingPool(min(workers, len(todo) + len(res.regrade) + len(unusable)), on_graded, grade_fn, probes)
+        for sample in res.regrade:
+            pool.submit(_graded_as(sample, res.trusted[sample.id]), _generation_of(res.trusted[sample.id]))
+        for sample in unusable:
+            pool.submit(mm_images.without_pixels(sample), mm_eval.input_error_generation(sample.meta["input_error"]))
+        if todo:
+            t0 = time.perf_counter()
+            if own_backend:
+                out.backend = backend_registry.make_backend(cfg)
+            out.backend_init_s = time.perf_counter() - t0
+            stream = iter(out.backend.stream(todo))
+            while True:
+                t_g = time.perf_counter()
+                try:
+                    index, generation = next(stream)
+                except StopIteration:
+                    out.gen_s += time.perf_counter() - t_g
+                    break
+                out.gen_s += time.perf_counter() - t_g
+                pool.submit(_graded_as(todo[index], generation), generation)
+        pool.drain()
+    except BaseException:
+        # Interrupted (Ctrl-C, backend error): grades already arrived are on disk; finish the ones in flight.
+        if pool is not None:
+            try:
+                pool.drain()
+            except BaseException as err:  # do not mask the original error
+                print(f"vllm_eval8: could not log the last graded samples: {err}", file=sys.stderr)
+        raise
+    finally:
+        if hasattr(stream, "close"):
+            stream.close()  # run the backend's clean-up now (abort queued requests), not at GC
+        if pool is not None:
+            pool.close()
+            out.grade_s = pool.grade_s
+        log.close()
+        if bar is not None:
+            bar.close()
+        out.prep_s = out.backend.prep_seconds() if out.backend is not None else 0.0
+        if own_backend and out.backend is not None:
+            out.backend.close()
+    return out
 
 
 def run_eval(cfg: EvalConfig, backend: backend_base.Backend | None = None, argv: Sequence[str] | None = None,
@@ -143,13 +285,10 @@ def run_eval(cfg: EvalConfig, backend: backend_base.Backend | None = None, argv:
     t_start, start_utc = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     json_path, jsonl_path = cfg.results_paths()
     check_results_dir(json_path.parent)
-
     t0 = time.perf_counter()
     samples, datasets = load_all_samples(cfg)
     load_s = time.perf_counter() - t0
-    grading_env = grading_environment(cfg)
     mm_eval.refuse_text_only(cfg, samples)  # before any engine starts: a model that cannot see is named
-    by_id = {s.id: s for s in samples}
     if regrade_all:  # the run as it was generated, whatever the model path holds today
         head = resume_log.read_header(jsonl_path)
         gen_cfg, cfg_hash = head.get("generation") or {}, str(head.get("config_hash"))
@@ -157,159 +296,43 @@ def run_eval(cfg: EvalConfig, backend: backend_base.Backend | None = None, argv:
         gen_cfg = generation_config(cfg)
         cfg_hash = results_schema.config_hash(gen_cfg)
     fingerprint = eval_fingerprint.grader_fingerprint()
-    grading_env["grader_fingerprint"] = fingerprint
-    if "sandbox" in grading_env:  # which mechanisms bound a program's memory here (docs/BENCHMARKS.md)
-        import sandbox
-        import sandbox_memory
-
-        iso, limits = sandbox.detect_isolation(allow_weak=cfg.allow_weak_sandbox), sandbox.SandboxLimits()
-        grading_env["sandbox_memory"] = sandbox_memory.mechanisms(iso.strong, iso.seccomp, limits.workdir_mb,
-                                                                  limits.file_size_mb)
-
-    try:
-        trusted, others, torn = resume_log.read_resumable(jsonl_path, by_id, gen_cfg, cfg_hash)
-    except ResumeMismatch as err:
-        if not cfg.restart:
-            raise ResumeMismatch(f"{err}. Refusing to mix generations: use a new --tag, or pass --restart to move "
-                                 f"{jsonl_path.name} aside and start fresh") from None
-        stale = jsonl_path.with_name(f"{jsonl_path.name}.stale-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
-        os.replace(jsonl_path, stale)
-        print(f"eval: {err}; moved it to {stale.name}, starting fresh", file=sys.stderr)
-        trusted, others, torn = {}, [], 0
-    rederived = {sid: resume_log.reapply_truncation(rec) for sid, rec in trusted.items()}
-    truncation_fixed = sum(rederived[sid]["correct"] != rec["correct"] for sid, rec in trusted.items())
-    trusted = rederived
-    regrade = [s for s in samples if s.id in trusted and (regrade_all or resume_log.needs_regrade(trusted[s.id], fingerprint))]
-    missing = [s.id for s in samples if s.id not in trusted]
-    if regrade_all and missing:
-        raise ValueError(f"--regrade {cfg.tag}: {len(missing)} sample(s) have no stored generation in {jsonl_path} "
-                         f"(first: {missing[0]}); finish the run before auditing it")
-    before = {s.id: _verdict(trusted[s.id]) for s in regrade}
-    if trusted or torn:
-        print(f"vllm_eval8: resuming {cfg.tag}: {len(trusted)} finished samples reused"
-              + (f", {len(regrade)} of them graded again" if regrade else "")
-              + (f", truncation rule re-applied to {truncation_fixed}" if truncation_fixed else "")
-              + (f", {torn} incomplete line(s) dropped" if torn else ""), file=sys.stderr)
+    grading_env = {**grading_environment(cfg), "grader_fingerprint": fingerprint}
+    res = resume(cfg, samples, jsonl_path, gen_cfg, cfg_hash, fingerprint, regrade_all)
     # Rewrite before appending: drops a torn last line so the next append starts on a fresh line.
     resume_log.rewrite(jsonl_path, resume_log.header(gen_cfg, cfg_hash, "graded", fingerprint),
-                       [*trusted.values(), *others])
-
-    todo = [s for s in samples if s.id not in trusted]
-    unusable = [s for s in todo if s.meta.get("input_error")]  # unreadable image: scored with its reason
-    todo = [s for s in todo if not s.meta.get("input_error")]
-    own_backend = backend is None
-    backend_init_s = gen_s = prep_s = 0.0
-    records = dict(trusted)
-    lock = threading.Lock()
-    pool = stream = bar = None
-    counters = {"write_s": 0.0}
-    if todo or regrade or unusable:
-        log = resume_log.SampleLog(jsonl_path)
-        if cfg.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(samples), initial=len(trusted) - len(regrade), desc=f"eval {cfg.tag}", unit="sample")
-
-        def on_graded(sample, generation, robust, official):
-            t_w = time.perf_counter()
-            rec = results_schema.sample_record(sample, generation, robust, cfg_hash, official, _status(robust, official))
-            rec["grader_fingerprint"] = fingerprint
-            log.append([rec])  # fsynced before it returns: a kill after this line loses nothing graded
-            with lock:
-                records[sample.id] = rec
-                counters["write_s"] += time.perf_counter() - t_w
-                if bar is not None:
-                    bar.update(1)
-
-        try:
-            workers = default_grade_workers() if cfg.grade_workers is None else int(cfg.grade_workers)
-            probes = [mm_images.without_pixels(s) for s in {s.bench: s for s in reversed(todo or regrade or unusable)}.values()]
-            pool = GradingPool(min(workers, len(todo) + len(regrade) + len(unusable)), on_graded, grade_fn, probes)
-            for sample in regrade:
-                pool.submit(_graded_as(sample, trusted[sample.id]), _generation_of(trusted[sample.id]))
-            for sample in unusable:
-                pool.submit(mm_images.without_pixels(sample), mm_eval.input_error_generation(sample.meta["input_error"]))
-            if todo:
-                t0 = time.perf_counter()
-                if own_backend:
-                    backend = backend_registry.make_backend(cfg)
-                backend_init_s = time.perf_counter() - t0
-                stream = iter(backend.stream(todo))
-                while True:
-                    t_g = time.perf_counter()
-                    try:
-                        index, generation = next(stream)
-                    except StopIteration:
-                        gen_s += time.perf_counter() - t_g
-                        break
-                    gen_s += time.perf_counter() - t_g
-                    pool.submit(_graded_as(todo[index], generation), generation)
-            pool.drain()
-        except BaseException:
-            # Interrupted (Ctrl-C, backend error): grades already arrived are on disk; finish the ones in flight.
-            if pool is not None:
-                try:
-                    pool.drain()
-                except BaseException as err:  # do not mask the original error
-                    print(f"vllm_eval8: could not log the last graded samples: {err}", file=sys.stderr)
-            raise
-        finally:
-            if hasattr(stream, "close"):
-                stream.close()  # run the backend's clean-up now (abort queued requests), not at GC
-            if pool is not None:
-                pool.close()
-            log.close()
-            if bar is not None:
-                bar.close()
-            prep_s = backend.prep_seconds() if backend is not None else 0.0
-            if own_backend and backend is not None:
-                backend.close()
-
-    ordered = [records[s.id] for s in samples]
+                       [*res.trusted.values(), *res.others])
+    prog = generate_and_grade(cfg, samples, res, jsonl_path, cfg_hash, fingerprint, backend, grade_fn)
+    ordered = [prog.records[s.id] for s in samples]
     by_bench = {b: results_schema.apply_official_guesses([r for r in ordered if r["bench"] == b]) for b in cfg.benchmarks}
     ordered = [r for b in cfg.benchmarks for r in by_bench[b]]
-    resume_log.rewrite(jsonl_path, resume_log.header(gen_cfg, cfg_hash, "sample", fingerprint), [*ordered, *others])
+    resume_log.rewrite(jsonl_path, resume_log.header(gen_cfg, cfg_hash, "sample", fingerprint), [*ordered, *res.others])
     after = {r["id"]: r for r in ordered}
-    changed = [sid for sid in before if _verdict(after[sid]) != before[sid]]
+    changed = [sid for sid in res.before if _verdict(after[sid]) != res.before[sid]]
     if changed:
         print(f"vllm_eval8: {len(changed)} verdict(s) changed on re-grading: {', '.join(changed[:10])}"
               + (" ..." if len(changed) > 10 else ""), file=sys.stderr)
-    benchmarks = {}
-    for bench in cfg.benchmarks:
-        block = results_schema.summarize_bench(by_bench[bench], official_scorer_info(bench))
-        block["dataset"] = datasets[bench]
-        benchmarks[bench] = block
-    doc = {
-        "schema": results_schema.SCHEMA_VERSION,
-        "tag": cfg.tag,
-        "role": cfg.role,
-        "reference_tag": cfg.reference_tag,
-        "official_model": cfg.official_model,
-        "model": cfg.model,
-        "model_path": cfg.model_path,
-        "backend": cfg.backend,
-        "generation": gen_cfg,
-        "config_hash": cfg_hash,
-        "samples_file": jsonl_path.name,
-        "grading": grading_env,
-        "benchmarks": benchmarks,
-    }
+    doc = {"schema": results_schema.SCHEMA_VERSION, "tag": cfg.tag, "role": cfg.role, "reference_tag": cfg.reference_tag,
+           "official_model": cfg.official_model, "model": cfg.model, "model_path": cfg.model_path,
+           "backend": cfg.backend, "generation": gen_cfg, "config_hash": cfg_hash, "samples_file": jsonl_path.name,
+           "grading": grading_env,
+           "benchmarks": {b: {**results_schema.summarize_bench(by_bench[b], official_scorer_info(b)),
+                              "dataset": datasets[b]} for b in cfg.benchmarks}}
     doc["gate"] = official_scores.gate_for_result(doc)
     end_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    gen_only = max(gen_s - prep_s, 0.0)
+    gen_only = max(prog.gen_s - prog.prep_s, 0.0)
     wall = time.perf_counter() - t_start
-    harness = wall - backend_init_s - gen_only
-    doc["resumed"] = {"reused": len(trusted), "generated": len(todo), "torn_lines_dropped": torn,
-                      "regraded": len(regrade), "verdicts_changed": len(changed),
-                      "truncation_reapplied": truncation_fixed}
+    harness = wall - prog.backend_init_s - gen_only
+    generated = len([s for s in samples if s.id not in res.trusted and not s.meta.get("input_error")])
+    doc["resumed"] = {"reused": len(res.trusted), "generated": generated, "torn_lines_dropped": res.torn,
+                      "regraded": len(res.regrade), "verdicts_changed": len(changed),
+                      "truncation_reapplied": res.truncation_fixed}
     doc["timing"] = {"start_utc": start_utc, "end_utc": end_utc, "wall_s": wall, "load_samples_s": load_s,
-                     "backend_init_s": backend_init_s, "generate_s": gen_only, "prompt_render_s": prep_s,
-                     "grade_wait_s": pool.grade_s if pool else 0.0, "write_s": counters["write_s"],
-                     "harness_s": harness,
+                     "backend_init_s": prog.backend_init_s, "generate_s": gen_only, "prompt_render_s": prog.prep_s,
+                     "grade_wait_s": prog.grade_s, "write_s": prog.write_s, "harness_s": harness,
                      "harness_overhead_pct": 100.0 * harness / gen_only if gen_only > 0 else None}
     doc["provenance"] = provenance.record(
         argv=argv, config_hash=cfg_hash, eval_config=config_for_record(cfg),
-        backend_info=backend.identity() if backend is not None else None,
+        backend_info=prog.backend.identity() if prog.backend is not None else None,
         datasets={b: {k: v for k, v in d.items() if k != "source"} for b, d in datasets.items()},
         start_utc=start_utc, end_utc=end_utc)
     text = provenance.redact(json.dumps(doc, indent=1, ensure_ascii=False, default=str, allow_nan=False))
