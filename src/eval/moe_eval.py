@@ -39,6 +39,7 @@ import torch
 import atomic_io
 import fidelity_math as fm
 import provenance
+import ptq_meta
 from fidelity_config import CACHE_DTYPES, EvalConfig, LogitsFn, TextSpec, TokenWindows
 from fidelity_text import input_device, read_text, teacher_sample_windows, text_windows
 from teacher_cache import TeacherCache, build_teacher_cache, cache_record
@@ -252,9 +253,7 @@ def compare_models(teacher_dir: str | Path, student_dirs: list, text: TextSpec, 
         model = load_hf_model(sdir, cfg)
         res = score_student(hf_logits_fn(model), windows, cache, cfg, name=Path(sdir).name)
         _free(model)
-        ptq = Path(sdir) / "_ptq_meta.json"
-        students.append({"dir": str(sdir), "name": Path(sdir).name,
-                         "ptq_meta": json.loads(ptq.read_text()) if ptq.is_file() else None, **res})
+        students.append({"dir": str(sdir), "name": Path(sdir).name, "ptq_meta": ptq_meta.read_dict(sdir), **res})
     text_record = dict(windows.source, tokens_sha256=windows.sha256, n_windows=int(windows.tokens.shape[0]),
                        ctx=cfg.ctx, n_scored_tokens=windows.n_scored)
     return {

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import provenance
+import ptq_meta
 
 from smoke_plan import (
     EXIT_STEP_FAILED, Facts, PROMPT_ROOM, Plan, REPO_ROOT, SCHEMA, SmokeConfig, SmokeError,
@@ -268,13 +269,13 @@ def run_smoke(cfg: SmokeConfig, log=lambda m: print(m, file=sys.stderr, flush=Tr
 
     with timed("quantize"):
         broken = invalidate_broken_quant(qdir, log)
-        before = (qdir / "_ptq_meta.json").stat().st_mtime_ns if (qdir / "_ptq_meta.json").is_file() else None
+        before = ptq_meta.meta_path(qdir).stat().st_mtime_ns if ptq_meta.has_meta(qdir) else None
         # --force: qdir is the smoke's own output; an identical complete build is still reused by quant_save,
         # one made by another recipe / quantizer version is rebuilt instead of refused.
         run_step("quantize", quantize_cmd(teacher_dir, qdir, cfg, quant_device, force=True), env,
                  cfg.step_timeout_s, log)
-        meta = read_json(qdir / "_ptq_meta.json", "quantize")
-        after = (qdir / "_ptq_meta.json").stat().st_mtime_ns
+        meta = read_json(ptq_meta.meta_path(qdir), "quantize")
+        after = ptq_meta.meta_path(qdir).stat().st_mtime_ns
         notes["quantize"] = "reused (verified)" if before is not None and before == after and not broken else "built"
 
     with timed("eval-teacher"):

@@ -9,8 +9,9 @@ This module is the orchestration and the CLI; each concern has its own module:
 * `build_plan`   role, bits and spec of every tensor, the optional `--bits-plan`, the footprint;
 * `calib_source` / `calib_stats`  calibration text -> windows -> per-layer, true-sequential statistics
   and the tensors quantized with them (only for methods that need them: wclip, gptq, awq);
-* `shard_writer` streaming the output shards, per-shard resume records;
-* `weight_quant` the method dispatch for one tensor (`moe_quant` / `quant_methods` hold the math).
+* `shard_writer` streaming the output shards and the packed store (`store_pack`), per-shard resume records;
+* `weight_quant` the method dispatch for one tensor (`moe_quant` / `quant_methods` hold the math);
+* `export_run`   the store's real bytes in the meta, then the `--emit` exports (dequant, compressed-tensors, gguf).
 
 Resumable and honest about completeness: every shard (and every calibrated layer) is checkpointed; a
 rerun reuses only what matches this source + recipe + code + calibration and still hashes the same.
@@ -38,6 +39,7 @@ from pathlib import Path
 import atomic_io
 import build_plan
 import calib_source
+import export_run
 import footprint
 import layer_io
 import model_adapters
@@ -72,6 +74,7 @@ class BuildConfig:
     calib_batch: int = 8  # windows per forward in the calibration pass
     min_expert_tokens: int = 128  # experts with fewer routed tokens get blended statistics
     bits_plan: str | None = None
+    emit: tuple = ("dequant",)  # exports of the store (export_run.EMITS)
 
     def calib_request(self) -> calib_source.CalibRequest:
         return calib_source.CalibRequest(file=self.calib_file, dataset=self.calib_dataset, kind=self.calib,
@@ -147,14 +150,13 @@ def build(args) -> dict:
         build_plan.print_dry_run(source, adapter, plans, planned, recipe, cfg.list_tensors, bits_plan)
         return {"dry_run": True, "recipe": recipe.as_dict(), "adapter": adapter.name, "footprint": planned,
                 "unclassified": unclassified, "bits_plan": bits_plan.record() if bits_plan else None}
-
     windows = calib_source.load_windows(calib_req, source.root) if recipe.calibrated else None
     calib_id = windows.identity if windows is not None else None
     plan_sha = bits_plan.sha256 if bits_plan else None
     quantizer = quantizer_sha256()
     fingerprint = source.fingerprint()
     identity = {"recipe": recipe.as_dict(), "quantizer_sha256": quantizer, "fingerprint_sha256": fingerprint,
-                "calibration": calib_id, "bits_plan_sha256": plan_sha}
+                "calibration": calib_id, "bits_plan_sha256": plan_sha, "emit": list(export_run.parse_emit(cfg.emit))}
     existing = _existing_build(out, source, identity, cfg.force)
     if existing is not None:
         print(f"quant_save: {out} already holds this build (complete, every shard's sha256 verified); nothing to do",
@@ -162,7 +164,6 @@ def build(args) -> dict:
         return existing
     progress = out / PROGRESS_DIR
     progress.mkdir(parents=True, exist_ok=True)  # marks OUT as ours (an interrupted build resumes here)
-
     calib_out = None
     precomputed = shard_writer.Precomputed()
     if windows is not None:
@@ -192,10 +193,7 @@ def build(args) -> dict:
     shard_writer.run_shards(todo, plans, out, progress, devices, records, cfg.progress, recipe, precomputed,
                             writer=lambda *a, **k: quantize_shard_hook()(*a, **k))
 
-    copied = []
-    for f in side_files(source.root):
-        atomic_io.write_bytes(out / f.name, f.read_bytes())
-        copied.append(f.name)
+    copied = [f.name for f in side_files(source.root) if atomic_io.write_bytes(out / f.name, f.read_bytes()) or True]
     if source.has_index:
         weight_map = {t.name: s.file for s in source.shards for t in s.tensors}
         total = sum(t.end - t.start for s in source.shards for t in s.tensors)
@@ -203,6 +201,7 @@ def build(args) -> dict:
 
     meta = _meta(source, adapter, recipe, quantizer, fingerprint, unclassified, records, resumed, todo, devices,
                  copied, calib_out, windows, cfg, bits_plan, plans, t_start)
+    meta = export_run.finish(meta, records, out, identity["emit"])  # the store's record, then the exports
     atomic_io.write_json(out / META_NAME, meta)
     shutil.rmtree(progress, ignore_errors=True)
     print(footprint.format_table(meta["footprint"]), file=sys.stderr)
@@ -210,8 +209,7 @@ def build(args) -> dict:
     return meta
 
 
-def quantize_shard_hook():
-    """The shard writer in use (looked up at call time, so a test can swap `quant_save.quantize_shard`)."""
+def quantize_shard_hook():  # the writer in use, looked up at call time (a test swaps `quant_save.quantize_shard`)
     return sys.modules[__name__].quantize_shard
 
 
@@ -298,11 +296,11 @@ def _existing_build(out: Path, source: Source, identity: dict, force: bool):
         recorded = {"recipe": meta.get("recipe"), "quantizer_sha256": meta.get("quantizer_sha256"),
                     "fingerprint_sha256": meta.get("source", {}).get("fingerprint_sha256"),
                     "calibration": (f"{calib['tokens_sha256']}:{calib['ctx']}:{calib['windows']}" if calib else None),
-                    "bits_plan_sha256": (meta.get("bits_plan") or {}).get("sha256")}
+                    "bits_plan_sha256": (meta.get("bits_plan") or {}).get("sha256"), "emit": meta.get("emit")}
         same = recorded == identity
         shards = meta.get("shards", {})
         intact = same and all(_shard_intact(out / s.file, shards.get(s.file, {}).get("output", {}))
-                              for s in source.shards)
+                              for s in source.shards) and export_run.store_intact(out, meta)
         if same and intact:
             return meta
         if not force:
@@ -317,14 +315,12 @@ def _existing_build(out: Path, source: Source, identity: dict, force: bool):
     return None
 
 
-def output_sha256(meta: dict) -> str:
-    """Identity of a build's output bytes: the shard sha256s its `_ptq_meta.json` recorded."""
+def output_sha256(meta: dict) -> str:  # identity of a build's output bytes: the shard sha256s its meta records
     return provenance.sha256_json({k: v.get("output", {}).get("sha256") for k, v in sorted(meta["shards"].items())})
 
 
 def _shard_intact(path: Path, record: dict) -> bool:
-    return (path.is_file() and path.stat().st_size == record.get("bytes")
-            and provenance.sha256_file(path) == record.get("sha256"))
+    return path.is_file() and path.stat().st_size == record.get("bytes") and provenance.sha256_file(path) == record.get("sha256")
 
 
 # -------------------------------------------------------------------------------------------- CLI
@@ -371,6 +367,8 @@ def parse_args(argv=None) -> BuildConfig:
     ap.add_argument("--revision", help="hub revision (branch, tag or commit) when --model is a hub id")
     ap.add_argument("--dry-run", action="store_true", help="print roles, bits and footprint; write nothing")
     ap.add_argument("--list-tensors", action="store_true", help="with --dry-run: one line per tensor")
+    ap.add_argument("--emit", default="dequant", help=f"exports of the packed store, comma list of "
+                                                      f"{', '.join(export_run.EMITS)} (default dequant)")
     ap.add_argument("--force", action="store_true", help="overwrite an OUT holding another build or other files")
     ap.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
     ns = vars(ap.parse_args(argv))
