@@ -74,7 +74,7 @@ def check_store_matches_dequant(out: Path, meta: dict) -> None:
     q_bytes, weights = 0, 0
     for f in sorted((out / ptq_meta.STORE_DIR).glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
-            specs = json.loads(st.metadata()["entries"])
+            specs = store_pack.parse_header_metadata(st.metadata())
             for key in st.keys():
                 if store_pack.split_key(key)[1] in ("codes", "scales", "zeros"):
                     t = st.get_tensor(key)

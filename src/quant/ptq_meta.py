@@ -134,12 +134,14 @@ class Store:
         for f in files:
             try:
                 with safe_open(str(f), framework="pt", device="cpu") as st:
-                    header = st.metadata() or {}
+                    header = st.metadata()
             except Exception as e:  # safetensors raises its own error types for truncated/garbled files
                 raise MetaError(f"store file {f} is unreadable (truncated or not safetensors): {e}") from None
-            if header.get("format") != store_pack.STORE_FORMAT:
-                raise MetaError(f"store file {f}: format {header.get('format')!r}, expected {store_pack.STORE_FORMAT}")
-            for key, info in json.loads(header["entries"]).items():
+            try:
+                entries = store_pack.parse_header_metadata(header)
+            except ValueError as e:
+                raise MetaError(f"store file {f}: {e}") from None
+            for key, info in entries.items():
                 name = key.split("#", 1)[0]
                 self.index.setdefault(name, (f, {}))[1][key] = info
 

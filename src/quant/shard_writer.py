@@ -131,7 +131,7 @@ def quantize_shard(shard: ShardHeader, rows: list[TensorPlan], out_path: Path, t
                         digest.update(block)
                         remaining -= len(block)
                     raw_t = st.get_tensor(t.name)
-                    entries[t.name] = (store_pack.raw_spec(raw_t), {"raw": raw_t})
+                    entries[t.name] = ({**store_pack.raw_spec(raw_t), "role": p.role.role.value}, {"raw": raw_t})
                 else:
                     if t.name in precomputed:
                         dq = precomputed.get(t.name)

@@ -147,9 +147,10 @@ def unpacked_zeros(parts: dict, info: dict) -> torch.Tensor | None:
     return torch.from_numpy(u.astype(np.int16)).reshape(parts["scales"].shape) + info["lo"]
 
 
-def decode(parts: dict, info: dict) -> torch.Tensor:
-    """The entry's tensor in the checkpoint's shape and dtype: the quantizer's own arithmetic, then one cast."""
-    dtype = getattr(torch, info["dtype"])
+def decode(parts: dict, info: dict, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The entry's tensor in the checkpoint's shape and dtype: the quantizer's own arithmetic, then one cast
+    (`dtype=torch.float32`: the exact fp32 values before that cast, for exporters)."""
+    dtype = dtype or getattr(torch, info["dtype"])
     if info["kind"] == "raw":
         return parts["raw"]
     lead, k = _moved_shape(info)
@@ -179,8 +180,21 @@ def split_key(key: str) -> tuple[str, str]:
     return entry, part
 
 
+HEADER_KEY = "moe_lowbit_store"
+
+
 def header_metadata(entries: dict[str, dict]) -> dict[str, str]:
-    return {"format": STORE_FORMAT, "entries": json.dumps(entries, sort_keys=True)}
+    """The safetensors header metadata: ONE key (safetensors keeps metadata in a hash map, so several keys
+    would be written in a random order and the same store would hash differently run to run)."""
+    return {HEADER_KEY: json.dumps({"format": STORE_FORMAT, "entries": entries}, sort_keys=True)}
+
+
+def parse_header_metadata(md: dict | None) -> dict[str, dict]:
+    """entries of a store file's header; ValueError when the file is not a store."""
+    doc = json.loads((md or {}).get(HEADER_KEY, "{}"))
+    if doc.get("format") != STORE_FORMAT:
+        raise ValueError(f"format {doc.get('format')!r}, expected {STORE_FORMAT}")
+    return doc["entries"]
 
 
 def to_tensors(entries: dict[str, tuple[dict, dict]], with_spec: bool = False) -> dict[str, torch.Tensor]:

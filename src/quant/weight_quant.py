@@ -113,6 +113,8 @@ def quantize_weight(name: str, w: torch.Tensor, plan: TensorPlan, recipe: Recipe
                 sq_err, sq_ref = sq_err + a, sq_ref + b
     except ValueError as e:
         raise BuildError(f"tensor {name}: {e}") from None
+    for info, _ in store.values():
+        info["role"] = plan.role.role.value  # exporters pick formats by role (an embedding is no Linear)
     result = WeightResult(dq, sq_err, sq_ref, method, store=store)
     if hessian is not None:
         result.proxy, result.proxy_diag = _proxies(w, dq, hessian, axis, None if baseline is None else baseline[1])
