@@ -5,7 +5,7 @@ sha256 (and the verifier's verdict):
 
 * `dequant`             OUT itself: the source's shards with dequantized weights (the default; unchanged);
 * `compressed-tensors`  OUT/compressed-tensors/: pack-quantized int4/int8 for stock vLLM (export_ct.py);
-* `gguf`                OUT/gguf/model.gguf (gguf_export.py).
+* (GGUF from the store: not yet; pipelines/pack_gguf.sh packs the BF16 source with llama.cpp).
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import store_record
 from ckpt_source import BuildError
 
-EMITS = ("dequant", "compressed-tensors", "gguf")
-EXPORT_DIRS = {"compressed-tensors": "compressed-tensors", "gguf": "gguf"}
+EMITS = ("dequant", "compressed-tensors")
+EXPORT_DIRS = {"compressed-tensors": "compressed-tensors"}
 
 
 def parse_emit(text) -> tuple[str, ...]:
@@ -42,6 +42,10 @@ def finish(meta: dict, records: dict, out: Path, emit=("dequant",)) -> dict:
         else:
             exports[name] = write_export(name, meta, out)
     meta["exports"] = exports
+    if "dequant" not in emit:  # the shards were the build's working copy; the store and the exports are the output
+        for f in [*meta["shards"], meta.get("index")]:
+            if f:
+                (out / f).unlink(missing_ok=True)
     return meta
 
 
@@ -53,17 +57,17 @@ def write_export(name: str, meta: dict, out: Path) -> dict:
     pm = ptq_meta.parse_meta(meta, out / ptq_meta.META_NAME, require_complete=False)
     store = ptq_meta.open_store(out, pm)
     target = out / EXPORT_DIRS[name]
-    if name == "compressed-tensors":
-        import export_ct
+    import export_ct
 
+    try:
         files = export_ct.write(store, pm, target)
-    else:
-        import gguf_export
+        verified = verify_export.verify(store, target, kind=name)
+    except (export_ct.CtExportError, verify_export.VerifyError, ptq_meta.MetaError) as e:
+        import shutil
 
-        files = gguf_export.write(store, pm, target)
-    record = {"name": EXPORT_DIRS[name], **store_record.file_record(files, out)}
-    record["verified"] = verify_export.verify(store, target, kind=name)
-    return record
+        shutil.rmtree(target, ignore_errors=True)  # nothing half-written or unverified is kept
+        raise BuildError(f"--emit {name}: {e}") from None
+    return {"name": EXPORT_DIRS[name], **store_record.file_record(files, out), "verified": verified}
 
 
 def store_intact(out: Path, meta: dict) -> bool:

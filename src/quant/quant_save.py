@@ -299,8 +299,8 @@ def _existing_build(out: Path, source: Source, identity: dict, force: bool):
                     "bits_plan_sha256": (meta.get("bits_plan") or {}).get("sha256"), "emit": meta.get("emit")}
         same = recorded == identity
         shards = meta.get("shards", {})
-        intact = same and all(_shard_intact(out / s.file, shards.get(s.file, {}).get("output", {}))
-                              for s in source.shards) and export_run.store_intact(out, meta)
+        intact = same and export_run.store_intact(out, meta) and ("dequant" not in identity["emit"] or all(
+            _shard_intact(out / s.file, shards.get(s.file, {}).get("output", {})) for s in source.shards))
         if same and intact:
             return meta
         if not force:
