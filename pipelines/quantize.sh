@@ -7,7 +7,8 @@
 # CALIB=teacher-sample (CALIB_TOKENS, CALIB_CTX). ROLE_BITS=embed=8,lm_head=8 overrides any role's bits.
 # PROBE=1: moe_probe.py (routing statistics on PROBE_CALIB) -> moe_alloc.py (a bits plan under ALLOC_BUDGET
 # with ALLOC_STRATEGY over ALLOC_LEVELS) -> the build with --bits-plan; the plan lands in $OUT.probe/.
-# BITS_PLAN=PLAN.json uses an existing plan. All flags: bash pipelines/quantize.sh --help
+# BITS_PLAN=PLAN.json uses an existing plan. EMIT=dequant,compressed-tensors picks the exports of the packed
+# store (default dequant: today's output). All flags: bash pipelines/quantize.sh --help
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC1091
@@ -26,6 +27,7 @@ ARGS=(--model "$MODEL" --out "$OUT" --expert-bits "$EXPERT_BITS" --linear-bits "
       --method "${METHOD:-clip}" --grid "${GRID:-sym}")
 [ -n "${REVISION:-}" ] && ARGS+=(--revision "$REVISION")
 [ -n "${ROLE_BITS:-}" ] && ARGS+=(--role-bits "$ROLE_BITS")
+[ -n "${EMIT:-}" ] && ARGS+=(--emit "$EMIT")
 case "${ACT_ORDER:-off}" in on|1|true|yes) ARGS+=(--act-order) ;; esac   # gptq: columns by decreasing diag(H)
 if [ -n "${CALIB_FILE:-}" ]; then ARGS+=(--calib-file "$CALIB_FILE")          # first of: a file,
 elif [ -n "${CALIB_DATASET:-}" ]; then ARGS+=(--calib-dataset "$CALIB_DATASET")  # a hub dataset,

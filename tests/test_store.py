@@ -31,6 +31,7 @@ def test_pack_roundtrip_every_width(width):
         u = rng.integers(0, 3 if width == 0 else 2 ** width, size=n).astype(np.uint8)
         packed = store_pack.pack_codes(u, width)
         assert packed.size == store_pack.packed_nbytes(n, width)
+        assert np.array_equal(packed, store_pack.pack_codes(u, width, use_kernel=False))  # kernel == numpy
         assert np.array_equal(store_pack.unpack_codes(packed, n, width), u)
 
 

@@ -27,7 +27,7 @@ import torch
 STORE_FORMAT = "moe-lowbit/store/1"
 PARTS = ("codes", "scales", "zeros", "in_scale")
 TERNARY_PER_BYTE = 5
-CHUNK_CODES = 1 << 24  # codes packed per step (a multiple of 40: whole 8-code and 5-trit blocks)
+CHUNK_CODES = 40 << 19  # codes packed per step (a multiple of 40: whole 8-code and 5-trit blocks)
 
 
 def code_width(bits: float) -> int:
@@ -42,9 +42,29 @@ def packed_nbytes(n: int, width: int) -> int:
     return -(-n * width // 8)
 
 
-def pack_codes(u: np.ndarray, width: int) -> np.ndarray:
-    """uint8 values (< 2^width, or < 3 for ternary) -> one little-endian bitstream (uint8)."""
+def _kernels():
+    try:
+        import store_kernels
+    except ModuleNotFoundError as e:
+        if e.name != "numba":
+            raise
+        return None
+    return store_kernels
+
+
+def pack_codes(u: np.ndarray, width: int, use_kernel: bool = True) -> np.ndarray:
+    """uint8 values (< 2^width, or < 3 for ternary) -> one little-endian bitstream (uint8). The numba kernel
+    (parallel) when available for widths 1..7, else numpy; both write the same bytes."""
     flat = np.ascontiguousarray(u, dtype=np.uint8).reshape(-1)
+    kernels = _kernels() if use_kernel and 0 < width < 8 else None
+    if kernels is not None:
+        blocks = flat
+        if flat.size % 8:
+            blocks = np.zeros(-(-flat.size // 8) * 8, dtype=np.uint8)
+            blocks[:flat.size] = flat
+        out = np.empty(blocks.size // 8 * width, dtype=np.uint8)
+        kernels.pack_blocks(blocks, width, out)
+        return out[:packed_nbytes(flat.size, width)]
     out = np.empty(packed_nbytes(flat.size, width), dtype=np.uint8)
     pos = 0
     for c0 in range(0, flat.size, CHUNK_CODES):
@@ -60,17 +80,29 @@ def _pack_chunk(chunk: np.ndarray, width: int) -> np.ndarray:
     if width == 0:
         blocks = np.zeros(-(-n // TERNARY_PER_BYTE) * TERNARY_PER_BYTE, dtype=np.uint8)
         blocks[:n] = chunk
-        b = blocks.reshape(-1, TERNARY_PER_BYTE).astype(np.uint16)
-        return (b @ np.array([1, 3, 9, 27, 81], dtype=np.uint16)).astype(np.uint8)
+        b = blocks.reshape(-1, TERNARY_PER_BYTE)
+        out = b[:, 4] * np.uint8(81)
+        for i, p in ((3, 27), (2, 9), (1, 3), (0, 1)):
+            out += b[:, i] * np.uint8(p)
+        return out
     if width == 8:
         return chunk.copy()
     blocks = np.zeros(-(-n // 8) * 8, dtype=np.uint8)
     blocks[:n] = chunk
-    b = blocks.reshape(-1, 8).astype(np.uint64)
-    word = np.zeros(b.shape[0], dtype=np.uint64)
-    for i in range(8):
-        word |= b[:, i] << np.uint64(width * i)
-    return word.view(np.uint8).reshape(-1, 8)[:, :width].reshape(-1)[:packed_nbytes(n, width)]
+    if width in (1, 2, 4):  # whole codes per byte: no word arithmetic
+        per = 8 // width
+        b = blocks.reshape(-1, per)
+        out = b[:, 0].copy()
+        for i in range(1, per):
+            out |= b[:, i] << np.uint8(width * i)
+        return out[:packed_nbytes(n, width)]
+    b = blocks.reshape(-1, 8)
+    wide = np.uint32 if width * 8 <= 32 else np.uint64
+    word = b[:, 0].astype(wide)
+    for i in range(1, 8):
+        word |= b[:, i].astype(wide) << wide(width * i)
+    nbytes = word.dtype.itemsize
+    return word.view(np.uint8).reshape(-1, nbytes)[:, :width].reshape(-1)[:packed_nbytes(n, width)]
 
 
 def unpack_codes(packed: np.ndarray, n: int, width: int) -> np.ndarray:
@@ -119,12 +151,12 @@ def _moved_shape(info: dict) -> tuple[list[int], int]:
 def encode(result, info: dict) -> dict[str, torch.Tensor]:
     """A moe_quant.QuantResult (codes in the weight's layout, scales contraction-axis-last) -> part tensors."""
     lo, width = info["lo"], info["width"]
-    moved = result.codes.movedim(info["axis"], -1)
-    u = (moved.to(torch.int16) - lo).to(torch.uint8).cpu().numpy()
+    moved = result.codes.movedim(info["axis"], -1).cpu().contiguous().numpy()
+    u = moved.view(np.uint8) + np.uint8(-lo % 256)  # code - lo, in [0, 2^b): exact modulo 256
     parts = {"codes": torch.from_numpy(pack_codes(u, width)),
              "scales": result.scales.to(torch.float16).cpu().contiguous()}
     if result.zeros is not None:
-        zu = (result.zeros.to(torch.int16) - lo).to(torch.uint8).cpu().numpy()
+        zu = result.zeros.cpu().contiguous().numpy().view(np.uint8) + np.uint8(-lo % 256)
         parts["zeros"] = torch.from_numpy(pack_codes(zu, width))
     if result.in_scale is not None:
         parts["in_scale"] = result.in_scale.to(torch.float16).cpu().contiguous()
