@@ -140,3 +140,19 @@ def test_ct_int4_smollm2_generates_in_vllm_cpu(smol_ct, tmp_path):
     assert res.returncode == 0 and lines, res.stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT "):])
     assert len(result["tokens"]) == 12 and result["text"].strip()
+
+
+@pytest.mark.slow
+def test_smollm2_moe_store_and_exports_decode_exactly(tmp_path):
+    """Acceptance on embedded:smollm2-moe (qwen2_moe, int3 routed experts, int4 elsewhere, group 32): the
+    dequantized view and the compressed-tensors export both equal the store; effective bits are the files' bytes."""
+    import embedded_model
+    from test_store import check_store_matches_dequant
+
+    out = tmp_path / "moe"
+    meta = quant_save.build({"model": str(embedded_model.smollm2_moe_dir()), "out": str(out), "progress": False,
+                             "expert_bits": 3.0, "linear_bits": 4.0, "group": 32, "emit": "dequant,compressed-tensors"})
+    check_store_matches_dequant(out, meta)
+    assert meta["exports"]["compressed-tensors"]["verified"]["ok"]
+    qc = json.loads((out / "compressed-tensors" / "config.json").read_text())["quantization_config"]
+    assert sorted(g["weights"]["num_bits"] for g in qc["config_groups"].values()) == [3, 4]
