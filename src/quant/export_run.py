@@ -5,7 +5,7 @@ sha256 (and the verifier's verdict):
 
 * `dequant`             OUT itself: the source's shards with dequantized weights (the default; unchanged);
 * `compressed-tensors`  OUT/compressed-tensors/: pack-quantized int4/int8 for stock vLLM (export_ct.py);
-* (GGUF from the store: not yet; pipelines/pack_gguf.sh packs the BF16 source with llama.cpp).
+* `gguf`                OUT/gguf/model.gguf (+ model.gguf.map.json): our codes as Q4_0/Q8_0 blocks (gguf_export.py).
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import store_record
 from ckpt_source import BuildError
 
-EMITS = ("dequant", "compressed-tensors")
-EXPORT_DIRS = {"compressed-tensors": "compressed-tensors"}
+EMITS = ("dequant", "compressed-tensors", "gguf")
+EXPORT_DIRS = {"compressed-tensors": "compressed-tensors", "gguf": "gguf"}
 
 
 def parse_emit(text) -> tuple[str, ...]:
@@ -58,11 +58,12 @@ def write_export(name: str, meta: dict, out: Path) -> dict:
     store = ptq_meta.open_store(out, pm)
     target = out / EXPORT_DIRS[name]
     import export_ct
+    import gguf_export
 
     try:
-        files = export_ct.write(store, pm, target)
+        files = (export_ct if name == "compressed-tensors" else gguf_export).write(store, pm, target)
         verified = verify_export.verify(store, target, kind=name)
-    except (export_ct.CtExportError, verify_export.VerifyError, ptq_meta.MetaError) as e:
+    except (export_ct.CtExportError, gguf_export.GgufExportError, verify_export.VerifyError, ptq_meta.MetaError) as e:
         import shutil
 
         shutil.rmtree(target, ignore_errors=True)  # nothing half-written or unverified is kept

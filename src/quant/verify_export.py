@@ -47,7 +47,7 @@ def first_difference(name: str, want: torch.Tensor, got: torch.Tensor) -> str:
 
 
 def detect_kind(export: Path) -> str:
-    if export.is_file() and export.suffix == ".gguf":
+    if (export.is_file() and export.suffix == ".gguf") or (export / "model.gguf").is_file():
         return "gguf"
     if export.is_dir() and (export / "config.json").is_file():
         import json
