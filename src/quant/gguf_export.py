@@ -148,12 +148,12 @@ def write(store: ptq_meta.Store, meta: ptq_meta.PtqMeta, target: Path) -> list[P
             qtype, why = block_type(next(iter(store.specs(hf).values()))) if hf and hf in store.specs(hf) else \
                 (None, "no one-to-one store tensor (stacked or renamed by the converter)")
             perm = None
-            if qtype:
+            if hf and hf in store.specs(hf) and len(store.specs(hf)[hf]["shape"]) == 2 and t.tensor_type.name in ("BF16", "F32"):
                 (info, parts), = store.entries(hf).values()
                 rows = torch.from_numpy(np.array(t.data)).view(torch.bfloat16) if t.tensor_type.name == "BF16" else \
                     torch.from_numpy(np.array(t.data, dtype=np.float32))
-                perm = row_order(rows.reshape(info["shape"]), store.decode(hf))
-                if perm is None:
+                perm = row_order(rows.reshape(info["shape"]), store.decode(hf))  # the converter's row order
+                if perm is None and qtype:
                     qtype, why = None, "rows differ from the store's (the converter changed values)"
             if qtype:
                 codes = store_pack.unpacked_codes(parts, info)[perm]
@@ -161,9 +161,9 @@ def write(store: ptq_meta.Store, meta: ptq_meta.PtqMeta, target: Path) -> list[P
                 writer.add_tensor(t.name, blocks, raw_dtype=getattr(gguf.GGMLQuantizationType, qtype))
                 record[t.name] = {"store": hf, "type": qtype, "rows": None if perm == sorted(perm) else perm}
             else:
-                writer.add_tensor(t.name, np.array(t.data), raw_shape=list(reversed([int(x) for x in t.shape])),
-                                  raw_dtype=t.tensor_type)
-                record[t.name] = {"store": hf, "type": t.tensor_type.name, "dense_because": why}
+                writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)  # shape from the byte shape
+                record[t.name] = {"store": hf, "type": t.tensor_type.name, "dense_because": why,
+                                  "rows": None if perm is None or perm == sorted(perm) else perm}
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -195,8 +195,12 @@ def reader(export: Path, store: ptq_meta.Store):
         g, r = by_store[name]
         t = tensors[g]
         info = next(iter(store.specs(name).values()))
-        vals = gguf.quants.dequantize(np.array(t.data), t.tensor_type)
-        out = torch.from_numpy(np.ascontiguousarray(vals, dtype=np.float32)).reshape(info["shape"])
+        if t.tensor_type.name == "BF16":
+            out = torch.from_numpy(np.array(t.data).view(np.uint16).astype(np.int16)).view(torch.bfloat16).float()
+        else:
+            out = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(np.array(t.data), t.tensor_type),
+                                                        dtype=np.float32))
+        out = out.reshape(info["shape"])
         if r.get("rows") is not None:
             inv = torch.empty(len(r["rows"]), dtype=torch.long)
             inv[torch.tensor(r["rows"])] = torch.arange(len(r["rows"]))
