@@ -10,10 +10,12 @@
 # it was made from the same inputs (each output is written to *.part, renamed when complete, and gets a
 # <file>.inputs.json: checkpoint identity, ROUTER_TYPE, MTP, llama.cpp version, calibration settings...);
 # change any of them and the stale file is rebuilt. Delete a file to redo its step anyway.
+# FROM_STORE=DIR: instead, write DIR/gguf/model.gguf from a quant_save build's own codes (Q4_0/Q8_0 grids;
+# src/quant/gguf_export.py), verified bit for bit against its store and recorded in its _ptq_meta.json.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 case "${1:-}" in
-  -h|--help) sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; echo; echo "configs/gguf.env:"; cat "$ROOT/configs/gguf.env"; exit 0 ;;
+  -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; echo; echo "configs/gguf.env:"; cat "$ROOT/configs/gguf.env"; exit 0 ;;
   "") ;;
   *) echo "pack_gguf: unknown argument '$1' (settings come from the environment; see --help)" >&2; exit 2 ;;
 esac
@@ -25,6 +27,7 @@ RECIPE="${RECIPE:-$ROOT/configs/gguf.env}"
 source "$RECIPE"
 cd "$ROOT"
 moe_lowbit_ensure_venv
+if [ -n "${FROM_STORE:-}" ]; then exec python "$ROOT/src/quant/gguf_export.py" "$FROM_STORE"; fi
 
 if [ -z "$TENSOR_TYPES" ]; then
   case "${BASE_TYPE^^}" in Q3_K*) TENSOR_TYPES="$RECIPE_Q3K" ;; *) TENSOR_TYPES="$RECIPE_IQ3" ;; esac

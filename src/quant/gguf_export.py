@@ -207,3 +207,41 @@ def reader(export: Path, store: ptq_meta.Store):
             out = out[inv]
         return out.to(getattr(torch, info["dtype"]))
     return get
+
+
+def main(argv=None) -> int:
+    """`FROM_STORE=DIR bash pipelines/pack_gguf.sh`: the GGUF export of an existing build, verified and recorded."""
+    import argparse
+
+    import atomic_io
+    import store_record
+    import verify_export
+
+    ap = argparse.ArgumentParser(prog="gguf_export.py", description="Write STORE/gguf/model.gguf from a quant_save "
+                                 "build's packed store (Q4_0/Q8_0 blocks of its own codes), verify it bit for bit "
+                                 "and record it in the build's _ptq_meta.json.")
+    ap.add_argument("store", help="quant_save output dir (with _ptq_meta.json, _ptq_store/ and the dequantized view)")
+    args = ap.parse_args(argv)
+    build = Path(args.store)
+    target = build / "gguf"
+    try:
+        meta = ptq_meta.read_meta(build)
+        if not all((build / f).is_file() for f in meta.shards):
+            raise GgufExportError(f"{build} has no dequantized view (built without --emit dequant); llama.cpp's "
+                                  f"converter reads it for the metadata and tensor order: rebuild with --emit dequant,gguf")
+        store = ptq_meta.open_store(build, meta)
+        files = write(store, meta, target)
+        verified = verify_export.verify(store, target, kind="gguf")
+    except (GgufExportError, ptq_meta.MetaError, verify_export.VerifyError, OSError) as e:
+        shutil.rmtree(target, ignore_errors=True)
+        print(f"gguf_export: error: {e}", file=sys.stderr)
+        return 2
+    data = meta.data
+    data.setdefault("exports", {})["gguf"] = {"name": "gguf", **store_record.file_record(files, build), "verified": verified}
+    atomic_io.write_json(ptq_meta.meta_path(build), data)
+    print(f"gguf_export: wrote {files[0]} ({files[0].stat().st_size / 2**20:.1f} MiB), verified against the store")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
