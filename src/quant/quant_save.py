@@ -193,7 +193,9 @@ def build(args) -> dict:
     shard_writer.run_shards(todo, plans, out, progress, devices, records, cfg.progress, recipe, precomputed,
                             writer=lambda *a, **k: quantize_shard_hook()(*a, **k))
 
-    copied = [f.name for f in side_files(source.root) if atomic_io.write_bytes(out / f.name, f.read_bytes()) or True]
+    copied = [f.name for f in side_files(source.root)]
+    for f in side_files(source.root):
+        atomic_io.write_bytes(out / f.name, f.read_bytes())
     if source.has_index:
         weight_map = {t.name: s.file for s in source.shards for t in s.tensors}
         total = sum(t.end - t.start for s in source.shards for t in s.tensors)

@@ -113,9 +113,10 @@ def record_result(store_dir: Path, export: Path, result: dict) -> bool:
     import atomic_io
 
     meta = ptq_meta.read_meta(store_dir).data
-    for rec in (meta.get("exports") or {}).values():
-        target = (store_dir / rec.get("name", ".")).resolve()
-        if target == export.resolve() or export.resolve().parent == target:
+    exports = list((meta.get("exports") or {}).values())
+    where = export.resolve() if export.is_dir() else export.resolve().parent  # a GGUF file: its export dir
+    for rec in exports:
+        if (store_dir / rec.get("name", ".")).resolve() == where:
             rec["verified"] = result
             atomic_io.write_json(ptq_meta.meta_path(store_dir), meta)
             return True
