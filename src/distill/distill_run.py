@@ -34,6 +34,7 @@ from pathlib import Path
 import atomic_io
 import cache_paths
 import provenance
+import ptq_meta
 import quant_config
 import step_runner
 import tool_config
@@ -192,7 +193,7 @@ def build_summary(cfg, paths: dict, timings: dict, student_dir: Path, teacher_di
     docs = {k: read_json(paths[f"eval_{k}"], f"eval-{k}") for k in ("before", "opd", "offpolicy")}
     for arm, model_dir in (("before", student_dir), ("opd", paths["merged_opd"]), ("offpolicy", paths["merged_offpolicy"])):
         f = by_dir[str(Path(model_dir).resolve())]
-        meta = read_json(Path(model_dir) / "_ptq_meta.json", "merge")
+        meta = read_json(ptq_meta.meta_path(model_dir), "merge")
         arms[arm] = {"dir": str(model_dir), "kl_mean": f["kl_mean"], "kl_interval": f["kl_mean_interval"],
                      "top1": f["top1_agree"], "ppl": f["ppl_student"],
                      "footprint_packed_bytes": meta["footprint"]["total"]["packed_bytes"],

@@ -23,6 +23,8 @@ import torch.nn.utils.parametrize as parametrize
 
 import model_adapters
 import moe_quant
+import ptq_meta
+import ptq_store
 from model_adapters import Recipe, Role
 
 DEFAULT_ROLES = (Role.ROUTED_EXPERT.value,)
@@ -47,18 +49,10 @@ class Target:
 
 def recipe_from_meta(meta: dict) -> Recipe:
     """The student's Recipe from its _ptq_meta.json; refuses builds this fake-quant cannot reproduce."""
-    rec = dict(meta.get("recipe") or {})
-    known = set(Recipe.__dataclass_fields__)
-    extra = sorted(set(rec) - known)
-    if extra:
-        raise LoraTargetError(f"the student's recipe has fields {extra} this model_adapters.Recipe does not know; "
-                              f"the trainer cannot promise to reproduce that grid")
-    if "role_bits" in rec:
-        rec["role_bits"] = tuple(tuple(x) for x in rec["role_bits"])
     try:
-        recipe = Recipe(**rec)
-    except (TypeError, ValueError) as e:
-        raise LoraTargetError(f"the student's recipe {rec} is not valid here: {e}") from None
+        recipe = ptq_store.recipe_of(meta)
+    except ptq_meta.MetaError as e:
+        raise LoraTargetError(f"the student's {e}") from None
     if getattr(recipe, "calibrated", False) or meta.get("bits_plan"):
         raise LoraTargetError(f"the student was built with method {getattr(recipe, 'method', '?')!r}"
                               f"{' and a per-tensor bits plan' if meta.get('bits_plan') else ''}: OPD trains through "

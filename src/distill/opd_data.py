@@ -17,6 +17,7 @@ from pathlib import Path
 
 import atomic_io
 import provenance
+import ptq_meta
 
 
 def _text(path: Path) -> str:
@@ -29,7 +30,7 @@ def _text(path: Path) -> str:
         raise OpdInputError(str(err)) from None
 
 PROMPT_FIELDS = ("messages", "prompt", "problem", "question", "instruction", "text")
-PTQ_META = "_ptq_meta.json"
+PTQ_META = ptq_meta.META_NAME
 
 
 class OpdInputError(ValueError):
@@ -197,14 +198,10 @@ def text_config(cfg: dict) -> dict:
 
 def read_student_meta(student_dir: str | Path) -> dict:
     """The student's _ptq_meta.json; a student must be a complete quant_save output."""
-    p = Path(student_dir) / PTQ_META
-    if not p.is_file():
-        raise OpdInputError(f"student {student_dir} has no {PTQ_META}: it is not a quant_save output (build it with "
-                            f"bash pipelines/quantize.sh or src/quant/quant_save.py first)")
-    meta = json.loads(p.read_text())
-    if not meta.get("complete"):
-        raise OpdInputError(f"student {student_dir}: {PTQ_META} does not say complete; rerun quant_save to finish it")
-    return meta
+    try:
+        return ptq_meta.read_meta(student_dir).data
+    except ptq_meta.MetaError as e:
+        raise OpdInputError(f"student {student_dir}: {e}") from None
 
 
 def tokenizer_fingerprint(model_dir: str | Path) -> str:

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 import atomic_io
 import provenance
+import ptq_meta
 from fidelity_config import CACHE_DTYPES, FidelityConfig, LogitsFn, TextSpec, TokenWindows
 
 if TYPE_CHECKING:
@@ -278,9 +279,7 @@ def compare_models(teacher_dir: str | Path, student_dirs: list, text: TextSpec, 
         model = load_hf_model(sdir, cfg)
         res = score_student(hf_logits_fn(model), windows, cache, cfg, name=Path(sdir).name)
         _free(model)
-        ptq = Path(sdir) / "_ptq_meta.json"
-        students.append({"dir": str(sdir), "name": Path(sdir).name,
-                         "ptq_meta": json.loads(ptq.read_text()) if ptq.is_file() else None, **res})
+        students.append({"dir": str(sdir), "name": Path(sdir).name, "ptq_meta": ptq_meta.read_dict(sdir), **res})
     text_record = dict(windows.source, tokens_sha256=windows.sha256, n_windows=int(windows.tokens.shape[0]),
                        ctx=cfg.ctx, n_scored_tokens=windows.n_scored)
     return {

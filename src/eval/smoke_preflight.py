@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import provenance
+import ptq_meta
 
 from smoke_plan import (
     FALLBACKS, Facts, Plan, REPO_ROOT, SRC_DIRS, SmokeConfig, SmokeError)
@@ -116,13 +117,11 @@ def verify_quant_output(qdir: Path) -> str | None:
 
     quant_save reuses a complete build by its recipe and source fingerprint; the smoke additionally refuses
     to reuse one whose output files were damaged since (truncated copy, disk error)."""
-    meta_path = qdir / "_ptq_meta.json"
-    if not meta_path.is_file():
+    if not ptq_meta.has_meta(qdir):
         return None
     try:
-        meta = json.loads(meta_path.read_text())
-        shards = meta["shards"]
-    except (OSError, ValueError, KeyError) as e:
+        shards = ptq_meta.read_meta(qdir, require_complete=False).shards
+    except ptq_meta.MetaError as e:
         return f"unreadable _ptq_meta.json ({e})"
     for name, info in shards.items():
         f = qdir / name
@@ -138,7 +137,7 @@ def invalidate_broken_quant(qdir: Path, log) -> str | None:
     broken = verify_quant_output(qdir)
     if broken:
         log(f"[smoke] the quantized checkpoint at {qdir} is broken ({broken}); rebuilding it")
-        (qdir / "_ptq_meta.json").unlink()
+        ptq_meta.meta_path(qdir).unlink()
     return broken
 
 

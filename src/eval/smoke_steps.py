@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 
 import cache_paths
 import provenance
+import ptq_meta
 import quant_config
 import step_runner
 
@@ -232,13 +233,13 @@ def run_smoke(cfg: SmokeConfig, log=lambda m: print(m, file=sys.stderr, flush=Tr
 
     with timed("quantize"):
         broken = invalidate_broken_quant(qdir, log)
-        before = (qdir / "_ptq_meta.json").stat().st_mtime_ns if (qdir / "_ptq_meta.json").is_file() else None
+        before = ptq_meta.meta_path(qdir).stat().st_mtime_ns if ptq_meta.has_meta(qdir) else None
         # --force: qdir is the smoke's own output; an identical complete build is still reused by quant_save,
         # one made by another recipe / quantizer version is rebuilt instead of refused.
         run_step("quantize", quantize_cmd(teacher_dir, qdir, cfg, quant_device, force=True), env,
                  cfg.step_timeout_s, log)
-        meta = read_json(qdir / "_ptq_meta.json", "quantize")
-        after = (qdir / "_ptq_meta.json").stat().st_mtime_ns
+        meta = read_json(ptq_meta.meta_path(qdir), "quantize")
+        after = ptq_meta.meta_path(qdir).stat().st_mtime_ns
         notes["quantize"] = "reused (verified)" if before is not None and before == after and not broken else "built"
 
     with timed("eval-teacher"):

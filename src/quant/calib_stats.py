@@ -37,6 +37,7 @@ from torch import nn
 import atomic_io
 import layer_io
 from calib_accum import ExpertStats, LinearStats, _StageDone, blend_expert_stats
+import store_pack
 import weight_quant
 from build_plan import TensorPlan
 from calib_source import CalibWindows
@@ -187,6 +188,7 @@ class _Pass:
             res = weight_quant.quantize_weight(name, w, plan, self.recipe, hessian=h, compare_clip=True)
             layer_io.write_slot(self.skel, self.slot[name], res.dequant)
             tensors[name] = res.dequant.to("cpu")
+            tensors.update(store_pack.to_tensors(res.store, with_spec=True))  # the packed store's entries
             slot = self.slot[name]
             tokens = (int(self.out.experts[expert_path]["tokens"][slot.expert]) if expert_path and slot.expert is not None
                       and expert_path in self.out.experts else
@@ -395,6 +397,7 @@ class _Pass:
             w = self.read(name).to(self.cfg.device)
             res = weight_quant.quantize_weight(name, w, self.planned[name], self.recipe, hessian=h, compare_clip=True)
             tensors[name] = res.dequant.to("cpu")
+            tensors.update(store_pack.to_tensors(res.store, with_spec=True))  # the packed store's entries
             stats[name] = {"method": res.method, "statistics": "H (final norm output)", "tokens": acc.n,
                            "proxy": res.proxy, "proxy_clip": res.proxy_clip, "proxy_diag": res.proxy_diag,
                            "proxy_diag_clip": res.proxy_diag_clip, "sq_err": res.sq_err,

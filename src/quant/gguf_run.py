@@ -4,6 +4,7 @@ llama-quantize with the tensor-type recipe -> meta JSON (size, bpw, types read b
 
     bash pipelines/pack_gguf.sh --model /ckpt --out /out --base-type IQ3_XXS      (recipe: configs/gguf.env)
     GGUF_MODEL=/ckpt GGUF_OUT=/out bash pipelines/pack_gguf.sh
+    bash pipelines/pack_gguf.sh --from-store BUILD     (our own codes as GGUF blocks, gguf_export.py)
 
 A finished step is reused on a rerun only when it was made from the same inputs (each output is written to
 *.part, renamed when complete, and gets a <file>.inputs.json: checkpoint identity, router type, MTP,
@@ -69,6 +70,8 @@ class GgufConfig:
     max_disk: str = option("", "disk the pack may use (e.g. 500G); the real free space caps it too",
                            legacy=("MAX_DISK",))
     dry_run: bool = option(False, "print disk, RAM, GPU memory and time per step (sizing_run); pack nothing")
+    from_store: str = option("", "instead: write DIR/gguf/model.gguf from a quant_save build's own codes (Q4_0/Q8_0 "
+                             "grids, gguf_export.py), verified against its store", path=True, legacy=("FROM_STORE",))
 
 
 TOOL = tool_config.Tool("pack_gguf", "GGUF_", GgufConfig, __doc__)
@@ -239,6 +242,10 @@ def main(argv=None) -> int:
     except tool_config.ConfigError as e:
         print(f"pack_gguf: {e}", file=sys.stderr)
         return 2
+    if cfg.from_store:
+        import gguf_export
+
+        return gguf_export.main([cfg.from_store])
     if cfg.dry_run:
         return subprocess.run(sizing_cmd(cfg)).returncode
     if Path(cfg.model).is_dir():  # a pack that cannot fit stops here, in one line, before any conversion

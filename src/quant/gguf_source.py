@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 import atomic_io
+import ptq_meta
 from gguf_types import PackError
 
-PTQ_META = "_ptq_meta.json"  # written by quant_save.py into dequantized (fake-quant) checkpoints
+PTQ_META = ptq_meta.META_NAME  # written by quant_save.py into dequantized (fake-quant) checkpoints
 
 
 def check_input(model_dir: Path, force: bool = False) -> str | None:
@@ -21,7 +22,7 @@ def check_input(model_dir: Path, force: bool = False) -> str | None:
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise PackError(f"GGUF_MODEL={model_dir} has no config.json; point --model at an HF checkpoint directory")
-    if (model_dir / PTQ_META).is_file():
+    if ptq_meta.has_meta(model_dir):
         msg = (f"GGUF_MODEL={model_dir} is a dequantized PTQ checkpoint (it has {PTQ_META}): quantizing it to GGUF "
                "stacks a second rounding on the first. Point --model at the original BF16 checkpoint, or set "
                "GGUF_FORCE=1 (--force) to pack it anyway")

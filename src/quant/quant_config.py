@@ -67,6 +67,8 @@ class QuantConfig:
     alloc_budget: float = option(3.0, "probe plan: routed-expert effective bits", legacy=("ALLOC_BUDGET",))
     alloc_strategy: str = option("asal", "probe plan: salience strategy (moe_alloc)", legacy=("ALLOC_STRATEGY",))
     alloc_levels: str = option("2,3,4", "probe plan: allowed expert bit levels", legacy=("ALLOC_LEVELS",))
+    emit: str = option("dequant", "exports of the packed store, a comma list of dequant (the BF16 view vLLM loads "
+                                  "unchanged), compressed-tensors, gguf", legacy=("EMIT",))
     dry_run: bool = option(False, "print roles, bits, footprint and the sizing table (disk, host RAM, GPU memory, "
                                   "time per stage); write nothing")
     max_disk: str | None = option(None, "disk the build may use (e.g. 500G); the real free space caps it too; the "

@@ -4,10 +4,15 @@ The output has exactly the source's tensor names, shapes, dtypes and shard files
 loads the BF16 teacher (transformers, vLLM, the GGUF packer) loads the student unchanged, and the
 evaluation measures precisely the weights a packer would store.
 
-Orchestration and CLI; one module per concern: `ckpt_source` (reading headers/index/hub), `build_plan` (role,
-bits, spec per tensor; `--bits-plan`; footprint), `calib_source`/`calib_stats` (per-layer true-sequential
-statistics for wclip/gptq/awq), `shard_writer` (output shards, resume records), `weight_quant` (one tensor's
-method), `sizing_run` (disk/RAM/GPU/time; refuses up front when the build does not fit).
+This module is the orchestration and the CLI; each concern has its own module:
+* `ckpt_source`  reading the source (headers, index, hub) without loading it;
+* `build_plan`   role, bits and spec of every tensor, the optional `--bits-plan`, the footprint;
+* `calib_source` / `calib_stats`  calibration text -> windows -> per-layer, true-sequential statistics
+  and the tensors quantized with them (only for methods that need them: wclip, gptq, awq);
+* `shard_writer` streaming the output shards and the packed store (`store_pack`), per-shard resume records;
+* `weight_quant` the method dispatch for one tensor (`moe_quant` / `quant_methods` hold the math);
+* `sizing_run`   disk/RAM/GPU/time of the build; refuses up front when it does not fit;
+* `export_run`   the store's real bytes in the meta, then the `--emit` exports (dequant, compressed-tensors, gguf).
 
 Resumable and honest about completeness: every shard (and every calibrated layer) is checkpointed; a
 rerun reuses only what matches this source + recipe + code + calibration and still hashes the same.
@@ -69,6 +74,7 @@ class BuildConfig:
     max_disk: str | None = None  # sizing_run: preflight cap, --dry-run devices and cost table
     size_for: str | None = None
     costs: str | None = None
+    emit: tuple = ("dequant",)  # exports of the store (export_run.EMITS)
 
     def calib_request(self) -> calib_source.CalibRequest:
         return calib_source.CalibRequest(file=self.calib_file, dataset=self.calib_dataset, kind=self.calib,
@@ -153,12 +159,13 @@ def build(args) -> dict:
     windows = calib_source.load_windows(calib_req, source.root) if recipe.calibrated else None
     calib_id = windows.identity if windows is not None else None
     plan_sha = bits_plan.sha256 if bits_plan else None
+    import export_run
     import shard_writer
 
     quantizer = shard_writer.quantizer_sha256()
     fingerprint = source.fingerprint()
     identity = {"recipe": recipe.as_dict(), "quantizer_sha256": quantizer, "fingerprint_sha256": fingerprint,
-                "calibration": calib_id, "bits_plan_sha256": plan_sha}
+                "calibration": calib_id, "bits_plan_sha256": plan_sha, "emit": list(export_run.parse_emit(cfg.emit))}
     existing = _existing_build(out, source, identity, cfg.force)
     if existing is not None:
         print(f"quant_save: {out} already holds this build (complete, every shard's sha256 verified); nothing to do",
@@ -166,7 +173,6 @@ def build(args) -> dict:
         return existing
     progress = out / PROGRESS_DIR
     progress.mkdir(parents=True, exist_ok=True)  # marks OUT as ours (an interrupted build resumes here)
-
     calib_out = None
     precomputed = shard_writer.Precomputed()
     if windows is not None:
@@ -196,10 +202,9 @@ def build(args) -> dict:
     shard_writer.run_shards(todo, plans, out, progress, devices, records, cfg.progress, recipe, precomputed,
                             writer=lambda *a, **k: quantize_shard_hook()(*a, **k))
 
-    copied = []
+    copied = [f.name for f in side_files(source.root)]
     for f in side_files(source.root):
         atomic_io.write_bytes(out / f.name, f.read_bytes())
-        copied.append(f.name)
     if source.has_index:
         weight_map = {t.name: s.file for s in source.shards for t in s.tensors}
         total = sum(t.end - t.start for s in source.shards for t in s.tensors)
@@ -207,6 +212,7 @@ def build(args) -> dict:
 
     meta = _meta(source, adapter, recipe, quantizer, fingerprint, unclassified, records, resumed, todo, devices,
                  copied, calib_out, windows, cfg, bits_plan, plans, t_start)
+    meta = export_run.finish(meta, records, out, identity["emit"])  # the store's record, then the exports
     atomic_io.write_json(out / META_NAME, meta)
     shutil.rmtree(progress, ignore_errors=True)
     print(footprint.format_table(meta["footprint"]), file=sys.stderr)
@@ -295,6 +301,8 @@ def _meta(source: Source, adapter, recipe: Recipe, quantizer, fingerprint, uncla
 def _existing_build(out: Path, source: Source, identity: dict, force: bool):
     """The meta of a complete identical build in OUT (every shard re-hashed against the meta);
     refuses to overwrite anything else without --force."""
+    import export_run
+
     if not out.exists():
         return None
     if not out.is_dir():
@@ -309,11 +317,11 @@ def _existing_build(out: Path, source: Source, identity: dict, force: bool):
         recorded = {"recipe": meta.get("recipe"), "quantizer_sha256": meta.get("quantizer_sha256"),
                     "fingerprint_sha256": meta.get("source", {}).get("fingerprint_sha256"),
                     "calibration": (f"{calib['tokens_sha256']}:{calib['ctx']}:{calib['windows']}" if calib else None),
-                    "bits_plan_sha256": (meta.get("bits_plan") or {}).get("sha256")}
+                    "bits_plan_sha256": (meta.get("bits_plan") or {}).get("sha256"), "emit": meta.get("emit")}
         same = recorded == identity
         shards = meta.get("shards", {})
-        intact = same and all(_shard_intact(out / s.file, shards.get(s.file, {}).get("output", {}))
-                              for s in source.shards)
+        intact = same and export_run.store_intact(out, meta) and ("dequant" not in identity["emit"] or all(
+            _shard_intact(out / s.file, shards.get(s.file, {}).get("output", {})) for s in source.shards))
         if same and intact:
             return meta
         if not force:
@@ -328,14 +336,12 @@ def _existing_build(out: Path, source: Source, identity: dict, force: bool):
     return None
 
 
-def output_sha256(meta: dict) -> str:
-    """Identity of a build's output bytes: the shard sha256s its `_ptq_meta.json` recorded."""
+def output_sha256(meta: dict) -> str:  # identity of a build's output bytes: the shard sha256s its meta records
     return provenance.sha256_json({k: v.get("output", {}).get("sha256") for k, v in sorted(meta["shards"].items())})
 
 
 def _shard_intact(path: Path, record: dict) -> bool:
-    return (path.is_file() and path.stat().st_size == record.get("bytes")
-            and provenance.sha256_file(path) == record.get("sha256"))
+    return path.is_file() and path.stat().st_size == record.get("bytes") and provenance.sha256_file(path) == record.get("sha256")
 
 
 # -------------------------------------------------------------------------------------------- CLI

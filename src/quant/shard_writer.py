@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import threading
@@ -24,6 +25,7 @@ import atomic_io
 import build_plan
 import footprint
 import provenance
+import store_pack
 import weight_quant
 from build_plan import TensorPlan
 from ckpt_source import BuildError, ShardHeader
@@ -34,7 +36,8 @@ COPY_CHUNK = 64 << 20
 NON_FINITE_MASKS = {"BF16": ("<u2", 0x7F80), "F16": ("<u2", 0x7C00), "F32": ("<u4", 0x7F800000),
                     "F64": ("<u8", 0x7FF0000000000000)}
 # Files whose source text decides the output bytes: a change invalidates resumed shards and calibration.
-QUANTIZER_FILES = ("moe_quant.py", "quant_kernels_cpu.py", "quant_methods.py", "model_adapters.py", "footprint.py",
+STORE_DIR = "_ptq_store"  # OUT/_ptq_store/<shard file>: the packed codes + scales (store_pack.py)
+QUANTIZER_FILES = ("store_pack.py", "moe_quant.py", "quant_kernels_cpu.py", "quant_methods.py", "model_adapters.py", "footprint.py",
                    "build_plan.py", "weight_quant.py", "shard_writer.py", "calib_stats.py", "calib_accum.py", "layer_io.py",
                    "calib_source.py")
 
@@ -70,6 +73,36 @@ class Precomputed:
         with safe_open(str(self.files[name]), framework="pt", device="cpu") as st:
             return st.get_tensor(name)
 
+    def get_store(self, name: str) -> dict:
+        """The store entries the calibration pass saved beside the dequantized copy (store_pack.to_tensors)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[name]), framework="pt", device="cpu") as st:
+            flat = {k: st.get_tensor(k) for k in st.keys() if store_pack.belongs_to(k, name)}
+        entries = store_pack.from_tensors(flat, name)
+        if not entries:
+            raise BuildError(f"{name}: the calibration file {self.files[name]} holds no store entries (written by "
+                             f"an older builder); rerun with --force")
+        return entries
+
+
+def write_store(path: Path, entries: dict) -> dict:
+    """One store shard (atomic): entries -> safetensors with the entry specs in its header; returns its record."""
+    from safetensors.torch import save
+
+    data = save(store_pack.to_tensors(entries), metadata=store_pack.header_metadata({k: i for k, (i, _) in entries.items()}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_io.write_bytes(path, data)
+    payload = {p: 0 for p in (*store_pack.PARTS, "raw")}
+    weights = 0
+    for info, parts in entries.values():
+        for part, n in store_pack.payload_bytes(parts).items():
+            payload[part] += n
+        if info["kind"] == "quant":
+            weights += math.prod(info["shape"])
+    return {"file": f"{STORE_DIR}/{path.name}", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "payload_bytes": payload, "quantized_weights": weights}
+
 
 def non_finite_count(dtype: str, block: bytes) -> int:
     """NaN/Inf values in a block of raw little-endian floats (0 for non-float dtypes); integer ops on a
@@ -92,6 +125,7 @@ def quantize_shard(shard: ShardHeader, rows: list[TensorPlan], out_path: Path, t
     recipe = recipe or Recipe()
     precomputed = precomputed or Precomputed()
     tallies: dict[str, footprint.RoleTally] = {}
+    entries: dict = {}
     digest = hashlib.sha256(shard.header_bytes)
     t0 = time.perf_counter()
     try:
@@ -115,13 +149,17 @@ def quantize_shard(shard: ShardHeader, rows: list[TensorPlan], out_path: Path, t
                         out.write(block)
                         digest.update(block)
                         remaining -= len(block)
+                    raw_t = st.get_tensor(t.name)
+                    entries[t.name] = ({**store_pack.raw_spec(raw_t), "role": p.role.role.value}, {"raw": raw_t})
                 else:
                     if t.name in precomputed:
                         dq = precomputed.get(t.name)
+                        entries.update(precomputed.get_store(t.name))
                     else:
                         w = st.get_tensor(t.name).to(device)
                         res = weight_quant.quantize_weight(t.name, w, p, recipe)
                         dq, sq_err, sq_ref = res.dequant, res.sq_err, res.sq_ref
+                        entries.update(res.store)
                         if stats is not None:
                             stats[t.name] = {"method": res.method, "statistics": None}
                         del w, res
@@ -141,8 +179,10 @@ def quantize_shard(shard: ShardHeader, rows: list[TensorPlan], out_path: Path, t
     if tmp_path.stat().st_size != shard.size:
         raise BuildError(f"{shard.file}: wrote {tmp_path.stat().st_size} bytes, source has {shard.size}")
     os.replace(tmp_path, out_path)
+    store = write_store(out_path.parent / STORE_DIR / shard.file, entries)
+    del entries
     seconds = time.perf_counter() - t0
-    return {"output": {"bytes": shard.size, "sha256": digest.hexdigest()},
+    return {"output": {"bytes": shard.size, "sha256": digest.hexdigest()}, "store": store,
             "tallies": {k: v.to_dict() for k, v in sorted(tallies.items())},
             "timing": {"seconds": seconds, "MB_per_s": shard.size / 1e6 / max(seconds, 1e-9)}}
 
@@ -171,7 +211,15 @@ def load_done_record(progress: Path, out: Path, shard: ShardHeader, key: dict) -
         return None
     if provenance.sha256_file(target) != record["output"]["sha256"]:
         return None
+    store = record.get("store")
+    if store is None or not store_intact(out, store):
+        return None
     return record
+
+
+def store_intact(out: Path, store: dict) -> bool:
+    path = out / store["file"]
+    return path.is_file() and path.stat().st_size == store["bytes"] and provenance.sha256_file(path) == store["sha256"]
 
 
 def run_shards(todo, plans, out: Path, progress: Path, devices: list[str], records: dict, show: bool,

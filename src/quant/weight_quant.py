@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 import moe_quant
+import store_pack
 from build_plan import TensorPlan
 from ckpt_source import BuildError
 from model_adapters import Recipe
@@ -30,6 +31,8 @@ class WeightResult:
     proxy_clip: float | None = None  # the same for plain clip, for comparison
     proxy_diag: float | None = None  # tr(dW diag(H) dWᵀ): wclip's (llama.cpp imatrix's) own objective
     proxy_diag_clip: float | None = None
+    # the packed store's entries: key (the tensor name, `name#E` per expert slice) -> (entry spec, part tensors)
+    store: dict | None = None
 
 
 def check_finite(name: str, w: torch.Tensor) -> None:
@@ -50,11 +53,12 @@ def _method_spec(recipe: Recipe, method: str):
 
 
 def _quantize_one(w, spec, axis, method, recipe, hessian):
-    """(dequant, sq_err, sq_ref, baseline) of one tensor (2-D, or 3-D fused experts) with one spec; baseline is
-    (clip's dequant, per-expert proxy of the result, of clip) when the method's clip guard computed them."""
+    """(dequant, sq_err, sq_ref, baseline, store parts) of one tensor (2-D, or 3-D fused experts) with one spec;
+    baseline is (clip's dequant, per-expert proxy of the result, of clip) when the method's clip guard computed them."""
+    info = store_pack.entry_spec(spec, axis, tuple(w.shape), w.dtype, method)
     if method == "clip" and hessian is None:
-        res = moe_quant.quantize_tensor(w, spec, axis=axis, return_codes=False)
-        return res.dequant, res.sq_err, res.sq_ref, None
+        res = moe_quant.quantize_tensor(w, spec, axis=axis, return_codes=True)
+        return res.dequant, res.sq_err, res.sq_ref, None, (info, store_pack.encode(res, info))
     import quant_methods
 
     res, clip, proxies = quant_methods.quantize_with_baseline(w, spec, _method_spec(recipe, method), axis=axis,
@@ -62,7 +66,7 @@ def _quantize_one(w, spec, axis, method, recipe, hessian):
     dq = res.dequant
     sq_ref = res.sq_ref if res.sq_ref else _sq(w)
     sq_err = res.sq_err if res.sq_ref else _sq(dq.float() - w.float())
-    return dq, sq_err, sq_ref, (None if clip is None else (clip.dequant, *proxies))
+    return dq, sq_err, sq_ref, (None if clip is None else (clip.dequant, *proxies)), (info, store_pack.encode(res, info))
 
 
 def _proxies(w, dq, hessian, axis, full_per_expert: torch.Tensor | None = None) -> tuple[float, float]:
@@ -91,21 +95,27 @@ def quantize_weight(name: str, w: torch.Tensor, plan: TensorPlan, recipe: Recipe
     baseline = None
     try:
         if plan.slice_specs is None:
-            dq, sq_err, sq_ref, baseline = _quantize_one(w, plan.spec, axis, method, recipe, hessian)
+            dq, sq_err, sq_ref, baseline, entry = _quantize_one(w, plan.spec, axis, method, recipe, hessian)
+            store = {name: entry}
         else:
             dq = torch.empty_like(w)
             sq_err = sq_ref = 0.0
+            store = {}
             for e, spec in enumerate(plan.slice_specs):
                 if spec is None:
                     dq[e] = w[e]
+                    store[f"{name}#{e}"] = (store_pack.raw_spec(w[e]), {"raw": w[e].cpu().contiguous()})
                     continue
                 h = hessian[e] if hessian is not None and hessian.ndim == 3 else hessian
-                d, a, b, _ = _quantize_one(w[e], spec, axis, method, recipe, h)
+                d, a, b, _, entry = _quantize_one(w[e], spec, axis, method, recipe, h)
                 dq[e] = d
+                store[f"{name}#{e}"] = entry
                 sq_err, sq_ref = sq_err + a, sq_ref + b
     except ValueError as e:
         raise BuildError(f"tensor {name}: {e}") from None
-    result = WeightResult(dq, sq_err, sq_ref, method)
+    for info, _ in store.values():
+        info["role"] = plan.role.role.value  # exporters pick formats by role (an embedding is no Linear)
+    result = WeightResult(dq, sq_err, sq_ref, method, store=store)
     if hessian is not None:
         result.proxy, result.proxy_diag = _proxies(w, dq, hessian, axis, None if baseline is None else baseline[1])
         if compare_clip:

@@ -1,0 +1,249 @@
+"""GGUF export of the store's own codes (`--emit gguf`): the blocks llama.cpp runs are the codes we measured.
+
+Two store grids are llama.cpp block types exactly, so their codes and scales go into the file unchanged:
+
+* `--grid full` (or `sym`) at 4 bits, group 32  ->  Q4_0: per 32 weights one fp16 d, codes q in [-8, 7]
+  stored as q + 8 in nibbles (byte j: weight j low, weight j + 16 high); llama.cpp decodes d * (nibble - 8);
+* the same at 8 bits, group 32  ->  Q8_0: one fp16 d, int8 codes; decoded d * q.
+
+Both decode to d * q in fp32, the store's own arithmetic, so the GGUF equals the store after the same cast.
+
+The metadata, the tokenizer, the tensor names, the tensor order and the converter's row permutations (e.g.
+llama's q/k rope order) come from llama.cpp's own converter: `gguf_convert` writes a BF16 GGUF of the
+dequantized view, and this module replaces each tensor it can by its blocks, copying everything else
+(GGUF names -> store names by gguf-py's TensorNameMap; rows matched by content, which the converter only
+permutes). A tensor with no exact GGUF type (another grid or group, a row that 32 does not divide, the
+converter's stacked 3-D experts) keeps the converter's BF16/F32: exact too, but dense; each such tensor is
+listed in the record with its reason. K-quants (Q4_K, Q3_K, ...) and i-quants are not written from the
+store yet: see docs/GGUF.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import ptq_meta
+
+import ptq_store
+import store_pack
+
+BLOCK = 32
+GGUF_NAME = "model.gguf"
+MAP_NAME = "model.gguf.map.json"
+
+
+class GgufExportError(ValueError):
+    pass
+
+
+def block_type(info: dict) -> tuple[str | None, str]:
+    """(GGUF type, '') for an entry whose grid is a GGUF block type exactly, else (None, why not)."""
+    if info["kind"] != "quant":
+        return None, "kept by the recipe"
+    if info["grid"] not in ("full", "sym") or info["group"] != BLOCK or info["width"] not in (4, 8):
+        return None, f"grid {info['grid']} {info['bits']:g}-bit group {info['group']} is no GGUF block type (Q4_0/Q8_0 " \
+                     f"are grid full/sym, 4/8 bits, group 32)"
+    if len(info["shape"]) != 2 or info["axis"] != 1:
+        return None, "not a 2-D weight grouped along its rows"
+    if info["shape"][1] % BLOCK:
+        return None, f"row of {info['shape'][1]} is not a multiple of the block {BLOCK}"
+    return ("Q4_0" if info["width"] == 4 else "Q8_0"), ""
+
+
+def pack_blocks(codes: torch.Tensor, scales: torch.Tensor, qtype: str) -> np.ndarray:
+    """codes int [R, K], fp16 scales [R, K/32] -> uint8 [R, K/32 * block bytes] in llama.cpp's block layout."""
+    r, k = codes.shape
+    q = codes.reshape(r, k // BLOCK, BLOCK).numpy().astype(np.int16)
+    d = scales.to(torch.float16).numpy().reshape(r, k // BLOCK, 1).view(np.uint8)  # 2 bytes, little endian
+    if qtype == "Q8_0":
+        body = q.astype(np.int8).view(np.uint8)
+    else:
+        u = (q + 8).astype(np.uint8)
+        body = u[..., :16] | (u[..., 16:] << np.uint8(4))
+    return np.concatenate([d, body], axis=-1).reshape(r, -1)
+
+
+def _row_keys(t: torch.Tensor) -> list[bytes]:
+    f = (t.float() + 0.0).contiguous().numpy()  # + 0.0: -0 and +0 are the same row value
+    return [row.tobytes() for row in f]
+
+
+def row_order(gguf_rows: torch.Tensor, store_rows: torch.Tensor) -> list[int] | None:
+    """perm with gguf_rows[i] == store_rows[perm[i]], or None when some row has no match."""
+    where: dict[bytes, list[int]] = {}
+    for i, key in enumerate(_row_keys(store_rows)):
+        where.setdefault(key, []).append(i)
+    perm = []
+    for key in _row_keys(gguf_rows):
+        hits = where.get(key)
+        if not hits:
+            return None
+        perm.append(hits.pop() if len(hits) > 1 else hits[0])
+    return perm
+
+
+def llama_tree() -> Path:
+    tree = os.environ.get("MOE_LOWBIT_LLAMA_TREE")
+    if not tree:
+        prefix = subprocess.run(["bash", str(Path(__file__).resolve().parents[2] / "pipelines/install_llamacpp.sh")],
+                                check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        tree = str(Path(prefix) / "llama.cpp") if (Path(prefix) / "llama.cpp").is_dir() else prefix
+    return Path(tree)
+
+
+def convert_bf16(model_dir: Path, out: Path) -> None:
+    cmd = [sys.executable, "-m", "gguf_convert", "--tree", str(llama_tree()), "--router-type", "f16", "--",
+           str(model_dir), "--outtype", "bf16", "--outfile", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise GgufExportError(f"llama.cpp's converter failed on {model_dir}: {res.stderr.strip().splitlines()[-1:]}")
+
+
+def _copy_fields(reader, writer) -> None:
+    import gguf
+
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+
+
+def write(store: ptq_store.Store, meta: ptq_meta.PtqMeta, target: Path) -> list[Path]:
+    """OUT/gguf/model.gguf (+ its tensor map) from the store, through the converter's BF16 GGUF of the view."""
+    import gguf
+
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        bf16 = tmp / "bf16.gguf"
+        import gguf_source
+
+        view = meta.dir  # the converter's tokenizer test needs the same fix as pack_gguf.sh (gguf_source)
+        if gguf_source.tokenizer_conflict(view):
+            view = gguf_source.byte_level_bpe_view(view, tmp / "bpe-view")
+        convert_bf16(view, bf16)
+        reader = gguf.GGUFReader(str(bf16))
+        arch_name = reader.fields["general.architecture"].contents()
+        arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
+        n_blocks = int(reader.fields[f"{arch_name}.block_count"].contents())
+        names = gguf.get_tensor_name_map(arch, n_blocks)
+        to_store = {}
+        for name in store.names():
+            g = names.get_name(name, try_suffixes=(".weight", ".bias"))
+            if g is not None:
+                to_store.setdefault(g, name)
+        writer = gguf.GGUFWriter(str(tmp / GGUF_NAME), arch_name)
+        _copy_fields(reader, writer)
+        record = {}
+        for t in reader.tensors:
+            hf = to_store.get(t.name)
+            qtype, why = block_type(next(iter(store.specs(hf).values()))) if hf and hf in store.specs(hf) else \
+                (None, "no one-to-one store tensor (stacked or renamed by the converter)")
+            perm = None
+            if hf and hf in store.specs(hf) and len(store.specs(hf)[hf]["shape"]) == 2 and t.tensor_type.name in ("BF16", "F32"):
+                (info, parts), = store.entries(hf).values()
+                rows = torch.from_numpy(np.array(t.data)).view(torch.bfloat16) if t.tensor_type.name == "BF16" else \
+                    torch.from_numpy(np.array(t.data, dtype=np.float32))
+                perm = row_order(rows.reshape(info["shape"]), store.decode(hf))  # the converter's row order
+                if perm is None and qtype:
+                    qtype, why = None, "rows differ from the store's (the converter changed values)"
+            if qtype:
+                codes = store_pack.unpacked_codes(parts, info)[perm]
+                blocks = pack_blocks(codes, parts["scales"][perm], qtype)
+                writer.add_tensor(t.name, blocks, raw_dtype=getattr(gguf.GGMLQuantizationType, qtype))
+                record[t.name] = {"store": hf, "type": qtype, "rows": None if perm == sorted(perm) else perm}
+            else:
+                writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)  # shape from the byte shape
+                record[t.name] = {"store": hf, "type": t.tensor_type.name, "dense_because": why,
+                                  "rows": None if perm is None or perm == sorted(perm) else perm}
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        bf16.unlink()
+        shutil.rmtree(tmp / "bpe-view", ignore_errors=True)
+        (tmp / MAP_NAME).write_text(json.dumps(record, indent=0, sort_keys=True) + "\n")
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [target / GGUF_NAME, target / MAP_NAME]
+
+
+def reader(export: Path, store: ptq_store.Store):
+    """name -> the GGUF's tensor for store tensor `name`, dequantized by gguf-py, rows back in store order;
+    None for a store tensor the GGUF does not hold one-to-one (e.g. stacked experts)."""
+    import gguf
+
+    path = export / GGUF_NAME if export.is_dir() else export
+    record = json.loads((path.parent / MAP_NAME).read_text())
+    by_store = {r["store"]: (g, r) for g, r in record.items() if r.get("store")}
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+
+    def get(name: str):
+        if name not in by_store:
+            return None
+        g, r = by_store[name]
+        t = tensors[g]
+        info = next(iter(store.specs(name).values()))
+        if t.tensor_type.name == "BF16":
+            out = torch.from_numpy(np.array(t.data).view(np.uint16).astype(np.int16)).view(torch.bfloat16).float()
+        else:
+            out = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(np.array(t.data), t.tensor_type),
+                                                        dtype=np.float32))
+        out = out.reshape(info["shape"])
+        if r.get("rows") is not None:
+            inv = torch.empty(len(r["rows"]), dtype=torch.long)
+            inv[torch.tensor(r["rows"])] = torch.arange(len(r["rows"]))
+            out = out[inv]
+        return out.to(getattr(torch, info["dtype"]))
+    return get
+
+
+def main(argv=None) -> int:
+    """`FROM_STORE=DIR bash pipelines/pack_gguf.sh`: the GGUF export of an existing build, verified and recorded."""
+    import argparse
+
+    import atomic_io
+    import store_record
+    import verify_export
+
+    ap = argparse.ArgumentParser(prog="gguf_export.py", description="Write STORE/gguf/model.gguf from a quant_save "
+                                 "build's packed store (Q4_0/Q8_0 blocks of its own codes), verify it bit for bit "
+                                 "and record it in the build's _ptq_meta.json.")
+    ap.add_argument("store", help="quant_save output dir (with _ptq_meta.json, _ptq_store/ and the dequantized view)")
+    args = ap.parse_args(argv)
+    build = Path(args.store)
+    target = build / "gguf"
+    try:
+        meta = ptq_meta.read_meta(build)
+        if not all((build / f).is_file() for f in meta.shards):
+            raise GgufExportError(f"{build} has no dequantized view (built without --emit dequant); llama.cpp's "
+                                  f"converter reads it for the metadata and tensor order: rebuild with --emit dequant,gguf")
+        store = ptq_store.open_store(build, meta)
+        files = write(store, meta, target)
+        verified = verify_export.verify(store, target, kind="gguf")
+    except (GgufExportError, ptq_meta.MetaError, verify_export.VerifyError, OSError) as e:
+        shutil.rmtree(target, ignore_errors=True)
+        print(f"gguf_export: error: {e}", file=sys.stderr)
+        return 2
+    data = meta.data
+    data.setdefault("exports", {})["gguf"] = {"name": "gguf", **store_record.file_record(files, build), "verified": verified}
+    atomic_io.write_json(ptq_meta.meta_path(build), data)
+    print(f"gguf_export: wrote {files[0]} ({files[0].stat().st_size / 2**20:.1f} MiB), verified against the store")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""GGUF export of the store's own codes (gguf_export.py): SmolLM2 on the Q4_0 grid (full, 4-bit, group 32) is
+written as Q4_0 blocks that gguf-py decodes to exactly the store, llama.cpp runs it, a one-element corruption
+is named, and a grid with no GGUF block type stays dense with its reason recorded.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gguf_fixtures as gf
+import ptq_meta
+import ptq_store
+import quant_save
+
+ROOT = Path(__file__).resolve().parents[1]
+VERIFY = ROOT / "src" / "quant" / "verify_export.py"
+
+
+@pytest.fixture(scope="module")
+def q4_0(smollm2_dir, tmp_path_factory):
+    gf.llama_cpp_prefix()  # the converter's tree (built once, cached)
+    out = tmp_path_factory.mktemp("gguf") / "q4_0"
+    meta = quant_save.build({"model": str(smollm2_dir), "out": str(out), "progress": False, "linear_bits": 4.0,
+                             "grid": "full", "group": 32, "emit": "dequant,gguf"})
+    return out, meta
+
+
+def test_q4_0_grid_is_written_as_our_blocks_and_verified(q4_0):
+    out, meta = q4_0
+    rec = meta["exports"]["gguf"]
+    assert rec["verified"]["ok"] and rec["verified"]["tensors_checked"] == meta["source"]["tensors"]
+    tmap = json.loads((out / "gguf" / "model.gguf.map.json").read_text())
+    store = ptq_store.open_store(out)
+    quantized = [n for n in store.names() if store.is_quantized(n)]
+    assert sorted(r["store"] for r in tmap.values() if r["type"] == "Q4_0") == sorted(quantized)
+    assert all(r["dense_because"] == "kept by the recipe" for r in tmap.values() if r["type"] != "Q4_0")
+    assert any(r.get("rows") for r in tmap.values())  # llama's q/k rows are in the converter's rope order
+
+
+def test_llama_cpp_runs_the_export(q4_0, tmp_path):
+    out, _ = q4_0
+    text = tmp_path / "t.txt"
+    text.write_text(gf.CALIB_PROSE * 4)
+    ppl = gf.llama_cpp_prefix() / "bin" / "llama-perplexity"
+    r = subprocess.run([str(ppl), "-m", str(out / "gguf" / "model.gguf"), "-f", str(text), "-c", "128", "--chunks", "2",
+                        "-t", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "Final estimate: PPL" in r.stdout + r.stderr, (r.stdout + r.stderr)[-2000:]
+
+
+def test_one_corrupted_block_is_named(q4_0, tmp_path):
+    import gguf
+
+    out, _ = q4_0
+    copy = tmp_path / "gguf"
+    copy.mkdir()
+    for f in (out / "gguf").iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    reader = gguf.GGUFReader(str(copy / "model.gguf"))
+    t = next(t for t in reader.tensors if t.name == "blk.2.ffn_down.weight")
+    raw = bytearray((copy / "model.gguf").read_bytes())
+    pos = int(t.data_offset) + 2  # first block, first nibble byte: weight 0 of row 0
+    raw[pos] = (raw[pos] & 0xF0) | ((raw[pos] + 1) & 0x0F)
+    (copy / "model.gguf").write_bytes(bytes(raw))
+    r = subprocess.run([sys.executable, str(VERIFY), str(out), str(copy), "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 1 and "model.layers.2.mlp.down_proj.weight" in r.stderr and "1 element(s) differ" in r.stderr, \
+        r.stderr
+
+
+def test_a_grid_without_a_gguf_type_stays_dense_with_its_reason(smollm2_dir, tmp_path):
+    out = tmp_path / "int3"
+    meta = quant_save.build({"model": str(smollm2_dir), "out": str(out), "progress": False, "linear_bits": 3.0,
+                             "group": 32, "emit": "gguf"})
+    assert meta["exports"]["gguf"]["verified"]["ok"]
+    tmap = json.loads((out / "gguf" / "model.gguf.map.json").read_text())
+    dense = [r for r in tmap.values() if r["store"] and ".mlp." in r["store"]]
+    assert dense and all(r["type"] in ("BF16", "F32") and "no GGUF block type" in r["dense_because"] for r in dense)
+    assert not list(out.glob("*.safetensors"))  # dequant not emitted: the working shards are gone
+    assert np.isfinite(meta["store"]["effective_bits_quantized"])
