@@ -160,8 +160,6 @@ def reader(export: Path, store: ptq_store.Store):
             sd = {k.split(".")[-1]: tensor(k) for k in where if k.rsplit(".", 1)[0] == module}
             return PackedQuantizationCompressor.decompress(sd, scheme_of[module])["weight"].to(dtype)
         if name not in where:
-            from verify_export import VerifyError
-
-            raise VerifyError(f"tensor {name} is in the store but not in the export {export}")
+            raise ptq_store.VerifyError(f"tensor {name} is in the store but not in the export {export}")
         return tensor(name)
     return get

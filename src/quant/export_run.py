@@ -84,3 +84,20 @@ def store_intact(out: Path, meta: dict) -> bool:
         return False
     return all((out / f).is_file() and (out / f).stat().st_size == r["bytes"] and provenance.sha256_file(out / f) == r["sha256"]
                for f, r in recorded.items())
+
+
+def export_existing(build: Path, name: str) -> dict:
+    """The `name` export of a finished build (pack_gguf --from-store): written from its store, verified, and
+    recorded in its _ptq_meta.json; a failure is one BuildError line and leaves the meta as it was."""
+    import atomic_io
+    import ptq_meta
+
+    build = Path(build)
+    meta = ptq_meta.read_meta(build)
+    if name == "gguf" and not all((build / f).is_file() for f in meta.shards):
+        raise BuildError(f"{build} has no dequantized view (built without --emit dequant); llama.cpp's converter "
+                         f"reads it for the metadata and tensor order: rebuild with --emit dequant,gguf")
+    data = meta.data
+    data.setdefault("exports", {})[name] = write_export(name, data, build)
+    atomic_io.write_json(ptq_meta.meta_path(build), data)
+    return data["exports"][name]

@@ -243,9 +243,16 @@ def main(argv=None) -> int:
         print(f"pack_gguf: {e}", file=sys.stderr)
         return 2
     if cfg.from_store:
-        import gguf_export
+        import export_run
+        import ptq_meta
 
-        return gguf_export.main([cfg.from_store])
+        try:
+            rec = export_run.export_existing(Path(cfg.from_store), "gguf")
+        except (export_run.BuildError, ptq_meta.MetaError, OSError) as e:
+            print(f"pack_gguf: error: {e}", file=sys.stderr)
+            return 2
+        print(f"pack_gguf: wrote {Path(cfg.from_store) / rec['name']}, verified against the store")
+        return 0
     if cfg.dry_run:
         return subprocess.run(sizing_cmd(cfg)).returncode
     if Path(cfg.model).is_dir():  # a pack that cannot fit stops here, in one line, before any conversion

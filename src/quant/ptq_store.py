@@ -15,6 +15,10 @@ import store_pack
 from ptq_meta import STORE_DIR, MetaError, PtqMeta  # noqa: F401
 
 
+class VerifyError(ValueError):
+    """An export that does not decode to the store (message: tensor and first differing element)."""
+
+
 def recipe_of(meta: dict):
     """The model_adapters.Recipe a meta dict records; MetaError when this code cannot rebuild it."""
     from model_adapters import Recipe

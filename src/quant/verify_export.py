@@ -22,10 +22,9 @@ import torch
 import ptq_meta
 
 import ptq_store
+from ptq_store import VerifyError  # noqa: F401  (raised by the readers too)
 
 
-class VerifyError(ValueError):
-    """The export does not decode to the store (message: tensor and first differing element)."""
 
 
 def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
