@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, resource, sys, threading, time
 from pathlib import Path
+import ptq_meta
 import quant_save
 
 def rss_kib():
@@ -45,7 +46,7 @@ t = time.perf_counter()
 rc = quant_save.main(["--model", sys.argv[1], "--out", sys.argv[2], "--no-progress", "--method", "gptq",
                       "--calib", "pydoc-topics", "--calib-tokens", sys.argv[3], "--calib-ctx", "256"])
 done.set()
-meta = json.loads((Path(sys.argv[2]) / quant_save.META_NAME).read_text()) if rc == 0 else None
+meta = json.loads((Path(sys.argv[2]) / ptq_meta.META_NAME).read_text()) if rc == 0 else None
 if meta is None:
     sys.exit(rc or 1)
 print("RESULT " + json.dumps({"wall_s": time.perf_counter() - t, "peak_rss_MiB": rss_kib()["VmHWM"] / 1024,

@@ -94,6 +94,7 @@ def main(argv=None) -> int:
     import fidelity_math
     import moefy_fit
     import quant_save
+    import build_record
 
     work = Path(args.work) if args.work else embedded_model.default_cache_root().parent / "bench-quant-grids-moe"
     work.mkdir(parents=True, exist_ok=True)
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
                                  "bpw_experts": roles["routed_expert"]["effective_bits"], "kl": s["kl_mean"],
                                  "kl_interval": s["kl_mean_interval"], "top1": s["top1_agree"],
                                  "ppl_ratio": s["ppl_ratio"], "build_s": build_s,
-                                 "build_sha256": quant_save.output_sha256(meta), "kl_per_window": s["per_window"]["kl"]}
+                                 "build_sha256": build_record.output_sha256(meta), "kl_per_window": s["per_window"]["kl"]}
             sym = doc["rows"].get(f"{method}_e3_l4_emb8_g128_sym")
             if grid != "sym" and sym:
                 doc["rows"][name]["vs_sym"] = fidelity_math.paired_delta(s["per_window"]["kl"], sym["kl_per_window"])

@@ -242,6 +242,7 @@ def score_row(student_dir: Path, windows, cache, cfg) -> dict:
 
 def row_record(name: str, opts: dict, meta: dict, wall: float, scores: dict) -> dict:
     import quant_save
+    import build_record
 
     fp = meta["footprint"]
     body = {r: v for r, v in fp["roles"].items() if r not in ("embed", "lm_head")}
@@ -256,7 +257,7 @@ def row_record(name: str, opts: dict, meta: dict, wall: float, scores: dict) -> 
             "wall_s": meta["timings"]["total_seconds"], "bench_wall_s": wall, "calibration_s": meta["timings"].get("calibration_seconds"),
             "calib_tokens": calib.get("tokens"), "calib_tokens_sha256": calib.get("tokens_sha256"),
             "proxy_total": calib.get("proxy_total"), "proxy_total_clip": calib.get("proxy_total_clip"),
-            "methods_applied": meta.get("methods_applied"), "build_sha256": quant_save.output_sha256(meta),
+            "methods_applied": meta.get("methods_applied"), "build_sha256": build_record.output_sha256(meta),
             "quantizer_sha256": meta.get("quantizer_sha256"), "git_sha": provenance.git_sha(),
             "measured_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_avg": list(os.getloadavg())}
 
@@ -311,6 +312,7 @@ def main(argv=None) -> int:
     import moe_eval
     import teacher_cache
     import quant_save
+    import build_record
 
     cache_root = cache_paths.cache_root()
     work = Path(args.work) if args.work else cache_root / "bench-quant-methods"
@@ -377,7 +379,7 @@ def main(argv=None) -> int:
         step(f"build {name} (load {os.getloadavg()[0]:.1f})")
         meta, wall = build_one(teacher, work, name, opts, args.calib_tokens)
         prev = doc["ours"].get(name)
-        if prev and prev.get("build_sha256") == quant_save.output_sha256(meta) and prev.get("options") == opts and not args.rescore:
+        if prev and prev.get("build_sha256") == build_record.output_sha256(meta) and prev.get("options") == opts and not args.rescore:
             step(f"{name}: scored before on these windows, kept")
         else:
             scores = score_row(work / name, windows, cache, cfg)

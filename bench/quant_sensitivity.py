@@ -153,6 +153,7 @@ def main(argv=None) -> int:
     import teacher_cache
     import fidelity_math
     import quant_save
+    import build_record
 
     recipe = {k: v for k, v in recipe_from_env(args.recipe).items() if k != "bits_plan"}  # this bench's output
     base = {**recipe, "role_bits": args.base_role_bits}
@@ -200,7 +201,7 @@ def main(argv=None) -> int:
         gc.collect()
         row = {"bpw": meta["footprint"]["total"]["effective_bits"], "kl": s["kl_mean"],
                "kl_interval": s["kl_mean_interval"], "top1": s["top1_agree"], "ppl_ratio": s["ppl_ratio"],
-               "build_s": build_s, "build_sha256": quant_save.output_sha256(meta),
+               "build_s": build_s, "build_sha256": build_record.output_sha256(meta),
                "kl_per_window": s["per_window"]["kl"], "options": {k: v for k, v in opts.items() if k != "bits_plan"},
                "plan_tensors": len(plan["tensors"]) if plan else 0}
         b = doc["rows"].get("base")
