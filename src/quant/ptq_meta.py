@@ -19,6 +19,10 @@ META_PREFIX = "moe-lowbit/ptq-meta/"
 STORE_DIR = "_ptq_store"
 
 
+class VerifyError(ValueError):
+    """An export of a build that does not decode to its store (message: tensor and first differing element)."""
+
+
 class MetaError(ValueError):
     """A build directory whose meta or store cannot be used (the message names the file and why)."""
 

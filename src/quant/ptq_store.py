@@ -12,11 +12,7 @@ from pathlib import Path
 
 import ptq_meta
 import store_pack
-from ptq_meta import STORE_DIR, MetaError, PtqMeta  # noqa: F401
-
-
-class VerifyError(ValueError):
-    """An export that does not decode to the store (message: tensor and first differing element)."""
+from ptq_meta import STORE_DIR, MetaError, PtqMeta, VerifyError  # noqa: F401
 
 
 def recipe_of(meta: dict):

@@ -16,13 +16,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 import ptq_meta
 
-import ptq_store
-from ptq_store import VerifyError  # noqa: F401  (raised by the readers too)
+from ptq_meta import VerifyError  # noqa: F401  (raised by the readers too)
+
+if TYPE_CHECKING:
+    import torch
+
+    from ptq_store import Store
 
 
 
@@ -30,6 +33,8 @@ from ptq_store import VerifyError  # noqa: F401  (raised by the readers too)
 def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same shape, dtype and every element equal (==). The one bit pattern this allows to differ is the sign of
     zero: the quantizer's round() keeps it (-0.0 * scale), an integer code has none; NaN cannot occur (refused)."""
+    import torch
+
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
     return torch.equal(a, b)
@@ -58,7 +63,7 @@ def detect_kind(export: Path) -> str:
     raise VerifyError(f"{export}: neither a .gguf file nor a checkpoint directory with a config.json")
 
 
-def export_tensors(export: Path, kind: str, store: ptq_store.Store):
+def export_tensors(export: Path, kind: str, store: Store):
     """name -> callable giving the export's tensor for that store name, in the store's dtype."""
     if kind == "dequant":
         return _safetensors_reader(export)
@@ -88,7 +93,7 @@ def _safetensors_reader(export: Path):
     return get
 
 
-def verify(store: ptq_store.Store, export: Path, kind: str | None = None, progress: bool = False) -> dict:
+def verify(store: Store, export: Path, kind: str | None = None, progress: bool = False) -> dict:
     """Compare every store tensor with the export's; VerifyError at the first mismatch, else a record."""
     export = Path(export)
     kind = kind or detect_kind(export)
@@ -134,6 +139,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
     try:
+        import ptq_store
+
         store = ptq_store.open_store(args.store)
         result = verify(store, Path(args.export), args.kind, args.progress)
     except VerifyError as e:
