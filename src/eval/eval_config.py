@@ -274,8 +274,7 @@ _SCALAR_OPTIONS = (
     ("--max-new-tokens", "max_new_tokens", _opt_int, "override the budget's max new tokens"),
     ("--max-model-len", "max_model_len", _opt_int, "override the budget's max model length (vllm)"),
     ("--max-num-seqs", "max_num_seqs", _opt_int, "override the budget's concurrent sequences (vllm)"),
-    ("--tensor-parallel-size", "tensor_parallel_size", _opt_int, "vllm tensor parallel size (default: every "
-     "visible GPU)"),
+    ("--tensor-parallel-size", "tensor_parallel_size", _opt_int, "vllm tensor parallel size (default: all GPUs)"),
     ("--seed-mode", "seed_mode", str, "vllm: engine (one engine-level seed: batched sampler; a full rerun "
      "reproduces) or request (a seed per sample: batch-independent, but vLLM samples request by request)"),
     ("--gpu-memory-utilization", "gpu_memory_utilization", float, "vllm GPU memory fraction"),
@@ -326,8 +325,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
 
 
 def visible_gpu_count() -> int:
-    """GPUs this process sees (CUDA_VISIBLE_DEVICES honoured); 0 without CUDA. Looked up at call time, so a
-    test can stub it (monkeypatch eval_config.visible_gpu_count)."""
+    """GPUs this process sees (CUDA_VISIBLE_DEVICES honoured), 0 without CUDA; tests stub it (monkeypatch)."""
     try:
         import torch
 
