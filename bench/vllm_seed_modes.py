@@ -31,7 +31,7 @@ from bench_spec import Sample  # noqa: E402
 def run(model: str, mode: str, samples, max_tokens: int, tp: int) -> tuple[float, list[str]]:
     sampling = backend_base.Sampling(temperature=0.6, top_p=0.95, top_k=20, seed=0, max_new_tokens=max_tokens,
                                       thinking=False)
-    backend = backend_vllm.VllmBackend(model, sampling, tensor_parallel_size=tp, max_model_len=512,
+    backend = backend_vllm.VllmBackend(model, sampling, tensor_parallel_size=tp, max_model_len=256,
                                         max_num_seqs=len(samples), enforce_eager=True, seed_mode=mode)
     try:
         t0 = time.perf_counter()
