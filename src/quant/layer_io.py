@@ -13,7 +13,6 @@ its statistics read from, the fused module.
 """
 from __future__ import annotations
 
-import contextlib
 import re
 from dataclasses import dataclass
 
@@ -60,23 +59,6 @@ def slot_view(param: torch.Tensor, slot: Slot) -> torch.Tensor:
     return t
 
 
-@contextlib.contextmanager
-def _parameters_on_meta():
-    """Every nn.Parameter registered inside the block is moved to the meta device (buffers stay real)."""
-    original = nn.Module.register_parameter
-
-    def register(module, name, param):
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=False)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
 @dataclass
 class Skeleton:
     model: nn.Module
@@ -97,11 +79,12 @@ class Skeleton:
 
 def build_skeleton(root, config: dict) -> Skeleton:
     import transformers
+    from accelerate import init_empty_weights
 
     model_type = config.get("model_type")
     try:
         cfg = transformers.AutoConfig.from_pretrained(root)
-        with _parameters_on_meta():
+        with init_empty_weights(include_buffers=False):  # parameters on meta, computed buffers real
             if config.get("vision_config") is not None:
                 arch = (config.get("architectures") or [None])[0]
                 cls = getattr(transformers, arch, None) if arch else None

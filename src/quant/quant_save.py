@@ -72,6 +72,7 @@ class BuildConfig:
     calib_batch: int = 8  # windows per forward in the calibration pass
     min_expert_tokens: int = 128  # experts with fewer routed tokens get blended statistics
     bits_plan: str | None = None
+    expert_batch: int = 0  # routed experts per quantization call (0 = auto; 1 = one call per expert tensor)
 
     def calib_request(self) -> calib_source.CalibRequest:
         return calib_source.CalibRequest(file=self.calib_file, dataset=self.calib_dataset, kind=self.calib,
@@ -172,8 +173,9 @@ def build(args) -> dict:
                "min_expert_tokens": cfg.min_expert_tokens}
         ccfg = calib_stats.CalibConfig(windows, progress / "calib", key, device=devices[0],
                                        batch_windows=cfg.calib_batch, min_tokens=cfg.min_expert_tokens,
-                                       progress=cfg.progress)
-        calib_out = calib_stats.run_calibration(source, plans, recipe, ccfg)
+                                       progress=cfg.progress, devices=tuple(devices), expert_chunk=cfg.expert_batch)
+        store = shard_writer.InPlaceShards(progress, out, source)
+        calib_out = calib_stats.run_calibration(source, plans, recipe, ccfg, store)
         precomputed = shard_writer.Precomputed(calib_out.files)
 
     records: dict[str, dict] = {}
@@ -367,6 +369,8 @@ def parse_args(argv=None) -> BuildConfig:
     ap.add_argument("--min-expert-tokens", type=int, default=128,
                     help="routed experts with fewer calibration tokens get statistics blended with the layer's pooled "
                          "ones (default 128)")
+    ap.add_argument("--expert-batch", type=int, default=0,
+                    help="routed experts per calibrated quantization call, stacked [E, R, K] (0 = auto; 1 = unbatched)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda (all GPUs split the shards) | cuda:N")
     ap.add_argument("--revision", help="hub revision (branch, tag or commit) when --model is a hub id")
     ap.add_argument("--dry-run", action="store_true", help="print roles, bits and footprint; write nothing")
