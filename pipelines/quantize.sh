@@ -5,7 +5,7 @@
 # MODEL=embedded:smollm2 means the embedded SmolLM2 checkpoint (any embedded:NAME resolves the same way).
 # METHOD=gptq|awq|wclip needs calibration text: CALIB_FILE=PATH, CALIB_DATASET=ID[:split[:field]] or
 # CALIB=teacher-sample (CALIB_TOKENS, CALIB_CTX). ROLE_BITS=embed=8,lm_head=8 overrides any role's bits.
-# PROBE=1: moe_probe.py (routing statistics on PROBE_CALIB) -> moe_alloc.py (a bits plan under ALLOC_BUDGET
+# PROBE=1: moe_probe.py (routing statistics on PROBE_CALIB, streamed one layer at a time) -> moe_alloc.py (a bits plan under ALLOC_BUDGET
 # with ALLOC_STRATEGY over ALLOC_LEVELS) -> the build with --bits-plan; the plan lands in $OUT.probe/.
 # BITS_PLAN=PLAN.json uses an existing plan. All flags: bash pipelines/quantize.sh --help
 set -euo pipefail
@@ -39,9 +39,13 @@ if [ "${PROBE:-0}" != "0" ]; then
   mkdir -p "$PROBE_DIR"
   PROBE_CALIB="${PROBE_CALIB:-${CALIB_FILE:-}}"
   if [ -z "$PROBE_CALIB" ]; then echo "quantize: PROBE=1 needs PROBE_CALIB=text file (or CALIB_FILE)" >&2; exit 2; fi
+  # streamed (one layer in memory, bf16, hub id or dir); the allocator's grid/levels/budget are checked before the pass
   python "$ROOT/src/quant/moe_probe.py" --model "$MODEL" --calib-file "$PROBE_CALIB" --tokens "${PROBE_TOKENS:-16384}" \
-    --out "$PROBE_DIR/probe.json"
-  python "$ROOT/src/quant/moe_alloc.py" --probe "$PROBE_DIR/probe.json" --model "$MODEL" --budget "${ALLOC_BUDGET:-3.0}" \
+    --device "$(case "$DEVICE" in cuda*) echo "${DEVICE%%,*}";; *) echo cpu;; esac)" --out "$PROBE_DIR/probe.json" \
+    --levels "${ALLOC_LEVELS:-2,3,4}" --grid "${GRID:-sym}" --group "${GROUP:-128}" --budget "${ALLOC_BUDGET:-3.0}" \
+    ${REVISION:+--revision "$REVISION"}
+  ALLOC_MODEL="$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["model"])' "$PROBE_DIR/probe.json")"
+  python "$ROOT/src/quant/moe_alloc.py" --probe "$PROBE_DIR/probe.json" --model "$ALLOC_MODEL" --budget "${ALLOC_BUDGET:-3.0}" \
     --strategy "${ALLOC_STRATEGY:-asal}" --levels "${ALLOC_LEVELS:-2,3,4}" --grid "${GRID:-sym}" --group "${GROUP:-128}" \
     --out "$PROBE_DIR/plan.json"  # the plan is costed on the grid the build uses (2 bits needs GRID=full or asym)
   BITS_PLAN="$PROBE_DIR/plan.json"

@@ -133,8 +133,8 @@ class ExpertStats:
     def hessian_sums(self, e0: int, e1: int, which: str) -> torch.Tensor:
         """[e1 - e0, K, K] fp32 sums of x xᵀ for experts e0..e1-1 ("in": gate/up input, "mid": down input),
         batch by batch in the order they ran (as a running sum would add them)."""
-        d = (self.module.gate_up_proj.shape[-1] if not self.transposed else self.module.gate_up_proj.shape[-2]) \
-            if which == "in" else (self.module.down_proj.shape[-2] if self.transposed else self.module.down_proj.shape[-1])
+        proj = self.module.gate_up_proj if which == "in" else self.module.down_proj
+        d = proj.shape[-2] if self.transposed else proj.shape[-1]
         dev = self.pooled_in.device
         out = torch.zeros(e1 - e0, d, d, dtype=torch.float32, device=dev)
         for c, rows_in, rows_mid in self.batches:

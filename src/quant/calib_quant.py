@@ -51,11 +51,11 @@ class StageContext:
 
 
 def _stat(res, tokens, expert_path, statistics="H", i=None):
-    pick = (lambda v, k: v if i is None or res.per_slice is None else res.per_slice.get(k, [None] * (i + 1))[i])
-    return {"method": res.method, "statistics": statistics, "tokens": tokens,
-            "proxy": pick(res.proxy, "proxy"), "proxy_clip": pick(res.proxy_clip, "proxy_clip"),
-            "proxy_diag": pick(res.proxy_diag, "proxy_diag"), "proxy_diag_clip": pick(res.proxy_diag_clip, "proxy_diag_clip"),
-            "sq_err": pick(res.sq_err, "sq_err"), "sq_ref": pick(res.sq_ref, "sq_ref"), "experts": expert_path}
+    """A tensor's stats record; `i`: the i-th expert of a batched result (its per-slice figures)."""
+    keys = ("proxy", "proxy_clip", "proxy_diag", "proxy_diag_clip", "sq_err", "sq_ref")
+    per = res.per_slice if i is not None and res.per_slice is not None else {}
+    figures = {k: (per[k][i] if k in per else getattr(res, k)) for k in keys}
+    return {"method": res.method, "statistics": statistics, "tokens": tokens, **figures, "experts": expert_path}
 
 
 def _emit(ctx: StageContext, name: str, dq: torch.Tensor, shas: dict) -> None:

@@ -92,15 +92,7 @@ class _Pass:
         self.planned: dict[str, TensorPlan] = {p.entry.name: p for rows in plans.values() for p in rows if p.quantized}
         self.where = tensor_locations(source)
         self.skel = layer_io.build_skeleton(source.root, source.config)
-        self.slot: dict[str, layer_io.Slot] = {}
-        self.slots_of: dict[str, list] = {}
-        for name in self.where:
-            s = layer_io.memory_slot(name, self.skel.params)
-            if s is not None:
-                self.slot[name] = s
-                self.slots_of.setdefault(s.name, []).append((name, s))
-        for pieces in self.slots_of.values():
-            pieces.sort(key=lambda x: (x[1].expert or 0, x[1].part or ""))
+        self.slot, self.slots_of = layer_io.slot_map(self.where, self.skel)
         self.out = CalibOutput()
         self.ckpt = LayerCheckpoints(cfg.ckpt_dir, cfg.key, store)
         devices = list(cfg.devices or (cfg.device,))
@@ -138,23 +130,9 @@ class _Pass:
             start += 1
         if start and not self.ckpt.has_acts(f"layer-{start - 1:05d}"):
             start = 0
-        # inputs of layer 0 and the per-layer forward arguments, batch by batch
-        top = [m for n, m in skel.text_model.named_children() if n != skel.layers_prefix.rsplit(".", 1)[-1]]
-        embed_like = [m for m in top if any(True for _ in m.parameters())]
-        for m in embed_like:
-            layer_io.materialise(skel, m, self.slots_of, self.read, self.cfg.device, self.cfg.dtype)
         t_in = time.perf_counter()
-        xs, layer_args = [], []
-        for b0 in range(0, ids.shape[0], bw):
-            hidden, per_layer = layer_io.catch_layer_inputs(skel, ids[b0:b0 + bw].to(self.cfg.device))
-            xs.append(hidden.to("cpu"))
-            layer_args.append(per_layer)
-        x = torch.cat(xs).to(self.cfg.dtype)
-        del xs
-        norms = [m for m in embed_like if "norm" in type(m).__name__.lower()]
-        for m in embed_like:  # the embedding is done (a [248320, 3072] one is 1.5 GB): only the final norm stays
-            if m not in norms:
-                layer_io.release(m)
+        x, layer_args, norms = layer_io.first_layer_inputs(skel, ids, bw, self.slots_of, self.read, self.cfg.device,
+                                                           self.cfg.dtype)
         self._tick("layer0_inputs", t_in)
         if start:
             x = self.ckpt.load_acts(f"layer-{start - 1:05d}")

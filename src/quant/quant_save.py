@@ -169,12 +169,11 @@ def build(args) -> dict:
     if windows is not None:
         import calib_stats
 
-        key = {**identity, "device": devices[0], "batch_windows": cfg.calib_batch,
-               "min_expert_tokens": cfg.min_expert_tokens}
-        ccfg = calib_stats.CalibConfig(windows, progress / "calib", key, device=devices[0],
+        key = dict(identity, device=devices[0], batch_windows=cfg.calib_batch, min_expert_tokens=cfg.min_expert_tokens)
+        ccfg = calib_stats.CalibConfig(windows, progress / "calib", key, device=devices[0], devices=tuple(devices),
                                        batch_windows=cfg.calib_batch, min_tokens=cfg.min_expert_tokens,
-                                       progress=cfg.progress, devices=tuple(devices), expert_chunk=cfg.expert_batch)
-        store = shard_writer.InPlaceShards(progress, out, source)
+                                       progress=cfg.progress, expert_chunk=cfg.expert_batch)
+        store = shard_writer.InPlaceShards(progress, out, source)  # calibrated tensors go straight into the shards
         calib_out = calib_stats.run_calibration(source, plans, recipe, ccfg, store)
         precomputed = shard_writer.Precomputed(calib_out.files)
 
@@ -244,9 +243,8 @@ def _meta(source: Source, adapter, recipe: Recipe, quantizer, fingerprint, uncla
     calibration = None
     if windows is not None:
         calibration = {**windows.record, "min_expert_tokens": cfg.min_expert_tokens, "batch_windows": cfg.calib_batch,
-                       "expert_rule": ("own H when an expert has >= min_expert_tokens routed tokens; below, "
-                                       "lambda*own + (1-lambda)*pooled with lambda = tokens/min_expert_tokens; "
-                                       "0 tokens: pooled H of every routed token of the layer"),
+                       "expert_rule": ("own H at >= min_expert_tokens routed tokens; below, lambda*own + "
+                                       "(1-lambda)*pooled, lambda = tokens/min_expert_tokens; 0 tokens: pooled H"),
                        "true_sequential": True,
                        "proxy_total": sum(p for p, _ in proxies), "proxy_total_clip": sum(c for _, c in proxies
                                                                                           if c is not None)}
@@ -367,10 +365,8 @@ def parse_args(argv=None) -> BuildConfig:
     ap.add_argument("--calib-ctx", type=int, default=512, help="calibration window length (default 512)")
     ap.add_argument("--calib-batch", type=int, default=8, help="windows per forward in the calibration pass")
     ap.add_argument("--min-expert-tokens", type=int, default=128,
-                    help="routed experts with fewer calibration tokens get statistics blended with the layer's pooled "
-                         "ones (default 128)")
-    ap.add_argument("--expert-batch", type=int, default=0,
-                    help="routed experts per calibrated quantization call, stacked [E, R, K] (0 = auto; 1 = unbatched)")
+                    help="routed experts with fewer calibration tokens get H blended with the layer's pooled H")
+    ap.add_argument("--expert-batch", type=int, default=0, help="experts per calibrated call (0 auto, 1 unbatched)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda (all GPUs split the shards) | cuda:N")
     ap.add_argument("--revision", help="hub revision (branch, tag or commit) when --model is a hub id")
     ap.add_argument("--dry-run", action="store_true", help="print roles, bits and footprint; write nothing")
