@@ -7,6 +7,7 @@ The checkpoint (random bf16 weights, made here): Qwen3.5-MoE text, hidden 3072, 
 (`mlp.experts.N.{gate,up,down}_proj.weight`), a 1024 shared expert, vocab 248320 with an untied lm_head (~8 GB).
 
     python bench/bench_real_layer.py make DIR            # write the checkpoint
+    python bench/bench_real_layer.py make DIR --experts 16 --vocab 8192   # a slice: the same expert shapes
     python bench/bench_real_layer.py run DIR [--tokens 4096] [--modes 0,1] [--json OUT.json]
 
 `run` builds with `quant_save --method gptq --expert-batch N` for each N of --modes (0 = batched, auto chunk;
@@ -59,14 +60,14 @@ def _disk_tensors(name: str, shape):
     return [(f"{m['prefix']}.{i}.{p}_proj.weight", (rows // 2, cols)) for i in range(e) for p in ("gate", "up")]
 
 
-def make(out: Path, seed: int = 0) -> None:
+def make(out: Path, seed: int = 0, **overrides) -> None:
     import torch
     import transformers
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    cfg = transformers.AutoConfig.for_model("qwen3_5_moe_text", **DIMS)
+    cfg = transformers.AutoConfig.for_model("qwen3_5_moe_text", **{**DIMS, **overrides})
     with init_empty_weights():
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     cfg.save_pretrained(out)
@@ -163,6 +164,8 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("make", help="write the one-layer real-shape checkpoint")
     m.add_argument("dir")
+    m.add_argument("--experts", type=int, default=DIMS["num_experts"], help="routed experts (default the 122B's 256)")
+    m.add_argument("--vocab", type=int, default=DIMS["vocab_size"], help="vocabulary (default the 122B's 248320)")
     r = sub.add_parser("run", help="calibrated builds of it, batched and unbatched")
     r.add_argument("dir")
     r.add_argument("--tokens", type=int, default=4096)
@@ -170,7 +173,7 @@ def main(argv=None) -> int:
     r.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
     if args.cmd == "make":
-        make(Path(args.dir))
+        make(Path(args.dir), num_experts=args.experts, vocab_size=args.vocab)
     else:
         run(Path(args.dir), args.tokens, [int(x) for x in args.modes.split(",")], args.json)
     return 0
