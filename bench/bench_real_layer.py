@@ -9,6 +9,7 @@ The checkpoint (random bf16 weights, made here): Qwen3.5-MoE text, hidden 3072, 
     python bench/bench_real_layer.py make DIR            # write the checkpoint
     python bench/bench_real_layer.py make DIR --experts 16 --vocab 8192   # a slice: the same expert shapes
     python bench/bench_real_layer.py run DIR [--tokens 4096] [--modes 0,1] [--json OUT.json]
+    python bench/bench_real_layer.py slice [--experts 16 --rows 3072 --cols 1024]   # one kind, no checkpoint
 
 `run` builds with `quant_save --method gptq --expert-batch N` for each N of --modes (0 = batched, auto chunk;
 1 = one call per expert tensor) under `/usr/bin/time -v` (peak RSS = its "Maximum resident set size"), one
@@ -159,6 +160,41 @@ def run(model: Path, tokens: int, modes: list[int], json_out: str | None) -> Non
         Path(json_out).write_text(json.dumps({"tokens": tokens, "dims": DIMS, "runs": results}, indent=1))
 
 
+def slice_bench(experts: int, rows: int, cols: int, tokens: int) -> None:
+    """One projection kind of `experts` experts quantized with gptq as one [E, R, K] call and as E single calls
+    (what a build with --expert-batch 0 / 1 does per chunk): wall time of each, and bit-identity."""
+    import torch
+
+    sys.path[:0] = [str(ROOT / "src" / "quant")]
+    import dataclasses
+
+    import build_plan
+    import model_adapters
+    import weight_quant
+    from ckpt_source import TensorEntry
+
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(experts, rows, cols, generator=gen) * cols ** -0.5).to(torch.bfloat16)
+    x = torch.randn(experts, tokens, cols, generator=gen)
+    h = x.transpose(1, 2) @ x / tokens
+    recipe = model_adapters.Recipe(method="gptq")
+    role = model_adapters.TensorRole(model_adapters.Role.ROUTED_EXPERT, axis=-1)
+    plan = build_plan.TensorPlan(TensorEntry("e", "BF16", (rows, cols), 0, 0), role, recipe.spec_for(role, True, 2))
+    plan3 = dataclasses.replace(plan, role=dataclasses.replace(role, axis=-1))
+    weight_quant.quantize_weight("warm-up", w[:1], plan3, recipe, hessian=h[:1], compare_clip=True)  # numba JIT
+    t0, c0 = time.perf_counter(), time.process_time()
+    batched = weight_quant.quantize_weight("stack", w, plan3, recipe, hessian=h, compare_clip=True).dequant
+    t_batched, c_batched = time.perf_counter() - t0, time.process_time() - c0
+    t0, c0 = time.perf_counter(), time.process_time()
+    single = [weight_quant.quantize_weight(f"e{e}", w[e], plan, recipe, hessian=h[e], compare_clip=True).dequant
+              for e in range(experts)]
+    t_single, c_single = time.perf_counter() - t0, time.process_time() - c0
+    same = all(torch.equal(batched[e], single[e]) for e in range(experts))
+    print(f"{experts} experts of [{rows}, {cols}] (gptq, {tokens} tokens of H): one [E, R, K] call {t_batched:.1f} s "
+          f"wall / {c_batched:.1f} s CPU, {experts} single calls {t_single:.1f} s wall / {c_single:.1f} s CPU; "
+          f"bit-identical: {same} (CPU time: all threads of this process; wall depends on the box's load)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -171,8 +207,15 @@ def main(argv=None) -> int:
     r.add_argument("--tokens", type=int, default=4096)
     r.add_argument("--modes", default="0,1", help="--expert-batch values, one build each (0 batched, 1 unbatched)")
     r.add_argument("--json", help="also write the figures here")
+    sl = sub.add_parser("slice", help="one projection kind of a few experts: one batched call against single calls")
+    sl.add_argument("--experts", type=int, default=16)
+    sl.add_argument("--rows", type=int, default=3072, help="output rows (3072: down_proj; 1024: gate or up)")
+    sl.add_argument("--cols", type=int, default=1024, help="contraction (1024: down_proj; 3072: gate or up)")
+    sl.add_argument("--tokens", type=int, default=2048)
     args = ap.parse_args(argv)
-    if args.cmd == "make":
+    if args.cmd == "slice":
+        slice_bench(args.experts, args.rows, args.cols, args.tokens)
+    elif args.cmd == "make":
         make(Path(args.dir), num_experts=args.experts, vocab_size=args.vocab)
     else:
         run(Path(args.dir), args.tokens, [int(x) for x in args.modes.split(",")], args.json)
