@@ -89,3 +89,29 @@ def test_each_calibrated_tensor_is_written_once(tmp_path, calib_file, monkeypatc
     assert calibrated and len(writes) == len(set(writes))  # once each
     assert calibrated <= set(writes)
     assert not (tmp_path / "out" / ".ptq_progress").exists()  # no second copy left behind either
+
+
+def test_a_large_head_is_quantized_in_row_blocks_each_no_worse_than_clip(monkeypatch):
+    import build_plan
+    import calib_stats
+    import model_adapters
+    from ckpt_source import TensorEntry
+
+    monkeypatch.setattr(calib_stats, "HEAD_SPLIT_ELEMENTS", 1000)
+    monkeypatch.setattr(calib_stats, "HEAD_ROWS", 48)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(200, 64, generator=gen).to(torch.bfloat16)
+    x = torch.randn(256, 64, generator=gen)
+    h = x.T @ x / 256
+    recipe = model_adapters.Recipe(method="gptq", group=32)
+    role = model_adapters.TensorRole(model_adapters.Role.LM_HEAD, axis=-1)
+    plan = build_plan.TensorPlan(TensorEntry("lm_head.weight", "BF16", (200, 64), 0, 0), role,
+                                 recipe.spec_for(role, True, 2))
+    res = calib_stats.quantize_head("lm_head.weight", w, plan, recipe, h, "cpu")
+    assert res.dequant.shape == w.shape and res.dequant.dtype == w.dtype
+    for r0 in range(0, 200, 48):  # each block is exactly a standalone call on its rows
+        part = calib_stats.weight_quant.quantize_weight("b", w[r0:r0 + 48], plan, recipe, hessian=h)
+        assert torch.equal(res.dequant[r0:r0 + 48], part.dequant)
+    assert res.proxy <= res.proxy_clip * (1 + 1e-6)
+    levels = max(len(torch.unique(g)) for g in res.dequant.float().reshape(-1, 32))
+    assert levels <= 2 ** plan.spec.bits
