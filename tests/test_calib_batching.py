@@ -115,3 +115,15 @@ def test_a_large_head_is_quantized_in_row_blocks_each_no_worse_than_clip(monkeyp
     assert res.proxy <= res.proxy_clip * (1 + 1e-6)
     levels = max(len(torch.unique(g)) for g in res.dequant.float().reshape(-1, 32))
     assert levels <= 2 ** plan.spec.bits
+
+
+def test_expert_chunks_spread_over_devices_give_the_same_bytes(tmp_path, calib_file, monkeypatch):
+    """Two "devices" (both the CPU here, so it runs without a GPU): chunks go round-robin to one thread each."""
+    src = tiny_models.build_tiny_checkpoint("qwen3_5_moe", tmp_path / "src", expert_layout="per_expert",
+                                            byte_tokenizer=True, num_experts=6)
+    build(src, tmp_path / "one", calib_file, expert_batch=2)
+    monkeypatch.setattr(quant_save, "resolve_devices", lambda device: ["cpu", "cpu"])
+    meta = build(src, tmp_path / "two", calib_file, expert_batch=2)
+    assert shard_digests(tmp_path / "two") == shard_digests(tmp_path / "one")
+    for rec in meta["experts"].values():
+        assert all(c["batch_sizes"] == [2, 2, 2] for c in rec["calls"].values())
