@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     import moefy_fit
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_dir = moe_probe.resolve_model_dir(args.model)
+    model_dir = moe_probe.resolve_source(args.model).root
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, device_map=args.device).eval()

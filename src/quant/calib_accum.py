@@ -1,8 +1,14 @@
-"""Accumulators of the calibration pass: H = sum x xᵀ per Linear, per routed expert (from the tokens the
-router sends it, with token count and router-weight mass), and the blend for starved experts.
+"""Accumulators of the calibration pass: H = sum x xᵀ per Linear; per routed expert the rows the router sends
+it (with token count and router-weight mass), turned into H a chunk of experts at a time; the blend for
+starved experts.
 
-Pure tensor arithmetic driven by forward hooks (`calib_stats` installs them); nothing here reads or writes
+Pure tensor arithmetic driven by forward hooks (`calib_forward` installs them); nothing here reads or writes
 files.
+
+Why routed experts keep rows, not H: a layer of the 122B has 256 experts of [3072, 3072] + [1024, 1024] fp32
+H, 10.7 GB, while the rows the router sends them are tokens x top-k x (3072 bf16 + 1024 fp32): 0.34 GB at
+4096 tokens, 2.7 GB at 32768. H is then formed for `expert_chunk` experts at a time, just before they are
+quantized, by the same products in the same order as a running sum would have used (bit-identical).
 """
 from __future__ import annotations
 
@@ -24,28 +30,42 @@ def second_moment(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class _StageDone(Exception):
+class StageDone(Exception):
     """Raised inside a layer's forward once every module of the stage being measured has run."""
 
 
-class LinearStats:
-    """Sum of x xᵀ (fp32) over the rows a Linear sees. Linears fed the same tensor (q/k/v, gate/up) share
-    one product through `shared` (cleared per batch), so H is computed once per distinct input."""
+class ForwardCache:
+    """x xᵀ of the tensors seen in the current batch, so Linears fed the same tensor (q/k/v, gate/up) compute
+    it once. The pass clears it before each batch (`clear`); the cache holds x, so its address cannot be
+    reused while an entry is alive."""
 
-    def __init__(self, shared: dict | None = None):
+    def __init__(self):
+        self.entries: dict = {}
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def second_moment(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.data_ptr(), tuple(x.shape), x._version)
+        hit = self.entries.get(key)
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        hh = second_moment(x.reshape(-1, x.shape[-1]))
+        self.entries[key] = (x, hh)
+        return hh
+
+
+class LinearStats:
+    """Sum of x xᵀ (fp32) over the rows a Linear sees (a forward pre-hook)."""
+
+    def __init__(self, cache: ForwardCache | None = None):
         self.h = None
         self.n = 0
-        self.shared = {} if shared is None else shared
+        self.cache = cache or ForwardCache()
 
     def hook(self, module, args):
         x = args[0].detach()
-        key = (x.data_ptr(), tuple(x.shape), x._version)
-        hit = self.shared.get(key)
-        if hit is not None and hit[0] is x:  # the cache holds x, so its address cannot be reused meanwhile
-            hh = hit[1]
-        else:
-            hh = second_moment(x.reshape(-1, x.shape[-1]))
-            self.shared[key] = (x, hh)
+        hh = self.cache.second_moment(x)
         self.h = hh.clone() if self.h is None else self.h.add_(hh)
         self.n += x.numel() // x.shape[-1]
 
@@ -54,17 +74,23 @@ class LinearStats:
 
 
 class ExpertStats:
-    """Per routed expert: H of its gate/up input and of its down input, from the tokens routed to it."""
+    """Per routed expert: the gate/up input rows and down input rows from the tokens routed to it, per batch.
+
+    One host sync per batch (the per-expert counts), none per expert."""
 
     def __init__(self, module: nn.Module):
         self.module = module
         self.num = module.gate_up_proj.shape[0]
         self.transposed = bool(getattr(module, "is_transposed", False))
-        self.h_in = self.h_mid = None
+        self.batches: list = []  # per batch: (counts list, rows_in per expert, rows_mid per expert)
         self.pooled_in = None
         self.total = 0
         self.counts = torch.zeros(self.num, dtype=torch.int64)
         self.mass = torch.zeros(self.num, dtype=torch.float64)
+
+    @property
+    def ran(self) -> bool:
+        return self.pooled_in is not None
 
     def _expert_mid(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """The down projection's input for expert e, computed the way transformers' experts module does
@@ -82,36 +108,65 @@ class ExpertStats:
     def hook(self, module, args, kwargs):
         vals = list(args) + [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
         hidden, idx, weights = vals[0], vals[1], vals[2]
-        x_all = hidden.detach().reshape(-1, hidden.shape[-1]).float()
-        d_in = x_all.shape[1]
-        if self.h_in is None:
-            d_mid = self.module.down_proj.shape[-2] if self.transposed else self.module.down_proj.shape[-1]
-            self.h_in = torch.zeros(self.num, d_in, d_in, device=x_all.device)
-            self.h_mid = torch.zeros(self.num, d_mid, d_mid, device=x_all.device)
-            self.pooled_in = torch.zeros(d_in, d_in, device=x_all.device)
-        self.pooled_in += second_moment(hidden.detach().reshape(-1, hidden.shape[-1]))
-        self.total += x_all.shape[0]
-        idx = idx.reshape(x_all.shape[0], -1)
-        weights = weights.reshape(x_all.shape[0], -1)
+        x = hidden.detach().reshape(-1, hidden.shape[-1])
+        n = x.shape[0]
+        if self.pooled_in is None:
+            self.pooled_in = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+        self.pooled_in += second_moment(x)
+        self.total += n
+        flat = idx.reshape(n, -1).reshape(-1)
+        k = flat.numel() // n
+        order = torch.argsort(flat, stable=True)  # by expert; within an expert, tokens in ascending order
+        experts_sorted = flat[order]
+        counts = torch.bincount(experts_sorted, minlength=self.num)
+        c = counts.tolist()  # the one host sync of the batch
+        rows = x[order // k]
+        picked = weights.reshape(-1)[order].double()
         with torch.no_grad():
-            for e in range(self.num):
-                tok, pos = torch.where(idx == e)
-                if tok.numel() == 0:
-                    continue
-                x = x_all[tok]
-                self.h_in[e] += second_moment(x)
-                mid = self._expert_mid(x, e).float()
-                self.h_mid[e] += second_moment(mid)
-                self.counts[e] += tok.numel()
-                self.mass[e] += float(weights[tok, pos].double().sum())
+            self.mass += torch.zeros(self.num, dtype=torch.float64, device=picked.device).index_add_(
+                0, experts_sorted, picked).cpu()
+            self.counts += counts.cpu()
+            rows_in = list(rows.split(c))
+            rows_mid = [self._expert_mid(r.float(), e).float() if c[e] else None for e, r in enumerate(rows_in)]
+        self.batches.append((c, rows_in, rows_mid))
+
+    def hessian_sums(self, e0: int, e1: int, which: str) -> torch.Tensor:
+        """[e1 - e0, K, K] fp32 sums of x xᵀ for experts e0..e1-1 ("in": gate/up input, "mid": down input),
+        batch by batch in the order they ran (as a running sum would add them)."""
+        proj = self.module.gate_up_proj if which == "in" else self.module.down_proj
+        d = proj.shape[-2] if self.transposed else proj.shape[-1]
+        dev = self.pooled_in.device
+        out = torch.zeros(e1 - e0, d, d, dtype=torch.float32, device=dev)
+        for c, rows_in, rows_mid in self.batches:
+            rows = rows_in if which == "in" else rows_mid
+            for e in range(e0, e1):
+                if c[e]:
+                    out[e - e0] += second_moment(rows[e].float())
+        return out
+
+    def pooled_mid(self, chunk: int = 16) -> torch.Tensor:
+        """Token-weighted mean of the experts' own down-input H (= the sum of every routed row's x xᵀ over the
+        routed rows): formed `chunk` experts at a time, added expert by expert in fp64 (the same bits whatever
+        the chunk)."""
+        acc = None
+        for e0 in range(0, self.num, chunk):
+            part = self.hessian_sums(e0, min(self.num, e0 + chunk), "mid")
+            for j in range(part.shape[0]):
+                acc = part[j].double() if acc is None else acc + part[j].double()
+        total = float(self.counts.sum())
+        return (acc / total).float() if total > 0 else torch.zeros_like(acc, dtype=torch.float32)
+
+    def release(self) -> None:
+        self.batches = []
 
 
 def blend_expert_stats(h_sum: torch.Tensor, counts: torch.Tensor, min_tokens: int,
                        pooled: torch.Tensor | None = None):
     """Per-expert mean H, shrunk toward the pooled mean below `min_tokens` (quant_methods'
-    blend_expert_hessians: the pooled H counts as min_tokens - n prior tokens; 0 tokens -> pooled)."""
+    blend_expert_hessians: the pooled H counts as min_tokens - n prior tokens; 0 tokens -> pooled).
+    Per expert elementwise, so a chunk of experts blends exactly as the whole layer would."""
     import quant_methods
 
     n = counts.to(h_sum.device, torch.float32).clamp(min=1.0)
-    mean = h_sum / n[:, None, None]
-    return quant_methods.blend_expert_hessians(mean, counts, pooled, min_tokens=min_tokens)
+    h_sum.div_(n[:, None, None])  # in place: one [chunk, K, K] buffer, not several
+    return quant_methods.blend_expert_hessians(h_sum, counts, pooled, min_tokens=min_tokens)

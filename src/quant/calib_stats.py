@@ -19,33 +19,37 @@ expert's own H is mixed with the layer's pooled H (gate/up: the MoE block's inpu
 down: the token-weighted mean of the experts' own) in proportion to its token count; an expert with no
 tokens gets the pooled H. The rule and every expert's count are recorded.
 
-Each finished layer leaves its quantized tensors, its statistics summary and the activations after it in
-the checkpoint dir; a killed build resumes after the last finished layer and is byte-identical.
+Each quantized tensor goes straight into its output shard (`shard_writer.InPlaceShards`), once; each finished
+layer leaves a marker with its tensors' sha256 and statistics summary, and the activations after it
+(`calib_checkpoint`); a killed build resumes after the last finished layer and is byte-identical.
+
+The pieces: `calib_forward` runs a layer with hooks, `calib_accum` holds the statistics, `calib_quant`
+quantizes a stage (routed experts as [E, R, K] batches, chunked, over the devices).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
-import atomic_io
+import calib_forward
+import calib_quant
 import layer_io
-from calib_accum import ExpertStats, LinearStats, _StageDone, blend_expert_stats
 import store_pack
 import weight_quant
 from build_plan import TensorPlan
+from calib_accum import ForwardCache, LinearStats
+from calib_checkpoint import LayerCheckpoints
 from calib_source import CalibWindows
-from ckpt_source import Source, load_tensor, tensor_locations
+from ckpt_source import BuildError, Source, load_tensor, tensor_locations
 from model_adapters import Recipe, Role
 
-ATTENTION_PARTS = ("self_attn", "linear_attn", "attn", "attention", "cross_attn")
 DEFAULT_MIN_TOKENS = 128  # below this an expert's own H is blended with the layer's pooled H
+HEAD_ROWS = 1 << 15  # rows of an output head quantized per call when it is larger than HEAD_SPLIT_ELEMENTS
+HEAD_SPLIT_ELEMENTS = 1 << 28  # the 122B's lm_head (763M) is split, a 135M model's embedding (28M) is not
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,8 @@ class CalibConfig:
     min_tokens: int = DEFAULT_MIN_TOKENS
     progress: bool = True
     dtype_name: str = "bfloat16"  # forward dtype: the checkpoint's own (and 5x faster than fp32 on AVX512-BF16)
+    devices: tuple = ()  # every device the experts' chunks are spread over (default: (device,))
+    expert_chunk: int = 0  # experts per batched call (0 = auto: 16 on CPU, experts / devices on GPUs; 1 = unbatched)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -66,238 +72,73 @@ class CalibConfig:
 
 @dataclass
 class CalibOutput:
-    files: dict = field(default_factory=dict)  # disk tensor name -> safetensors file with its quantized copy
+    files: dict = field(default_factory=dict)  # disk tensor name -> the .partial shard file holding it
     stats: dict = field(default_factory=dict)  # disk tensor name -> {method, tokens, proxy, proxy_clip, experts}
-    experts: dict = field(default_factory=dict)  # experts module -> {tokens, router_mass, rule}
+    experts: dict = field(default_factory=dict)  # experts module -> {tokens, router_mass, rule, calls}
     resumed_layers: int = 0
     seconds: float = 0.0
-    stage_seconds: dict = field(default_factory=dict)  # wall seconds per stage of the pass (for the bench)
+    stage_seconds: dict = field(default_factory=dict)  # wall seconds per stage (devices synchronized)
 
 
-def _detached_copy(out):
-    """A module output (tensor, or tuple/list of tensors and None) copied, so later in-place ops cannot
-    change what was recorded."""
-    if isinstance(out, torch.Tensor):
-        return out.detach().clone()
-    if isinstance(out, (tuple, list)):
-        return type(out)(_detached_copy(o) for o in out)
-    return out
+def _synchronizer(devices):
+    cuda = [d for d in devices if str(d).startswith("cuda")]
+    if not cuda:
+        return None
+    return lambda: [torch.cuda.synchronize(d) for d in cuda]
 
 
-class _Replay:
-    """While installed, `module` returns outs[batch[0]] instead of running (see _Pass._forward)."""
-
-    def __init__(self, module: nn.Module, outs: list, batch: list):
-        self.module = module
-        module.forward = lambda *args, **kwargs: outs[batch[0]]
-
-    def remove(self) -> None:
-        del self.module.forward  # back to the class's forward
-
-
-# ------------------------------------------------------------------------------------------ pass
 class _Pass:
-    def __init__(self, source: Source, plans: dict, recipe: Recipe, cfg: CalibConfig):
-        self.source, self.recipe, self.cfg = source, recipe, cfg
+    def __init__(self, source: Source, plans: dict, recipe: Recipe, cfg: CalibConfig, store):
+        self.source, self.recipe, self.cfg, self.store = source, recipe, cfg, store
         self.planned: dict[str, TensorPlan] = {p.entry.name: p for rows in plans.values() for p in rows if p.quantized}
         self.where = tensor_locations(source)
         self.skel = layer_io.build_skeleton(source.root, source.config)
-        self.slot: dict[str, layer_io.Slot] = {}
-        self.slots_of: dict[str, list] = {}
-        for name in self.where:
-            s = layer_io.memory_slot(name, self.skel.params)
-            if s is not None:
-                self.slot[name] = s
-                self.slots_of.setdefault(s.name, []).append((name, s))
-        for pieces in self.slots_of.values():
-            pieces.sort(key=lambda x: (x[1].expert or 0, x[1].part or ""))
+        self.slot, self.slots_of = layer_io.slot_map(self.where, self.skel)
         self.out = CalibOutput()
+        self.ckpt = LayerCheckpoints(cfg.ckpt_dir, cfg.key, store)
+        devices = list(cfg.devices or (cfg.device,))
+        self.sync = _synchronizer(devices)
+        self.ctx = calib_quant.StageContext(self.skel, self.slot, self.planned, self.read, recipe, store, devices,
+                                            cfg.min_tokens, cfg.expert_chunk, cfg.expert_chunk != 1, self.sync,
+                                            self.out.stage_seconds)
 
     def read(self, disk_name: str) -> torch.Tensor:
         shard, _ = self.where[disk_name]
         return load_tensor(shard, disk_name)
 
-    # --- checkpoints
-    def _paths(self, tag: str):
-        d = self.cfg.ckpt_dir
-        return d / f"{tag}.safetensors", d / f"{tag}.json", d / f"acts-{tag}.safetensors"
-
-    def _load_done(self, tag: str):
-        tensors, marker, _ = self._paths(tag)
-        if not (marker.is_file() and tensors.is_file()):
-            return None
-        try:
-            rec = json.loads(marker.read_text())
-        except (OSError, ValueError):
-            return None
-        if rec.get("key") != self.cfg.key:
-            return None
-        from provenance import sha256_file
-
-        if sha256_file(tensors) != rec.get("tensors_sha256"):
-            return None
-        return rec
-
-    def _save(self, tag: str, tensors: dict, stats: dict, experts: dict, acts: torch.Tensor | None) -> None:
-        from safetensors.torch import save
-
-        tpath, marker, apath = self._paths(tag)
-        data = save({k: v.contiguous() for k, v in tensors.items()}) if tensors else save({"_empty": torch.zeros(1)})
-        atomic_io.write_bytes(tpath, data)
-        if acts is not None:
-            atomic_io.write_bytes(apath, save({"x": acts.detach().to("cpu").contiguous()}))
-        atomic_io.write_json(marker, {"key": self.cfg.key, "tensors_sha256": hashlib.sha256(data).hexdigest(),
-                                      "stats": stats, "experts": experts})
-
-    def _adopt(self, tag: str, rec: dict) -> None:
-        tpath, _, _ = self._paths(tag)
-        for name in rec["stats"]:
-            if rec["stats"][name].get("stored", True):
-                self.out.files[name] = tpath
+    def _adopt(self, rec: dict) -> None:
+        for name in rec["tensors"]:
+            self.out.files[name] = self.store.partial(self.where[name][0])
         self.out.stats.update(rec["stats"])
         self.out.experts.update(rec["experts"])
 
-    # --- quantization of one stage's tensors with the stats just collected
-    def _hessian(self, name: str, linear: dict, experts: dict, blended: dict):
-        slot = self.slot[name]
-        module_path, attr = slot.name.rsplit(".", 1)
-        if module_path in experts:
-            h, _ = blended[(module_path, attr)]
-            return h if slot.expert is None else h[slot.expert], module_path
-        acc = linear.get(module_path)
-        return (acc.mean() if acc is not None else None), None
-
-    def _quantize(self, names, linear, experts, tensors, stats):
-        blended = {}
-        for path, acc in experts.items():
-            if acc.h_in is None:  # the block never ran (no tokens at all)
-                continue
-            h_in, rules = blend_expert_stats(acc.h_in, acc.counts, self.cfg.min_tokens,
-                                             pooled=acc.pooled_in / max(acc.total, 1))
-            h_mid, _ = blend_expert_stats(acc.h_mid, acc.counts, self.cfg.min_tokens)
-            blended[(path, "gate_up_proj")] = (h_in, rules)
-            blended[(path, "down_proj")] = (h_mid, rules)
-            self.out.experts[path] = {"tokens": acc.counts.tolist(), "router_mass": [round(float(m), 6) for m in acc.mass],
-                                      "rule": rules, "min_tokens": self.cfg.min_tokens, "routed_tokens": acc.total}
-        for name in names:
-            plan = self.planned[name]
-            h, expert_path = self._hessian(name, linear, experts, blended)
-            if expert_path is not None and (expert_path, self.slot[name].name.rsplit(".", 1)[1]) not in blended:
-                h = None
-            w = self.read(name).to(self.cfg.device)
-            res = weight_quant.quantize_weight(name, w, plan, self.recipe, hessian=h, compare_clip=True)
-            layer_io.write_slot(self.skel, self.slot[name], res.dequant)
-            tensors[name] = res.dequant.to("cpu")
-            tensors.update(store_pack.to_tensors(res.store, with_spec=True))  # the packed store's entries
-            slot = self.slot[name]
-            tokens = (int(self.out.experts[expert_path]["tokens"][slot.expert]) if expert_path and slot.expert is not None
-                      and expert_path in self.out.experts else
-                      (self.out.experts.get(expert_path, {}).get("routed_tokens") if expert_path else
-                       (linear[slot.name.rsplit(".", 1)[0]].n if slot.name.rsplit(".", 1)[0] in linear else 0)))
-            stats[name] = {"method": res.method, "statistics": "H" if h is not None else None, "tokens": tokens,
-                           "proxy": res.proxy, "proxy_clip": res.proxy_clip, "proxy_diag": res.proxy_diag,
-                           "proxy_diag_clip": res.proxy_diag_clip, "sq_err": res.sq_err,
-                           "sq_ref": res.sq_ref, "experts": expert_path}
-            del w, res
-
-    def _hooks(self, names):
-        linear, experts, handles = {}, {}, []
-        self._shared = shared = {}
-        for name in names:
-            slot = self.slot[name]
-            module_path, attr = slot.name.rsplit(".", 1)
-            module = self.skel.model.get_submodule(module_path)
-            if isinstance(module, nn.Linear) and attr == "weight":
-                if module_path not in linear:
-                    linear[module_path] = LinearStats(shared)
-                    handles.append(module.register_forward_pre_hook(linear[module_path].hook))
-            elif attr in ("gate_up_proj", "down_proj") and hasattr(module, "gate_up_proj") and \
-                    module.gate_up_proj.ndim == 3:
-                if module_path not in experts:
-                    experts[module_path] = ExpertStats(module)
-                    handles.append(module.register_forward_pre_hook(experts[module_path].hook, with_kwargs=True))
-        return linear, experts, handles
-
-    def _forward(self, layer, x, layer_args, capture_out: bool, stop_after: list | None = None,
-                 attn_record: dict | None = None, attn_replay: dict | None = None):
-        """Run the layer over every batch; with `stop_after` (modules), a batch stops as soon as all of them
-        have run (the attention stage needs no MLP compute).
-
-        `attn_record` ({module: [outputs per batch]}) keeps what the layer's attention modules return; with
-        `attn_replay` those modules return the recorded outputs instead of recomputing them. The output
-        pass uses this: between the MLP stage and it only the MLP's weights change, so the attention's
-        output is the same (bit for bit: the same inputs through the same weights), and one attention pass
-        per layer is saved."""
-        bw = self.cfg.batch_windows
-        pending = set()
-        handles = []
-        batch = [0]
-        if stop_after:
-            def done(module, args, output):
-                pending.discard(id(module))
-                if not pending:
-                    raise _StageDone()
-
-            handles = [m.register_forward_hook(done) for m in stop_after]
-        for module, outs in (attn_record or {}).items():
-            handles.append(module.register_forward_hook(
-                lambda m, a, out, outs=outs: outs.append(_detached_copy(out))))
-        for module, outs in (attn_replay or {}).items():
-            handles.append(_Replay(module, outs, batch))
-        try:
-            for b, (args, kwargs) in enumerate(layer_args):
-                batch[0] = b
-                xb = x[b * bw:(b + 1) * bw].to(self.cfg.device, self.cfg.dtype)
-                pending.update(id(m) for m in stop_after or ())
-                getattr(self, "_shared", {}).clear()
-                try:
-                    with torch.no_grad():
-                        y = layer(xb, *args, **kwargs)
-                except _StageDone:
-                    continue
-                if isinstance(y, tuple):
-                    y = y[0]
-                if capture_out:
-                    x[b * bw:(b + 1) * bw] = y.to(x.device, x.dtype)
-        finally:
-            for h in handles:
-                h.remove()
+    def _tick(self, stage: str, t0: float) -> None:
+        if self.sync is not None:
+            self.sync()
+        self.out.stage_seconds[stage] = self.out.stage_seconds.get(stage, 0.0) + time.perf_counter() - t0
 
     def run(self) -> CalibOutput:
         from tqdm import tqdm
 
         t0 = time.perf_counter()
-        ids = self.cfg.windows.ids
-        bw = self.cfg.batch_windows
+        ids, bw = self.cfg.windows.ids, self.cfg.batch_windows
         skel, n_layers = self.skel, len(self.skel.layers)
         self.cfg.ckpt_dir.mkdir(parents=True, exist_ok=True)
         # resume point: the layers whose checkpoints are intact, in order; the activations after the last
         # of them are kept until the next layer's checkpoint exists, so they are always there
         start = 0
-        while start < n_layers and self._load_done(f"layer-{start:05d}") is not None:
+        while start < n_layers and self.ckpt.load(f"layer-{start:05d}") is not None:
             start += 1
-        if start and not self._paths(f"layer-{start - 1:05d}")[2].is_file():
+        if start and not self.ckpt.has_acts(f"layer-{start - 1:05d}"):
             start = 0
-        # inputs of layer 0 and the per-layer forward arguments, batch by batch
-        top = [m for n, m in skel.text_model.named_children() if n != skel.layers_prefix.rsplit(".", 1)[-1]]
-        embed_like = [m for m in top if any(True for _ in m.parameters())]
-        for m in embed_like:
-            layer_io.materialise(skel, m, self.slots_of, self.read, self.cfg.device, self.cfg.dtype)
         t_in = time.perf_counter()
-        xs, layer_args = [], []
-        for b0 in range(0, ids.shape[0], bw):
-            hidden, per_layer = layer_io.catch_layer_inputs(skel, ids[b0:b0 + bw].to(self.cfg.device))
-            xs.append(hidden.to("cpu"))
-            layer_args.append(per_layer)
-        x = torch.cat(xs).to(self.cfg.dtype)
-        del xs
+        x, layer_args, norms = layer_io.first_layer_inputs(skel, ids, bw, self.slots_of, self.read, self.cfg.device,
+                                                           self.cfg.dtype)
         self._tick("layer0_inputs", t_in)
         if start:
-            from safetensors.torch import load_file
-
-            x = load_file(str(self._paths(f"layer-{start - 1:05d}")[2]))["x"]
+            x = self.ckpt.load_acts(f"layer-{start - 1:05d}")
             for i in range(start):
-                self._adopt(f"layer-{i:05d}", self._load_done(f"layer-{i:05d}"))
+                self._adopt(self.ckpt.load(f"layer-{i:05d}"))
             self.out.resumed_layers = start
             print(f"quant_save: calibration resumes after layer {start - 1} ({start}/{n_layers} layers done)",
                   file=sys.stderr)
@@ -310,102 +151,126 @@ class _Pass:
         finally:
             bar.close()
         t_fin = time.perf_counter()
-        self._final(x, embed_like)
+        self._final(x, norms)
         self._tick("final_head", t_fin)
         self.out.seconds = time.perf_counter() - t0
         return self.out
 
     def _layer(self, i: int, x: torch.Tensor, layer_args: list) -> None:
-        skel = self.skel
+        skel, cfg = self.skel, self.cfg
         layer = skel.layers[i]
         prefix = skel.layer_prefix(i)
         names = sorted(n for n in self.planned if n in self.slot and self.slot[n].name.startswith(prefix))
-        stages = [[n for n in names if any(p in n[len(prefix):].split(".") for p in ATTENTION_PARTS)]]
+        parts = calib_forward.ATTENTION_PARTS
+        stages = [[n for n in names if any(p in n[len(prefix):].split(".") for p in parts)]]
         stages.append([n for n in names if n not in stages[0]])
-        layer_io.materialise(skel, layer, self.slots_of, self.read, self.cfg.device, self.cfg.dtype)
-        tensors, stats = {}, {}
-        experts_before = set(self.out.experts)
-        attn_modules = [m for n, m in layer.named_children() if n in ATTENTION_PARTS]
+        t0 = time.perf_counter()
+        layer_io.materialise(skel, layer, self.slots_of, self.read, cfg.device, cfg.dtype)
+        self._tick("materialise", t0)
+        shas, stats, experts = {}, {}, {}
+        attn = list(calib_forward.attention_children(layer))
         recorded = None
+        cache = ForwardCache()
         for k, stage in enumerate(stages):
             if not stage:
                 continue
-            linear, experts, handles = self._hooks(stage)
-            hooked = [self.skel.model.get_submodule(p) for p in list(linear) + list(experts)]
-            record = {m: [] for m in attn_modules} if k == 1 else None
+            linear, stage_experts, handles = calib_forward.install_stat_hooks(
+                skel.model, sorted({self.slot[n].name for n in stage}), cache)
+            hooked = [skel.model.get_submodule(p) for p in list(linear) + list(stage_experts)]
+            record = {n: [] for n in attn} if k == 1 else None
             t0 = time.perf_counter()
             try:
-                self._forward(layer, x, layer_args, capture_out=False, stop_after=hooked if k == 0 else None,
-                              attn_record=record)
+                calib_forward.run_layer(layer, x, layer_args, cfg.batch_windows, cfg.device, cfg.dtype, cache,
+                                        stop_after=hooked if k == 0 else None, record=record)
             finally:
                 for h in handles:
                     h.remove()
             self._tick("forward_stats", t0)
-            t0 = time.perf_counter()
-            self._quantize(stage, linear, experts, tensors, stats)
-            self._tick("quantize", t0)
+            s, st, ex = calib_quant.quantize_stage(self.ctx, stage, linear, stage_experts)
+            shas.update(s)
+            stats.update(st)
+            experts.update(ex)
+            del linear, stage_experts
             recorded = record if k == 1 else recorded
         t0 = time.perf_counter()
         usable = recorded if recorded and all(len(v) == len(layer_args) for v in recorded.values()) else None
-        self._forward(layer, x, layer_args, capture_out=True, attn_replay=usable)
+        calib_forward.run_layer(layer, x, layer_args, cfg.batch_windows, cfg.device, cfg.dtype, capture_out=True,
+                                replay=usable)
         self._tick("forward_out", t0)
         del recorded, usable
         t0 = time.perf_counter()
         layer_io.release(layer)
         layer_io.return_freed_memory()
         tag = f"layer-{i:05d}"
-        experts = {k: v for k, v in self.out.experts.items() if k not in experts_before}
-        self._save(tag, tensors, stats, experts, x)
-        prev = self._paths(f"layer-{i - 1:05d}")[2]
-        prev.unlink(missing_ok=True)  # the activations before this layer are no longer needed
-        self._adopt(tag, {"stats": stats, "experts": experts})
+        self.ckpt.save(tag, shas, stats, experts, x)
+        self.ckpt.drop_acts(f"layer-{i - 1:05d}")  # the activations before this layer are no longer needed
+        self._adopt({"tensors": shas, "stats": stats, "experts": experts})
         self._tick("checkpoint", t0)
 
-    def _tick(self, stage: str, t0: float) -> None:
-        self.out.stage_seconds[stage] = self.out.stage_seconds.get(stage, 0.0) + time.perf_counter() - t0
-
-    def _final(self, x: torch.Tensor, top_modules) -> None:
+    def _final(self, x: torch.Tensor, norms) -> None:
         """lm_head's H from the final norm's output; a tied embedding is quantized with it."""
-        skel = self.skel
-        done = self._load_done("final")
-        if done is not None:
-            for m in top_modules:
+        done = self.ckpt.load("final")
+        if done is not None or not norms:
+            for m in norms:
                 layer_io.release(m)
-            self._adopt("final", done)
+            if done is not None:
+                self._adopt(done)
             return
-        norm_modules = [m for m in top_modules if "norm" in type(m).__name__.lower()]
+        skel = self.skel
         head_names = [n for n, p in self.planned.items() if p.role.role == Role.LM_HEAD and n not in self.slot
                       or (p.role.role == Role.LM_HEAD and not self.slot[n].name.startswith(skel.layers_prefix))]
-        tied = bool(self.source.config.get("tie_word_embeddings", (self.source.config.get("text_config") or {})
-                                           .get("tie_word_embeddings", False)))
+        text = self.source.config.get("text_config") or {}
+        tied = bool(self.source.config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
         if not head_names and tied:
             head_names = [n for n, p in self.planned.items() if p.role.role == Role.EMBED]
-        if not head_names or not norm_modules:
-            for m in top_modules:
-                layer_io.release(m)
-            return
         acc = LinearStats()
         bw = self.cfg.batch_windows
-        with torch.no_grad():
-            for b0 in range(0, x.shape[0], bw):
-                acc.hook(None, (norm_modules[-1](x[b0:b0 + bw].to(self.cfg.device, self.cfg.dtype)),))
-        for m in top_modules:
+        if head_names:
+            with torch.no_grad():
+                for b0 in range(0, x.shape[0], bw):
+                    acc.hook(None, (norms[-1](x[b0:b0 + bw].to(self.cfg.device, self.cfg.dtype)),))
+        for m in norms:
             layer_io.release(m)
-        tensors, stats = {}, {}
+        if not head_names:
+            return
+        shas, stats = {}, {}
         h = acc.mean()
         for name in head_names:
-            w = self.read(name).to(self.cfg.device)
-            res = weight_quant.quantize_weight(name, w, self.planned[name], self.recipe, hessian=h, compare_clip=True)
-            tensors[name] = res.dequant.to("cpu")
-            tensors.update(store_pack.to_tensors(res.store, with_spec=True))  # the packed store's entries
-            stats[name] = {"method": res.method, "statistics": "H (final norm output)", "tokens": acc.n,
-                           "proxy": res.proxy, "proxy_clip": res.proxy_clip, "proxy_diag": res.proxy_diag,
-                           "proxy_diag_clip": res.proxy_diag_clip, "sq_err": res.sq_err,
-                           "sq_ref": res.sq_ref, "experts": None}
-        self._save("final", tensors, stats, {}, None)
-        self._adopt("final", {"stats": stats, "experts": {}})
+            res = quantize_head(name, self.read(name), self.planned[name], self.recipe, h, self.cfg.device)
+            shas[name] = self.store.write(name, res.dequant)
+            self.store.write_entries(name, res.store)
+            stats[name] = calib_quant._stat(res, acc.n, None, "H (final norm output)")
+            del res
+        self.ckpt.save("final", shas, stats, {}, None)
+        self._adopt({"tensors": shas, "stats": stats, "experts": {}})
 
 
-def run_calibration(source: Source, plans: dict, recipe: Recipe, cfg: CalibConfig) -> CalibOutput:
-    """Quantize every tensor a decoder layer (or the head) owns with its activation statistics."""
-    return _Pass(source, plans, recipe, cfg).run()
+def quantize_head(name, w, plan, recipe, h, device) -> weight_quant.WeightResult:
+    """An output head (or tied embedding) quantized under H. A head above HEAD_SPLIT_ELEMENTS goes in blocks of
+    HEAD_ROWS rows (GPTQ's rows are independent under one H; the clip guard then decides per block), so its fp32
+    working copies are per block: the 122B's [248320, 3072] head would otherwise need ~15 GB of temporaries."""
+    if w.numel() <= HEAD_SPLIT_ELEMENTS or w.ndim != 2 or plan.slice_specs is not None or (plan.role.axis % 2) != 1:
+        return weight_quant.quantize_weight(name, w.to(device), plan, recipe, hessian=h, compare_clip=True)
+    dq = torch.empty_like(w)
+    total = weight_quant.WeightResult(dq, 0.0, 0.0, recipe.method, 0.0, 0.0, 0.0, 0.0)
+    blocks = []
+    for r0 in range(0, w.shape[0], HEAD_ROWS):
+        part = weight_quant.quantize_weight(name, w[r0:r0 + HEAD_ROWS].to(device), plan, recipe, hessian=h,
+                                            compare_clip=True)
+        dq[r0:r0 + HEAD_ROWS] = part.dequant.to(dq.device)
+        blocks.append(part.store[name])
+        total.method = part.method
+        for k in ("sq_err", "sq_ref", "proxy", "proxy_clip", "proxy_diag", "proxy_diag_clip"):
+            setattr(total, k, getattr(total, k) + (getattr(part, k) or 0.0))
+        del part
+    try:
+        total.store = {name: store_pack.concat_rows(name, blocks)}
+    except ValueError as e:
+        raise BuildError(str(e)) from None
+    return total
+
+
+def run_calibration(source: Source, plans: dict, recipe: Recipe, cfg: CalibConfig, store) -> CalibOutput:
+    """Quantize every tensor a decoder layer (or the head) owns with its activation statistics; each is written
+    once, in place, through `store` (shard_writer.InPlaceShards)."""
+    return _Pass(source, plans, recipe, cfg, store).run()

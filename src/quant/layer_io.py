@@ -13,7 +13,6 @@ its statistics read from, the fused module.
 """
 from __future__ import annotations
 
-import contextlib
 import re
 from dataclasses import dataclass
 
@@ -60,23 +59,6 @@ def slot_view(param: torch.Tensor, slot: Slot) -> torch.Tensor:
     return t
 
 
-@contextlib.contextmanager
-def _parameters_on_meta():
-    """Every nn.Parameter registered inside the block is moved to the meta device (buffers stay real)."""
-    original = nn.Module.register_parameter
-
-    def register(module, name, param):
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=False)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
 @dataclass
 class Skeleton:
     model: nn.Module
@@ -97,11 +79,12 @@ class Skeleton:
 
 def build_skeleton(root, config: dict) -> Skeleton:
     import transformers
+    from accelerate import init_empty_weights
 
     model_type = config.get("model_type")
     try:
         cfg = transformers.AutoConfig.from_pretrained(root)
-        with _parameters_on_meta():
+        with init_empty_weights(include_buffers=False):  # parameters on meta, computed buffers real
             if config.get("vision_config") is not None:
                 arch = (config.get("architectures") or [None])[0]
                 cls = getattr(transformers, arch, None) if arch else None
@@ -253,3 +236,37 @@ def catch_layer_inputs(skel: Skeleton, input_ids: torch.Tensor) -> tuple[torch.T
     hidden = stores[0][0][0]
     per_layer = [(s[0][1], s[0][2]) for s in stores]
     return hidden, per_layer
+
+
+def slot_map(disk_names, skel: Skeleton) -> tuple[dict, dict]:
+    """(disk name -> Slot, in-memory parameter name -> [(disk name, Slot)] in expert/part order) for the disk
+    tensors that have a place in the skeleton."""
+    slot, slots_of = {}, {}
+    for name in disk_names:
+        s = memory_slot(name, skel.params)
+        if s is not None:
+            slot[name] = s
+            slots_of.setdefault(s.name, []).append((name, s))
+    for pieces in slots_of.values():
+        pieces.sort(key=lambda x: (x[1].expert or 0, x[1].part or ""))
+    return slot, slots_of
+
+
+def first_layer_inputs(skel: Skeleton, ids: torch.Tensor, batch: int, slots_of: dict, read, device, dtype):
+    """(layer-0 inputs [n, T, H] on the CPU in `dtype`, per batch the per-layer forward arguments, the final norm
+    modules still materialised). The embedding is loaded for this and released after it (the 122B's is 1.5 GB);
+    only the final norm stays, for the head's statistics."""
+    top = [m for n, m in skel.text_model.named_children() if n != skel.layers_prefix.rsplit(".", 1)[-1]]
+    with_params = [m for m in top if any(True for _ in m.parameters())]
+    for m in with_params:
+        materialise(skel, m, slots_of, read, device, dtype)
+    xs, layer_args = [], []
+    for b0 in range(0, ids.shape[0], batch):
+        hidden, per_layer = catch_layer_inputs(skel, ids[b0:b0 + batch].to(device))
+        xs.append(hidden.to("cpu"))
+        layer_args.append(per_layer)
+    norms = [m for m in with_params if "norm" in type(m).__name__.lower()]
+    for m in with_params:
+        if m not in norms:
+            release(m)
+    return torch.cat(xs).to(dtype), layer_args, norms

@@ -7,10 +7,12 @@ routing weights), activation salience (sum of the L2 norm of the inputs routed t
 share and the cold experts (< 10 % of the mean share).
 
 Everything is accumulated on the model's device inside the hooks (bincount / index_add / one matmul); the
-single device->host copy happens once at the end, so the probe costs about one plain forward.
+single device->host copy happens once at the end, so the probe costs about one plain forward. The pass is
+`probe_stream`'s: one layer materialised at a time (bf16 by default), so memory is one layer whatever the depth.
+The allocator's grid/levels/budget (`--levels --grid --group --budget`) are checked before the pass.
 
-    python src/quant/moe_probe.py --model DIR|embedded:NAME --calib-file F --tokens N --out probe.json
-        [--ctx 512] [--device cpu|cuda] [--png-dir DIR]
+    python src/quant/moe_probe.py --model DIR|HUB_ID|embedded:NAME --calib-file F --tokens N --out probe.json
+        [--ctx 512] [--device cpu|cuda] [--dtype bfloat16|float32] [--png-dir DIR] [--levels 2,3,4 --grid full]
 """
 from __future__ import annotations
 
@@ -76,10 +78,11 @@ def find_routers(model: torch.nn.Module) -> list[tuple[int, str, torch.nn.Module
     return found
 
 
-def attach(model: torch.nn.Module) -> tuple[dict, list]:
-    """Hooks on every router -> ({layer: LayerAccumulator}, handles)."""
-    routers = find_routers(model)
-    if not routers:
+def attach(model: torch.nn.Module, layer_index: int | None = None, required: bool = True) -> tuple[dict, list]:
+    """Hooks on every router -> ({layer: LayerAccumulator}, handles). `layer_index`: `model` is that one decoder
+    layer (the streamed pass); `required`: a model without routers is an error (else: no hooks)."""
+    routers = [(layer if layer_index is None else layer_index, n, m) for layer, n, m in find_routers(model)]
+    if not routers and required:
         raise ProbeError(f"{type(model).__name__} has no routed experts (no top-k router modules); the probe "
                          f"needs a Mixture-of-Experts model")
     acc, handles = {}, []
@@ -218,69 +221,96 @@ def check_is_moe(model_dir: Path) -> None:
                          f"{', '.join(EXPERT_COUNT_KEYS)}); the probe needs a Mixture-of-Experts model")
 
 
-def resolve_model_dir(spec: str) -> Path:
+def resolve_source(spec: str, revision: str | None = None):
+    """A checkpoint dir, a hub id (weights fetched, as quant_save does) or embedded:NAME -> ckpt_source.Source."""
     import embedded_model
+    from ckpt_source import BuildError, open_source
 
     if embedded_model.is_embedded(spec):
-        return embedded_model.resolve(spec, log=lambda m: print(m, file=sys.stderr))
-    path = Path(spec)
-    if not (path / "config.json").is_file():
-        raise ProbeError(f"--model {spec}: no config.json there (give a checkpoint dir or embedded:NAME)")
-    return path
+        spec = str(embedded_model.resolve(spec, log=lambda m: print(m, file=sys.stderr)))
+    try:
+        source = open_source(spec, revision)
+    except BuildError as e:
+        raise ProbeError(str(e)) from None
+    check_is_moe(source.root)
+    return source
+
+
+def check_alloc_args(levels: str | None, grid: str, group: int, budget: float | None) -> None:
+    """The allocator's levels on its grid (and the budget within them), checked before any pass."""
+    if not levels:
+        return
+    import moe_quant
+
+    try:
+        values = sorted(float(x) for x in levels.split(",") if x.strip())
+        for b in values:
+            moe_quant.QuantSpec(bits=b, group=group, grid=grid)
+    except ValueError as e:
+        raise ProbeError(f"--levels {levels} --grid {grid}: {e}") from None
+    if not values:
+        raise ProbeError("--levels names no bit level")
+    if budget is not None and not values[0] <= budget <= values[-1]:
+        raise ProbeError(f"--budget {budget} is outside the levels {values[0]:g}..{values[-1]:g}")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Router statistics per layer and expert from one calibration "
-                                             "pass (frequency, weight mass, activation salience, entropy, "
-                                             "cold experts, co-activation) -> JSON + PNG heatmaps.")
-    ap.add_argument("--model", required=True, help="checkpoint dir or embedded:NAME (e.g. embedded:smollm2-moe)")
+                                             "pass, streamed one layer at a time (frequency, weight mass, "
+                                             "activation salience, entropy, cold experts, co-activation) -> JSON "
+                                             "+ PNG heatmaps.")
+    ap.add_argument("--model", required=True, help="checkpoint dir, hub id or embedded:NAME (embedded:smollm2-moe)")
+    ap.add_argument("--revision", help="hub revision when --model is a hub id")
     ap.add_argument("--calib-file", required=True, type=Path, help="UTF-8 calibration text")
     ap.add_argument("--tokens", type=int, default=16384, help="calibration tokens to run")
     ap.add_argument("--ctx", type=int, default=512, help="window length")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="forward dtype")
     ap.add_argument("--batch", type=int, default=4, help="windows per forward")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a shared 2-core box one thread ran this model's forward "
                          "5-13x faster than two; 0 = torch's default)")
+    ap.add_argument("--levels", help="the allocator's bit levels, checked on --grid before the pass")
+    ap.add_argument("--grid", default="full", help="the allocator's grid (checked with --levels)")
+    ap.add_argument("--group", type=int, default=128, help="the allocator's group (checked with --levels)")
+    ap.add_argument("--budget", type=float, help="the allocator's budget (checked against --levels)")
     ap.add_argument("--out", required=True, type=Path, help="probe JSON path")
     ap.add_argument("--png-dir", type=Path, default=None, help="where the heatmaps go (default: beside --out)")
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        import importlib.util
 
+        from transformers import AutoTokenizer
+
+        import probe_stream
         import provenance
 
+        check_alloc_args(args.levels, args.grid, args.group, args.budget)
         if not args.calib_file.is_file():
             raise ProbeError(f"--calib-file {args.calib_file} does not exist")
         if args.tokens < 1 or args.ctx < 2:
             raise ProbeError("--tokens must be >= 1 and --ctx >= 2")
-        model_dir = resolve_model_dir(args.model)
-        check_is_moe(model_dir)
-        tok = AutoTokenizer.from_pretrained(str(model_dir))
-        text = args.calib_file.read_text(encoding="utf-8")
-        windows = calibration_windows(tok, text, args.tokens, args.ctx)
-        dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, device_map=args.device).eval()
-        if not find_routers(model):
-            raise ProbeError(f"{model_dir}: {model.config.model_type} has no routed experts; the probe needs "
-                             f"a Mixture-of-Experts model")
-        result = probe_model(model, windows, args.batch)
+        source = resolve_source(args.model, args.revision)
+        tok = AutoTokenizer.from_pretrained(str(source.root))
+        windows = calibration_windows(tok, args.calib_file.read_text(encoding="utf-8"), args.tokens, args.ctx)
+        result = probe_stream.probe_source(source, windows, args.device, getattr(torch, args.dtype), args.batch)
     except ProbeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = {"format": FORMAT, "model": str(model_dir), "model_spec": args.model,
+    result = {"format": FORMAT, "model": str(source.root), "model_spec": args.model,
               "calib_file": str(args.calib_file), "calib_sha256": provenance.sha256_file(args.calib_file),
-              "tokens": int(windows.numel()), "ctx": args.ctx, "model_type": model.config.model_type,
-              "provenance": provenance.record(argv=argv), **result}
+              "tokens": int(windows.numel()), "ctx": args.ctx, "model_type": source.config.get("model_type"),
+              "dtype": args.dtype, "streamed": True, "provenance": provenance.record(argv=argv), **result}
     atomic_io.write_json(args.out, result)
-    pngs = plot(result, args.png_dir or args.out.parent, args.out.stem)
+    pngs = (plot(result, args.png_dir or args.out.parent, args.out.stem)
+            if importlib.util.find_spec("matplotlib") else [])
     s = result["summary"]
     print(f"{s['n_layers']} MoE layers: entropy {s['entropy_norm_mean']:.3f} (min {s['entropy_norm_min']:.3f}), "
           f"max/mean {s['max_over_mean_mean']:.2f} (max {s['max_over_mean_max']:.2f}), "
           f"{s['cold_experts']} cold / {s['total_experts']} experts -> {args.out} "
-          + " ".join(str(p) for p in pngs))
+          + (" ".join(str(p) for p in pngs) if pngs else "(no matplotlib: no heatmaps)"))
     return 0
 
 

@@ -56,6 +56,8 @@ class QuantConfig:
     calib_tokens: int = option(32768, "calibration tokens", legacy=("CALIB_TOKENS",))
     calib_ctx: int = option(512, "calibration window length", legacy=("CALIB_CTX",))
     calib_batch: int = option(8, "windows per forward in the calibration pass")
+    expert_batch: int = option(0, "routed experts per calibrated quantization call (0 = auto: experts / devices; "
+                                  "1 = one call per expert tensor)")
     min_expert_tokens: int = option(128, "routed experts with fewer calibration tokens get statistics blended "
                                          "with the layer's pooled ones", legacy=("MIN_EXPERT_TOKENS",))
     device: str = option("cpu", "cpu | cuda (all visible GPUs) | cuda:N", legacy=("DEVICE",))

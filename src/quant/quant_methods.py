@@ -187,18 +187,29 @@ def keep_better_than_clip(w: torch.Tensor, axis: int, h: torch.Tensor, res: Quan
     codes = torch.where(pick3, _as_batched(clip.codes, axis)[0], _as_batched(res.codes, axis)[0])
     scales = unlead(torch.where(pick3, lead(clip.scales), lead(res.scales)))
     zeros = None if res.zeros is None else unlead(torch.where(pick3, lead(clip.zeros), lead(res.zeros)))
-    d = deq.double() - wb.double()
     return QuantResult(_from_batched(deq, w.ndim, axis).contiguous(), _from_batched(codes, w.ndim, axis).contiguous(),
-                       scales, float((d * d).sum()), res.sq_ref, zeros, None)
+                       scales, sum_sq_fp64(deq, wb), res.sq_ref, zeros, None)
+
+
+def sum_sq_fp64(a: torch.Tensor, b: torch.Tensor | None = None, rows: int = 4096) -> float:
+    """sum((a - b)^2) (or sum(a^2)) in fp64, over blocks of `rows` rows of the last two dims, so no fp64 copy of
+    a whole tensor is made (the 122B's lm_head is [248320, 3072]: 6.1 GB per fp64 copy)."""
+    total = 0.0
+    a3 = a.reshape(-1, a.shape[-2], a.shape[-1]) if a.ndim >= 2 else a.reshape(1, 1, -1)
+    b3 = None if b is None else b.reshape(a3.shape)
+    for r0 in range(0, a3.shape[1], rows):
+        d = a3[:, r0:r0 + rows].double()
+        if b3 is not None:
+            d = d - b3[:, r0:r0 + rows].double()
+        total += float((d * d).sum())
+    return total
 
 
 def _finish(w: torch.Tensor, axis: int, codes, scales, zeros, deq, in_scale=None) -> QuantResult:
     """Batched [B, R, K] results -> a QuantResult in w's layout and dtype (sums in fp64, fixed order)."""
     wb, _ = _as_batched(w, axis)
-    wf = wb.float()
-    d = deq.float() - wf
-    sq_err = float((d.double() ** 2).sum())
-    sq_ref = float((wf.double() ** 2).sum())
+    sq_err = sum_sq_fp64(deq, wb)
+    sq_ref = sum_sq_fp64(wb)
     dequant = _from_batched(deq.to(w.dtype), w.ndim, axis)
     codes = _from_batched(codes, w.ndim, axis)
     lead = (lambda t: t if w.ndim == 3 else t.squeeze(0))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -73,6 +74,7 @@ class BuildConfig:
     size_for: str | None = None
     costs: str | None = None
     emit: tuple = ("dequant",)  # exports of the store (export_run.EMITS)
+    expert_batch: int = 0  # routed experts per quantization call (0 = auto; 1 = one call per expert tensor)
 
     def calib_request(self) -> calib_source.CalibRequest:
         return calib_source.CalibRequest(file=self.calib_file, dataset=self.calib_dataset, kind=self.calib,
@@ -176,13 +178,13 @@ def build(args) -> dict:
     if windows is not None:
         import calib_stats
 
-        key = {**identity, "device": devices[0], "batch_windows": cfg.calib_batch,
-               "min_expert_tokens": cfg.min_expert_tokens}
-        ccfg = calib_stats.CalibConfig(windows, progress / "calib", key, device=devices[0],
+        key = dict(identity, device=devices[0], batch_windows=cfg.calib_batch, min_expert_tokens=cfg.min_expert_tokens)
+        ccfg = calib_stats.CalibConfig(windows, progress / "calib", key, device=devices[0], devices=tuple(devices),
                                        batch_windows=cfg.calib_batch, min_tokens=cfg.min_expert_tokens,
-                                       progress=cfg.progress)
-        calib_out = calib_stats.run_calibration(source, plans, recipe, ccfg)
-        precomputed = shard_writer.Precomputed(calib_out.files)
+                                       progress=cfg.progress, expert_chunk=cfg.expert_batch)
+        store = shard_writer.InPlaceShards(progress, out, source)  # calibrated tensors go straight into the shards
+        calib_out = calib_stats.run_calibration(source, plans, recipe, ccfg, store)
+        precomputed = shard_writer.Precomputed(calib_out.files, store.store_dir)
 
     records: dict[str, dict] = {}
     resumed: list[str] = []
@@ -283,14 +285,19 @@ def probe_plan(qcfg):
         raise BuildError("--probe needs --probe-calib FILE (or --calib-file): the text the router is probed on")
     probe_dir = Path(str(qcfg.out) + ".probe")
     here = Path(__file__).resolve().parent
-    steps = [("probe", [sys.executable, here / "moe_probe.py", "--model", qcfg.model, "--calib-file", text,
-                        "--tokens", qcfg.probe_tokens, "--out", probe_dir / "probe.json"]),
-             ("alloc", [sys.executable, here / "moe_alloc.py", "--probe", probe_dir / "probe.json", "--model",
-                        qcfg.model, "--budget", qcfg.alloc_budget, "--strategy", qcfg.alloc_strategy, "--levels",
-                        qcfg.alloc_levels, "--grid", qcfg.grid, "--group", qcfg.group,
-                        "--out", probe_dir / "plan.json"])]  # costed on the grid the build uses
+    device = qcfg.device.split(",")[0] if qcfg.device.startswith("cuda") else "cpu"
+    probe = [sys.executable, here / "moe_probe.py", "--model", qcfg.model, "--calib-file", text, "--tokens",
+             qcfg.probe_tokens, "--device", device, "--out", probe_dir / "probe.json", "--levels", qcfg.alloc_levels,
+             "--grid", qcfg.grid, "--group", qcfg.group, "--budget", qcfg.alloc_budget,
+             *(["--revision", qcfg.revision] if qcfg.revision else [])]  # streamed; the plan's knobs checked first
+    alloc = [sys.executable, here / "moe_alloc.py", "--probe", probe_dir / "probe.json", "--budget",
+             qcfg.alloc_budget, "--strategy", qcfg.alloc_strategy, "--levels", qcfg.alloc_levels, "--grid", qcfg.grid,
+             "--group", qcfg.group, "--out", probe_dir / "plan.json"]  # costed on the grid the build uses
+    steps = [("probe", probe), ("alloc", alloc)]
     probe_dir.mkdir(parents=True, exist_ok=True)
     for name, cmd in steps:
+        if name == "alloc":  # the model dir the probe resolved (a hub id or embedded:NAME, downloaded once)
+            cmd += ["--model", json.loads((probe_dir / "probe.json").read_text())["model"]]
         print(f"quant_save: {name}: {' '.join(map(str, cmd))}", file=sys.stderr, flush=True)
         try:
             step_runner.run_step(name, cmd, Path.cwd(), timeout_s=7 * 24 * 3600, echo=sys.stderr)

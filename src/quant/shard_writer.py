@@ -2,8 +2,9 @@
 
 Same dtypes and shapes => same offsets, so an output shard reuses its source's header bytes and tensors
 are streamed into place one at a time: no shard is ever held in RAM. Tensors the calibration pass has
-already quantized (true-sequential methods need them before the next layer runs) are copied from its
-per-layer files instead of being quantized again.
+already quantized (true-sequential methods need them before the next layer runs) were written in place into
+the shard's `.partial` file by that pass (`InPlaceShards`), so each reaches the disk once; the writer fills in
+the rest around them.
 
 Resume: a shard is written to a temp name and renamed, then a record (source signature + recipe + code
 hash + calibration identity + output sha256) is written; a rerun reuses a shard only if its record
@@ -15,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import threading
 import time
@@ -39,7 +41,7 @@ NON_FINITE_MASKS = {"BF16": ("<u2", 0x7F80), "F16": ("<u2", 0x7C00), "F32": ("<u
 STORE_DIR = "_ptq_store"  # OUT/_ptq_store/<shard file>: the packed codes + scales (store_pack.py)
 QUANTIZER_FILES = ("store_pack.py", "moe_quant.py", "quant_kernels_cpu.py", "quant_methods.py", "model_adapters.py", "footprint.py",
                    "build_plan.py", "weight_quant.py", "shard_writer.py", "calib_stats.py", "calib_accum.py", "layer_io.py",
-                   "calib_source.py")
+                   "calib_source.py", "calib_quant.py", "calib_forward.py", "calib_checkpoint.py")
 
 
 def quantizer_sha256() -> str:
@@ -59,19 +61,106 @@ def tensor_bytes(t) -> memoryview:
 
 
 class Precomputed:
-    """Tensors already quantized by the calibration pass: name -> safetensors file holding its dequantized copy."""
+    """Tensors the calibration pass has already quantized and written in place into the shard's `.partial` file
+    (`InPlaceShards`): the writer leaves their bytes where they are and only reads them back for the hash; their
+    packed-store entries wait in `store_dir` (one small file per tensor, `InPlaceShards.write_entries`)."""
 
-    def __init__(self, files: dict[str, Path] | None = None):
-        self.files = dict(files or {})
+    def __init__(self, files=None, store_dir: Path | None = None):
+        self.files = dict.fromkeys(files or ())
+        self.store_dir = store_dir
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
-    def get(self, name: str):
+    def __bool__(self) -> bool:
+        return bool(self.files)
+
+    def get_store(self, name: str) -> dict:
+        """The store entries the calibration pass saved for `name` (store_pack.to_tensors)."""
         from safetensors import safe_open
 
-        with safe_open(str(self.files[name]), framework="pt", device="cpu") as st:
-            return st.get_tensor(name)
+        path = entries_path(self.store_dir, name) if self.store_dir is not None else None
+        if path is None or not path.is_file():
+            raise BuildError(f"{name}: the calibration pass left no store entries ({path}); rerun with --force")
+        with safe_open(str(path), framework="pt", device="cpu") as st:
+            flat = {k: st.get_tensor(k) for k in st.keys()}
+        entries = store_pack.from_tensors(flat, name)
+        if not entries:
+            raise BuildError(f"{name}: {path} holds no store entries; rerun with --force")
+        return entries
+
+
+def entries_path(store_dir: Path, name: str) -> Path:
+    return Path(store_dir) / f"{name}.safetensors"
+
+
+class InPlaceShards:
+    """Writes quantized tensors straight into the output shards' `.partial` files at their offsets (the output
+    has the source's header, so a tensor's offsets are known before the shard is written): each calibrated
+    tensor reaches the disk once. `verify` re-hashes a tensor's bytes (for a resumed calibration)."""
+
+    def __init__(self, progress: Path, out: Path, source):
+        self.progress, self.out = progress, out
+        self.where = {t.name: (s, t) for s in source.shards for t in s.tensors}
+        self.lock = threading.Lock()
+
+    def partial(self, shard: ShardHeader) -> Path:
+        return self.progress / f"{shard.file}.partial"
+
+    def write(self, name: str, t) -> str:
+        shard, entry = self.where[name]
+        data = tensor_bytes(t.to("cpu"))
+        if data.nbytes != entry.end - entry.start:
+            raise BuildError(f"{name}: quantized tensor has {data.nbytes} bytes, expected {entry.end - entry.start}")
+        path = self.partial(shard)
+        with self.lock:
+            if not path.is_file():
+                with open(path, "wb") as f:
+                    f.write(shard.header_bytes)
+                    f.truncate(shard.size)  # sparse: only what is written takes space
+        with open(path, "r+b") as f:
+            f.seek(shard.data_start + entry.start)
+            f.write(data)
+        return hashlib.sha256(data).hexdigest()
+
+    @property
+    def store_dir(self) -> Path:
+        return self.progress / "store_parts"
+
+    def write_entries(self, name: str, entries: dict) -> None:
+        """The packed-store entries of a calibrated tensor (codes, scales, zeros), kept until its shard is written."""
+        from safetensors.torch import save
+
+        atomic_io.write_bytes(entries_path(self.store_dir, name), save(store_pack.to_tensors(entries, with_spec=True)))
+
+    def verify(self, name: str, sha256: str) -> bool:
+        shard, entry = self.where[name]
+        path = self.partial(shard)
+        path = path if path.is_file() else self.out / shard.file
+        if not path.is_file() or path.stat().st_size != shard.size:
+            return False
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            f.seek(shard.data_start + entry.start)
+            _copy_range(f, None, entry.end - entry.start, h, name)
+        return h.hexdigest() == sha256
+
+
+def _copy_range(src, dst, n: int, digest, name: str, finite_dtype: str | None = None) -> None:
+    """Stream n bytes from src's position into digest (and dst, when given); with `finite_dtype`, a NaN/Inf is
+    refused like one in a quantized tensor (the output would carry it)."""
+    while n:
+        block = src.read(min(COPY_CHUNK, n))
+        if not block:
+            raise OSError(f"unexpected end of file while reading {name}")
+        bad = non_finite_count(finite_dtype, block) if finite_dtype else 0
+        if bad:
+            raise BuildError(f"{name} holds {bad} NaN/Inf value(s); it is copied unchanged, so the output would "
+                             "hold them too: fix the source checkpoint")
+        if dst is not None:
+            dst.write(block)
+        digest.update(block)
+        n -= len(block)
 
     def get_store(self, name: str) -> dict:
         """The store entries the calibration pass saved beside the dequantized copy (store_pack.to_tensors)."""
@@ -128,41 +217,33 @@ def quantize_shard(shard: ShardHeader, rows: list[TensorPlan], out_path: Path, t
     entries: dict = {}
     digest = hashlib.sha256(shard.header_bytes)
     t0 = time.perf_counter()
+    in_place = any(p.entry.name in precomputed for p in rows)
+    if in_place and not tmp_path.is_file() and out_path.is_file():
+        shutil.copyfile(out_path, tmp_path)  # calibrated tensors verified in a finished shard that must be redone
     try:
         with open(shard.path, "rb") as raw, safe_open(str(shard.path), framework="pt", device="cpu") as st, \
-                open(tmp_path, "wb") as out:
+                open(tmp_path, "r+b" if in_place else "wb") as out:
             out.write(shard.header_bytes)
             for p in rows:
                 t = p.entry
                 sq_err = sq_ref = 0.0
+                out.seek(shard.data_start + t.start)
                 if not p.quantized:
                     raw.seek(shard.data_start + t.start)
-                    remaining = t.end - t.start
-                    while remaining:
-                        block = raw.read(min(COPY_CHUNK, remaining))
-                        if not block:
-                            raise OSError(f"unexpected end of file in {shard.file} while reading {t.name}")
-                        bad = non_finite_count(t.dtype, block)
-                        if bad:  # refused like a quantized tensor holding NaN/Inf: the output would carry it
-                            raise BuildError(f"{t.name} ({shard.file}) holds {bad} NaN/Inf value(s); it is copied "
-                                             "unchanged, so the output would hold them too: fix the source checkpoint")
-                        out.write(block)
-                        digest.update(block)
-                        remaining -= len(block)
+                    _copy_range(raw, out, t.end - t.start, digest, f"{t.name} ({shard.file})", t.dtype)
                     raw_t = st.get_tensor(t.name)
                     entries[t.name] = ({**store_pack.raw_spec(raw_t), "role": p.role.role.value}, {"raw": raw_t})
+                elif t.name in precomputed:  # already in place: read back for the hash only
+                    _copy_range(out, None, t.end - t.start, digest, f"{t.name} of {tmp_path}")
+                    entries.update(precomputed.get_store(t.name))
                 else:
-                    if t.name in precomputed:
-                        dq = precomputed.get(t.name)
-                        entries.update(precomputed.get_store(t.name))
-                    else:
-                        w = st.get_tensor(t.name).to(device)
-                        res = weight_quant.quantize_weight(t.name, w, p, recipe)
-                        dq, sq_err, sq_ref = res.dequant, res.sq_err, res.sq_ref
-                        entries.update(res.store)
-                        if stats is not None:
-                            stats[t.name] = {"method": res.method, "statistics": None}
-                        del w, res
+                    w = st.get_tensor(t.name).to(device)
+                    res = weight_quant.quantize_weight(t.name, w, p, recipe)
+                    dq, sq_err, sq_ref = res.dequant, res.sq_err, res.sq_ref
+                    entries.update(res.store)
+                    if stats is not None:
+                        stats[t.name] = {"method": res.method, "statistics": None}
+                    del w, res
                     data = tensor_bytes(dq.to("cpu"))
                     if data.nbytes != t.end - t.start:
                         raise BuildError(f"{t.name}: quantized tensor has {data.nbytes} bytes, expected {t.end - t.start}")
@@ -171,10 +252,12 @@ def quantize_shard(shard: ShardHeader, rows: list[TensorPlan], out_path: Path, t
                     del dq, data
                 build_plan.tally_tensor(tallies, p, sq_err, sq_ref)
                 on_bytes(t.end - t.start)
+            out.truncate(shard.size)
             out.flush()
             os.fsync(out.fileno())
     except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        if not in_place:  # a partial holding calibrated tensors is kept: a rerun verifies and reuses them
+            tmp_path.unlink(missing_ok=True)
         raise
     if tmp_path.stat().st_size != shard.size:
         raise BuildError(f"{shard.file}: wrote {tmp_path.stat().st_size} bytes, source has {shard.size}")

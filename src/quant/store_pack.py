@@ -260,3 +260,27 @@ def from_tensors(tensors: dict[str, torch.Tensor], name: str) -> dict[str, tuple
         else:
             parts[part] = t
     return entries
+
+
+def concat_rows(name: str, blocks: list[tuple[dict, dict]]) -> tuple[dict, dict]:
+    """One entry from row blocks of a 2-D tensor quantized block by block (a head too large for one call):
+    codes and zeros concatenate byte-wise when every block's packing ends on a byte, scales along the rows."""
+    infos = [i for i, _ in blocks]
+    first = dict(infos[0])
+    if first.get("kind") != "quant" or len(first["shape"]) != 2 or first["axis"] != 1:
+        raise ValueError(f"{name}: only 2-D row blocks quantized along their columns can be joined")
+    parts: dict = {}
+    for part in ("codes", "zeros"):
+        got = [p.get(part) for _, p in blocks]
+        if any(g is None for g in got):
+            continue
+        per_row = [(i["shape"][1] if part == "codes" else g.numel() * 8 // max(i["width"] * i["shape"][0], 1))
+                   for i, g in zip(infos, got)]
+        if any((r * i["width"]) % 8 for r, i in zip(per_row, infos)):
+            raise ValueError(f"{name}: {part} of a row block do not end on a byte; it cannot be stored in blocks")
+        parts[part] = torch.cat(got)
+    parts["scales"] = torch.cat([p["scales"] for _, p in blocks])
+    if any("in_scale" in p for _, p in blocks):
+        raise ValueError(f"{name}: a per-channel input scale (awq) differs between row blocks; quantize it whole")
+    first["shape"] = [sum(i["shape"][0] for i in infos), first["shape"][1]]
+    return first, parts

@@ -33,6 +33,7 @@ class WeightResult:
     proxy_diag_clip: float | None = None
     # the packed store's entries: key (the tensor name, `name#E` per expert slice) -> (entry spec, part tensors)
     store: dict | None = None
+    per_slice: dict | None = None  # 3-D weights with H: the proxies above per expert (lists), for batched callers
 
 
 def check_finite(name: str, w: torch.Tensor) -> None:
@@ -69,9 +70,10 @@ def _quantize_one(w, spec, axis, method, recipe, hessian):
     return dq, sq_err, sq_ref, (None if clip is None else (clip.dequant, *proxies)), (info, store_pack.encode(res, info))
 
 
-def _proxies(w, dq, hessian, axis, full_per_expert: torch.Tensor | None = None) -> tuple[float, float]:
-    """(tr(dW H dWᵀ), tr(dW diag(H) dWᵀ)) summed over rows (and experts); fp32 products, fp64 totals.
-    `full_per_expert`: the [B] fp32 tr(dW H dWᵀ) already computed (by the clip guard), the same numbers."""
+def _proxies(w, dq, hessian, axis, full_per_expert: torch.Tensor | None = None):
+    """(tr(dW H dWᵀ), tr(dW diag(H) dWᵀ)) summed over rows (and experts), and the same per expert ([B] fp64);
+    fp32 products, fp64 totals. `full_per_expert`: the [B] fp32 tr(dW H dWᵀ) already computed (by the clip
+    guard), the same numbers."""
     d = (dq.float() - w.float()).movedim(axis % w.ndim, -1)
     if d.ndim == 2:
         d = d.unsqueeze(0)
@@ -79,9 +81,9 @@ def _proxies(w, dq, hessian, axis, full_per_expert: torch.Tensor | None = None) 
     h = h if h.ndim == 3 else h.unsqueeze(0)
     if full_per_expert is None:
         full_per_expert = ((d @ h) * d).sum(dim=(1, 2))
-    full = float(full_per_expert.double().sum())
-    diag = float(((d * d) * h.diagonal(dim1=-2, dim2=-1)[:, None, :]).sum(dim=(1, 2)).double().sum())
-    return full, diag
+    diag_per_expert = ((d * d) * h.diagonal(dim1=-2, dim2=-1)[:, None, :]).sum(dim=(1, 2)).double()
+    full_per_expert = full_per_expert.double()
+    return float(full_per_expert.sum()), float(diag_per_expert.sum()), full_per_expert, diag_per_expert
 
 
 def quantize_weight(name: str, w: torch.Tensor, plan: TensorPlan, recipe: Recipe, hessian: torch.Tensor | None = None,
@@ -117,16 +119,23 @@ def quantize_weight(name: str, w: torch.Tensor, plan: TensorPlan, recipe: Recipe
         info["role"] = plan.role.role.value  # exporters pick formats by role (an embedding is no Linear)
     result = WeightResult(dq, sq_err, sq_ref, method, store=store)
     if hessian is not None:
-        result.proxy, result.proxy_diag = _proxies(w, dq, hessian, axis, None if baseline is None else baseline[1])
+        result.proxy, result.proxy_diag, full, diag = _proxies(w, dq, hessian, axis,
+                                                               None if baseline is None else baseline[1])
+        per = {"proxy": full, "proxy_diag": diag}
         if compare_clip:
             if method == "clip":
                 result.proxy_clip, result.proxy_diag_clip = result.proxy, result.proxy_diag
-            elif baseline is not None:  # the guard already quantized with clip and scored it on H
-                result.proxy_clip, result.proxy_diag_clip = _proxies(w, baseline[0], hessian, axis, baseline[2])
+                per.update(proxy_clip=full, proxy_diag_clip=diag)
             else:
-                clip_dq = (moe_quant.quantize_tensor(w, plan.spec, axis=axis, return_codes=False).dequant
-                           if plan.slice_specs is None else _sliced_clip(w, plan))
-                result.proxy_clip, result.proxy_diag_clip = _proxies(w, clip_dq, hessian, axis)
+                if baseline is not None:  # the guard already quantized with clip and scored it on H
+                    clip_dq, clip_full = baseline[0], baseline[2]
+                else:
+                    clip_dq, clip_full = (moe_quant.quantize_tensor(w, plan.spec, axis=axis, return_codes=False).dequant
+                                          if plan.slice_specs is None else _sliced_clip(w, plan)), None
+                result.proxy_clip, result.proxy_diag_clip, cf, cd = _proxies(w, clip_dq, hessian, axis, clip_full)
+                per.update(proxy_clip=cf, proxy_diag_clip=cd)
+        if w.ndim == 3:
+            result.per_slice = {k: v.tolist() for k, v in per.items()}
     return result
 
 
