@@ -42,6 +42,25 @@ def recover_one(target, src: opd_ckpt.RowReader, stu: opd_ckpt.RowReader) -> tup
     return s, z
 
 
+def _recover_part(student: Path, source: Path, targets: list, out: Path) -> int:
+    """Recover and write one rank's share (runs in a spawned child, see student_grid)."""
+    from safetensors.torch import save
+
+    tensors = {}
+    with contextlib.ExitStack() as stack:
+        names = [t.name for t in targets]
+        src = opd_ckpt.RowReader(source, names, stack)
+        stu = opd_ckpt.RowReader(student, names, stack)
+        for t in targets:
+            s, z = recover_one(t, src, stu)
+            tensors[f"{t.name}::scales"] = s.contiguous()
+            if z is not None:
+                tensors[f"{t.name}::zeros"] = z.contiguous()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_io.write_bytes(out, save(tensors))
+    return len(targets)
+
+
 def _part(cache: Path, rank: int, world: int) -> Path:
     return cache / f"part-{rank}-of-{world}.safetensors"
 
@@ -49,24 +68,19 @@ def _part(cache: Path, rank: int, world: int) -> Path:
 def student_grid(student: Path, source: Path, targets, cache_dir: Path, rank: int = 0, world: int = 1,
                  barrier=lambda: None, log=lambda m: None) -> tuple[dict, dict]:
     """({target name: scales}, {target name: zeros or None}) for every target, identical on every rank."""
-    from safetensors.torch import load_file, save
+    import multiprocessing
+
+    from safetensors.torch import load_file
 
     cache = Path(cache_dir) / f"grid-{grid_key(student, source, targets)}"
     mine = _part(cache, rank, world)
     if not mine.is_file():
-        tensors = {}
-        with contextlib.ExitStack() as stack:
-            names = [t.name for t in targets]
-            src = opd_ckpt.RowReader(source, names, stack)
-            stu = opd_ckpt.RowReader(student, names, stack)
-            for t in targets[rank::world]:
-                s, z = recover_one(t, src, stu)
-                tensors[f"{t.name}::scales"] = s.contiguous()
-                if z is not None:
-                    tensors[f"{t.name}::zeros"] = z.contiguous()
-        cache.mkdir(parents=True, exist_ok=True)
-        atomic_io.write_bytes(mine, save(tensors))
-        log(f"opd: grid of {len(targets[rank::world])} targets recovered by rank {rank}, checked against the student")
+        # In a spawned child: the numba clip-search kernels change this process's floating-point state
+        # (measured: the same training step then gives a loss 1e-3 apart), so a run that recovers the
+        # grid and a resumed run that reads it would not reproduce each other's loss curve.
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            n = pool.apply(_recover_part, (Path(student), Path(source), list(targets[rank::world]), mine))
+        log(f"opd: grid of {n} targets recovered by rank {rank}, checked against the student")
     barrier()
     found = {}
     for r in range(world):
