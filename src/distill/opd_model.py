@@ -97,6 +97,17 @@ def skeleton(student: Path, dtype: torch.dtype) -> torch.nn.Module:
         return transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
 
 
+def import_model_code(student: Path) -> None:
+    """Import everything a build imports (transformers' modeling module, FSDP, safetensors) without building:
+    the trainer's "RSS after imports" baseline is taken after this."""
+    import safetensors.torch  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
+    import transformers
+
+    with torch.device("meta"):
+        transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(str(student)))
+
+
 def init_lora_(mods: dict, targets: list, seed: int) -> None:
     """A of target i from generator (seed, i), B = 0; each rank writes only its own rows."""
     for i, t in enumerate(targets):

@@ -140,8 +140,9 @@ def train(cfg: TrainConfig, fresh: bool = False, argv=None, stop_after: int | No
 
 def _train(cfg: TrainConfig, dist: opd_dist.Dist, fresh: bool, argv, stop_after: int | None) -> dict:
     log = (lambda m: print(m, file=sys.stderr)) if dist.rank == 0 else (lambda m: None)
-    rss_base = opd_dist.rss_mib()  # after imports, before anything is loaded
     meta = opd_data.read_student_meta(cfg.student)
+    opd_model.import_model_code(cfg.student)
+    rss_base = opd_dist.rss_mib()  # after every import (transformers' model code too), before any load
     source = opd_model.source_dir(meta, cfg.source)
     index, items = opd_batches.load_items(cfg.scores)
     opd_data.check_same_vocab(index["teacher"]["dir"], cfg.student)
