@@ -56,3 +56,34 @@ def test_shipped_opd_env_fits_4x80gb_on_the_122b(inv_122b):
     assert bad.shard_frozen is False and opd_memory.plan(inv, bad)["train"]["frozen_weights"] > 200
     # without activation checkpointing 48 layers' working sets at 32k tokens do not fit either
     assert not opd_memory.plan(inv, replace(o, checkpoint_layers=False, micro_tokens=32768))["train"]["fits"]
+
+
+def _distill(env_extra: dict, *args):
+    env = {**os.environ, **shipped_env(), **env_extra,
+           "PYTHONPATH": os.pathsep.join(str(ROOT / d) for d in ("src/quant", "src/eval", "src/distill"))}
+    return subprocess.run(["python", "-m", "distill_run", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def test_dry_run_prints_every_steps_peak_for_the_122b_on_4x80gb(tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN35_122B))
+    out = _distill({"OPD_TEACHER": str(tmp_path), "OPD_STUDENT": "", "OPD_DEVICE": "cuda", "OPD_NPROC": "4",
+                    "OPD_BATCH_SEQS": "8", "OPD_TENSOR_PARALLEL_SIZE": "4"}, "--dry-run")
+    assert out.returncode == 0, out.stderr[-2000:]
+    for step in ("gen-student", "score", "train", "merge"):
+        assert f"  {step} " in out.stdout
+    assert "4 ranks x 80 GiB" in out.stdout and "48 layers, vocab 248320" in out.stdout
+    assert "training fits" in out.stdout or "try --cpu-offload" in out.stdout
+    with_offload = _distill({"OPD_TEACHER": str(tmp_path), "OPD_STUDENT": "", "OPD_DEVICE": "cuda", "OPD_NPROC": "4",
+                             "OPD_BATCH_SEQS": "8", "OPD_CPU_OFFLOAD": "1"}, "--dry-run")
+    assert "training fits" in with_offload.stdout, with_offload.stdout
+
+
+def test_every_bad_value_is_named_in_one_error_before_step_1():
+    out = _distill({"OPD_LOSS": "kl", "OPD_RANK": "0", "OPD_NPROC": "3", "OPD_ENGINE_ARG": "oops",
+                    "OPD_PROMPTS": "no/such.jsonl", "OPD_LR": "fast"}, "--dry-run")
+    assert out.returncode == 2
+    err = out.stderr.strip().splitlines()[-1]
+    for name in ("OPD_LOSS", "OPD_RANK", "OPD_BATCH_SEQS", "OPD_ENGINE_ARG", "OPD_PROMPTS", "OPD_LR"):
+        assert name in err, err

@@ -35,7 +35,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import atomic_io
+import distill_steps
 import provenance
+from distill_steps import eval_cmd, gen_cmd, score_cmd, train_cmd
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = "moe-lowbit/opd-run/1"
@@ -88,10 +90,19 @@ class DistillConfig:
     fidelity_ctx: int = 64
     fidelity_tokens: int = 4096
     step_timeout_s: int = 1800
+    tensor_parallel_size: int = 1  # vLLM steps (gen, score, eval): GPUs one engine spans
+    engine_arg: str = ""  # vLLM engine arguments for gen/score, "KEY=VALUE KEY=VALUE"
+    enforce_eager: str = "auto"  # auto: CUDA graphs on a GPU, eager on CPU | on | off
+    score_backend: str = "auto"  # auto: vllm on a GPU (TP over all cards), hf on CPU
+    shard_frozen: str = "auto"  # auto: shard the frozen weights on a GPU, replicate on CPU | on | off
+    cpu_offload: bool = False
+    train_python: str = ""  # interpreter of the train venv (FSDP2); distill.sh sets it from MOE_LOWBIT_TRAIN_VENV
+    eval_python: str = ""  # interpreter of the eval venv (vLLM); distill.sh sets it from MOE_LOWBIT_VENV
+    gpu_gib: float = 80.0  # memory of one GPU, for --dry-run's plan
 
 
 def config_from(args: argparse.Namespace, env=os.environ) -> DistillConfig:
-    values = {}
+    values, bad = {}, []
     for f in fields(DistillConfig):
         raw = getattr(args, f.name, None)
         if raw is None:
@@ -102,8 +113,12 @@ def config_from(args: argparse.Namespace, env=os.environ) -> DistillConfig:
         try:
             values[f.name] = conv(raw)
         except ValueError:
-            raise DistillError(f"OPD_{f.name.upper()}={raw!r} is not a valid {f.type}", "config", 2) from None
-    return DistillConfig(**values)
+            bad.append(f"OPD_{f.name.upper()}={raw!r} is not a valid {f.type}")
+    cfg = DistillConfig(**values)
+    bad += distill_steps.config_problems(cfg)
+    if bad:
+        raise DistillError(f"{len(bad)} bad value(s): " + "; ".join(bad), "config", 2)
+    return cfg
 
 
 # -------------------------------------------------------------------------------------------- steps
@@ -153,41 +168,6 @@ def read_json(path: Path, step: str) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise DistillError(f"wrote no readable JSON at {path}: {e}", step) from None
-
-
-def torchrun(cfg: DistillConfig) -> list:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", cfg.nproc]
-
-
-def gen_cmd(cfg, model, out) -> list:
-    cmd = [sys.executable, REPO_ROOT / "src/distill/opd_gen.py", "--model", model, "--prompts", REPO_ROOT / cfg.prompts,
-           "--out", out, "--n", cfg.n, "--temperature", cfg.temperature, "--max-new-tokens", cfg.max_new_tokens,
-           "--seed", cfg.seed]
-    return cmd + (["--finished-only"] if cfg.finished_only else [])
-
-
-def train_cmd(cfg, student, scores, out, loss) -> list:
-    return torchrun(cfg) + [REPO_ROOT / "src/distill/opd_train_fsdp.py", "--student", student, "--scores", scores,
-                            "--out", out, "--loss", loss, "--lora-roles", cfg.lora_roles, "--rank", cfg.rank,
-                            "--alpha", cfg.alpha, "--lr", cfg.lr, "--batch-seqs", cfg.batch_seqs,
-                            "--micro-seqs", cfg.micro_seqs, "--token-budget", cfg.token_budget, "--seed", cfg.seed,
-                            "--device", cfg.device, "--save-every", "2"]
-
-
-def eval_cmd(cfg, model, tag, results: Path, reference: str | None) -> list:
-    cmd = [sys.executable, "-m", "vllm_eval8", "--model", model, "--tag", tag, "--role", "quant", "--backend", "vllm",
-           "--benchmarks", cfg.benchmarks, "--thinking", "off", "--temperature", "0", "--seed", "0", "--data-seed", "0",
-           "--max-new-tokens", cfg.eval_max_new_tokens, "--max-model-len", cfg.eval_max_new_tokens + 1024,
-           "--dtype", "auto", "--results-dir", results / "vllm_eval", "--no-progress", "--restart"]
-    if cfg.device == "cpu":
-        cmd += ["--enforce-eager", "on"]
-    if cfg.eval_n:
-        cmd += ["--n", cfg.eval_n]
-    for item in cfg.data_files.split(","):
-        if item.strip():
-            bench, path = item.split("=", 1)
-            cmd += ["--data-file", f"{bench}={REPO_ROOT / path}"]
-    return cmd + (["--reference-tag", reference] if reference else [])
 
 
 # -------------------------------------------------------------------------------------------- table
@@ -318,9 +298,8 @@ def run(cfg: DistillConfig, fresh: bool) -> dict:
     timed("gen-student", lambda: run_step("gen-student", gen_cmd(cfg, student_dir, paths["roll_student"]), logs, T))
     timed("gen-teacher", lambda: run_step("gen-teacher", gen_cmd(cfg, teacher_dir, paths["roll_teacher"]), logs, T))
     for who in ("student", "teacher"):
-        timed(f"score-{who}", lambda who=who: run_step(f"score-{who}", [
-            sys.executable, REPO_ROOT / "src/distill/opd_score.py", "--teacher", teacher_dir, "--student", student_dir,
-            "--rollouts", paths[f"roll_{who}"], "--out", paths[f"scores_{who}"], "--k", cfg.k], logs, T))
+        timed(f"score-{who}", lambda who=who: run_step(f"score-{who}", score_cmd(
+            cfg, teacher_dir, student_dir, paths[f"roll_{who}"], paths[f"scores_{who}"]), logs, T))
     for arm, scores, loss in (("opd", "scores_student", cfg.loss), ("offpolicy", "scores_teacher", cfg.offpolicy_loss)):
         timed(f"train-{arm}", lambda arm=arm, scores=scores, loss=loss: run_step(
             f"train-{arm}", train_cmd(cfg, student_dir, paths[scores], paths[f"run_{arm}"], loss), logs, T))
@@ -352,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"[env OPD_{f.name.upper()}, default {f.default!r}]")
     ap.add_argument("--smoke", action="store_true", help="the offline fixture end to end (configs/opd.env defaults)")
     ap.add_argument("--fresh", action="store_true", help="delete this tag's work dir first (else steps resume)")
+    ap.add_argument("--dry-run", action="store_true", help="check the config, print every step's peak memory per "
+                                                           "rank (model built on the meta device), run nothing")
     return ap
 
 
@@ -359,6 +340,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from(args)
+        if args.dry_run:
+            teacher = resolve_model(cfg.teacher, "resolve")
+            student = resolve_model(cfg.student, "resolve") if cfg.student else None
+            print(distill_steps.memory_plan(cfg, teacher, student))
+            return 0
         summary = run(cfg, args.fresh)
     except DistillError as e:
         print(f"DISTILL FAILED at step {e.step}: {e}", file=sys.stderr)
