@@ -31,17 +31,25 @@ def memory_name(param_name: str) -> str | None:
     return f"{owner}.{attr}" if leaf == "original" else None
 
 
-def disk_tensors(ckpt: Path) -> dict[str, Path]:
-    """Disk tensor name -> shard file of a safetensors checkpoint (from the headers only)."""
-    from safetensors import safe_open
+DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+
+
+def disk_tensors(ckpt: Path) -> dict[str, tuple]:
+    """Disk tensor name -> (shard path, byte offset of its data, TensorEntry), from the headers only."""
+    import ckpt_source
 
     files = sorted(Path(ckpt).glob("*.safetensors"))
     if not files:
         raise OpdInputError(f"{ckpt} holds no *.safetensors")
     out = {}
     for f in files:
-        with safe_open(str(f), "pt") as h:
-            out.update({k: f for k in h.keys()})
+        try:
+            h = ckpt_source.read_shard_header(f)
+        except ckpt_source.BuildError as e:
+            raise OpdInputError(str(e)) from None
+        out.update({t.name: (f, h.data_start + t.start, t) for t in h.tensors})
     return out
 
 
@@ -74,19 +82,29 @@ def shard_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 class RowReader:
-    """Reads rows [lo, hi) of in-memory parameters from one checkpoint, keeping shard files open."""
+    """Reads rows [lo, hi) of in-memory parameters from one checkpoint with plain positioned reads (no mmap:
+    the file's pages then never count in this rank's RSS), keeping shard files open."""
 
     def __init__(self, ckpt: Path, names, stack: contextlib.ExitStack):
         self.ckpt, self.disk = Path(ckpt), disk_tensors(ckpt)
         self.slots = slots_for(self.disk, names)
         self.stack, self.handles = stack, {}
 
-    def _handle(self, f: Path):
-        from safetensors import safe_open
-
-        if f not in self.handles:
-            self.handles[f] = self.stack.enter_context(safe_open(str(f), "pt"))
-        return self.handles[f]
+    def _read(self, disk_name: str, lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) of a disk tensor (dim 0 rows are contiguous in a safetensors file)."""
+        path, start, entry = self.disk[disk_name]
+        if entry.dtype not in DTYPES:
+            raise OpdInputError(f"{path}: {disk_name} has dtype {entry.dtype} this reader does not know")
+        dtype = DTYPES[entry.dtype]
+        row = math.prod(entry.shape[1:]) * torch.empty(0, dtype=dtype).element_size()
+        out = torch.empty((hi - lo) * row, dtype=torch.uint8)
+        if path not in self.handles:
+            self.handles[path] = self.stack.enter_context(open(path, "rb", buffering=0))
+        f = self.handles[path]
+        f.seek(start + lo * row)
+        if out.numel() and f.readinto(out.numpy()) != out.numel():
+            raise OpdInputError(f"{path}: short read of {disk_name} rows {lo}:{hi} (truncated file?)")
+        return out.view(dtype).reshape(hi - lo, *entry.shape[1:])
 
     def rows(self, name: str, shape: tuple, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
         pieces = self.slots.get(name)
@@ -95,21 +113,21 @@ class RowReader:
         want = (hi - lo, *shape[1:])
         if len(pieces) == 1 and pieces[0][1].expert is None:
             d = pieces[0][0]
-            sl = self._handle(self.disk[d]).get_slice(d)
-            if tuple(sl.get_shape()) != tuple(shape):
-                raise OpdInputError(f"{self.ckpt}: {d} has shape {sl.get_shape()}, the model expects {list(shape)}")
-            return sl[lo:hi].to(dtype) if hi > lo else torch.empty(want, dtype=dtype)
+            disk_shape = self.disk[d][2].shape
+            if tuple(disk_shape) != tuple(shape):
+                raise OpdInputError(f"{self.ckpt}: {d} has shape {list(disk_shape)}, the model expects {list(shape)}")
+            return self._read(d, lo, hi).to(dtype)
         out = torch.empty(want, dtype=dtype)
         covered = 0
         for d, slot in pieces:
             if slot.expert is None or not lo <= slot.expert < hi:
                 continue
             view = layer_io.slot_view(out, layer_io.Slot(name, slot.expert - lo, slot.part))
-            t = self._handle(self.disk[d]).get_tensor(d)
-            if tuple(t.shape) != tuple(view.shape):
-                raise OpdInputError(f"{self.ckpt}: {d} has shape {list(t.shape)}, its slot in {name} is {list(view.shape)}")
-            view.copy_(t)
-            covered += t.numel()
+            disk_shape = tuple(self.disk[d][2].shape)
+            if disk_shape != tuple(view.shape):
+                raise OpdInputError(f"{self.ckpt}: {d} has shape {list(disk_shape)}, its slot in {name} is {list(view.shape)}")
+            view.copy_(self._read(d, 0, disk_shape[0]))
+            covered += view.numel()
         if covered != out.numel():
             raise OpdInputError(f"{self.ckpt}: the per-expert tensors cover {covered} of the {out.numel()} values of "
                                 f"rows {lo}:{hi} of {name}")

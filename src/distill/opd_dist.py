@@ -73,6 +73,24 @@ class Dist:
             dist.destroy_process_group()
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def cpu_allocator_setup(environ) -> None:
+    """On CPU, make freed memory go back to the OS so a rank's RSS is what it holds, not what it once held:
+    blocks >= 64 KiB are mmapped (glibc's default threshold drifts up to 32 MiB after big frees, and FSDP frees
+    every gathered layer after use), and oneDNN keeps no per-shape primitive cache (routed experts see a new
+    token count per expert per layer: `layer_io.limit_cpu_shape_caches`). Call once, before the first forward."""
+    import ctypes
+
+    import layer_io
+
+    layer_io.limit_cpu_shape_caches(environ)
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+
+
 def rss_mib() -> float:
     """Resident set size of this process now."""
     with open("/proc/self/statm") as f:

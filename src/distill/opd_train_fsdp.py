@@ -131,6 +131,8 @@ def micro_loss_sum(model, mb: dict, cfg: TrainConfig, autocast: bool) -> tuple[t
 
 
 def train(cfg: TrainConfig, fresh: bool = False, argv=None, stop_after: int | None = None) -> dict:
+    if cfg.device == "cpu":
+        opd_dist.cpu_allocator_setup(os.environ)
     dist = opd_dist.Dist(cfg.device)
     try:
         return _train(cfg, dist, fresh, argv, stop_after)
