@@ -13,6 +13,11 @@ instead and the search disappears; every caller (trainer, merge, tests) keeps ca
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -61,6 +66,31 @@ def _recover_part(student: Path, source: Path, targets: list, out: Path) -> int:
     return len(targets)
 
 
+def target_to_json(t) -> dict:
+    spec = {f.name: getattr(t.spec, f.name) for f in dataclasses.fields(t.spec)}
+    spec["scale_dtype"] = str(spec["scale_dtype"]).removeprefix("torch.")
+    return {"name": t.name, "role": t.role, "shape": list(t.shape), "axis": t.axis, "spec": spec}
+
+
+def target_from_json(d: dict):
+    import moe_quant
+
+    spec = dict(d["spec"], scale_dtype=getattr(torch, d["spec"]["scale_dtype"]))
+    return lora_quant.Target(d["name"], d["role"], tuple(d["shape"]), d["axis"], moe_quant.QuantSpec(**spec))
+
+
+def _child_main() -> int:
+    """`python opd_grid.py` with a JSON job on stdin: recover one rank's share (see student_grid)."""
+    job = json.loads(sys.stdin.read())
+    try:
+        _recover_part(Path(job["student"]), Path(job["source"]), [target_from_json(t) for t in job["targets"]],
+                      Path(job["out"]))
+    except (opd_data.OpdInputError, lora_quant.LoraTargetError) as e:
+        print(f"opd_grid: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _part(cache: Path, rank: int, world: int) -> Path:
     return cache / f"part-{rank}-of-{world}.safetensors"
 
@@ -68,19 +98,22 @@ def _part(cache: Path, rank: int, world: int) -> Path:
 def student_grid(student: Path, source: Path, targets, cache_dir: Path, rank: int = 0, world: int = 1,
                  barrier=lambda: None, log=lambda m: None) -> tuple[dict, dict]:
     """({target name: scales}, {target name: zeros or None}) for every target, identical on every rank."""
-    import multiprocessing
-
     from safetensors.torch import load_file
 
     cache = Path(cache_dir) / f"grid-{grid_key(student, source, targets)}"
     mine = _part(cache, rank, world)
     if not mine.is_file():
-        # In a spawned child: the numba clip-search kernels change this process's floating-point state
+        # In a child process: the numba clip-search kernels change this process's floating-point state
         # (measured: the same training step then gives a loss 1e-3 apart), so a run that recovers the
         # grid and a resumed run that reads it would not reproduce each other's loss curve.
-        with multiprocessing.get_context("spawn").Pool(1) as pool:
-            n = pool.apply(_recover_part, (Path(student), Path(source), list(targets[rank::world]), mine))
-        log(f"opd: grid of {n} targets recovered by rank {rank}, checked against the student")
+        job = {"student": str(student), "source": str(source), "out": str(mine),
+               "targets": [target_to_json(t) for t in targets[rank::world]]}
+        p = subprocess.run([sys.executable, str(Path(__file__).resolve())], input=json.dumps(job), text=True,
+                           capture_output=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        if p.returncode != 0:
+            lines = p.stderr.strip().splitlines()
+            raise opd_data.OpdInputError(lines[-1] if lines else f"grid recovery exited with {p.returncode}")
+        log(f"opd: grid of {len(job['targets'])} targets recovered by rank {rank}, checked against the student")
     barrier()
     found = {}
     for r in range(world):
@@ -90,3 +123,7 @@ def student_grid(student: Path, source: Path, targets, cache_dir: Path, rank: in
         raise opd_data.OpdInputError(f"grid cache {cache} lacks {len(missing)} targets (first {missing[0]}); delete it")
     return ({t.name: found[f"{t.name}::scales"] for t in targets},
             {t.name: found.get(f"{t.name}::zeros") for t in targets})
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())

@@ -108,6 +108,16 @@ def import_model_code(student: Path) -> None:
         transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(str(student)))
 
 
+def tied_parameters(root: torch.nn.Module) -> list[list[tuple]]:
+    """Groups of (module, attribute) that hold the same Parameter (a tied embedding and LM head)."""
+    seen: dict[int, list] = {}
+    for mod in root.modules():
+        for attr, p in mod._parameters.items():
+            if p is not None:
+                seen.setdefault(id(p), []).append((mod, attr))
+    return [group for group in seen.values() if len(group) > 1]
+
+
 def init_lora_(mods: dict, targets: list, seed: int) -> None:
     """A of target i from generator (seed, i), B = 0; each rank writes only its own rows."""
     for i, t in enumerate(targets):
@@ -159,7 +169,11 @@ def build_student(student: str | Path, source: str | Path, roles, rank: int, alp
     root = StudentLoss(lm, setup.token_chunk, setup.vocab_chunk)
     shard(root, setup)
     buffers = {n: b for n, b in root.named_buffers()}
+    tied = tied_parameters(root)
     root.to_empty(device=setup.device)
+    for (mod0, attr0), *others in tied:  # to_empty gives each module its own tensor: tie them again
+        for mod, attr in others:
+            mod._parameters[attr] = mod0._parameters[attr0]
     for name, b in buffers.items():  # to_empty left them uninitialized: the computed values go back
         owner, _, attr = name.rpartition(".")
         root.get_submodule(owner)._buffers[attr] = b.to(setup.device)
