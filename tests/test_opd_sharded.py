@@ -47,7 +47,7 @@ def build_layer_heavy(root: Path) -> dict:
 def run_train(s: dict, out: Path, nproc: int, steps: int = 2) -> dict:
     args = ["--student", str(s["student"]), "--scores", str(s["scores"]), "--out", str(out), "--steps", str(steps),
             "--batch-seqs", "4", "--micro-seqs", "1", "--lr", "1e-2", "--rank", "4", "--alpha", "8",
-            "--shard-frozen", "--no-progress"]
+            "--shard-frozen", "--activation-checkpointing", "--no-progress"]
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     "--nproc_per_node", str(nproc)]
     p = subprocess.run([*launcher, str(TRAIN), *args], env=env(), capture_output=True, text=True)

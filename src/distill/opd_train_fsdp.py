@@ -72,7 +72,7 @@ class TrainConfig:
     dtype: str = "auto"
     rest_floor: float = opd_loss.DEFAULT_REST_FLOOR
     shard_frozen: bool | None = None  # None: shard the base weights on GPU, replicate them on CPU
-    checkpoint_layers: bool = True
+    checkpoint_layers: bool | None = None  # None: on a GPU yes (what the 122B needs), on CPU no (the smoke's speed)
     cpu_offload: bool = False
     token_chunk: int = 1024
     vocab_chunk: int = 32768
@@ -131,8 +131,8 @@ def micro_loss_sum(model, mb: dict, cfg: TrainConfig, autocast: bool) -> tuple[t
 
 
 def train(cfg: TrainConfig, fresh: bool = False, argv=None, stop_after: int | None = None) -> dict:
-    if cfg.device == "cpu":
-        opd_dist.cpu_allocator_setup(os.environ)
+    if cfg.device == "cpu" and cfg.shard_frozen:
+        opd_dist.cpu_allocator_setup(os.environ)  # a sharded CPU run is a memory measurement: RSS = what is held
     dist = opd_dist.Dist(cfg.device)
     try:
         return _train(cfg, dist, fresh, argv, stop_after)
@@ -160,7 +160,8 @@ def _train(cfg: TrainConfig, dist: opd_dist.Dist, fresh: bool, argv, stop_after:
     out.mkdir(parents=True, exist_ok=True)
     setup = opd_model.Setup(device=dist.device, distributed=dist.enabled,
                             shard_frozen=cfg.shard_frozen if cfg.shard_frozen is not None else dist.device.type == "cuda",
-                            checkpoint_layers=cfg.checkpoint_layers, cpu_offload=cfg.cpu_offload,
+                            checkpoint_layers=(cfg.checkpoint_layers if cfg.checkpoint_layers is not None
+                                               else dist.device.type == "cuda"), cpu_offload=cfg.cpu_offload,
                             token_chunk=cfg.token_chunk, vocab_chunk=cfg.vocab_chunk)
     model, targets, mods = opd_model.build_student(cfg.student, source, cfg.lora_roles, cfg.rank, cfg.alpha, cfg.seed,
                                                    opd_model.model_dtype(cfg.device, cfg.dtype), log, setup,
@@ -259,8 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="FSDP-shard the frozen base weights too (default: on GPU yes, on CPU replicate them)")
     ap.add_argument("--replicate-frozen", dest="shard_frozen", action="store_false",
                     help="keep a full copy of the frozen base weights on every rank; shard only the adapter")
-    ap.add_argument("--no-activation-checkpointing", dest="checkpoint_layers", action="store_false",
-                    help="keep every decoder layer's activations (default: recompute them in backward)")
+    ap.add_argument("--activation-checkpointing", dest="checkpoint_layers", action="store_true", default=None,
+                    help="recompute each decoder layer in backward (default: on a GPU yes, on CPU no)")
+    ap.add_argument("--no-activation-checkpointing", dest="checkpoint_layers", action="store_false")
     ap.add_argument("--cpu-offload", action="store_true",
                     help="FSDP2 CPUOffloadPolicy: sharded params, grads and the AdamW step on the host")
     ap.add_argument("--token-chunk", type=int, default=d.token_chunk, help="loss rows per LM-head chunk")
