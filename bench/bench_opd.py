@@ -1,13 +1,14 @@
-"""OPD speed: training tokens/s with 1 and 2 processes (torchrun, FSDP2) and the scorer's tokens/s.
+"""OPD figures on CPU: training tokens/s per rank and model-state RSS at world 1 and 2 (torchrun, gloo, FSDP2
+with the frozen weights sharded), and the loss's peak memory per 1k tokens at a 248k vocabulary, chunked
+(opd_loss.chunked_token_divergence) against unchunked (full [tokens, vocab] logits, the old path).
 
-Runs on the artifacts of a finished `bash pipelines/distill.sh --smoke` (its work dir holds the student,
-rollouts and scores); every figure is measured here, in fresh temp dirs, and printed + written to
-results/opd/bench_opd.json.
+    python bench/bench_opd.py [--work DIR] [--steps 2] [--nprocs 1,2] [--loss-tokens 512] [--skip-train]
 
-    python bench/bench_opd.py [--work DIR] [--steps 3] [--batch-seqs 8] [--threads 1] [--device cpu|cuda] [--nprocs 1,2]
-
-On this shared CPU box the figures depend on the load of other jobs as much as on the code: each one
-is printed with the 1-minute load average before and after it.
+Training runs on the layer-heavy fixture of tests/test_opd_sharded.py (32 layers x 64 experts, vocab 512:
+decoder layers hold ~99 % of the weights, as in the 122B), built once into --work. Model-state RSS = peak RSS
+minus the RSS after imports, before any load (both printed). The loss probe runs each variant in a fresh
+process on a fake vocabulary of 248320 (hidden 256, random head) and reports peak RSS growth over the inputs.
+On this shared CPU box the speeds depend on the load of other jobs: the 1-minute load average is printed.
 """
 from __future__ import annotations
 
@@ -16,89 +17,94 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / d) for d in ("src/quant", "src/eval", "src/distill")]
+sys.path[:0] = [str(ROOT / d) for d in ("src/quant", "src/eval", "src/distill", "tests")]
 
 import atomic_io  # noqa: E402
 import provenance  # noqa: E402
 
-
-def env(threads: int) -> dict:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join(str(ROOT / d) for d in ("src/quant", "src/eval", "src/distill"))
-    e["OMP_NUM_THREADS"] = str(threads)
-    return e
+VOCAB_122B = 248320
 
 
-def bench_train(work: Path, nproc: int, steps: int, batch: int, roles: str, device: str, threads: int,
-                tmp: Path) -> dict:
-    """`steps` optimizer steps of `batch` rollouts, one micro-batch per rank (the smoke's layout)."""
-    out = tmp / f"train{nproc}"
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-           if nproc > 1 or device == "cuda" else [sys.executable])
-    cmd += [str(ROOT / "src/distill/opd_train_fsdp.py"), "--student", str(work / "student"), "--scores",
-            str(work / "scores_student"), "--out", str(out), "--steps", str(steps), "--batch-seqs", str(batch),
-            "--micro-seqs", str(batch // nproc), "--lora-roles", roles, "--rank", "8", "--device", device,
-            "--no-progress", "--save-every", str(steps)]
+def bench_train(work: Path, nproc: int, steps: int) -> dict:
+    import test_opd_sharded
+
+    if not (work / "scores" / "index.json").is_file():
+        test_opd_sharded.build_layer_heavy(work)
+    out = work / f"bench-train-{nproc}"
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
     load0 = os.getloadavg()[0]
-    subprocess.run(cmd, check=True, env=env(threads), capture_output=True)
-    log = json.loads((out / "train_log.json").read_text())
-    steady = log["step_seconds"][1:] or log["step_seconds"]  # step 1 pays for warm-up
+    log = test_opd_sharded.run_train({"student": work / "student", "scores": work / "scores"}, out, nproc, steps)
+    m = log["memory"]
+    steady = log["step_seconds"][1:] or log["step_seconds"]
     tokens_per_step = log["tokens_trained"] / max(log["steps"], 1)
-    return {"nproc": nproc, "threads_per_proc": threads, "steps": log["steps"], "tokens": log["tokens_trained"],
-            "tokens_per_s_all_steps": log["tokens_per_s"],
-            "tokens_per_s_after_step1": tokens_per_step / (sum(steady) / len(steady)),
-            "wall_s_per_step_median": log["wall_s_per_step_median"], "loadavg_1min": [load0, os.getloadavg()[0]]}
-
-
-def bench_score(work: Path, device: str, threads: int, tmp: Path) -> dict:
-    index = json.loads((work / "scores_student" / "index.json").read_text())
-    t0, load0 = time.perf_counter(), os.getloadavg()[0]
-    subprocess.run([sys.executable, str(ROOT / "src/distill/opd_score.py"), "--teacher", index["teacher"]["dir"],
-                    "--rollouts", index["rollouts"][0]["file"], "--out", str(tmp / "scores"), "--device", device],
-                   check=True, env=env(threads), capture_output=True)
-    wall = time.perf_counter() - t0
-    fresh = json.loads((tmp / "scores" / "index.json").read_text())
-    return {"tokens": fresh["tokens"], "tokens_per_s_scoring": fresh["tokens_per_s_this_run"],
-            "tokens_per_s_incl_load": fresh["tokens"] / wall, "k": fresh["k"], "threads": threads,
+    return {"nproc": nproc, "steps": log["steps"], "tokens": log["tokens_trained"],
+            "tokens_per_s_per_rank": tokens_per_step / (sum(steady) / len(steady)) / nproc,
+            "rss_after_imports_mib": m["rss_after_imports_mib"],
+            "peak_rss_mib": [max(s[r] for s in m["peak_rss_mib_per_step"]) for r in range(nproc)],
+            "model_state_mib": test_opd_sharded.model_state_mib(log), "losses": log["losses"],
             "loadavg_1min": [load0, os.getloadavg()[0]]}
+
+
+def loss_probe(variant: str, tokens: int, hidden: int = 256, k: int = 20) -> dict:
+    """One variant's forward + backward at a 248k vocab (run in its own process: ru_maxrss is per process)."""
+    import torch
+
+    import opd_dist
+    import opd_loss
+
+    torch.manual_seed(0)
+    h = torch.randn(tokens, hidden, requires_grad=True)
+    w = torch.randn(VOCAB_122B, hidden) * 0.05
+    ids = torch.randint(0, VOCAB_122B, (tokens, k))
+    t_lp = torch.log_softmax(torch.randn(tokens, k + 1), -1)
+    base = opd_dist.rss_mib()
+    if variant == "chunked":
+        div = opd_loss.chunked_token_divergence(h, w, ids, t_lp[:, :k], t_lp[:, k])
+    else:
+        div = opd_loss.token_divergence(h @ w.T, ids, t_lp[:, :k], t_lp[:, k])
+    div.sum().backward()
+    peak = opd_dist.peak_rss_mib()
+    return {"variant": variant, "tokens": tokens, "vocab": VOCAB_122B, "peak_growth_mib": peak - base,
+            "peak_growth_mib_per_1k_tokens": (peak - base) * 1000 / tokens}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     base = os.environ.get("MOE_LOWBIT_SCRATCH") or str(Path.home() / ".cache/moe-lowbit/scratch")
-    ap.add_argument("--work", type=Path, default=Path(base) / "opd" / "opd_smoke", help="distill.sh --smoke work dir")
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--batch-seqs", type=int, default=8, help="rollouts per step (split over the processes)")
-    ap.add_argument("--lora-roles", default="routed_expert")
-    ap.add_argument("--threads", type=int, default=1, help="OpenMP threads per process (OMP_NUM_THREADS)")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--work", type=Path, default=Path(base) / "opd" / "bench_layer_heavy")
+    ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--nprocs", default="1,2")
+    ap.add_argument("--loss-tokens", type=int, default=512)
+    ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "results/opd/bench_opd.json")
+    ap.add_argument("--loss-probe", choices=["chunked", "full"], help=argparse.SUPPRESS)  # the child process
     args = ap.parse_args(argv)
-    if not (args.work / "scores_student" / "index.json").is_file():
-        print(f"bench_opd: {args.work} holds no finished smoke (run bash pipelines/distill.sh --smoke first)",
-              file=sys.stderr)
-        return 2
-    with tempfile.TemporaryDirectory() as tmp:
-        train = [bench_train(args.work, int(n), args.steps, args.batch_seqs, args.lora_roles, args.device, args.threads,
-                             Path(tmp)) for n in args.nprocs.split(",")]
-        score = bench_score(args.work, args.device, args.threads, Path(tmp))
-    print(f"{'nproc':>5} {'threads':>7} {'steps':>5} {'tokens':>7} {'train tok/s':>12} {'after step 1':>13} {'s/step':>7} "
-          f"{'load avg':>12}")
+    if args.loss_probe:
+        print(json.dumps(loss_probe(args.loss_probe, args.loss_tokens)))
+        return 0
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    train = [] if args.skip_train else [bench_train(args.work, int(n), args.steps) for n in args.nprocs.split(",")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    loss = [json.loads(subprocess.run([sys.executable, __file__, "--loss-probe", v, "--loss-tokens",
+                                       str(args.loss_tokens)], check=True, capture_output=True, text=True,
+                                      env=env).stdout.strip().splitlines()[-1]) for v in ("chunked", "full")]
     for r in train:
-        print(f"{r['nproc']:>5} {r['threads_per_proc']:>7} {r['steps']:>5} {r['tokens']:>7} {r['tokens_per_s_all_steps']:>12.1f} "
-              f"{r['tokens_per_s_after_step1']:>13.1f} {r['wall_s_per_step_median']:>7.2f} "
-              f"{r['loadavg_1min'][0]:>5.1f}->{r['loadavg_1min'][1]:<5.1f}")
-    print(f"scorer (HF teacher, k={score['k']}): {score['tokens_per_s_scoring']:.1f} tok/s scoring, "
-          f"{score['tokens_per_s_incl_load']:.1f} tok/s including model load ({score['tokens']} tokens, "
-          f"load average {score['loadavg_1min'][0]:.1f}->{score['loadavg_1min'][1]:.1f})")
-    atomic_io.write_json(args.out, {"device": args.device, "train": train, "score": score,
-                                    "provenance": provenance.record(argv=sys.argv)})
+        print(f"world {r['nproc']}: {r['tokens_per_s_per_rank']:.2f} train tok/s per rank; RSS after imports "
+              f"{r['rss_after_imports_mib']} MiB, peak {r['peak_rss_mib']} MiB -> model state {r['model_state_mib']} "
+              f"MiB per rank (load avg {r['loadavg_1min'][0]:.1f}->{r['loadavg_1min'][1]:.1f})")
+    if len(train) == 2:
+        print(f"model-state ratio world {train[1]['nproc']} / world {train[0]['nproc']}: "
+              f"{max(train[1]['model_state_mib']) / train[0]['model_state_mib'][0]:.2f}")
+    for r in loss:
+        print(f"loss {r['variant']:>7}, vocab {r['vocab']}: peak +{r['peak_growth_mib']:.0f} MiB for {r['tokens']} "
+              f"tokens = {r['peak_growth_mib_per_1k_tokens']:.0f} MiB per 1k tokens")
+    atomic_io.write_json(args.out, {"train": train, "loss": loss, "provenance": provenance.record(argv=sys.argv)})
     print(args.out)
     return 0
 

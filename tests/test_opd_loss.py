@@ -116,3 +116,54 @@ def test_fast_fixed_grid_is_the_reference_grid_bit_for_bit_and_its_ste_gradient_
         ((torch.matmul(B, A) * mod.scaling) * r).sum().backward()
         assert torch.allclose(mod.A.grad, A.grad, rtol=1e-5, atol=1e-7)
         assert torch.allclose(mod.B.grad, B.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss", opd_loss.LOSSES)
+def test_chunked_head_loss_and_gradient_equal_the_full_logits_path(loss):
+    # uneven token and vocab chunks (tails), top-k ids that fall in several vocab slices
+    torch.manual_seed(3)
+    n, hidden, vocab, k = 29, 12, 701, 6
+    h = torch.randn(n, hidden, requires_grad=True)
+    w = torch.randn(vocab, hidden) * 0.4
+    ids = torch.rand(n, vocab).argsort(-1)[:, :k]
+    t = torch.log_softmax(torch.randn(n, vocab) * 2, -1)
+    t_top, t_rest = t.gather(-1, ids), torch.logsumexp(t.scatter(-1, ids, float("-inf")), -1)
+    g = torch.randn(n)
+    ref = opd_loss.token_divergence(h @ w.T, ids, t_top, t_rest, loss, 0.3)
+    (ref * g).sum().backward()
+    grad_ref, h.grad = h.grad.clone(), None
+    got = opd_loss.chunked_token_divergence(h, w, ids, t_top, t_rest, loss, 0.3, token_chunk=8, vocab_chunk=97)
+    (got * g).sum().backward()
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(h.grad, grad_ref, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="frozen"):
+        opd_loss.chunked_token_divergence(h, w.requires_grad_(), ids, t_top, t_rest, loss)
+
+
+def test_routed_expert_linear_recomputes_the_quantized_weight_and_matches_the_parametrization():
+    import lora_experts
+
+    torch.manual_seed(4)
+    spec = moe_quant.QuantSpec(bits=3.0, group=32, clip_steps=4)
+    shape = (4, 24, 64)
+    w = (torch.randn(shape) * 0.05).to(torch.bfloat16).float()
+    target = lora_quant.Target("x", "routed_expert", shape, 2, spec)
+    s, z, _ = lora_quant.build_scales(w, target)
+    mod = lora_quant.QuantLora(target, s, z, rank=3, alpha=6.0, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mod.B.normal_(0, 0.05)
+    x = torch.randn(5, 64, requires_grad=True)
+    full = mod(w)  # every expert, the parametrization's value
+    e = 2
+    ref = x @ full[e].T
+    got = lora_experts._QuantLoraLinear.apply(x, w[e], mod.A[e], mod.B[e], mod.grid.select(e), mod.scaling,
+                                              mod.store_dtype)
+    assert torch.equal(got, ref)
+    r = torch.randn_like(got)
+    (ref * r).sum().backward()
+    ga, gb, gx = mod.A.grad.clone(), mod.B.grad.clone(), x.grad.clone()
+    mod.A.grad = mod.B.grad = x.grad = None
+    (got * r).sum().backward()
+    assert torch.allclose(mod.A.grad, ga, rtol=1e-5, atol=1e-7) and torch.allclose(mod.B.grad, gb, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(x.grad, gx, rtol=1e-5, atol=1e-6)
+    assert mod.A.grad[:e].abs().sum() == 0 and mod.A.grad[e].abs().sum() > 0  # only the routed expert learns

@@ -111,8 +111,10 @@ def test_merged_checkpoint_logits_equal_the_training_forward(opd_setup, tmp_path
     rec = merge_adapter.merge(run, tmp_path / "merged")
     assert rec["same_names_shapes_dtypes_shards"] and rec["same_footprint"] and rec["tensors"]["changed"] > 0
     # the training forward with the trained adapter loaded ...
-    model, targets, mods = opd_model.build_student(opd_setup["student"], opd_setup["source"],
-                                                   ("routed_expert", "attention"), 4, 8.0, 0, torch.float32)
+    root, targets, mods = opd_model.build_student(opd_setup["student"], opd_setup["source"],
+                                                  ("routed_expert", "attention"), 4, 8.0, 0, torch.float32,
+                                                  grid_cache=tmp_path / "grid")
+    model = root.lm
     ad = load_file(str(run / "adapter.safetensors"))
     with torch.no_grad():
         for name, m in mods.items():
@@ -193,3 +195,25 @@ def test_bad_inputs_get_one_line_errors(opd_setup, tmp_path, capsys):
     # a student that is not a quant_save output
     assert opd_train_fsdp.main(train_args({**opd_setup, "student": opd_setup["source"]}, tmp_path / "x")) == 2
     assert "_ptq_meta.json" in capsys.readouterr().err
+
+
+class _Payload:
+    """Unpickling this runs code: what a planted state.pt would do under torch.load(weights_only=False)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_planted_pickle_state_is_refused_without_running_it(opd_setup, tmp_path, capsys):
+    import opd_train_fsdp
+
+    run, marker = tmp_path / "run", tmp_path / "pwned"
+    run.mkdir()
+    torch.save({"config": {}, "step": 1, "payload": _Payload(marker)}, run / "state.pt")
+    assert opd_train_fsdp.main(train_args(opd_setup, run)) == 2
+    err = capsys.readouterr().err
+    assert "weights_only" in err and "state.pt" in err
+    assert not marker.exists()  # the payload never ran

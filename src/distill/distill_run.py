@@ -33,11 +33,13 @@ from pathlib import Path
 
 import atomic_io
 import cache_paths
+import distill_steps
 import provenance
 import ptq_meta
 import quant_config
 import step_runner
 import tool_config
+from distill_steps import eval_cmd, gen_cmd, score_cmd, train_cmd
 from tool_config import option
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -104,6 +106,16 @@ class DistillConfig:
     fidelity_ctx: int = option(64, "fidelity window length")
     fidelity_tokens: int = option(4096, "fidelity tokens")
     step_timeout_s: int = option(1800, "seconds one step may run")
+    tensor_parallel_size: int = option(1, "vLLM steps (gen, score, eval): GPUs one engine spans")
+    engine_arg: str = option("", "vLLM engine arguments for gen/score, 'KEY=VALUE KEY=VALUE'")
+    enforce_eager: str = option("auto", "auto: CUDA graphs on a GPU, eager on CPU | on | off")
+    score_backend: str = option("auto", "auto: vllm on a GPU (TP over all cards), hf on CPU | vllm | hf")
+    shard_frozen: str = option("auto", "auto: shard the frozen weights on a GPU, replicate on CPU | on | off")
+    cpu_offload: bool = option(False, "FSDP2 CPU offload of parameters and optimizer state (the 122B on 4x80 GB)")
+    train_python: str = option("", "interpreter of the train venv (FSDP2; default: $MOE_LOWBIT_TRAIN_VENV's, "
+                                   "else this one)")
+    eval_python: str = option("", "interpreter of the eval venv (vLLM; default: this one)")
+    gpu_gib: float = option(80.0, "memory of one GPU, for --dry-run's plan")
 
 
 TOOL = tool_config.Tool("distill_run", "OPD_", DistillConfig, (__doc__ or "").split("\n\n")[0])
@@ -137,41 +149,6 @@ def read_json(path: Path, step: str) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise DistillError(f"wrote no readable JSON at {path}: {e}", step) from None
-
-
-def torchrun(cfg: DistillConfig) -> list:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", cfg.nproc]
-
-
-def gen_cmd(cfg, model, out) -> list:
-    cmd = [sys.executable, REPO_ROOT / "src/distill/opd_gen.py", "--model", model, "--prompts", REPO_ROOT / cfg.prompts,
-           "--out", out, "--n", cfg.n, "--temperature", cfg.temperature, "--max-new-tokens", cfg.max_new_tokens,
-           "--seed", cfg.seed]
-    return cmd + (["--finished-only"] if cfg.finished_only else [])
-
-
-def train_cmd(cfg, student, scores, out, loss) -> list:
-    return torchrun(cfg) + [REPO_ROOT / "src/distill/opd_train_fsdp.py", "--student", student, "--scores", scores,
-                            "--out", out, "--loss", loss, "--lora-roles", cfg.lora_roles, "--rank", cfg.rank,
-                            "--alpha", cfg.alpha, "--lr", cfg.lr, "--batch-seqs", cfg.batch_seqs,
-                            "--micro-seqs", cfg.micro_seqs, "--token-budget", cfg.token_budget, "--seed", cfg.seed,
-                            "--device", cfg.device, "--save-every", "2"]
-
-
-def eval_cmd(cfg, model, tag, results: Path, reference: str | None) -> list:
-    cmd = [sys.executable, "-m", "vllm_eval8", "--model", model, "--tag", tag, "--role", "quant", "--backend", "vllm",
-           "--benchmarks", cfg.benchmarks, "--thinking", "off", "--temperature", "0", "--seed", "0", "--data-seed", "0",
-           "--max-new-tokens", cfg.eval_max_new_tokens, "--max-model-len", cfg.eval_max_new_tokens + 1024,
-           "--dtype", "auto", "--results-dir", results / "vllm_eval", "--no-progress", "--restart"]
-    if cfg.device == "cpu":
-        cmd += ["--enforce-eager", "on"]
-    if cfg.eval_n:
-        cmd += ["--n", cfg.eval_n]
-    for item in cfg.data_files.split(","):
-        if item.strip():
-            bench, path = item.split("=", 1)
-            cmd += ["--data-file", f"{bench}={REPO_ROOT / path}"]
-    return cmd + (["--reference-tag", reference] if reference else [])
 
 
 # -------------------------------------------------------------------------------------------- table
@@ -302,9 +279,8 @@ def run(cfg: DistillConfig, fresh: bool) -> dict:
     timed("gen-student", lambda: run_step("gen-student", gen_cmd(cfg, student_dir, paths["roll_student"]), logs, T))
     timed("gen-teacher", lambda: run_step("gen-teacher", gen_cmd(cfg, teacher_dir, paths["roll_teacher"]), logs, T))
     for who in ("student", "teacher"):
-        timed(f"score-{who}", lambda who=who: run_step(f"score-{who}", [
-            sys.executable, REPO_ROOT / "src/distill/opd_score.py", "--teacher", teacher_dir, "--student", student_dir,
-            "--rollouts", paths[f"roll_{who}"], "--out", paths[f"scores_{who}"], "--k", cfg.k], logs, T))
+        timed(f"score-{who}", lambda who=who: run_step(f"score-{who}", score_cmd(
+            cfg, teacher_dir, student_dir, paths[f"roll_{who}"], paths[f"scores_{who}"]), logs, T))
     for arm, scores, loss in (("opd", "scores_student", cfg.loss), ("offpolicy", "scores_teacher", cfg.offpolicy_loss)):
         timed(f"train-{arm}", lambda arm=arm, scores=scores, loss=loss: run_step(
             f"train-{arm}", train_cmd(cfg, student_dir, paths[scores], paths[f"run_{arm}"], loss), logs, T))
@@ -332,7 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     return tool_config.build_parser(TOOL, extra=[
         (("--smoke",), {"action": "store_true", "help": "the offline fixture end to end on CPU (pins "
                         + ", ".join(f"{k}={v!r}" for k, v in SMOKE.items()) + ")"}),
-        (("--fresh",), {"action": "store_true", "help": "delete this tag's work dir first (else steps resume)"})])
+        (("--fresh",), {"action": "store_true", "help": "delete this tag's work dir first (else steps resume)"}),
+        (("--dry-run",), {"action": "store_true", "help": "check the config, print every step's peak memory per "
+                          "rank (model built on the meta device) and the stage's disk/RAM/time, run nothing"})])
 
 
 def config_from(args: argparse.Namespace, env=None) -> DistillConfig:
@@ -349,13 +327,29 @@ def config_from(args: argparse.Namespace, env=None) -> DistillConfig:
         cfg = tool_config.resolve(TOOL, args, env)
     except tool_config.ConfigError as e:
         raise DistillError(str(e), "config", 2) from None
-    return dataclasses.replace(cfg, **SMOKE) if getattr(args, "smoke", False) else cfg
+    if getattr(args, "smoke", False):
+        cfg = dataclasses.replace(cfg, **SMOKE)
+    train_venv = env.get("MOE_LOWBIT_TRAIN_VENV")
+    if not cfg.train_python and train_venv:  # the FSDP2 step's own venv, resolved like MOE_LOWBIT_VENV
+        cfg = dataclasses.replace(cfg, train_python=str(Path(train_venv) / "bin" / "python"))
+    bad = distill_steps.config_problems(cfg)  # every bad value at once, before step 1
+    if bad:
+        raise DistillError(f"{len(bad)} bad value(s): " + "; ".join(bad), "config", 2)
+    return cfg
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from(args)
+        if args.dry_run:
+            import sizing_run
+
+            teacher = resolve_model(cfg.teacher, "resolve")
+            student = resolve_model(cfg.student, "resolve") if cfg.student else None
+            print(distill_steps.memory_plan(cfg, teacher, student))
+            return sizing_run.main(["--stage", "distill", "--model", str(student or teacher),
+                                    "--train-tokens", str(cfg.token_budget)])
         for key, value in host_env_defaults(cfg.device).items():  # once, by the entry point
             os.environ.setdefault(key, value)
         summary = run(cfg, args.fresh)

@@ -15,6 +15,7 @@ Why this shape:
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -142,6 +143,17 @@ class FixedGrid:
         self.safe = torch.where(s != 0, s, torch.ones_like(s)).contiguous()
         self.zero = None if zeros is None else zeros.float().reshape(s.shape).contiguous()
 
+    def select(self, e: int) -> "FixedGrid":
+        """The grid of expert e of a fused [E, ...] weight (views of this one; axis must not be the expert dim)."""
+        if self.axis == 0:
+            raise LoraTargetError("a grid along the expert axis cannot be split per expert")
+        out = copy.copy(self)
+        out.axis = self.axis - 1
+        for name in ("scale", "safe", "zero", "zero_scale"):
+            if getattr(self, name) is not None:
+                setattr(out, name, getattr(self, name)[e])
+        return out
+
     def to(self, device) -> "FixedGrid":
         for name in ("scale", "safe", "zero", "zero_scale"):
             if getattr(self, name) is not None:
@@ -209,18 +221,26 @@ def lora_shapes(shape: tuple[int, ...], rank: int) -> tuple[tuple, tuple]:
     raise LoraTargetError(f"LoRA needs a 2-D or fused 3-D weight, got shape {list(shape)}")
 
 
+def lora_a_init(shape: tuple, generator=None) -> torch.Tensor:
+    """Kaiming-like A ~ N(0, 1/fan_in); B starts at 0 so the adapted model starts as the student."""
+    return torch.randn(shape, generator=generator) / math.sqrt(shape[-1])
+
+
 class QuantLora(torch.nn.Module):
     """Parametrization: original W -> Q_s(W + scale * B A) with the straight-through estimator."""
 
     def __init__(self, target: Target, scales: torch.Tensor, zeros: torch.Tensor | None, rank: int, alpha: float,
-                 generator=None, store_dtype: torch.dtype = torch.bfloat16):
+                 generator=None, store_dtype: torch.dtype = torch.bfloat16, device=None):
         super().__init__()
         a_shape, b_shape = lora_shapes(target.shape, rank)
-        fan_in = a_shape[-1]
-        self.A = torch.nn.Parameter(torch.randn(a_shape, generator=generator) / math.sqrt(fan_in))
-        self.B = torch.nn.Parameter(torch.zeros(b_shape))
-        self.register_buffer("scales", scales.clone(), persistent=False)
-        self.register_buffer("zeros", None if zeros is None else zeros.clone(), persistent=False)
+        if device is None:
+            self.A = torch.nn.Parameter(lora_a_init(a_shape, generator))
+            self.B = torch.nn.Parameter(torch.zeros(b_shape))
+        else:  # meta: sharded first, filled by init_lora_ on each rank's rows
+            self.A = torch.nn.Parameter(torch.empty(a_shape, device=device))
+            self.B = torch.nn.Parameter(torch.empty(b_shape, device=device))
+        self.register_buffer("scales", scales, persistent=False)
+        self.register_buffer("zeros", zeros, persistent=False)
         self.axis, self.spec, self.scaling, self.store_dtype = target.axis, target.spec, alpha / rank, store_dtype
         self.grid = FixedGrid(scales, zeros, target.axis, target.spec, target.shape)
 
@@ -240,14 +260,16 @@ def merged_weight(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: fl
 
 
 def attach(model: torch.nn.Module, targets: list[Target], scales: dict, rank: int, alpha: float,
-           seed: int = 0, store_dtype: torch.dtype = torch.bfloat16, zeros: dict | None = None) -> dict[str, QuantLora]:
-    """Register a QuantLora on each target parameter (in place); returns name -> module."""
+           seed: int = 0, store_dtype: torch.dtype = torch.bfloat16, zeros: dict | None = None,
+           device=None) -> dict[str, QuantLora]:
+    """Register a QuantLora on each target parameter (in place); returns name -> module. With device="meta"
+    A and B are left empty (the sharded build fills each rank's rows afterwards)."""
     gen = torch.Generator().manual_seed(seed)
     mods = {}
     for t in targets:
         owner_name, _, param = t.name.rpartition(".")
         owner = model.get_submodule(owner_name)
-        mod = QuantLora(t, scales[t.name], (zeros or {}).get(t.name), rank, alpha, gen, store_dtype)
+        mod = QuantLora(t, scales[t.name], (zeros or {}).get(t.name), rank, alpha, gen, store_dtype, device)
         parametrize.register_parametrization(owner, param, mod, unsafe=True)
         mods[t.name] = mod
     return mods

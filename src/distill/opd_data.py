@@ -242,3 +242,38 @@ def padded_batch(items: list[dict]):
         ids[b, :len(s)] = torch.tensor(s)
         mask[b, :len(s)] = 1
     return ids, mask
+
+
+def parse_engine_args(items) -> dict:
+    """`--engine-arg KEY=VALUE` (repeatable) -> vLLM LLM(**kwargs): values as JSON when they parse (numbers,
+    true/false, lists, objects), else strings. A new vLLM knob costs no code (lm-eval's model_args)."""
+    out = {}
+    for item in items or ():
+        key, sep, raw = str(item).partition("=")
+        if not sep or not key.strip():
+            raise OpdInputError(f"--engine-arg must be KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except ValueError:
+            out[key.strip()] = raw
+    return out
+
+
+def engine_kwargs(base: dict, engine_args: dict, tensor_parallel_size: int, enforce_eager: bool | None) -> dict:
+    """vLLM LLM kwargs: ours, then --tensor-parallel-size, --enforce-eager, then --engine-arg (which wins).
+    enforce_eager None: CUDA graphs on a GPU, eager on CPU (no graphs exist there; compiling only slows start)."""
+    if enforce_eager is None:
+        import torch
+
+        enforce_eager = not torch.cuda.is_available()
+    return {**base, "tensor_parallel_size": tensor_parallel_size, "enforce_eager": enforce_eager, **engine_args}
+
+
+def shutdown_engine(llm) -> None:
+    """Free the engine's GPUs/workers now (not at interpreter exit): the next step needs the cards."""
+    engine = getattr(llm, "llm_engine", None)
+    for obj in (engine, getattr(engine, "engine_core", None)):
+        fn = getattr(obj, "shutdown", None)
+        if fn is not None:
+            fn()
+            return

@@ -45,8 +45,12 @@ class GenConfig:
     enforce_eager: bool | None = None
     dtype: str = "auto"
     tensor_parallel_size: int = 1
+    engine_args: tuple[str, ...] = ()  # vLLM KEY=VALUE
 
     def __post_init__(self):
+        opd_data.parse_engine_args(self.engine_args)  # a malformed KEY=VALUE fails here, before any load
+        if self.tensor_parallel_size < 1:
+            raise OpdInputError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
         if self.n < 1:
             raise OpdInputError(f"--n must be >= 1, got {self.n}")
         if self.temperature < 0:
@@ -57,7 +61,7 @@ class GenConfig:
     def identity(self) -> dict:
         """What decides the file's content (resume refuses a file made under anything else)."""
         d = asdict(self)
-        for k in ("out", "batch_prompts", "enforce_eager"):
+        for k in ("out", "batch_prompts", "enforce_eager", "tensor_parallel_size", "engine_args"):
             d.pop(k)
         return d
 
@@ -98,9 +102,10 @@ def generate(cfg: GenConfig, fresh: bool = False, argv=None) -> dict:
         from tqdm import tqdm
         from vllm import LLM, SamplingParams
 
-        llm = LLM(model=str(model_dir), dtype=cfg.dtype, seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size,
-                  max_model_len=cfg.max_model_len or longest + cfg.max_new_tokens + 8,
-                  enforce_eager=True if cfg.enforce_eager is None else cfg.enforce_eager)
+        base = {"model": str(model_dir), "dtype": cfg.dtype, "seed": cfg.seed,
+                "max_model_len": cfg.max_model_len or longest + cfg.max_new_tokens + 8}
+        llm = LLM(**opd_data.engine_kwargs(base, opd_data.parse_engine_args(cfg.engine_args),
+                                           cfg.tensor_parallel_size, cfg.enforce_eager))
         load_s, t0 = time.perf_counter() - t0, time.perf_counter()  # tokens/s: generation only, not the engine start
         bar = tqdm(total=len(todo), desc="rollouts", unit="prompt", file=sys.stderr, dynamic_ncols=True)
         try:
@@ -125,9 +130,7 @@ def generate(cfg: GenConfig, fresh: bool = False, argv=None) -> dict:
                 bar.set_postfix_str(f"{new_tokens / max(time.perf_counter() - t0, 1e-9):.0f} tok/s", refresh=False)
         finally:
             bar.close()
-            shutdown = getattr(getattr(llm, "llm_engine", None), "shutdown", None)
-            if shutdown is not None:
-                shutdown()
+            opd_data.shutdown_engine(llm)
     seconds = time.perf_counter() - t0
     _, records = opd_data.read_rollouts(out, allow_partial=True)
     sampled = sum(r["n_sampled"] for r in records)
@@ -166,8 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-model-len", type=int)
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--no-enforce-eager", dest="enforce_eager", action="store_false", default=None,
-                    help="let vLLM compile / capture graphs (default: eager, fastest start on CPU)")
+    ap.add_argument("--enforce-eager", dest="enforce_eager", action="store_true", default=None,
+                    help="no CUDA graphs (default: graphs on a GPU, eager on CPU where none exist)")
+    ap.add_argument("--engine-arg", dest="engine_args", action="append", default=[], metavar="KEY=VALUE",
+                    help="any vLLM engine argument, e.g. gpu_memory_utilization=0.85 (repeatable)")
     ap.add_argument("--fresh", action="store_true", help="discard an existing --out instead of resuming it")
     return ap
 
@@ -176,7 +181,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     fresh = args.__dict__.pop("fresh")
     try:
-        cfg = GenConfig(**vars(args))
+        cfg = GenConfig(**{**vars(args), "engine_args": tuple(args.engine_args)})
         summary = generate(cfg, fresh, argv=sys.argv if argv is None else [sys.argv[0], *argv])
     except OpdInputError as e:
         print(f"opd_gen: error: {e}", file=sys.stderr)

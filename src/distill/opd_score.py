@@ -56,8 +56,14 @@ class ScoreConfig:
     batch_tokens: int = 4096
     device: str = "cpu"
     dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    enforce_eager: bool | None = None  # None: CUDA graphs on a GPU, eager on CPU
+    engine_args: tuple[str, ...] = ()  # vLLM KEY=VALUE
 
     def __post_init__(self):
+        opd_data.parse_engine_args(self.engine_args)  # a malformed KEY=VALUE fails here, before any load
+        if self.tensor_parallel_size < 1:
+            raise OpdInputError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
         if self.k < 1:
             raise OpdInputError(f"--k must be >= 1, got {self.k}")
         if self.backend not in ("hf", "vllm"):
@@ -124,10 +130,19 @@ class HfScorer:
 
 
 class VllmScorer:
-    def __init__(self, teacher: str, max_len: int, dtype: str):
+    """vLLM prompt_logprobs over all GPUs (tensor parallel); max_logprobs raised to k (vLLM's default 20
+    would cap top-k); the engine is shut down when scoring ends."""
+
+    def __init__(self, teacher: str, max_len: int, cfg: "ScoreConfig"):
         from vllm import LLM
 
-        self.llm = LLM(model=teacher, dtype=dtype, max_model_len=max_len + 8, enforce_eager=True, seed=0)
+        base = {"model": teacher, "dtype": cfg.dtype, "max_model_len": max_len + 8, "seed": 0,
+                "max_logprobs": max(cfg.k, 20)}
+        self.llm = LLM(**opd_data.engine_kwargs(base, opd_data.parse_engine_args(cfg.engine_args),
+                                                cfg.tensor_parallel_size, cfg.enforce_eager))
+
+    def close(self):
+        opd_data.shutdown_engine(self.llm)
 
     def score(self, items: list[dict], k: int) -> list[dict]:
         from vllm import SamplingParams
@@ -222,7 +237,7 @@ def score(cfg: ScoreConfig, argv=None) -> dict:
             if scorer is None:
                 scorer = (HfScorer(str(teacher), cfg.device, cfg.dtype) if cfg.backend == "hf" else
                           VllmScorer(str(teacher), max(len(it["prompt_ids"]) + len(it["completion_ids"]) for it in items),
-                                     cfg.dtype))
+                                     cfg))
                 load_s, t0 = time.perf_counter() - t0, time.perf_counter()  # tokens/s: scoring only
             # longest first, so a batch pads to a similar width; rows go back in file order
             order = sorted(range(len(shards[j])), key=lambda i: -(len(shards[j][i]["prompt_ids"]) +
@@ -245,6 +260,8 @@ def score(cfg: ScoreConfig, argv=None) -> dict:
             write_shard(out, j, shards[j], [by_pos[i] for i in range(len(shards[j]))], keys[j])
     finally:
         bar.close()
+        if hasattr(scorer, "close"):
+            scorer.close()
     seconds = time.perf_counter() - t0
     index = {"format": FORMAT, "teacher": {"dir": str(teacher), "id": teacher_id}, "k": cfg.k, "backend": cfg.backend,
              "alignment": "row i = teacher distribution for completion token i (HF logits at P-1+i)",
@@ -272,13 +289,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per teacher forward")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm backend: GPUs the teacher spans")
+    ap.add_argument("--enforce-eager", dest="enforce_eager", action="store_true", default=None,
+                    help="vllm backend: no CUDA graphs (default: graphs on a GPU, eager on CPU)")
+    ap.add_argument("--engine-arg", dest="engine_args", action="append", default=[], metavar="KEY=VALUE",
+                    help="vllm backend: any vLLM engine argument, e.g. gpu_memory_utilization=0.85 (repeatable)")
     return ap
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = ScoreConfig(**{**vars(args), "rollouts": tuple(args.rollouts)})
+        cfg = ScoreConfig(**{**vars(args), "rollouts": tuple(args.rollouts), "engine_args": tuple(args.engine_args)})
         index = score(cfg, argv=sys.argv if argv is None else [sys.argv[0], *argv])
     except OpdInputError as e:
         print(f"opd_score: error: {e}", file=sys.stderr)
