@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 import layer_io
+import store_pack
 import weight_quant
 from calib_accum import ExpertStats, LinearStats, blend_expert_stats
 
@@ -66,8 +67,11 @@ def _emit(ctx: StageContext, name: str, dq: torch.Tensor, shas: dict, entries: d
 
 
 def _slice_entries(store: dict, key: str, i: int, name: str) -> dict:
-    """Expert i's entry of a stacked call (`key#i`), under its own tensor's name."""
-    return {name: store[f"{key}#{i}"]}
+    """Expert i's entry of a stacked call, under its own tensor's name: the call's per-slice entry (`key#i`,
+    bits-plan slices) or slice i of its one [E, R, K] entry."""
+    if f"{key}#{i}" in store:
+        return {name: store[f"{key}#{i}"]}
+    return {name: store_pack.slice_leading(*store[key], i)}
 
 
 def quantize_linears(ctx: StageContext, names, linear: dict[str, LinearStats], shas: dict, stats: dict) -> None:

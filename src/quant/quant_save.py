@@ -283,6 +283,13 @@ def probe_plan(qcfg):
     text = qcfg.probe_calib or qcfg.calib_file
     if not text:
         raise BuildError("--probe needs --probe-calib FILE (or --calib-file): the text the router is probed on")
+    import quant_spec
+
+    for level in (x for x in qcfg.alloc_levels.split(",") if x.strip()):  # before any pass: a plan it cannot use
+        try:
+            quant_spec.QuantSpec(bits=float(level), group=qcfg.group, grid=qcfg.grid)
+        except ValueError as e:
+            raise BuildError(f"--alloc-levels {qcfg.alloc_levels} --grid {qcfg.grid}: {e}") from None
     probe_dir = Path(str(qcfg.out) + ".probe")
     here = Path(__file__).resolve().parent
     device = qcfg.device.split(",")[0] if qcfg.device.startswith("cuda") else "cpu"

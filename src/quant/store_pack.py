@@ -284,3 +284,24 @@ def concat_rows(name: str, blocks: list[tuple[dict, dict]]) -> tuple[dict, dict]
         raise ValueError(f"{name}: a per-channel input scale (awq) differs between row blocks; quantize it whole")
     first["shape"] = [sum(i["shape"][0] for i in infos), first["shape"][1]]
     return first, parts
+
+
+def slice_leading(info: dict, parts: dict, i: int) -> tuple[dict, dict]:
+    """Slice i of an entry along its leading axis (expert i of a stacked [E, R, K] call) as an entry of its own:
+    codes and zeros unpacked, sliced and packed again, scales (and a per-expert input scale) indexed."""
+    if info.get("kind") != "quant" or info["axis"] == 0:
+        raise ValueError("only a quantized entry whose leading axis is not its contraction axis can be sliced")
+    lead, k = _moved_shape(info)
+    per = math.prod(lead[1:]) * k
+    out_info = {**info, "shape": info["shape"][1:], "axis": info["axis"] - 1}
+    codes = unpack_codes(parts["codes"].numpy(), math.prod(lead) * k, info["width"])[i * per:(i + 1) * per]
+    out = {"codes": torch.from_numpy(pack_codes(codes, info["width"])), "scales": parts["scales"][i].contiguous()}
+    if "zeros" in parts:
+        n = parts["scales"].numel()
+        per_z = n // parts["scales"].shape[0]
+        z = unpack_codes(parts["zeros"].numpy(), n, info["width"])[i * per_z:(i + 1) * per_z]
+        out["zeros"] = torch.from_numpy(pack_codes(z, info["width"]))
+    if "in_scale" in parts:
+        s_in = parts["in_scale"]
+        out["in_scale"] = (s_in[i] if s_in.ndim > 1 else s_in).contiguous()
+    return out_info, out
