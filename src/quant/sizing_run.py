@@ -21,10 +21,10 @@ from sizing import Devices, SizingError
 # Whether calib_stats hands a layer's per-expert tensors to GPTQ as one [E, R, K] call (issue 23, deliverable 1)
 # or one call per disk tensor (B=1, the code this was written against). The per-call column loop is what the
 # GPU time of the unbatched build is made of; flip this when the batched build lands.
-BATCHED_EXPERT_GPTQ = False
+BATCHED_EXPERT_GPTQ = True
 # A calibrated build today writes each quantized tensor to .ptq_progress and again into the shards, and deletes
 # the progress files only at the end: its disk peak is output + the quantized tensors. False once written once.
-CALIBRATED_WRITES_TWICE = True
+CALIBRATED_WRITES_TWICE = False
 
 
 @dataclass(frozen=True)
