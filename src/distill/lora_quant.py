@@ -24,13 +24,13 @@ import torch.nn.utils.parametrize as parametrize
 
 import model_adapters
 import moe_quant
+import opd_data
 import ptq_meta
 import ptq_store
 from model_adapters import Recipe, Role
 
-DEFAULT_ROLES = (Role.ROUTED_EXPERT.value,)
-ALLOWED_ROLES = tuple(r.value for r in (Role.ROUTED_EXPERT, Role.SHARED_EXPERT, Role.ATTENTION,
-                                       Role.LINEAR_ATTENTION, Role.DENSE_MLP))
+DEFAULT_ROLES = opd_data.DEFAULT_LORA_ROLES
+ALLOWED_ROLES = opd_data.LORA_ALLOWED_ROLES
 
 
 class LoraTargetError(ValueError):

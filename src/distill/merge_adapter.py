@@ -21,19 +21,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 import atomic_io
 import footprint
-import lora_quant
 import model_adapters
 import opd_data
 import provenance
 from opd_data import OpdInputError
 
+if TYPE_CHECKING:
+    import torch
+
 MERGE_RECORD = "_opd_merge.json"
-ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
 def read_header(path: Path) -> tuple[bytes, dict]:
@@ -52,6 +52,8 @@ def student_shards(student: Path) -> list[Path]:
 
 def merged_model_state(run: Path, student: Path, source: Path, adapter_cfg: dict) -> dict[str, torch.Tensor]:
     """In-memory (transformers) state of the merged student: the student's, with targets = Q_s(W + BA)."""
+    import lora_quant
+    import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -82,6 +84,7 @@ def merged_model_state(run: Path, student: Path, source: Path, adapter_cfg: dict
 def write_like_student(model, student: Path, out: Path, roles: tuple[str, ...], config: dict) -> dict:
     """Save through transformers (its on-disk names, e.g. per-expert tensors), then rewrite into the
     student's exact shard layout: adapted-role tensors from the save, all others from the student."""
+    import torch
     from safetensors import safe_open
 
     adapter = model_adapters.adapter_for(config)
@@ -141,6 +144,7 @@ def layout(ckpt: Path) -> dict:
 
 def merge(run: str | Path, out: str | Path, student: str | None = None, source: str | None = None,
           force: bool = False, argv=None) -> dict:
+    import lora_quant
     t0 = time.perf_counter()
     run, out = Path(run), Path(out)
     cfg_path = run / "adapter_config.json"
@@ -191,6 +195,8 @@ def main(argv=None) -> int:
     ap.add_argument("--source", help="the student's BF16 source (default: the one recorded in the adapter)")
     ap.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     args = ap.parse_args(argv)
+    import lora_quant
+
     try:
         rec = merge(args.run, args.out, args.student, args.source, args.force,
                     argv=sys.argv if argv is None else [sys.argv[0], *argv])

@@ -18,6 +18,7 @@ from pathlib import Path
 import atomic_io
 import provenance
 import ptq_meta
+from model_adapters import Role
 
 
 def _text(path: Path) -> str:
@@ -30,6 +31,11 @@ def _text(path: Path) -> str:
         raise OpdInputError(str(err)) from None
 
 PROMPT_FIELDS = ("messages", "prompt", "problem", "question", "instruction", "text")
+DEFAULT_LORA_ROLES = (Role.ROUTED_EXPERT.value,)  # where a 3-bit student loses most
+LORA_ALLOWED_ROLES = tuple(r.value for r in (Role.ROUTED_EXPERT, Role.SHARED_EXPERT, Role.ATTENTION,
+                                            Role.LINEAR_ATTENTION, Role.DENSE_MLP))
+LOSSES = ("reverse_kl", "forward_kl", "jsd")  # opd_loss's objectives (named here so --help needs no torch)
+DEFAULT_REST_FLOOR = -24 * 0.6931471805599453  # log(2^-24): the rest bucket's floor (opd_loss), fp32 resolution
 PTQ_META = ptq_meta.META_NAME
 
 

@@ -21,9 +21,11 @@ import math
 
 import torch
 
-LOSSES = ("reverse_kl", "forward_kl", "jsd")
+import opd_data
+
+LOSSES = opd_data.LOSSES
 # log of the smallest teacher rest mass we trust: an fp32 sum of k probabilities is exact to ~k * 2^-24.
-DEFAULT_REST_FLOOR = math.log(2.0 ** -24)
+DEFAULT_REST_FLOOR = opd_data.DEFAULT_REST_FLOOR
 
 
 def student_buckets(student_logits: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:

@@ -30,13 +30,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 import atomic_io
 import opd_data
 import provenance
 from opd_data import OpdInputError
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX = "index.json"
 FORMAT = "moe-lowbit/opd-scores/1"
@@ -75,6 +77,7 @@ class ScoreConfig:
 # ---------------------------------------------------------------------------------------------- math
 def topk_rows(logits: torch.Tensor, targets: torch.Tensor, k: int) -> dict:
     """[C, V] logits (row i predicts targets[i]) -> top-k ids/log-probs, rest log-mass, target log-prob."""
+    import torch
     logp = torch.log_softmax(logits.float(), dim=-1)
     top_logp, top_ids = logp.topk(k, dim=-1)
     rest = torch.logsumexp(logp.scatter(-1, top_ids, float("-inf")), dim=-1)
@@ -89,6 +92,7 @@ def completion_rows(logits: torch.Tensor, prompt_len: int, n_completion: int) ->
 
 def vllm_rows(prompt_logprobs: list, seq: list[int], prompt_len: int, k: int) -> dict:
     """The same rows from vLLM's prompt_logprobs (entry j scores token seq[j] given seq[:j])."""
+    import torch
     ids, lps, rest, tgt = [], [], [], []
     for j in range(prompt_len, len(seq)):
         entry = prompt_logprobs[j]
@@ -107,6 +111,7 @@ def vllm_rows(prompt_logprobs: list, seq: list[int], prompt_len: int, k: int) ->
 # ----------------------------------------------------------------------------------------- backends
 class HfScorer:
     def __init__(self, teacher: str, device: str, dtype: str):
+        import torch
         from transformers import AutoModelForCausalLM
 
         torch_dtype = {"auto": torch.float32 if device == "cpu" else torch.bfloat16, "float32": torch.float32,
@@ -114,8 +119,14 @@ class HfScorer:
         self.model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch_dtype).to(device).eval()
         self.device = device
 
-    @torch.no_grad()
     def score(self, items: list[dict], k: int) -> list[dict]:
+        import torch
+
+        with torch.no_grad():
+            return self._score(items, k)
+
+    def _score(self, items: list[dict], k: int) -> list[dict]:
+        import torch
         ids, mask = opd_data.padded_batch(items)
         # only the positions that predict a completion token go through the LM head (see the trainer)
         first = min(len(it["prompt_ids"]) - 1 for it in items)
@@ -160,6 +171,7 @@ def shard_key(items: list[dict], teacher_id: str, cfg: ScoreConfig) -> str:
 
 
 def write_shard(out: Path, j: int, items: list[dict], rows: list[dict], key: str) -> dict:
+    import torch
     from safetensors.torch import save
 
     offsets = [0]

@@ -32,19 +32,16 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 import atomic_io
-import lora_quant
-import opd_batches
 import opd_data
-import opd_dist
-import opd_loss
-import opd_model
 import provenance
 from opd_data import OpdInputError
-from opd_dist import STATE
+
+if TYPE_CHECKING:
+    import opd_dist
+    import torch
 
 TRAIN_LOG = "train_log.json"
 
@@ -57,7 +54,7 @@ class TrainConfig:
     source: str | None = None
     loss: str = "reverse_kl"
     beta: float = 0.5
-    lora_roles: tuple[str, ...] = lora_quant.DEFAULT_ROLES
+    lora_roles: tuple[str, ...] = opd_data.DEFAULT_LORA_ROLES
     rank: int = 16
     alpha: float = 32.0
     lr: float = 1e-4
@@ -70,7 +67,7 @@ class TrainConfig:
     save_every: int = 10
     device: str = "cpu"
     dtype: str = "auto"
-    rest_floor: float = opd_loss.DEFAULT_REST_FLOOR
+    rest_floor: float = opd_data.DEFAULT_REST_FLOOR
     shard_frozen: bool | None = None  # None: shard the base weights on GPU, replicate them on CPU
     checkpoint_layers: bool | None = None  # None: on a GPU yes (what the 122B needs), on CPU no (the smoke's speed)
     cpu_offload: bool = False
@@ -79,8 +76,8 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if self.loss not in opd_loss.LOSSES:
-            raise OpdInputError(f"--loss must be one of {opd_loss.LOSSES}, got {self.loss!r}")
+        if self.loss not in opd_data.LOSSES:
+            raise OpdInputError(f"--loss must be one of {opd_data.LOSSES}, got {self.loss!r}")
         for name in ("rank", "batch_seqs", "micro_seqs", "save_every", "token_chunk", "vocab_chunk"):
             if getattr(self, name) < 1:
                 raise OpdInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -123,6 +120,7 @@ def plot_losses(path: Path, losses: list[float], title: str) -> None:
 # ------------------------------------------------------------------------------------------ train
 def micro_loss_sum(model, mb: dict, cfg: TrainConfig, autocast: bool) -> tuple[torch.Tensor, int]:
     """Sum of per-token divergences of a micro-batch (hidden state P-1+i vs the teacher's row i)."""
+    import torch
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
     with ctx:
         div = model(mb["input_ids"], mb["attention_mask"], mb["starts"], mb["teacher"], cfg.loss, cfg.beta,
@@ -131,6 +129,7 @@ def micro_loss_sum(model, mb: dict, cfg: TrainConfig, autocast: bool) -> tuple[t
 
 
 def train(cfg: TrainConfig, fresh: bool = False, argv=None, stop_after: int | None = None) -> dict:
+    import opd_dist
     if cfg.device == "cpu" and cfg.shard_frozen:
         opd_dist.cpu_allocator_setup(os.environ)  # a sharded CPU run is a memory measurement: RSS = what is held
     dist = opd_dist.Dist(cfg.device)
@@ -141,6 +140,10 @@ def train(cfg: TrainConfig, fresh: bool = False, argv=None, stop_after: int | No
 
 
 def _train(cfg: TrainConfig, dist: opd_dist.Dist, fresh: bool, argv, stop_after: int | None) -> dict:
+    import opd_batches
+    import opd_dist
+    import opd_model
+    import torch
     log = (lambda m: print(m, file=sys.stderr)) if dist.rank == 0 else (lambda m: None)
     meta = opd_data.read_student_meta(cfg.student)
     opd_model.import_model_code(cfg.student)
@@ -175,8 +178,8 @@ def _train(cfg: TrainConfig, dist: opd_dist.Dist, fresh: bool, argv, stop_after:
         step0, losses, tokens_done, step_seconds = state["step"], state["losses"], state["tokens"], state["step_seconds"]
         peak_rss = state.get("peak_rss_mib", [])
         log(f"opd: resuming {out} at step {step0}/{len(plan)}")
-    elif fresh and (out / STATE).exists() and dist.rank == 0:
-        (out / STATE).unlink()
+    elif fresh and (out / opd_dist.STATE).exists() and dist.rank == 0:
+        (out / opd_dist.STATE).unlink()
     del state
     autocast = dist.device.type == "cuda"
     from tqdm import tqdm
@@ -208,7 +211,7 @@ def _train(cfg: TrainConfig, dist: opd_dist.Dist, fresh: bool, argv, stop_after:
         bar.set_postfix_str(f"loss {loss:.4f}  {tok_run / max(time.perf_counter() - t_run, 1e-9):.0f} tok/s", refresh=False)
         done = step + 1
         if done % cfg.save_every == 0 or done == len(plan):
-            opd_dist.save_state(out / STATE, model, opt, dist, {
+            opd_dist.save_state(out / opd_dist.STATE, model, opt, dist, {
                 "config": ident, "step": done, "losses": losses, "tokens": tokens_done, "step_seconds": step_seconds,
                 "peak_rss_mib": peak_rss})
         if stop_after is not None and done >= stop_after:
@@ -240,10 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--scores", required=True, help="score dir from opd_score.py")
     ap.add_argument("--out", required=True, help="run dir: state.pt, adapter.safetensors, train_log.json")
     ap.add_argument("--source", help="BF16 checkpoint the student was built from (default: its _ptq_meta.json)")
-    ap.add_argument("--loss", default=d.loss, choices=opd_loss.LOSSES)
+    ap.add_argument("--loss", default=d.loss, choices=opd_data.LOSSES)
     ap.add_argument("--beta", type=float, default=d.beta, help="jsd: weight of the teacher in the mixture")
     ap.add_argument("--lora-roles", default=",".join(d.lora_roles),
-                    help=f"comma list of roles to adapt, from {list(lora_quant.ALLOWED_ROLES)}")
+                    help=f"comma list of roles to adapt, from {list(opd_data.LORA_ALLOWED_ROLES)}")
     ap.add_argument("--rank", type=int, default=d.rank)
     ap.add_argument("--alpha", type=float, default=d.alpha)
     ap.add_argument("--lr", type=float, default=d.lr)
@@ -275,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = vars(build_parser().parse_args(argv))
+    import lora_quant
+
     fresh, stop_after = args.pop("fresh"), args.pop("stop_after")
     args["lora_roles"] = tuple(r.strip() for r in args["lora_roles"].split(",") if r.strip())
     try:

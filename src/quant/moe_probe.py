@@ -21,10 +21,12 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 import atomic_io
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "moe-lowbit/probe/1"
 COLD_FRACTION = 0.1
@@ -47,11 +49,13 @@ class LayerAccumulator:
 
     @classmethod
     def zeros(cls, n_experts: int, device) -> "LayerAccumulator":
+        import torch
         z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
         return cls(z(n_experts), z(n_experts), z(n_experts), z(n_experts, n_experts), z(()), z(()))
 
     def add(self, x: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> None:
         """One router call: x [T, H], logits [T, E], weights/ids [T, k]."""
+        import torch
         e = self.freq.numel()
         flat_ids = ids.reshape(-1)
         self.freq += torch.bincount(flat_ids, minlength=e).to(self.freq.dtype)
@@ -103,6 +107,7 @@ def attach(model: torch.nn.Module, layer_index: int | None = None, required: boo
 
 def layer_stats(a: LayerAccumulator, top_k: int) -> dict:
     """The host-side figures of one layer (called once, after the pass)."""
+    import torch
     freq = a.freq.cpu()
     e = freq.numel()
     share = freq / freq.sum().clamp_min(1)
@@ -127,6 +132,7 @@ def layer_stats(a: LayerAccumulator, top_k: int) -> dict:
 
 def calibration_windows(tokenizer, text: str, n_tokens: int, ctx: int) -> torch.Tensor:
     """[n, ctx] windows of the text, BOS first (or EOS when there is no BOS); at most n_tokens."""
+    import torch
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     per = ctx - (1 if start is not None else 0)
@@ -140,9 +146,14 @@ def calibration_windows(tokenizer, text: str, n_tokens: int, ctx: int) -> torch.
     return torch.cat([torch.full((n, 1), start, dtype=torch.int64), body], dim=1)
 
 
-@torch.no_grad()
 def probe_model(model: torch.nn.Module, windows: torch.Tensor, batch: int = 4) -> dict:
     """Run the windows through the model with hooks; -> {"layers": [...], "summary": {...}}."""
+    import torch
+    with torch.no_grad():
+        return _probe_model(model, windows, batch)
+
+
+def _probe_model(model, windows, batch: int) -> dict:
     from tqdm import tqdm
 
     acc, handles = attach(model)
@@ -277,6 +288,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, type=Path, help="probe JSON path")
     ap.add_argument("--png-dir", type=Path, default=None, help="where the heatmaps go (default: beside --out)")
     args = ap.parse_args(argv)
+    import torch
+
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
