@@ -11,7 +11,7 @@ export MOE_LOWBIT_MODELS="${MOE_LOWBIT_MODELS:-$MOE_LOWBIT_ROOT/models}"
 export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
 # OpenMP threads sleep at a barrier instead of spinning: the numba quantization kernels and torch each
 # keep a pool, and a spinning pool starves the other on a small box (SmolLM2 gptq build, 4096 calibration
-# tokens, 2 cores: 203 s -> 78 s wall, 185 s -> 64 s CPU; bench/bench_gptq_build.py).
+# tokens, 2 cores: 203 s -> 78 s wall, 185 s -> 64 s CPU; tests/bench/bench_gptq_build.py).
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 # HF_TOKEN is read from the environment only; nothing in this project writes it anywhere.
 if [ -n "${MOE_LOWBIT_VENV:-}" ] && [ -f "$MOE_LOWBIT_VENV/bin/activate" ]; then

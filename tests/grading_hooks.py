@@ -8,12 +8,12 @@ import os
 import time
 from pathlib import Path
 
-import grading_pool
+import eval_grading
 
 
 def slow_grade(sample, output):
     time.sleep(float(os.environ.get("GRADING_HOOK_DELAY_S", "0.3")))
-    return grading_pool.default_grade_fn(sample, output)
+    return eval_grading.default_grade_fn(sample, output)
 
 
 def crash_once_grade(sample, output):
@@ -22,20 +22,20 @@ def crash_once_grade(sample, output):
     if sample.id == os.environ.get("GRADING_HOOK_CRASH_ID") and not marker.exists():
         marker.write_text(str(os.getpid()))
         os._exit(3)
-    return grading_pool.default_grade_fn(sample, output)
+    return eval_grading.default_grade_fn(sample, output)
 
 
 def always_crash_grade(sample, output):
     if sample.id == os.environ.get("GRADING_HOOK_CRASH_ID"):
         os._exit(3)
-    return grading_pool.default_grade_fn(sample, output)
+    return eval_grading.default_grade_fn(sample, output)
 
 
 def raising_grade(sample, output):
     """A grader bug on one sample: must become a counted grader_error, not a wrong answer."""
     if sample.id == os.environ.get("GRADING_HOOK_RAISE_ID"):
         raise ZeroDivisionError("grader bug")
-    return grading_pool.default_grade_fn(sample, output)
+    return eval_grading.default_grade_fn(sample, output)
 
 
 def stall_one_grade(sample, output):
@@ -43,4 +43,4 @@ def stall_one_grade(sample, output):
     if sample.id == os.environ.get("GRADING_HOOK_STALL_ID"):
         while True:
             time.sleep(0.05)
-    return grading_pool.default_grade_fn(sample, output)
+    return eval_grading.default_grade_fn(sample, output)

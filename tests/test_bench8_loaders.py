@@ -137,7 +137,7 @@ def test_math500_equivalence_via_math_verify():
 def test_sympy_fallback_when_math_verify_missing(monkeypatch):
     import builtins
 
-    import graders
+    import bench_grade
 
     real_import = builtins.__import__
 
@@ -147,8 +147,8 @@ def test_sympy_fallback_when_math_verify_missing(monkeypatch):
         return real_import(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", no_math_verify)
-    assert graders.math_equal("\\frac{5}{6}", "\\frac{10}{12}") == (True, "sympy_fallback")
-    assert graders.math_equal("\\frac{5}{6}", "\\frac{1}{6}") == (False, "sympy_fallback")
+    assert bench_grade.math_equal("\\frac{5}{6}", "\\frac{10}{12}") == (True, "sympy_fallback")
+    assert bench_grade.math_equal("\\frac{5}{6}", "\\frac{1}{6}") == (False, "sympy_fallback")
 
 
 def test_aime_years_parts_and_integer_grading():

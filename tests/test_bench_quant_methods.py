@@ -1,4 +1,4 @@
-"""bench/quant_methods.py's pure parts: the Pareto answer for a llama.cpp point, the generated findings,
+"""tests/bench/quant_methods_matrix.py's pure parts: the Pareto answer for a llama.cpp point, the generated findings,
 the docs block, and the KL over llama-perplexity's positions taken from moe_eval's forward."""
 import sys
 from pathlib import Path
@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))  # last: bench/ shadows src/quant names
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests" / "bench"))  # last: tests/bench/ shadows src/quant names
 
 import moe_eval  # noqa: E402
-import teacher_cache  # noqa: E402
+import fidelity_cache  # noqa: E402
 import quant_methods_kl as qkl  # noqa: E402
 import quant_methods_report as rep  # noqa: E402
 
@@ -61,7 +61,7 @@ def test_the_shipped_recipe_is_a_row_with_its_own_options(tmp_path, monkeypatch)
     import importlib.util
     import json
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "quant_methods.py"  # src/quant has a quant_methods too
+    path = Path(__file__).resolve().parents[1] / "tests" / "bench" / "quant_methods_matrix.py"  # src/quant has a quant_methods too
     spec = importlib.util.spec_from_file_location("bench_quant_methods", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -111,7 +111,7 @@ def _fixture(tmp_path, n=3, ctx=16, vocab=40):
     cfg = moe_eval.FidelityConfig(ctx=ctx, max_tokens=n * ctx, add_bos=False, cache_root=str(tmp_path), token_chunk=5,
                               vocab_chunk=16)
     windows = moe_eval.TokenWindows(torch.randint(0, vocab, (n, ctx), generator=g))
-    cache = teacher_cache.build_teacher_cache(lambda: teacher, "toy-teacher", windows, cfg)
+    cache = fidelity_cache.build_teacher_cache(lambda: teacher, "toy-teacher", windows, cfg)
     return teacher, student, cfg, windows, cache
 
 

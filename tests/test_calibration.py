@@ -232,7 +232,7 @@ def test_bad_calibration_input_gives_one_error_line(llama_src, tmp_path, capsys,
 
 
 def test_cli_limits_the_shape_keyed_cpu_caches_but_keeps_a_users_value(tmp_path, monkeypatch, capsys):
-    """oneDNN's and ideep's caches grow by one entry per routed-expert token count (bench/calib_memory.py): the
+    """oneDNN's and ideep's caches grow by one entry per routed-expert token count (tests/bench/calib_memory.py): the
     CLI caps them before the first forward, unless the user chose a size."""
     import layer_io
 

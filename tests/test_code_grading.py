@@ -2,7 +2,7 @@
 reports success after the last assertion, never because of how it exits."""
 import pytest
 
-import graders
+import bench_grade
 import sandbox
 
 LIMITS = sandbox.SandboxLimits(timeout_s=5.0)
@@ -38,14 +38,14 @@ EXIT_ZERO_FORGERIES = {
 
 @pytest.mark.parametrize("name", sorted(EXIT_ZERO_FORGERIES))
 def test_exit_zero_forgeries_score_wrong(name):
-    graded = graders.grade_code_program(HUMANEVAL_PARTS, fenced(EXIT_ZERO_FORGERIES[name]), LIMITS)
+    graded = bench_grade.grade_code_program(HUMANEVAL_PARTS, fenced(EXIT_ZERO_FORGERIES[name]), LIMITS)
     assert graded.correct is False and not graded.no_answer, graded
     assert graded.detail["passed"] == 0 and graded.detail["error"]
     assert graded.detail["isolation"].startswith("bwrap")
 
 
 def test_issue_one_liner_is_wrong():
-    assert graders.grade_code_program(("", "assert False"), "```python\nimport sys\nsys.exit(0)\n```",
+    assert bench_grade.grade_code_program(("", "assert False"), "```python\nimport sys\nsys.exit(0)\n```",
                                       sandbox.SandboxLimits()).correct is False
 
 
@@ -59,20 +59,20 @@ def test_issue_one_liner_is_wrong():
     "    return out[0]\n",
 ], ids=["plain", "main-block", "thread"])
 def test_honest_humaneval_programs_pass(code):
-    graded = graders.grade_code_program(HUMANEVAL_PARTS, fenced(code), LIMITS)
+    graded = bench_grade.grade_code_program(HUMANEVAL_PARTS, fenced(code), LIMITS)
     assert graded.correct, graded
     assert graded.detail == {"passed": 1, "total": 1, "isolation": graded.detail["isolation"]}
 
 
 def test_wrong_humaneval_program_names_the_failure():
-    graded = graders.grade_code_program(HUMANEVAL_PARTS, fenced("def add(a, b):\n    return a - b\n"), LIMITS)
+    graded = bench_grade.grade_code_program(HUMANEVAL_PARTS, fenced("def add(a, b):\n    return a - b\n"), LIMITS)
     assert not graded.correct and "AssertionError" in graded.detail["error"]
 
 
 def test_mbpp_program_passes_and_fails_on_its_asserts():
-    good = graders.grade_code_program(MBPP_PARTS, fenced("def hyp(a, b):\n    return math.sqrt(a * a + b * b)\n"),
+    good = bench_grade.grade_code_program(MBPP_PARTS, fenced("def hyp(a, b):\n    return math.sqrt(a * a + b * b)\n"),
                                       LIMITS)
-    bad = graders.grade_code_program(MBPP_PARTS, fenced("def hyp(a, b):\n    return a + b\n"), LIMITS)
+    bad = bench_grade.grade_code_program(MBPP_PARTS, fenced("def hyp(a, b):\n    return a + b\n"), LIMITS)
     assert good.correct and not bad.correct
 
 
@@ -89,7 +89,7 @@ STDIN_TESTS = [{"input": "2 3\n", "output": "5\n", "testtype": "stdin"},
     ("a, b = map(int, input().split())\nprint(a * b)\n", False),
 ], ids=["plain", "main-exit", "exit-only", "wrong"])
 def test_stdin_programs_are_judged_by_their_output(code, correct):
-    graded = graders.grade_code_tests(STDIN_TESTS, None, fenced(code), LIMITS)
+    graded = bench_grade.grade_code_tests(STDIN_TESTS, None, fenced(code), LIMITS)
     assert graded.correct is correct, graded
 
 
@@ -99,14 +99,14 @@ def test_functional_programs_are_judged_by_the_returned_value():
           "        seen = {}\n        for i, x in enumerate(nums):\n"
           "            if target - x in seen:\n                return [seen[target - x], i]\n"
           "            seen[x] = i\n")
-    assert graders.grade_code_tests(tests, "twoSum", fenced(ok), LIMITS).correct
+    assert bench_grade.grade_code_tests(tests, "twoSum", fenced(ok), LIMITS).correct
     forged = "import os\nos._exit(0)\n"
-    assert not graders.grade_code_tests(tests, "twoSum", fenced(forged), LIMITS).correct
+    assert not bench_grade.grade_code_tests(tests, "twoSum", fenced(forged), LIMITS).correct
 
 
 def test_weak_tier_is_recorded_in_the_detail():
     weak = [c for c in sandbox.candidate_isolations(False, sandbox.sandbox_pythons()[-1:]) if c.kind == "plain"][0]
-    graded = graders.grade_code_program(HUMANEVAL_PARTS, fenced("def add(a, b):\n    return a + b\n"), LIMITS,
+    graded = bench_grade.grade_code_program(HUMANEVAL_PARTS, fenced("def add(a, b):\n    return a + b\n"), LIMITS,
                                         isolation=weak)
     assert graded.correct and graded.detail["weak_sandbox"] is True
     assert graded.detail["isolation"].startswith("WEAK SANDBOX")
@@ -255,7 +255,7 @@ TEST_FORGERIES = {"settrace swaps check": (HUMANEVAL_PARTS, SETTRACE_SWAP_CHECK)
 @pytest.mark.parametrize("name", sorted(TEST_FORGERIES))
 def test_forgeries_of_the_tests_score_wrong(name):
     parts, code = TEST_FORGERIES[name]
-    graded = graders.grade_code_program(parts, fenced(code), LIMITS)
+    graded = bench_grade.grade_code_program(parts, fenced(code), LIMITS)
     assert graded.correct is False and graded.detail["passed"] == 0 and graded.detail["error"], graded.detail
 
 
@@ -263,7 +263,7 @@ def test_forgeries_of_the_tests_score_wrong(name):
 def test_the_same_forgeries_win_when_tests_share_the_candidates_process(name):
     """Control: in one process (the old layout) each forgery passes, so the tests above can fail."""
     parts, code = TEST_FORGERIES[name]
-    result = sandbox.run_python(graders.code_program(parts, code), limits=LIMITS, run_name=graders.TEST_PROGRAM_NAME)
+    result = sandbox.run_python(bench_grade.code_program(parts, code), limits=LIMITS, run_name=bench_grade.TEST_PROGRAM_NAME)
     assert result.completed, result.stderr[-500:]
 
 
@@ -271,16 +271,16 @@ def test_values_cross_with_their_exact_types():
     parts = ("", "assert type(f()) is tuple and f() == (1, [2.5, None], {'k': {3}}, b'x', True)\n"
                  "assert type(f()[1][0]) is float and type(f()[3]) is bytes\n")
     ok = "def f():\n    return (1, [2.5, None], {'k': {3}}, b'x', True)\n"
-    assert graders.grade_code_program(parts, fenced(ok), LIMITS).correct
+    assert bench_grade.grade_code_program(parts, fenced(ok), LIMITS).correct
     gen = "def f():\n    return (x for x in (1,))\n"
-    wrong = graders.grade_code_program(parts, fenced(gen), LIMITS)
+    wrong = bench_grade.grade_code_program(parts, fenced(gen), LIMITS)
     assert not wrong.correct and "cannot cross" in wrong.detail["error"]
 
 
 def test_a_call_that_stalls_is_cut_at_the_call_timeout():
     stall = "def add(a, b):\n    while True:\n        pass\n"
     start = __import__("time").monotonic()
-    graded = graders.grade_code_program(HUMANEVAL_PARTS, fenced(stall), sandbox.SandboxLimits(timeout_s=2.0))
+    graded = bench_grade.grade_code_program(HUMANEVAL_PARTS, fenced(stall), sandbox.SandboxLimits(timeout_s=2.0))
     assert not graded.correct and __import__("time").monotonic() - start < 15
 
 
@@ -295,11 +295,11 @@ def test_a_prompt_helper_stays_trusted_code_in_the_test_process():
     assert sandbox_calls.entry_points(tests, prompt) == ["find_zero"]
     honest = "def find_zero(xs):\n    return -xs[0] / xs[1]\n"
     liar = "def poly(xs, x):\n    return 0\n\ndef find_zero(xs):\n    return 123.0\n"
-    assert graders.grade_code_program((prompt, tests), fenced(honest), LIMITS).correct
-    assert not graders.grade_code_program((prompt, tests), fenced(liar), LIMITS).correct
+    assert bench_grade.grade_code_program((prompt, tests), fenced(honest), LIMITS).correct
+    assert not bench_grade.grade_code_program((prompt, tests), fenced(liar), LIMITS).correct
 
 
-GRADING_MODULES = ("graders.py", "extractors.py", "sandbox.py", "sandbox_exec.py", "sandbox_launcher.py",
+GRADING_MODULES = ("bench_grade.py", "bench_extract.py", "sandbox.py", "sandbox_exec.py", "sandbox_launcher.py",
                    "sandbox_memory.py", "sandbox_calls.py", "sandbox_wire.py")
 
 
@@ -320,15 +320,15 @@ def test_forgeries_score_wrong_and_honest_code_passes_under_an_unprivileged_grad
     try:
         stage.chmod(0o755)
         for name in GRADING_MODULES:
-            shutil.copyfile(Path(graders.__file__).with_name(name), stage / name)
+            shutil.copyfile(Path(bench_grade.__file__).with_name(name), stage / name)
             (stage / name).chmod(0o644)
         cases = {name: [list(parts), fenced(code), False] for name, (parts, code) in TEST_FORGERIES.items()}
         cases["honest"] = [list(HUMANEVAL_PARTS), fenced("def add(a, b):\n    return a + b\n"), True]
-        script = (f"import json, os, sys\nsys.path.insert(0, {str(stage)!r})\nimport graders, sandbox\n"
+        script = (f"import json, os, sys\nsys.path.insert(0, {str(stage)!r})\nimport bench_grade, sandbox\n"
                   f"cases = json.loads({json.dumps(cases)!r})\nlimits = sandbox.SandboxLimits(timeout_s=5.0)\n"
                   "out = {'uid': os.getuid()}\n"
                   "for name, (parts, answer, _) in cases.items():\n"
-                  "    g = graders.grade_code_program(tuple(parts), answer, limits)\n"
+                  "    g = bench_grade.grade_code_program(tuple(parts), answer, limits)\n"
                   "    out[name] = [g.correct, g.detail.get('isolation', '')[:5]]\n"
                   "print(json.dumps(out))\n")
         (stage / "grade.py").write_text(script)
@@ -349,6 +349,6 @@ def test_exceptions_cross_as_their_builtin_type():
     function is a NameError in the tests."""
     parts = ("", "try:\n    pick({}, 'k')\n    raise AssertionError('no KeyError')\nexcept KeyError:\n    pass\n"
                  "assert pick({'k': 1}, 'k') == 1\n")
-    assert graders.grade_code_program(parts, fenced("def pick(d, k):\n    return d[k]\n"), LIMITS).correct
-    missing = graders.grade_code_program(parts, fenced("def other(d, k):\n    return 1\n"), LIMITS)
+    assert bench_grade.grade_code_program(parts, fenced("def pick(d, k):\n    return d[k]\n"), LIMITS).correct
+    missing = bench_grade.grade_code_program(parts, fenced("def other(d, k):\n    return 1\n"), LIMITS)
     assert not missing.correct and "NameError" in missing.detail["error"]

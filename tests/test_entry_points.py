@@ -1,4 +1,4 @@
-"""Every entry point answers --help without importing torch (bench/bench_help.py prints how fast), and
+"""Every entry point answers --help without importing torch (tests/bench/bench_help.py prints how fast), and
 every pipeline answers --help."""
 import os
 import subprocess

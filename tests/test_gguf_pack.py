@@ -515,7 +515,7 @@ def test_smollm2_moe_fixture_packs_and_answers_through_llama_server(llama_prefix
     import urllib.request
 
     import embedded_model
-    import llama_server as ls
+    import llamacpp_server as ls
 
     moe = embedded_model.resolve("embedded:smollm2-moe", log=lambda m: None)
     out, meta = gf.packed("smollm2-moe", moe, llama_prefix)

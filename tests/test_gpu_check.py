@@ -1,4 +1,4 @@
-"""bench/gpu_check.sh --cpu: the prepared GPU check runs here at reduced size and writes one JSON that the
+"""tests/bench/gpu_check.sh --cpu: the prepared GPU check runs here at reduced size and writes one JSON that the
 sizing model can read as a cost table (the GPU run is the same script without --cpu)."""
 import json
 import math
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_gpu_check_cpu_mode_writes_one_json(tmp_path):
     out = tmp_path / "gpu_check.json"
-    res = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--cpu", "--out", str(out)],
+    res = subprocess.run(["bash", str(ROOT / "tests" / "bench" / "gpu_check.sh"), "--cpu", "--out", str(out)],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     doc = json.loads(out.read_text())

@@ -153,9 +153,9 @@ def test_a_lone_surrogate_is_stored_escaped_and_graded(tmp_path):
 
 
 def test_an_unstorable_record_names_its_sample(tmp_path):
-    import resume_log
+    import eval_resume
 
-    with resume_log.SampleLog(tmp_path / "x.jsonl") as log, pytest.raises(ValueError, match="'gpqa/rec7'"):
+    with eval_resume.SampleLog(tmp_path / "x.jsonl") as log, pytest.raises(ValueError, match="'gpqa/rec7'"):
         log.append([{"id": "gpqa/rec7", "output": "x", "tokens": float("nan")}])
 
 
@@ -163,7 +163,7 @@ def test_an_unstorable_record_names_its_sample(tmp_path):
 def test_a_sample_over_its_grading_budget_is_wrong_with_grade_timeout_and_the_run_goes_on(tmp_path, monkeypatch,
                                                                                        workers):
     import grading_hooks
-    from grading_pool import GradingPool
+    from eval_grading import GradingPool
 
     samples, _ = vllm_eval8.load_all_samples(fixture_cfg(tmp_path))
     samples = samples[:4]

@@ -1,4 +1,4 @@
-"""Tests for src/eval/llama_server.py and src/eval/llamacpp_eval8.py.
+"""Tests for src/eval/llamacpp_server.py and src/eval/llamacpp_eval8.py.
 
 Lifecycle tests use tests/fake_llama_server.py (the real server's command line and endpoints, with
 failures on demand) so they take seconds: a crash at startup, a server that never gets healthy (and has a
@@ -21,7 +21,7 @@ import pytest
 
 import bench8_loaders
 import gguf_fixtures as gf
-import llama_server as ls
+import llamacpp_server as ls
 import llamacpp_eval8
 import results_schema
 
@@ -171,7 +171,7 @@ SCRIPT = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, {src!r})
-import llama_server as ls
+import llamacpp_server as ls
 cfg = ls.ServerConfig(binary=Path({binary!r}), model=Path({model!r}))
 with ls.LlamaServer(cfg) as server:
     print("READY", server.proc.pid, flush=True)

@@ -21,7 +21,7 @@ import mm_smoke_data
 import vllm_eval8
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "data" / "mm_smoke"
+SMOKE = ROOT / "configs" / "data" / "mm_smoke"
 MMMU_FILE = str(SMOKE / "mmmu_pro_{part}.jsonl")
 MATHV_FILE = str(SMOKE / "math_vision.jsonl")
 

@@ -22,7 +22,7 @@ import mm_fixtures
 import results_schema
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "data" / "mm_smoke"
+SMOKE = ROOT / "configs" / "data" / "mm_smoke"
 EVAL_SH = ROOT / "pipelines" / "eval.sh"
 MAX_LEN = 1024  # a smoke prompt is ~150-350 tokens; seven 1024-px images are >= 7 x 256 image tokens
 PNG_MAGIC_B64 = "iVBORw0KGgo"  # base64 of a PNG header: must never reach a results file
@@ -180,7 +180,7 @@ def _server_gone(port: int, timeout_s: float = 15.0) -> bool:
 
 @pytest.mark.llamacpp
 def test_eval_sh_llamacpp_scores_bad_input_and_resumes_after_sigkill(ggufs, bad_data, tmp_path):
-    import llama_server as ls
+    import llamacpp_server as ls
 
     clean = tmp_path / "clean"
     _eval_sh(*_llamacpp(ggufs, bad_data, "g", clean))
@@ -219,7 +219,7 @@ def test_eval_sh_llamacpp_scores_bad_input_and_resumes_after_sigkill(ggufs, bad_
 
 @pytest.mark.llamacpp
 def test_eval_sh_refuses_image_questions_to_a_server_that_cannot_see(ggufs, bad_data, tmp_path):
-    import llama_server as ls
+    import llamacpp_server as ls
 
     prefix, text_gguf, _mmproj = ggufs
     res = tmp_path / "r"

@@ -20,7 +20,7 @@ import results_schema
 import vllm_eval8
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "data" / "mm_smoke"
+SMOKE = ROOT / "configs" / "data" / "mm_smoke"
 MATHV = str(SMOKE / "math_vision.jsonl")
 MMMU = str(SMOKE / "mmmu_pro_{part}.jsonl")
 
@@ -139,7 +139,7 @@ def test_quantized_checkpoint_keeps_the_vision_tower_and_its_eval_runs(tiny_vlm,
 def test_mmproj_gguf_loads_in_llama_server_and_answers_image_questions(tiny_vlm, tmp_path):
     import backend_base
     import backend_openai
-    import llama_server as ls
+    import llamacpp_server as ls
     import llamacpp_eval8
 
     prefix, text_gguf, mmproj = mm_fixtures.tiny_vlm_gguf(tiny_vlm)

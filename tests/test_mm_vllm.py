@@ -19,7 +19,7 @@ import results_schema
 import vllm_eval8
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "data" / "mm_smoke"
+SMOKE = ROOT / "configs" / "data" / "mm_smoke"
 MATHV = str(SMOKE / "math_vision.jsonl")
 MMMU = str(SMOKE / "mmmu_pro_{part}.jsonl")
 

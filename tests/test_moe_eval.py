@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import fidelity_math as fm
 import fidelity_text as ft
 import moe_eval as me
-import teacher_cache
+import fidelity_cache
 
 # Original prose (written for this test) so the model tests need no hub dataset.
 PROSE = """\
@@ -207,7 +207,7 @@ def test_topk_cache_gives_a_labelled_lower_bound(tmp_path):
                              me.FidelityConfig(ctx=16, cache_root=str(tmp_path), cache_dtype="float32"), "fake")
     topk = me.compare_loaded(teacher, {"s": student}, windows,
                              me.FidelityConfig(ctx=16, cache_root=str(tmp_path), cache_topk=8), "fake")
-    assert topk["teacher_cache"]["key"] != full["teacher_cache"]["key"]  # the format is part of the key
+    assert topk["fidelity_cache"]["key"] != full["fidelity_cache"]["key"]  # the format is part of the key
     assert topk["students"]["s"]["kl_kind"] == "topk_lower_bound" and full["students"]["s"]["kl_kind"] == "exact"
     assert 0 < topk["students"]["s"]["kl_mean"] < full["students"]["s"]["kl_mean"]
 
@@ -309,7 +309,7 @@ def test_kl_grows_as_bits_shrink(teacher, prose_windows, model_cfg, self_result)
     for bits in (4, 3, 2):
         student = fake_quantized_copy(teacher, bits)
         res = me.compare_loaded(teacher, {f"int{bits}": student}, prose_windows, model_cfg)
-        assert res["teacher_cache"]["hit"]  # self_result built it; students never re-run the teacher
+        assert res["fidelity_cache"]["hit"]  # self_result built it; students never re-run the teacher
         s = res["students"][f"int{bits}"]
         kls[bits] = s["kl_mean"]
         print(f"int{bits}: KL {s['kl_mean']:.5f} {s['kl_mean_interval']} top1 {s['top1_agree']:.4f} "
@@ -330,19 +330,19 @@ def test_teacher_cache_reused_and_invalidated(teacher, prose_windows, tmp_path):
         return me.hf_logits_fn(teacher)
 
     try:
-        first = teacher_cache.build_teacher_cache(loader, "smollm2", small, cfg)
+        first = fidelity_cache.build_teacher_cache(loader, "smollm2", small, cfg)
         assert (first.hit, first.computed_windows, calls["forward"], calls["load"]) == (False, 2, 2, 1)
-        again = teacher_cache.build_teacher_cache(loader, "smollm2", small, cfg)
+        again = fidelity_cache.build_teacher_cache(loader, "smollm2", small, cfg)
         assert (again.hit, again.computed_windows, calls["forward"], calls["load"]) == (True, 0, 2, 1)
         assert again.path == first.path
         other_text = me.TokenWindows(prose_windows.tokens[1:3, :32].clone(), prose_windows.source)
-        changed = teacher_cache.build_teacher_cache(loader, "smollm2", other_text, cfg)
+        changed = fidelity_cache.build_teacher_cache(loader, "smollm2", other_text, cfg)
         assert not changed.hit and changed.path != first.path and calls["forward"] == 4
         shorter = me.TokenWindows(prose_windows.tokens[:2, :16].clone(), prose_windows.source)
-        ctx_changed = teacher_cache.build_teacher_cache(loader, "smollm2", shorter, me.FidelityConfig(
+        ctx_changed = fidelity_cache.build_teacher_cache(loader, "smollm2", shorter, me.FidelityConfig(
             ctx=16, dtype="float32", cache_root=str(tmp_path)))
         assert not ctx_changed.hit and calls["forward"] == 6
-        other_teacher = teacher_cache.build_teacher_cache(loader, "another-model", small, cfg)
+        other_teacher = fidelity_cache.build_teacher_cache(loader, "another-model", small, cfg)
         assert not other_teacher.hit and calls["forward"] == 8
     finally:
         hook.remove()
@@ -391,4 +391,4 @@ def test_cli_writes_json_with_provenance(smollm2_dir, prose_file, tmp_path):
     (s,) = res["students"]
     assert abs(s["kl_mean"]) < 1e-5 and s["top1_agree"] == 1.0
     assert s["ppl_student"] == pytest.approx(s["ppl_teacher"], rel=1e-5)
-    assert not res["teacher_cache"]["hit"] and res["teacher"]["id"].startswith("dir:")
+    assert not res["fidelity_cache"]["hit"] and res["teacher"]["id"].startswith("dir:")

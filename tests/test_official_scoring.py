@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-import answer_cascades
+import bench_cascades
 from mmlu_pro_reference import reference_scores
 import bench_registry
 import results_schema
 from bench_spec import Source
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mmlu_pro_real_outputs_sample.jsonl"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "configs" / "data" / "mmlu_pro_real_outputs_sample.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -74,15 +74,15 @@ def test_the_robust_cascade_differs_from_the_official_one_and_both_are_reported(
 
 
 def test_stage_order_first_match_case_sensitive_and_guess():
-    c = answer_cascades.MMLU_PRO_OFFICIAL
+    c = bench_cascades.MMLU_PRO_OFFICIAL
     # first "answer is" wins, and only lower-case "answer is" counts
-    assert answer_cascades.run_cascade(c, "the answer is (B). Wait, the answer is (C)").letter == "B"
-    assert answer_cascades.run_cascade(c, "The Answer Is (C) ... so, Answer: D").stage == "stage2"
-    assert answer_cascades.run_cascade(c, "I pick D over E for sure").letter == "E"
-    assert answer_cascades.run_cascade(c, "no letters here, sorry").stage == "none"
+    assert bench_cascades.run_cascade(c, "the answer is (B). Wait, the answer is (C)").letter == "B"
+    assert bench_cascades.run_cascade(c, "The Answer Is (C) ... so, Answer: D").stage == "stage2"
+    assert bench_cascades.run_cascade(c, "I pick D over E for sure").letter == "E"
+    assert bench_cascades.run_cascade(c, "no letters here, sorry").stage == "none"
     recs = [{"gold": "A", "official_guess": {"options": 10}, "official_correct": False} for _ in range(2000)]
-    guessed = answer_cascades.stream_guesses(recs, 12345)
-    again = answer_cascades.stream_guesses(recs, 12345)
+    guessed = bench_cascades.stream_guesses(recs, 12345)
+    again = bench_cascades.stream_guesses(recs, 12345)
     assert guessed == again and {r["official_stage"] for r in guessed} == {"guess"}
     assert 150 < sum(r["official_correct"] for r in guessed) < 250  # uniform over the shown options
     want = random.Random(12345)
@@ -90,11 +90,11 @@ def test_stage_order_first_match_case_sensitive_and_guess():
 
 
 def test_gpqa_official_parser_takes_each_pattern_once():
-    c = answer_cascades.GPQA_OFFICIAL
-    assert answer_cascades.run_cascade(c, "so the answer is (C)").letter == "C"
+    c = bench_cascades.GPQA_OFFICIAL
+    assert bench_cascades.run_cascade(c, "so the answer is (C)").letter == "C"
     # the first "(x)" is not a letter: that pattern is done; no later pattern matches -> no answer
-    assert answer_cascades.run_cascade(c, "see (i) and (B)").letter is None
-    assert answer_cascades.run_cascade(c, "Answer: (D)").stage == "stage2"
+    assert bench_cascades.run_cascade(c, "see (i) and (B)").letter is None
+    assert bench_cascades.run_cascade(c, "Answer: (D)").stage == "stage2"
 
 
 def test_math_official_scorer_is_math_verify_on_the_whole_output():
@@ -120,10 +120,10 @@ def test_math_official_scorer_is_math_verify_on_the_whole_output():
     ("I think it is B", None),  # no marker, no answer (no guessing in simple-evals)
 ])
 def test_mmmlu_official_is_simple_evals_marker_table(text, want):
-    assert answer_cascades.run_cascade(answer_cascades.MMMLU_OFFICIAL, text).letter == want
+    assert bench_cascades.run_cascade(bench_cascades.MMMLU_OFFICIAL, text).letter == want
 
 
 def test_mmmlu_official_markers_are_the_published_list():
-    m = answer_cascades.MMMLU_MARKERS
+    m = bench_cascades.MMMLU_MARKERS
     assert len(m) == 42 and m[0] == "Answer\\s*:" and m[1].endswith("\u200b" * 6)  # the Korean invisible one
     assert "الإجابة الصحيحة هي:" in m and "Jibu\\s*:" in m and m[-1] == "Àṣàyàn\\s*:"

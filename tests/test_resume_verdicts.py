@@ -36,11 +36,11 @@ def _run(tmp_path):
 def test_fingerprint_covers_the_grading_code(tmp_path, monkeypatch):
     base = eval_fingerprint.grader_fingerprint()
     assert base == eval_fingerprint.grader_fingerprint() and len(base) == 16
-    assert all(eval_fingerprint.module_source(m) for m in ("extractors", "graders", "sandbox", "bench_code"))
+    assert all(eval_fingerprint.module_source(m) for m in ("bench_extract", "bench_grade", "sandbox", "bench_code"))
     grader = tmp_path / "moe_test_grader.py"
     grader.write_text("def grade(x):\n    return x == 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    modules = ("extractors", "moe_test_grader")
+    modules = ("bench_extract", "moe_test_grader")
     before = eval_fingerprint.grader_fingerprint(modules)
     grader.write_text("def grade(x):\n    return x == 2\n")  # a grader fix
     assert eval_fingerprint.grader_fingerprint(modules) != before

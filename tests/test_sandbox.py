@@ -548,12 +548,12 @@ KERNEL_MEMORY = {
 
 @pytest.mark.parametrize("name", sorted(KERNEL_MEMORY))
 def test_kernel_held_memory_cannot_pass_the_budget(iso, name):
-    import graders
+    import bench_grade
 
     program, reason = KERNEL_MEMORY[name]
     limits = sandbox.SandboxLimits(timeout_s=20.0, memory_mb=512)
     tests = [{"input": "", "output": "held 1536\n", "testtype": "stdin"}]
-    graded = graders.grade_code_tests(tests, None, f"```python\n{program}```", limits)
+    graded = bench_grade.grade_code_tests(tests, None, f"```python\n{program}```", limits)
     assert graded.correct is False and graded.detail["passed"] == 0, graded.detail
     assert reason in graded.detail["error"], graded.detail
     still_works(iso)  # the grader lives on
@@ -564,12 +564,12 @@ def test_without_the_seccomp_filter_the_same_programs_hold_3x_the_budget(iso, na
     """Control: rlimits and the read-only /dev alone let these through, so the test above can fail."""
     import dataclasses
 
-    import graders
+    import bench_grade
 
     limits = sandbox.SandboxLimits(timeout_s=20.0, memory_mb=512)
     tests = [{"input": "", "output": "held 1536\n", "testtype": "stdin"}]
     bare = dataclasses.replace(iso, seccomp=False)
-    graded = graders.grade_code_tests(tests, None, f"```python\n{KERNEL_MEMORY[name][0]}```", limits, isolation=bare)
+    graded = bench_grade.grade_code_tests(tests, None, f"```python\n{KERNEL_MEMORY[name][0]}```", limits, isolation=bare)
     assert graded.correct, graded.detail
 
 

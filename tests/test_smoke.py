@@ -413,7 +413,7 @@ def test_smoke_pipeline_reduced_end_to_end(tmp_path, smollm2_dir):
     assert teacher["generation"]["max_new_tokens"] == 24 and not teacher["generation"]["thinking"]
     assert all(b["n"] == 3 for b in teacher["benchmarks"].values())
     assert teacher["benchmarks"]["mmlu_pro"]["dataset"]["source"]["sources"][0]["data_file"].endswith(
-        "data/smoke/mmlu_pro_easy.jsonl")
+        "configs/data/smoke/mmlu_pro_easy.jsonl")
     _assert_results_md_cites(results, summary, teacher, quant)
 
 

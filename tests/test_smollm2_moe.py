@@ -155,4 +155,4 @@ def test_inverse_ranking_is_worse_than_activation_salience(moe_dir, tmp_path):
     d = fidelity_math.paired_delta(kl["inverse"]["kl_per_window"], kl["asal"]["kl_per_window"])
     assert study["eval_text"]["n_windows"] >= 24
     assert d["lo"] > 0, f"KL(inverse) - KL(asal) = {d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]: not separated"
-    assert study["teacher_cache"]["computed_windows"] == study["eval_text"]["n_windows"]  # teacher ran once
+    assert study["fidelity_cache"]["computed_windows"] == study["eval_text"]["n_windows"]  # teacher ran once

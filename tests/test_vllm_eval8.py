@@ -19,7 +19,7 @@ import backend_base
 import backend_replay
 
 import backend_vllm
-import make_results_md
+import results_md
 import results_schema
 import vllm_eval8
 
@@ -185,7 +185,7 @@ def test_secrets_never_reach_any_output(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):  # the stray flag is rejected by argparse ...
         vllm_eval8.main(argv)
     assert vllm_eval8.main(argv[:-1]) == 0  # ... and the run with the token as a value succeeds
-    assert make_results_md.main(["--results-dir", str(tmp_path)]) == 0
+    assert results_md.main(["--results-dir", str(tmp_path)]) == 0
     files = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "replay.jsonl"]
     assert any(p.suffix == ".json" for p in files) and any(p.name == "RESULTS.md" for p in files)
     for path in files:

@@ -74,7 +74,7 @@ class DistillConfig:
     tag: str = option("opd_smoke", "run name: results/opd/<tag>.json")
     work: str = option("", "work dir (default $MOE_LOWBIT_SCRATCH/opd/<tag>)", path=True)
     results_dir: str = option("results", "results root", path=True)
-    prompts: str = option("data/opd/smoke_prompts.jsonl", "training prompts JSONL (never eval text)", path=True)
+    prompts: str = option("configs/data/opd/smoke_prompts.jsonl", "training prompts JSONL (never eval text)", path=True)
     n: int = option(2, "rollouts per prompt")
     temperature: float = option(1.0, "rollout temperature (sample the student's own distribution)")
     max_new_tokens: int = option(64, "rollout budget")
@@ -98,11 +98,11 @@ class DistillConfig:
     clip_steps: int = option(8, "student recipe: clip search steps")
     clip_lo: float = option(0.65, "student recipe: lowest clip ratio")
     benchmarks: str = option("mmlu_pro,math500", "evaluation benchmarks (same samples for every arm)")
-    data_files: str = option("mmlu_pro=data/smoke/mmlu_pro_easy.jsonl,math500=data/smoke/math500_easy.jsonl",
+    data_files: str = option("mmlu_pro=configs/data/smoke/mmlu_pro_easy.jsonl,math500=configs/data/smoke/math500_easy.jsonl",
                              "BENCH=PATH,... offline evaluation files")
     eval_n: str = option("12", "samples per benchmark")
     eval_max_new_tokens: int = option(48, "evaluation generation budget")
-    fidelity_text: str = option("data/smoke/fidelity.txt", "held-out text for KL", path=True)
+    fidelity_text: str = option("configs/data/smoke/fidelity.txt", "held-out text for KL", path=True)
     fidelity_ctx: int = option(64, "fidelity window length")
     fidelity_tokens: int = option(4096, "fidelity tokens")
     step_timeout_s: int = option(1800, "seconds one step may run")
@@ -161,7 +161,7 @@ def paired_kl_delta(before: dict, after: dict, z: float) -> dict:
 
 
 def build_summary(cfg, paths: dict, timings: dict, student_dir: Path, teacher_dir: Path, host: dict) -> dict:
-    import compare
+    import results_compare
 
     fid = read_json(paths["fidelity"], "fidelity")
     by_dir = {str(Path(s["dir"]).resolve()): s for s in fid["students"]}
@@ -182,7 +182,7 @@ def build_summary(cfg, paths: dict, timings: dict, student_dir: Path, teacher_di
             arms[arm].update(
                 kl_delta_vs_before=paired_kl_delta(f_before, f, z),
                 kl_intervals_disjoint=(f["kl_mean_interval"][1] < f_before["kl_mean_interval"][0]),
-                accuracy_vs_before=compare.compare_results(docs["before"], docs[arm]),
+                accuracy_vs_before=results_compare.compare_results(docs["before"], docs[arm]),
                 tokens_trained=train["tokens_trained"], steps=train["steps"], loss_first=train["losses"][0],
                 loss_last=train["losses"][-1], wall_s_per_step=train["wall_s_per_step_median"],
                 train_tokens_per_s=train["tokens_per_s"], world_size=train["world_size"],

@@ -7,7 +7,7 @@ tokenization that could shift a position). Each sample keeps its `finish_reason`
 `--finished-only` drops truncated samples from the file (they are still counted in the summary),
 because a truncated trajectory teaches the student to run out of budget.
 
-    python src/distill/opd_gen.py --model STUDENT_DIR --prompts data/opd/smoke_prompts.jsonl \
+    python src/distill/opd_gen.py --model STUDENT_DIR --prompts configs/data/opd/smoke_prompts.jsonl \
         --out work/rollouts.jsonl --n 4 --temperature 1.0 --max-new-tokens 256 [--finished-only] [--fresh]
 """
 from __future__ import annotations

@@ -16,7 +16,7 @@ from bench_registry import (BENCHMARKS, GRADER_ERROR, JUDGE_ERROR, grade_both, g
                             grade_output, grade_status, grading_environment, load_samples, main, read_rows,
                             select_subset, source_info)
 from bench_spec import BenchSpec, DataFileError, OfficialScorer, Sample, Source  # noqa: F401
-from graders import Graded, JudgeConfig  # noqa: F401
+from bench_grade import Graded, JudgeConfig  # noqa: F401
 
 if __name__ == "__main__":
     main()

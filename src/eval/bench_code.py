@@ -1,6 +1,6 @@
 """Code benchmarks: LiveCodeBench (stdin and functional), HumanEval, MBPP; every program runs in the sandbox.
 
-The graders (graders.py) are the official rule here: a program passes only when the benchmark's own tests
+The graders (bench_grade.py) are the official rule here: a program passes only when the benchmark's own tests
 pass, so the official scorer is the grader itself.
 """
 from __future__ import annotations
@@ -12,11 +12,11 @@ import pickle
 import re
 import zlib
 
-import extractors
-import graders
+import bench_extract
+import bench_grade
 import sandbox
 from bench_spec import BenchSpec, OfficialScorer, Sample, Source, column, user_message
-from graders import Graded
+from bench_grade import Graded
 
 
 class _PlainUnpickler(pickle.Unpickler):
@@ -123,7 +123,7 @@ def grade_lcb(sample: Sample, output: str) -> Graded:
     tests = decode_lcb_tests(sample.gold["public_test_cases"]) + decode_lcb_tests(sample.gold["private_test_cases"])
     if not tests:
         return Graded(None, False, False, {"error": "sample has no test cases"})
-    return graders.grade_code_tests(tests, sample.gold.get("func_name"), output, _code_limits(sample))
+    return bench_grade.grade_code_tests(tests, sample.gold.get("func_name"), output, _code_limits(sample))
 
 
 def humaneval_prompt(prompt: str) -> str:
@@ -144,7 +144,7 @@ def grade_humaneval(sample: Sample, output: str) -> Graded:
     """The prompt goes first in both processes (its imports and helpers); the candidate's function
     redefines the stub, and the tests reach it through the entry point's proxy (sandbox_calls)."""
     g = sample.gold
-    return graders.grade_code_program((g["prompt"], f"{g['test']}\n\ncheck({g['entry_point']})\n"), output,
+    return bench_grade.grade_code_program((g["prompt"], f"{g['test']}\n\ncheck({g['entry_point']})\n"), output,
                                       _code_limits(sample), names=(g["entry_point"],))
 
 
@@ -168,10 +168,10 @@ def _mbpp_sample(spec, row, index, source, options):
 
 def grade_mbpp(sample: Sample, output: str) -> Graded:
     g = sample.gold
-    return graders.grade_code_program((g["setup"], "\n".join(g["tests"]) + "\n"), output, _code_limits(sample))
+    return bench_grade.grade_code_program((g["setup"], "\n".join(g["tests"]) + "\n"), output, _code_limits(sample))
 
 
-TESTS_ARE_OFFICIAL = OfficialScorer("unit-tests", "the benchmark's own tests, run in the sandbox (graders.py)")
+TESTS_ARE_OFFICIAL = OfficialScorer("unit-tests", "the benchmark's own tests, run in the sandbox (bench_grade.py)")
 
 SPECS = (
     BenchSpec("lcb", "LiveCodeBench code generation (lite), stdin and functional problems",
@@ -180,20 +180,20 @@ SPECS = (
                "platform": ("platform",), "date": ("contest_date",), "starter_code": ("starter_code",),
                "difficulty": ("difficulty",), "public_tests": ("public_test_cases",),
                "private_tests": ("private_test_cases",), "metadata": ("metadata",)},
-              lcb_prompt, _lcb_sample, extractors.extract_code, grade_lcb, official=TESTS_ARE_OFFICIAL,
+              lcb_prompt, _lcb_sample, bench_extract.extract_code, grade_lcb, official=TESTS_ARE_OFFICIAL,
               required=("question", "public_tests"),
               options=("release", "date_from", "date_to", "timeout_s"), sources=_lcb_sources, needs_sandbox=True),
     BenchSpec("humaneval", "HumanEval: 164 functions, graded by their unit tests",
               "openai/openai_humaneval", None, "test", None,
               {"id": ("task_id",), "prompt": ("prompt",), "test": ("test",), "entry_point": ("entry_point",)},
-              humaneval_prompt, _humaneval_sample, extractors.extract_code, grade_humaneval,
+              humaneval_prompt, _humaneval_sample, bench_extract.extract_code, grade_humaneval,
               official=TESTS_ARE_OFFICIAL, required=("prompt", "test", "entry_point"),
               options=("timeout_s",), needs_sandbox=True),
     BenchSpec("mbpp", "MBPP sanitized (test split, 257): functions graded by their asserts",
               "google-research-datasets/mbpp", "sanitized", "test", None,
               {"id": ("task_id",), "task": ("prompt", "text"), "tests": ("test_list",),
                "setup": ("test_imports", "test_setup_code")},
-              mbpp_prompt, _mbpp_sample, extractors.extract_code, grade_mbpp,
+              mbpp_prompt, _mbpp_sample, bench_extract.extract_code, grade_mbpp,
               official=TESTS_ARE_OFFICIAL, required=("task", "tests"),
               options=("timeout_s",), needs_sandbox=True),
 )

@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 import re
 
-import extractors
-import graders
+import bench_extract
+import bench_grade
 from bench_spec import BenchSpec, OfficialScorer, Sample, column, user_message
-from graders import Graded, JudgeConfig
+from bench_grade import Graded, JudgeConfig
 
 
 def hle_prompt(question: str, answer_type: str) -> str:
@@ -56,12 +56,12 @@ def _hle_sample(spec, row, index, source, options):
 def grade_hle(sample: Sample, output: str) -> Graded:
     j = sample.meta.get("judge")
     judge = JudgeConfig(j["url"], j["model"], j.get("api_key_env", "MOE_LOWBIT_JUDGE_API_KEY")) if j else None
-    return graders.grade_hle(sample.gold, sample.meta["answer_type"], sample.meta["question"], output, judge,
-                             letters=sample.meta.get("letters") or extractors.LETTERS)
+    return bench_grade.grade_hle(sample.gold, sample.meta["answer_type"], sample.meta["question"], output, judge,
+                             letters=sample.meta.get("letters") or bench_extract.LETTERS)
 
 
 def extract_hle(output: str) -> str | None:
-    return extractors.extract_final_line(output)
+    return bench_extract.extract_final_line(output)
 
 
 SPECS = (
@@ -70,7 +70,7 @@ SPECS = (
               {"id": ("id",), "question": ("question",), "answer": ("answer",), "answer_type": ("answer_type",),
                "image": ("image",), "category": ("category",)},
               hle_prompt, _hle_sample, extract_hle, grade_hle,
-              official=OfficialScorer("llm-judge", "HLE's judge prompt decides (graders.grade_hle); without a "
+              official=OfficialScorer("llm-judge", "HLE's judge prompt decides (bench_grade.grade_hle); without a "
                                       "judge the string/letter fallback is not the official rule", exact=False),
               required=("question", "answer", "answer_type"),
               options=("judge_url", "judge_model", "judge_api_key_env")),

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import threading
 
-import extractors
-import graders
+import bench_extract
+import bench_grade
 from bench_spec import BenchSpec, OfficialScorer, Sample, Source, column, user_message
-from graders import Graded
+from bench_grade import Graded
 
 
 def math_prompt(problem: str, integer_answer: bool = False) -> str:
@@ -25,7 +25,7 @@ def grade_math_verify_whole_output(sample: Sample, output: str) -> Graded:
     try:
         from math_verify import parse, verify
     except ImportError:
-        g = graders.grade_math(str(sample.gold), output)
+        g = bench_grade.grade_math(str(sample.gold), output)
         return Graded(g.extracted, g.correct, g.no_answer, {**g.detail, "scorer": "robust (math-verify missing)"})
     limit = 5 if threading.current_thread() is threading.main_thread() else None  # SIGALRM: main thread only
     gold = parse("\\boxed{" + str(sample.gold) + "}", parsing_timeout=limit)
@@ -85,15 +85,15 @@ SPECS = (
               "HuggingFaceH4/MATH-500", None, "test", None,
               {"id": ("unique_id",), "problem": ("problem",), "answer": ("answer",), "subject": ("subject",),
                "level": ("level",)},
-              math_prompt, _math500_sample, extractors.extract_math_answer,
-              lambda s, o: graders.grade_math(s.gold, o), official=MATH_VERIFY_OFFICIAL,
+              math_prompt, _math500_sample, bench_extract.extract_math_answer,
+              lambda s, o: bench_grade.grade_math(s.gold, o), official=MATH_VERIFY_OFFICIAL,
               required=("problem", "answer")),
     BenchSpec("aime", "AIME 2024/2025/2026: integer answers 0-999, one part per year",
               "per-year (AIME_DATASETS)", None, "train", None,
               {"id": ("id", "problem_idx", "ID"), "problem": ("problem", "Problem", "question"),
                "answer": ("answer", "Answer")},
-              math_prompt, _aime_sample, extractors.extract_integer,
-              lambda s, o: graders.grade_integer(s.gold, o), official=MATH_VERIFY_OFFICIAL,
+              math_prompt, _aime_sample, bench_extract.extract_integer,
+              lambda s, o: bench_grade.grade_integer(s.gold, o), official=MATH_VERIFY_OFFICIAL,
               required=("problem", "answer"),
               options=("years", "aime_datasets"), sources=_aime_sources, n_is_per_part=True),
 )

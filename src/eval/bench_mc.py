@@ -1,25 +1,25 @@
 """Multiple-choice benchmarks: MMLU-Pro (10 options), GPQA-Diamond (4, shuffled per question), MMMLU (14 locales).
 
-Robust grading uses extractors.extract_choice; the official scorer is each benchmark's own cascade
-(answer_cascades.py). Both verdicts land in every sample record.
+Robust grading uses bench_extract.extract_choice; the official scorer is each benchmark's own cascade
+(bench_cascades.py). Both verdicts land in every sample record.
 """
 from __future__ import annotations
 
 import random
 
-import answer_cascades
-import extractors
-import graders
+import bench_cascades
+import bench_extract
+import bench_grade
 from bench_spec import BenchSpec, OfficialScorer, Sample, Source, column, user_message
-from graders import Graded
+from bench_grade import Graded
 
 
 def _options_block(options: list) -> str:
-    return "\n".join(f"{extractors.LETTERS[i]}. {str(opt).strip()}" for i, opt in enumerate(options))
+    return "\n".join(f"{bench_extract.LETTERS[i]}. {str(opt).strip()}" for i, opt in enumerate(options))
 
 
 def mc_prompt(question: str, options: list, subject: str | None = None, marker_line: str | None = None) -> str:
-    letters = ", ".join(extractors.LETTERS[: len(options)])
+    letters = ", ".join(bench_extract.LETTERS[: len(options)])
     head = f"The following is a multiple choice question about {subject}.\n\n" if subject else ""
     finish = marker_line or 'The answer is (X)'
     return (f"{head}Question: {question.strip()}\n\nOptions:\n{_options_block(options)}\n\n"
@@ -27,22 +27,22 @@ def mc_prompt(question: str, options: list, subject: str | None = None, marker_l
 
 
 def grade_mc(sample: Sample, output: str) -> Graded:
-    letters = extractors.LETTERS[: sample.meta["n_options"]]
-    return graders.grade_choice(sample.gold, output, letters)
+    letters = bench_extract.LETTERS[: sample.meta["n_options"]]
+    return bench_grade.grade_choice(sample.gold, output, letters)
 
 
-def grade_cascade(cascade: answer_cascades.Cascade, sample: Sample, output: str) -> Graded:
+def grade_cascade(cascade: bench_cascades.Cascade, sample: Sample, output: str) -> Graded:
     """A verdict from an official cascade; detail names the stage that answered (or 'guess')."""
-    got = answer_cascades.run_cascade(cascade, output)
+    got = bench_cascades.run_cascade(cascade, output)
     detail = {"scorer": cascade.name, "stage": got.stage}
     if got.letter is None:
-        if cascade.fallback == "seeded_guess":  # drawn per run, in order: answer_cascades.stream_guesses
+        if cascade.fallback == "seeded_guess":  # drawn per run, in order: bench_cascades.stream_guesses
             detail.update(guess_options=int(sample.meta["n_options"]), guess_seed=cascade.guess_seed)
         return Graded(None, False, True, detail)
     return Graded(got.letter, got.letter == sample.gold, False, detail)
 
 
-def _official(cascade: answer_cascades.Cascade) -> OfficialScorer:
+def _official(cascade: bench_cascades.Cascade) -> OfficialScorer:
     return OfficialScorer(cascade.name, cascade.source, lambda s, o: grade_cascade(cascade, s, o))
 
 
@@ -52,9 +52,9 @@ def _mmlu_pro_sample(spec, row, index, source, options):
     answer_index = column(spec, row, "answer_index")
     if answer_index is None:
         letter = str(column(spec, row, "answer", "")).strip()
-        if letter not in extractors.LETTERS:
-            raise ValueError(f"field 'answer' is {letter!r}, not one of {extractors.LETTERS}")
-        answer_index = extractors.LETTERS.index(letter)
+        if letter not in bench_extract.LETTERS:
+            raise ValueError(f"field 'answer' is {letter!r}, not one of {bench_extract.LETTERS}")
+        answer_index = bench_extract.LETTERS.index(letter)
     answer_index = int(answer_index)
     kept = [i for i, o in enumerate(opts) if str(o).strip() != "N/A"]  # MMLU-Pro pads with "N/A"
     if answer_index not in kept:
@@ -64,7 +64,7 @@ def _mmlu_pro_sample(spec, row, index, source, options):
     qid = column(spec, row, "id", index)
     return Sample(id=f"mmlu_pro/{qid}", bench=spec.name,
                   messages=user_message(spec.prompt(column(spec, row, "question"), shown, subject=category)),
-                  gold=extractors.LETTERS[kept.index(answer_index)],
+                  gold=bench_extract.LETTERS[kept.index(answer_index)],
                   meta={"category": category, "n_options": len(shown), "src": column(spec, row, "src")},
                   group=category)
 
@@ -91,18 +91,18 @@ def _gpqa_sample(spec, row, index, source, options):
     shown = [str(answers[k]).strip() for k in order]
     return Sample(id=f"gpqa/{rid}", bench=spec.name,
                   messages=user_message(spec.prompt(str(column(spec, row, "question")), shown)),
-                  gold=extractors.LETTERS[order.index(0)],
+                  gold=bench_extract.LETTERS[order.index(0)],
                   meta={"permutation": order, "permutation_seed": seed, "n_options": 4,
                         "domain": column(spec, row, "domain"), "subdomain": column(spec, row, "subdomain")},
                   group=column(spec, row, "domain"))
 
 
 # ---------------------------------------------------------------------------------------------- MMMLU
-MMMLU_LOCALES = tuple(extractors.LOCALE_ANSWER_MARKERS)
+MMMLU_LOCALES = tuple(bench_extract.LOCALE_ANSWER_MARKERS)
 
 
 def mmmlu_prompt(question: str, options: list, locale: str) -> str:
-    marker = extractors.LOCALE_ANSWER_MARKERS[locale][0]
+    marker = bench_extract.LOCALE_ANSWER_MARKERS[locale][0]
     sep = " : " if locale == "FR_FR" else ("：" if locale in ("ZH_CN", "JA_JP") else ": ")
     return mc_prompt(question, options, marker_line=f"{marker}{sep}X")
 
@@ -133,22 +133,22 @@ SPECS = (
               "TIGER-Lab/MMLU-Pro", None, "test", 1000,
               {"id": ("question_id",), "question": ("question",), "options": ("options",), "answer": ("answer",),
                "answer_index": ("answer_index",), "category": ("category",), "src": ("src",)},
-              mc_prompt, _mmlu_pro_sample, extractors.extract_choice, grade_mc,
-              official=_official(answer_cascades.MMLU_PRO_OFFICIAL), required=("question", "options", "answer")),
+              mc_prompt, _mmlu_pro_sample, bench_extract.extract_choice, grade_mc,
+              official=_official(bench_cascades.MMLU_PRO_OFFICIAL), required=("question", "options", "answer")),
     BenchSpec("gpqa", "GPQA diamond: 4-option graduate science, options shuffled per question",
               "Idavidrein/gpqa", "gpqa_diamond", "train", None,
               {"id": ("Record ID",), "question": ("Question",), "correct": ("Correct Answer",),
                "wrong1": ("Incorrect Answer 1",), "wrong2": ("Incorrect Answer 2",), "wrong3": ("Incorrect Answer 3",),
                "domain": ("High-level domain",), "subdomain": ("Subdomain",)},
-              gpqa_prompt, _gpqa_sample, extractors.extract_choice, grade_mc,
-              official=_official(answer_cascades.GPQA_OFFICIAL),
+              gpqa_prompt, _gpqa_sample, bench_extract.extract_choice, grade_mc,
+              official=_official(bench_cascades.GPQA_OFFICIAL),
               required=("question", "correct", "wrong1", "wrong2", "wrong3")),
     BenchSpec("mmmlu", "MMMLU: MMLU professionally translated into 14 languages; grouped per locale",
               "openai/MMMLU", None, "test", 100,
               {"id": ("Unnamed: 0", "__index_level_0__"), "question": ("Question",), "A": ("A",), "B": ("B",),
                "C": ("C",), "D": ("D",), "answer": ("Answer",), "subject": ("Subject",)},
-              mmmlu_prompt, _mmmlu_sample, extractors.extract_choice, grade_mc,
-              official=_official(answer_cascades.MMMLU_OFFICIAL),
+              mmmlu_prompt, _mmmlu_sample, bench_extract.extract_choice, grade_mc,
+              official=_official(bench_cascades.MMMLU_OFFICIAL),
               required=("question", "A", "B", "C", "D", "answer"),
               options=("locales",), sources=_mmmlu_sources, n_is_per_part=True),
 )

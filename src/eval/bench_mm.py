@@ -7,7 +7,7 @@ The family's chat template then puts its image tokens where it expects them (mm_
 or the server's template for image_url parts). A row whose image is missing or corrupt becomes a
 sample with ``meta["input_error"]``: it is not sent to the model and is scored wrong with that reason.
 
-Grading is the text harness's: MMMU-Pro is a letter (robust: extractors.extract_choice; official: the
+Grading is the text harness's: MMMU-Pro is a letter (robust: bench_extract.extract_choice; official: the
 "Answer: X" cascade with MMMU's random-guess fallback); MATH-Vision is answer-type aware (a letter when
 the question has options, else a value compared by math-verify).
 """
@@ -16,14 +16,14 @@ from __future__ import annotations
 import ast
 import re
 
-import extractors
-import graders
+import bench_extract
+import bench_grade
 import mm_images
-from answer_cascades import Cascade, Stage
+from bench_cascades import Cascade, Stage
 from bench_math import grade_math_verify_whole_output
 from bench_mc import grade_cascade
 from bench_spec import BenchSpec, OfficialScorer, Sample, Source, column
-from graders import Graded
+from bench_grade import Graded
 
 MMMU_PRO_DATASET = "MMMU/MMMU_Pro"
 # Pinned hub commits (datasets.load_dataset(..., revision=...); override with --option BENCH.revision=REF,
@@ -31,7 +31,7 @@ MMMU_PRO_DATASET = "MMMU/MMMU_Pro"
 # yamls name only the repo), so these are read from the hub's own commit pages (docs/BENCHMARKS.md):
 # MMMU_Pro cd9382d = the newest commit seen whose tree holds the "standard (10 options)", "standard (4
 # options)" and "vision" configs (huggingface.co/datasets/MMMU/MMMU_Pro/tree/cd9382dd...). MathVision
-# 14b5e86 = a README-only commit after the data upload ac21b30 (its data/ folder was last changed by
+# 14b5e86 = a README-only commit after the data upload ac21b30 (its configs/data/ folder was last changed by
 # ac21b30: the test/testmini parquet the 2025-26 model cards evaluated), before the 2026 answer fixes.
 MMMU_PRO_REVISION = "cd9382dd4f8fa7704aa1007f004bfa63aabde6fc"
 MATH_VISION_REVISION = "14b5e86a95856c4231a056b82f658584eae2b309"
@@ -78,7 +78,7 @@ def _options_list(raw) -> list:
 
 
 def _options_block(options: list) -> str:
-    return "\n".join(f"{extractors.LETTERS[i]}. {opt.strip()}" for i, opt in enumerate(options))
+    return "\n".join(f"{bench_extract.LETTERS[i]}. {opt.strip()}" for i, opt in enumerate(options))
 
 
 def _segments(text: str, marker: re.Pattern, shas: dict) -> list:
@@ -107,7 +107,7 @@ def _image_meta(cells: list, options: dict) -> tuple[dict, dict]:
 
 # ------------------------------------------------------------------------------------------- MMMU-Pro
 def mmmu_pro_prompt(question: str, options: list, setting: str) -> str:
-    letters = ", ".join(extractors.LETTERS[: max(len(options), 1)])
+    letters = ", ".join(bench_extract.LETTERS[: max(len(options), 1)])
     finish = (f"Think step by step, then end with a line of the form \"Answer: X\" where X is one of "
               f"{letters}.")
     if setting == "vision":
@@ -132,7 +132,7 @@ def _mmmu_pro_sample(spec, row, index, source, options):
     if not 2 <= len(opts) <= 10:
         raise ValueError(f"field 'options' has {len(opts)} entries; MMMU-Pro questions have 2-10")
     gold = str(column(spec, row, "answer", "")).strip()
-    if gold not in extractors.LETTERS[: len(opts)]:
+    if gold not in bench_extract.LETTERS[: len(opts)]:
         raise ValueError(f"field 'answer' is {gold!r}, not one of the {len(opts)} option letters")
     qid = column(spec, row, "id", index)
     question = str(column(spec, row, "question", "") or "")
@@ -155,7 +155,7 @@ def _mmmu_pro_sample(spec, row, index, source, options):
 
 
 def _grade_letter(sample, output):
-    return graders.grade_choice(sample.gold, output, extractors.LETTERS[: sample.meta["n_options"]])
+    return bench_grade.grade_choice(sample.gold, output, bench_extract.LETTERS[: sample.meta["n_options"]])
 
 
 # ----------------------------------------------------------------------------------------- MATH-Vision
@@ -170,7 +170,7 @@ def _math_vision_sample(spec, row, index, source, options):
     opts = _options_list(column(spec, row, "options"))
     answer = str(column(spec, row, "answer", "")).strip()
     if opts:
-        if answer not in extractors.LETTERS[: len(opts)]:
+        if answer not in bench_extract.LETTERS[: len(opts)]:
             raise ValueError(f"field 'answer' is {answer!r}, not one of the {len(opts)} option letters")
     elif not answer:
         raise ValueError("field 'answer' is empty")
@@ -189,7 +189,7 @@ def _math_vision_sample(spec, row, index, source, options):
 def grade_math_vision(sample, output):
     if sample.meta["answer_type"] == "choice":
         return _grade_letter(sample, output)
-    return graders.grade_math(str(sample.gold), output)
+    return bench_grade.grade_math(str(sample.gold), output)
 
 
 def official_math_vision(sample, output):
@@ -206,7 +206,7 @@ SPECS = (
               {"id": ("id",), "question": ("question",), "options": ("options",), "answer": ("answer",),
                "image": ("image",), "subject": ("subject",),
                **{f: (f,) for f in MMMU_PRO_IMAGE_FIELDS}},
-              mmmu_pro_prompt, _mmmu_pro_sample, extractors.extract_choice, _guard_input(_grade_letter),
+              mmmu_pro_prompt, _mmmu_pro_sample, bench_extract.extract_choice, _guard_input(_grade_letter),
               official=OfficialScorer(MMMU_PRO_OFFICIAL.name, MMMU_PRO_OFFICIAL.source,
                                       _guard_input(lambda s, o: grade_cascade(MMMU_PRO_OFFICIAL, s, o)),
                                       exact=False),
@@ -217,7 +217,7 @@ SPECS = (
               "(math-verify)", "MathLLMs/MathVision", None, "test", None,
               {"id": ("id",), "question": ("question",), "options": ("options",), "answer": ("answer",),
                "image": ("decoded_image", "image"), "level": ("level",), "subject": ("subject",)},
-              math_vision_prompt, _math_vision_sample, extractors.extract_math_answer,
+              math_vision_prompt, _math_vision_sample, bench_extract.extract_math_answer,
               _guard_input(grade_math_vision),
               official=OfficialScorer("math_vision/answer-type", "github.com/mathllm/MATH-V (multiple choice: "
                                       "the option letter; free form: value equality, here via math-verify)",

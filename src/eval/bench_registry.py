@@ -16,10 +16,10 @@ import bench_hle
 import bench_math
 import bench_mc
 import bench_mm
-import graders
+import bench_grade
 import sandbox
 from bench_spec import COMMON_OPTIONS, BenchSpec, DataFileError, Source, missing_roles
-from graders import Graded
+from bench_grade import Graded
 
 BENCHMARKS: dict = {spec.name: spec for family in (bench_mc, bench_math, bench_code, bench_hle, bench_mm)
                     for spec in family.SPECS}
@@ -205,7 +205,7 @@ def _guarded(grade, sample, output) -> Graded:
     """One grader call; an exception becomes a grader_error verdict (its own category, never 'wrong')."""
     try:
         if not isinstance(output, str):
-            return graders.no_answer(error=f"output is {type(output).__name__}, not str")
+            return bench_grade.no_answer(error=f"output is {type(output).__name__}, not str")
         return grade(sample, output)
     except Exception as exc:  # one bad sample must not stop a whole eval; it is counted, not hidden
         return Graded(None, False, False, {"status": GRADER_ERROR,

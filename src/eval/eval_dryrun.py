@@ -12,7 +12,7 @@ import json
 
 import bench_registry
 import backend_vllm
-import official_scores
+import results_official
 import provenance
 from eval_config import EvalConfig
 from eval_identity import generation_config
@@ -22,13 +22,13 @@ GENERIC_ACC = 0.8  # the accuracy the gate arithmetic assumes where no official 
 
 def gate_at_n(model_key: str | None, bench: str, n: int | None, thinking: bool) -> str:
     """What the gate can decide with n samples, at the official accuracy (a perfect reproduction)."""
-    official = official_scores.OFFICIAL_SCORES.get(model_key or "", {}).get(bench)
+    official = results_official.OFFICIAL_SCORES.get(model_key or "", {}).get(bench)
     p = (official / 100.0) if official is not None else GENERIC_ACC
-    tol = official_scores.TOLERANCE_PT
-    need = official_scores.n_needed(p, 100.0 * p, tol, "validated")
+    tol = results_official.TOLERANCE_PT
+    need = results_official.n_needed(p, 100.0 * p, tol, "validated")
     if not n:
         return f"n = all rows; validating needs n >= {need}"
-    lo, hi = official_scores.wilson_bounds(p, n)
+    lo, hi = results_official.wilson_bounds(p, n)
     half = (hi - lo) / 2
     verdict = "can validate" if n >= (need or 0) else f"cannot validate (needs n >= {need})"
     where = (f"official {official:.1f}" if official is not None and thinking
@@ -48,7 +48,7 @@ def describe(cfg: EvalConfig) -> str:
         lines.append(f"seeding: {cfg.seed_mode}" + (" (engine seed only: batched sampler)" if cfg.seed_mode == "engine"
                                                     else " (a seed per sample: vLLM's per-request sampler path)"))
     lines.append(f"run identity (config_hash {provenance.sha256_json(gen)[:16]}): {json.dumps(gen, sort_keys=True)}")
-    key = official_scores.official_model_key(cfg.model, cfg.official_model)
+    key = results_official.official_model_key(cfg.model, cfg.official_model)
     lines.append(f"gate model: {key or 'none (not a carded model name; pass --official-model)'}")
     tokens = 0
     for bench in cfg.benchmarks:

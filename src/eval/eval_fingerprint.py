@@ -12,7 +12,7 @@ import hashlib
 import importlib.util
 from importlib import metadata
 
-GRADING_MODULES = ("extractors", "graders", "answer_cascades", "grading_pool", "sandbox", "sandbox_exec",
+GRADING_MODULES = ("bench_extract", "bench_grade", "bench_cascades", "eval_grading", "sandbox", "sandbox_exec",
                    "sandbox_launcher", "sandbox_wire", "sandbox_calls", "sandbox_memory", "bench_spec",
                    "bench_registry", "bench_mc", "bench_math", "bench_code", "bench_hle", "bench_mm")
 

@@ -3,7 +3,7 @@ the engine runs, append+fsync every graded sample at once, then summarize and wr
 
 The same code for every backend (vllm / hf / openai / replay): prompts, extraction and grading do not
 depend on what generated the text. The summary math lives in results_schema.py, the gate in
-official_scores.py.
+results_official.py.
 """
 from __future__ import annotations
 
@@ -23,14 +23,14 @@ import backend_registry
 import eval_fingerprint
 import mm_eval
 import mm_images
-import official_scores
+import results_official
 import provenance
-import resume_log
+import eval_resume
 import results_schema
 from eval_config import EvalConfig, config_for_record
 from eval_identity import generation_config
-from grading_pool import GradingPool, default_grade_fn, default_grade_workers
-from resume_log import ResumeMismatch
+from eval_grading import GradingPool, default_grade_fn, default_grade_workers
+from eval_resume import ResumeMismatch
 
 
 def load_all_samples(cfg: EvalConfig) -> tuple[list, dict]:
@@ -166,7 +166,7 @@ def resume(cfg: EvalConfig, samples: list, jsonl_path, gen_cfg: dict, cfg_hash: 
     """Read the JSONL back: keep what this identity made, re-apply the truncation rule, pick what to re-grade."""
     by_id = {s.id: s for s in samples}
     try:
-        trusted, others, torn = resume_log.read_resumable(jsonl_path, by_id, gen_cfg, cfg_hash)
+        trusted, others, torn = eval_resume.read_resumable(jsonl_path, by_id, gen_cfg, cfg_hash)
     except ResumeMismatch as err:
         if not cfg.restart:
             raise ResumeMismatch(f"{err}. Refusing to mix generations: use a new --tag, or pass --restart to move "
@@ -175,10 +175,10 @@ def resume(cfg: EvalConfig, samples: list, jsonl_path, gen_cfg: dict, cfg_hash: 
         os.replace(jsonl_path, stale)
         print(f"eval: {err}; moved it to {stale.name}, starting fresh", file=sys.stderr)
         trusted, others, torn = {}, [], 0
-    rederived = {sid: resume_log.reapply_truncation(rec) for sid, rec in trusted.items()}
+    rederived = {sid: eval_resume.reapply_truncation(rec) for sid, rec in trusted.items()}
     truncation_fixed = sum(rederived[sid]["correct"] != rec["correct"] for sid, rec in trusted.items())
     regrade = [s for s in samples
-               if s.id in rederived and (regrade_all or resume_log.needs_regrade(rederived[s.id], fingerprint))]
+               if s.id in rederived and (regrade_all or eval_resume.needs_regrade(rederived[s.id], fingerprint))]
     missing = [s.id for s in samples if s.id not in rederived]
     if regrade_all and missing:
         raise ValueError(f"--regrade {cfg.tag}: {len(missing)} sample(s) have no stored generation in {jsonl_path} "
@@ -204,7 +204,7 @@ def generate_and_grade(cfg: EvalConfig, samples: list, res: Resumed, jsonl_path,
         return out
     own_backend, lock = backend is None, threading.Lock()
     pool = stream = bar = None
-    log = resume_log.SampleLog(jsonl_path)
+    log = eval_resume.SampleLog(jsonl_path)
     if cfg.progress:
         from tqdm import tqdm
 
@@ -290,7 +290,7 @@ def run_eval(cfg: EvalConfig, backend: backend_base.Backend | None = None, argv:
     load_s = time.perf_counter() - t0
     mm_eval.refuse_text_only(cfg, samples)  # before any engine starts: a model that cannot see is named
     if regrade_all:  # the run as it was generated, whatever the model path holds today
-        head = resume_log.read_header(jsonl_path)
+        head = eval_resume.read_header(jsonl_path)
         gen_cfg, cfg_hash = head.get("generation") or {}, str(head.get("config_hash"))
     else:
         gen_cfg = generation_config(cfg)
@@ -299,13 +299,13 @@ def run_eval(cfg: EvalConfig, backend: backend_base.Backend | None = None, argv:
     grading_env = {**grading_environment(cfg), "grader_fingerprint": fingerprint}
     res = resume(cfg, samples, jsonl_path, gen_cfg, cfg_hash, fingerprint, regrade_all)
     # Rewrite before appending: drops a torn last line so the next append starts on a fresh line.
-    resume_log.rewrite(jsonl_path, resume_log.header(gen_cfg, cfg_hash, "graded", fingerprint),
+    eval_resume.rewrite(jsonl_path, eval_resume.header(gen_cfg, cfg_hash, "graded", fingerprint),
                        [*res.trusted.values(), *res.others])
     prog = generate_and_grade(cfg, samples, res, jsonl_path, cfg_hash, fingerprint, backend, grade_fn)
     ordered = [prog.records[s.id] for s in samples]
     by_bench = {b: results_schema.apply_official_guesses([r for r in ordered if r["bench"] == b]) for b in cfg.benchmarks}
     ordered = [r for b in cfg.benchmarks for r in by_bench[b]]
-    resume_log.rewrite(jsonl_path, resume_log.header(gen_cfg, cfg_hash, "sample", fingerprint), [*ordered, *res.others])
+    eval_resume.rewrite(jsonl_path, eval_resume.header(gen_cfg, cfg_hash, "sample", fingerprint), [*ordered, *res.others])
     after = {r["id"]: r for r in ordered}
     changed = [sid for sid in res.before if _verdict(after[sid]) != res.before[sid]]
     if changed:
@@ -317,7 +317,7 @@ def run_eval(cfg: EvalConfig, backend: backend_base.Backend | None = None, argv:
            "grading": grading_env,
            "benchmarks": {b: {**results_schema.summarize_bench(by_bench[b], official_scorer_info(b)),
                               "dataset": datasets[b]} for b in cfg.benchmarks}}
-    doc["gate"] = official_scores.gate_for_result(doc)
+    doc["gate"] = results_official.gate_for_result(doc)
     end_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     gen_only = max(prog.gen_s - prog.prep_s, 0.0)
     wall = time.perf_counter() - t_start

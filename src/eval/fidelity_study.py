@@ -86,7 +86,7 @@ def run_study(model_spec: str, strategies: list, budgets: list | None, levels: l
     import fidelity_config
     import moe_eval
     import fidelity_text
-    import teacher_cache
+    import fidelity_cache
     import moe_probe
     import model_ref
     import moe_study
@@ -111,7 +111,7 @@ def run_study(model_spec: str, strategies: list, budgets: list | None, levels: l
     teacher_id = moe_eval.model_identity(model_dir) + f":{dtype}:fp32-head"
     logits_fn = batched_logits_fn(model, windows.tokens, batch)
     t0 = time.time()
-    cache = teacher_cache.build_teacher_cache(lambda: logits_fn, teacher_id, windows, cfg)
+    cache = fidelity_cache.build_teacher_cache(lambda: logits_fn, teacher_id, windows, cfg)
     t_teacher = time.time() - t0
     units = moe_alloc.expert_units(model_dir)
     budgets = budgets or moe_study.default_budgets(units, group, grid)
@@ -150,7 +150,7 @@ def run_study(model_spec: str, strategies: list, budgets: list | None, levels: l
             "eval_text": dict(windows.source, tokens_sha256=windows.sha256, n_windows=int(windows.tokens.shape[0]),
                               ctx=ctx, n_scored_tokens=windows.n_scored),
             "probe_text": {"kind": "pydoc_data.topics calibration split", "tokens": int(calib.numel())},
-            "teacher_cache": {"hit": cache.hit, "computed_windows": cache.computed_windows},
+            "fidelity_cache": {"hit": cache.hit, "computed_windows": cache.computed_windows},
             "timing_s": {"load": round(t_load, 1), "probe": round(t_probe, 1), "teacher": round(t_teacher, 1),
                          "quantize_levels": round(t_quant, 1), "total": round(time.time() - t_start, 1),
                          "per_student_mean": round(sum(r["seconds"] for r in rows) / n, 2),

@@ -6,7 +6,7 @@ This module only owns the server: it starts llama-server on a free loopback port
 expert-offload flags), waits for /health, runs the eval, then adds a `llamacpp` block to the results JSON:
 prefill/decode tok/s from the server's own timings (/metrics totals + one fixed single-stream probe),
 peak VRAM where a GPU exists, the server command and version. The server is always stopped (see
-llama_server.py), also when the eval fails or is interrupted.
+llamacpp_server.py), also when the eval fails or is interrupted.
 
     python -m llamacpp_eval8 --gguf out/model-IQ3_XXS.gguf --tag q122-iq3 --benchmarks mmlu_pro,gpqa \
         --n 40 [--mmproj out/model-mmproj-f16.gguf] [--n-cpu-moe 20] [--override-tensor exps=CPU]
@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Sequence
 
 import atomic_io
-import llama_server
+import llamacpp_server
 import llamacpp_metrics
 import mm_eval
 import provenance
 import eval_config
 import eval_run
-from resume_log import ResumeMismatch
+from eval_resume import ResumeMismatch
 
 ROOT = Path(__file__).resolve().parents[2]
 # A fixed probe: same text and length every run, so single-stream tok/s are comparable across GGUFs.
@@ -61,10 +61,10 @@ class ServerOptions:
     probe: bool = True
 
 
-def server_config(opts: ServerOptions, cfg: eval_config.EvalConfig, binary: Path, log_path: Path) -> llama_server.ServerConfig:
+def server_config(opts: ServerOptions, cfg: eval_config.EvalConfig, binary: Path, log_path: Path) -> llamacpp_server.ServerConfig:
     parallel = opts.parallel or max(1, min(cfg.concurrency, 4))
     ctx = opts.ctx_per_slot or cfg.resolved_max_model_len()
-    return llama_server.ServerConfig(
+    return llamacpp_server.ServerConfig(
         binary=binary, model=opts.gguf, mmproj=opts.mmproj, alias=cfg.served_model_name or cfg.model,
         port=opts.port, ctx_size=ctx * parallel, parallel=parallel, threads=opts.threads,
         n_gpu_layers=opts.n_gpu_layers, n_cpu_moe=opts.n_cpu_moe, override_tensor=tuple(opts.override_tensor),
@@ -77,13 +77,13 @@ def run(cfg: eval_config.EvalConfig, opts: ServerOptions, argv: Sequence[str] | 
     if images and opts.mmproj is None:  # refused before the server starts: this GGUF alone cannot see
         raise ValueError(f"model {opts.gguf} is served text-only (no --mmproj); {', '.join(images)} ask image "
                          "questions: pass --mmproj <stem>-mmproj-f16.gguf (pipelines/pack_gguf.sh writes it)")
-    prefix = opts.llama_cpp or llama_server.default_prefix(ROOT)
-    binary = llama_server.find_binary(prefix)
+    prefix = opts.llama_cpp or llamacpp_server.default_prefix(ROOT)
+    binary = llamacpp_server.find_binary(prefix)
     json_path, _ = cfg.results_paths()
     json_path.parent.mkdir(parents=True, exist_ok=True)
     log_path = json_path.with_name(f"{cfg.tag}.llama-server.log")
     scfg = server_config(opts, cfg, binary, log_path)
-    with llama_server.LlamaServer(scfg) as server:
+    with llamacpp_server.LlamaServer(scfg) as server:
         print(f"llamacpp_eval8: llama-server up on {server.base_url} in {server.startup_s:.1f}s "
               f"(log {log_path})", file=sys.stderr)
         eval_cfg = dataclasses.replace(cfg, backend="openai", base_url=server.base_url + "/v1",
@@ -94,9 +94,9 @@ def run(cfg: eval_config.EvalConfig, opts: ServerOptions, argv: Sequence[str] | 
             doc = eval_run.run_eval(eval_cfg, argv=argv)
         except Exception as err:
             if not server.alive():
-                raise llama_server.ServerError(
+                raise llamacpp_server.ServerError(
                     f"llama-server died during the eval (exit code {server.proc.returncode}); finished samples are "
-                    f"kept in the JSONL and a rerun resumes. Log tail:\n{llama_server.tail(log_path)}") from err
+                    f"kept in the JSONL and a rerun resumes. Log tail:\n{llamacpp_server.tail(log_path)}") from err
             raise
         totals = llamacpp_metrics.throughput(server.metrics())
         probe = server.probe(PROBE_PROMPT, PROBE_TOKENS) if opts.probe else None
@@ -153,7 +153,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         llama_cpp=Path(args.llama_cpp) if args.llama_cpp else None, port=args.port, parallel=args.parallel,
         ctx_per_slot=args.ctx_per_slot, threads=args.threads, n_gpu_layers=args.n_gpu_layers,
         n_cpu_moe=args.n_cpu_moe, override_tensor=tuple(args.override_tensor or ()),
-        server_args=llama_server.split_passthrough(args.server_arg), startup_timeout_s=args.startup_timeout_s,
+        server_args=llamacpp_server.split_passthrough(args.server_arg), startup_timeout_s=args.startup_timeout_s,
         probe=not args.no_probe)
 
 
@@ -181,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = eval_config.config_from_args(args)
         doc = run(cfg, options_from_args(args), argv=[sys.argv[0], *argv])
-    except (ValueError, FileNotFoundError, ResumeMismatch, llama_server.ServerError) as err:
+    except (ValueError, FileNotFoundError, ResumeMismatch, llamacpp_server.ServerError) as err:
         print(f"llamacpp_eval8: {provenance.redact(str(err))}", file=sys.stderr)
         return 2
     print(eval_run.format_summary(doc))

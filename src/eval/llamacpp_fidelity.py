@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import llama_server
+    import llamacpp_server
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -198,11 +198,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         students[name] = Path(path)
     try:
-        prefix = Path(args.llama_cpp) if args.llama_cpp else llama_server.default_prefix(ROOT)
-        binary = llama_server.find_binary(prefix, "llama-perplexity")
+        prefix = Path(args.llama_cpp) if args.llama_cpp else llamacpp_server.default_prefix(ROOT)
+        binary = llamacpp_server.find_binary(prefix, "llama-perplexity")
         doc = run_fidelity(binary, Path(args.base), students, Path(args.text_file), args.ctx, args.chunks,
                            args.threads, Path(args.workdir) if args.workdir else None, argv=[sys.argv[0], *argv])
-    except (FidelityError, FileNotFoundError, ValueError, llama_server.ServerError) as err:
+    except (FidelityError, FileNotFoundError, ValueError, llamacpp_server.ServerError) as err:
         print(f"llamacpp_fidelity: {err}", file=sys.stderr)
         return 2
     atomic_io.write_text(args.out, provenance.redact(json.dumps(doc, indent=1, default=str)) + "\n")

@@ -1,5 +1,5 @@
 """What a running llama-server reports: its Prometheus counters turned into throughput, and the peak GPU
-memory of its process tree (nvidia-smi). Pure parsing plus one sampler thread; llama_server owns the process."""
+memory of its process tree (nvidia-smi). Pure parsing plus one sampler thread; llamacpp_server owns the process."""
 from __future__ import annotations
 
 import shutil

@@ -6,9 +6,9 @@ triangle / rectangle with labelled sides. The answer is computed from the same n
 figure, so the set is correct by construction. Deterministic for a seed (PIL's PNG writer is too), so
 the shipped files can be regenerated and compared.
 
-    python src/eval/mm_smoke_data.py --out data/mm_smoke
+    python src/eval/mm_smoke_data.py --out configs/data/mm_smoke
     bash pipelines/eval.sh --benchmarks mmmu_pro,math_vision \\
-        --data-file mmmu_pro=data/mm_smoke/mmmu_pro_{part}.jsonl --data-file math_vision=data/mm_smoke/math_vision.jsonl ...
+        --data-file mmmu_pro=configs/data/mm_smoke/mmmu_pro_{part}.jsonl --data-file math_vision=configs/data/mm_smoke/math_vision.jsonl ...
 """
 from __future__ import annotations
 
@@ -181,7 +181,7 @@ def write(out: Path, seed: int = 0, per_kind: int = 4) -> list:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="mm_smoke_data", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="data/mm_smoke", help="output folder (default data/mm_smoke)")
+    ap.add_argument("--out", default="configs/data/mm_smoke", help="output folder (default configs/data/mm_smoke)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--per-kind", type=int, default=4, help="questions per figure kind (default 4)")
     args = ap.parse_args(argv)

@@ -13,7 +13,7 @@ How it measures (details and caveats in docs/FIDELITY.md):
 * intervals are mean +/- z*stderr over windows (the window is the independent unit, not the token).
 
 Modules: fidelity_config.py (FidelityConfig, TextSpec, TokenWindows), fidelity_text.py (text -> windows,
-teacher samples), teacher_cache.py (the on-disk teacher reference); this one loads models, scores
+teacher samples), fidelity_cache.py (the on-disk teacher reference); this one loads models, scores
 students and is the CLI.
 
 CLI:
@@ -43,7 +43,7 @@ from fidelity_config import CACHE_DTYPES, FidelityConfig, LogitsFn, TextSpec, To
 if TYPE_CHECKING:
     import torch
 
-    from teacher_cache import TeacherCache
+    from fidelity_cache import TeacherCache
 
 SCHEMA = "moe-lowbit/fidelity/v1"
 
@@ -223,14 +223,14 @@ def compare_loaded(teacher, students: dict, windows: TokenWindows, cfg: Fidelity
     """
     import torch
 
-    from teacher_cache import build_teacher_cache, cache_record
+    from fidelity_cache import build_teacher_cache, cache_record
 
     if teacher_id is None:
         if not isinstance(teacher, torch.nn.Module):
             raise ValueError("a callable teacher needs an explicit teacher_id (used as its cache identity)")
         teacher_id = module_identity(teacher)
     cache = build_teacher_cache(lambda: _as_logits_fn(teacher), teacher_id, windows, cfg)
-    out = {"teacher_cache": cache_record(cache), "students": {}}
+    out = {"fidelity_cache": cache_record(cache), "students": {}}
     for name, student in students.items():
         out["students"][name] = score_student(_as_logits_fn(student), windows, cache, cfg, name)
     return out
@@ -253,7 +253,7 @@ def compare_models(teacher_dir: str | Path, student_dirs: list, text: TextSpec, 
     is loaded; students are loaded one at a time.
     """
     from fidelity_text import read_text, teacher_sample_windows, text_windows
-    from teacher_cache import build_teacher_cache, cache_record
+    from fidelity_cache import build_teacher_cache, cache_record
 
     if not student_dirs:
         raise ValueError("give at least one --student DIR")
@@ -291,7 +291,7 @@ def compare_models(teacher_dir: str | Path, student_dirs: list, text: TextSpec, 
         "interval_method": f"mean +/- {cfg.z} x stderr over equal-length windows (sample sd, n-1); "
                            f"PPL and PPL ratio: the NLL interval mapped through exp; PPL ratio is paired "
                            f"per window",
-        "teacher_cache": cache_record(cache),
+        "fidelity_cache": cache_record(cache),
         "students": students,
     }
 

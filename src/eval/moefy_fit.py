@@ -1,4 +1,4 @@
-"""Fit the learned pieces of embedded:smollm2-moe (the script that produced data/smollm2_moe/pieces.safetensors).
+"""Fit the learned pieces of embedded:smollm2-moe (the script that produced configs/data/smollm2_moe/pieces.safetensors).
 
 Run once by a maintainer; a fresh machine only assembles (embedded_model.py), it never refits. The fit is
 sequential: layer i is fitted on the MLP inputs that the already-MoEfied layers 0..i-1 produce, with the
@@ -6,10 +6,10 @@ dense layer's own MLP output on those inputs as the target, so each layer correc
 
 Calibration text: the Python reference-manual topics shipped in CPython's stdlib (pydoc_data.topics),
 the topics whose sorted index is not a multiple of 5 (the others are held out, see moefy_eval.py);
-data/smoke/fidelity.txt is never seen here.
+configs/data/smoke/fidelity.txt is never seen here.
 
     python src/eval/moefy_fit.py [--dense embedded:smollm2] [--tokens 16384] [--ctx 256]
-        [--out data/smollm2_moe/pieces.safetensors]
+        [--out configs/data/smollm2_moe/pieces.safetensors]
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import provenance
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_SEED = 1234  # moe_eval's teacher-sample text defaults to seed 0: never the same windows
-DEFAULT_OUT = REPO / "data" / "smollm2_moe" / "pieces.safetensors"
+DEFAULT_OUT = REPO / "configs" / "data" / "smollm2_moe" / "pieces.safetensors"
 
 
 def pydoc_topics_text(held_out: bool) -> str:

@@ -1,7 +1,7 @@
 """Fidelity and routing of embedded:smollm2-moe against its dense parent, on held-out text -> results + docs.
 
 Two held-out texts, both disjoint from the router's calibration text (moefy_fit.py): the held-out split
-of CPython's pydoc_data topics (same domain as the fit) and data/smoke/fidelity.txt (plain English prose,
+of CPython's pydoc_data topics (same domain as the fit) and configs/data/smoke/fidelity.txt (plain English prose,
 a domain the fit never saw). Each gets PPL of both models, the paired PPL ratio, KL(dense || MoE) and top-1
 agreement with intervals over windows (moe_eval). Routing on the held-out pydoc split comes from
 moe_probe: per layer entropy, max/mean share and experts that received no tokens.
@@ -26,7 +26,7 @@ def texts() -> dict:
 
     return {"pydoc_heldout": ("pydoc_data.topics held-out split (sorted index % 5 == 0)",
                               moefy_fit.pydoc_topics_text(held_out=True)),
-            "smoke_prose": ("data/smoke/fidelity.txt", (REPO / "data" / "smoke" / "fidelity.txt").read_text())}
+            "smoke_prose": ("configs/data/smoke/fidelity.txt", (REPO / "configs" / "data" / "smoke" / "fidelity.txt").read_text())}
 
 
 def run(ctx: int, max_tokens: int, probe_tokens: int, cache_root: str | None, log=print) -> dict:

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import eval_run
 from eval_config import EvalConfig
-from grading_pool import default_grade_fn
+from eval_grading import default_grade_fn
 
 
 def config_of_run(results_dir: Path, tag: str) -> EvalConfig:

@@ -133,13 +133,13 @@ def sample_record(sample, generation: Mapping, graded, cfg_hash: str, official=N
 
 def apply_official_guesses(records: Sequence[Mapping]) -> list:
     """The official fallback guesses of one benchmark's records (in sample order); see
-    answer_cascades.stream_guesses. Records without a pending guess are returned unchanged."""
+    bench_cascades.stream_guesses. Records without a pending guess are returned unchanged."""
     seeds = {r["official_guess"]["seed"] for r in records if r.get("official_guess")}
     if not seeds:
         return list(records)
-    import answer_cascades
+    import bench_cascades
 
-    return answer_cascades.stream_guesses(list(records), seeds.pop())
+    return bench_cascades.stream_guesses(list(records), seeds.pop())
 
 
 def is_complete_record(rec) -> bool:

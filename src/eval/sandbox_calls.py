@@ -9,7 +9,7 @@ the candidate sees only the arguments it is called with, never the expected valu
 test process's verdict channel or its nonce; and what comes back is a fresh built-in value, so an
 always-equal object or an int subclass cannot take part in a comparison.
 
-The verdict (graders.grade_code_program): the test process ran to its end (its nonce reported, exit 0),
+The verdict (bench_grade.grade_code_program): the test process ran to its end (its nonce reported, exit 0),
 and the candidate process was not cut by its own limits. A candidate that dies or stalls during a call
 makes that call raise in the test process (end of file, or no answer within call_timeout_s), so the tests
 fail. Limits: each process gets the sample's SandboxLimits (timeout_s is each program's wall clock).

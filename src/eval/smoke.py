@@ -2,7 +2,7 @@
 vLLM on the same samples, measure fidelity, regenerate RESULTS.md, print one table, say SMOKE OK.
 
 Why a separate orchestrator: every step already has its own CLI (quant_save.py, vllm_eval8, moe_eval.py,
-make_results_md); the smoke runs exactly those, one subprocess per step (an engine's memory is returned
+results_md); the smoke runs exactly those, one subprocess per step (an engine's memory is returned
 when its step ends, and a failing step is named with its own message), then prints a table read back
 FROM the JSON files the steps wrote, so the numbers on screen are the numbers on disk.
 
@@ -11,7 +11,7 @@ Where it runs decides what it runs (`plan_smoke`, a pure function of the config 
   benchmarks with small n;
 * no CUDA, HF_HUB_OFFLINE=1 or an unreachable hub (bounded check): the offline fallback - the embedded
   SmolLM2-135M-Instruct (dense) or a tiny random-weight qwen3_moe (MoE smoke), evaluated on the smoke
-  set shipped in data/smoke (easy questions in the MMLU-Pro / MATH-500 schemas, same loaders/graders);
+  set shipped in configs/data/smoke (easy questions in the MMLU-Pro / MATH-500 schemas, same loaders/graders);
 * a local checkpoint dir: that model, offline data unless the hub is usable.
 
     python -m smoke --help            (pipelines/smoke.sh and smoke_moe.sh call this; docs/SMOKE.md)

@@ -64,11 +64,11 @@ class SmokeConfig:
     model: str = option("Qwen/Qwen3.5-2B", "hub id, local checkpoint dir, embedded:smollm2 or tiny:qwen3_moe")
     offline_fallback: bool = option(True, "without GPU/hub, run the fallback model instead of failing")
     fallback_model: str = option(EMBEDDED, f"one of {FALLBACKS}")
-    data: str = option("auto", "auto (hub benchmarks iff GPU + hub) | offline (data/smoke) | hub")
+    data: str = option("auto", "auto (hub benchmarks iff GPU + hub) | offline (configs/data/smoke) | hub")
     benchmarks: tuple = option(("mmlu_pro", "math500"), "comma list", parse=_benches, repeat=True)
     data_files: Mapping = option(None, "offline files, BENCH=PATH,BENCH=PATH (repo-relative ok)", parse=_bench_files,
-                                 repeat=True, factory=lambda: {"mmlu_pro": "data/smoke/mmlu_pro_easy.jsonl",
-                                                               "math500": "data/smoke/math500_easy.jsonl"})
+                                 repeat=True, factory=lambda: {"mmlu_pro": "configs/data/smoke/mmlu_pro_easy.jsonl",
+                                                               "math500": "configs/data/smoke/math500_easy.jsonl"})
     n: int | None = option(None, "offline samples per benchmark (empty/all = every shipped row)", parse=_opt_int)
     hub_n: int = option(50, "hub samples per benchmark")
     max_new_tokens: int = option(256, "offline generation budget")
@@ -92,7 +92,7 @@ class SmokeConfig:
     calib_tokens: int = option(0, Q + "calibration tokens (0 = quant_save's default)", legacy=("CALIB_TOKENS",))
     calib_ctx: int = option(512, Q + "calibration window length", legacy=("CALIB_CTX",))
     quant_device: str = option("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
-    fidelity_text: str = option("data/smoke/fidelity.txt", "offline fidelity text: a UTF-8 file (repo-relative "
+    fidelity_text: str = option("configs/data/smoke/fidelity.txt", "offline fidelity text: a UTF-8 file (repo-relative "
                                 "ok) or teacher-sample (sampling on CPU costs minutes)")
     hub_fidelity_text: str = option("teacher-sample", "hub-mode fidelity text: teacher-sample or a file")
     fidelity_tokens: int = option(2048, "tokens scored for PPL/KL/top-1")

@@ -255,15 +255,15 @@ def run_smoke(cfg: SmokeConfig, log=lambda m: print(m, file=sys.stderr, flush=Tr
                  cfg.step_timeout_s, log)
         read_json(paths["fidelity"], "fidelity")
     with timed("compare"):
-        import compare
+        import results_compare
 
         try:
-            comparison = compare.compare_results(teacher_doc, quant_doc)
-        except (compare.UnpairedError, ValueError) as e:
+            comparison = results_compare.compare_results(teacher_doc, quant_doc)
+        except (results_compare.UnpairedError, ValueError) as e:
             raise SmokeError(f"teacher and quant results cannot be paired: {e}", step="compare",
                              code=EXIT_STEP_FAILED) from None
     with timed("results-md"):
-        run_step("results-md", [sys.executable, "-m", "make_results_md", "--results-dir", results], env,
+        run_step("results-md", [sys.executable, "-m", "results_md", "--results-dir", results], env,
                  cfg.step_timeout_s, log)
 
     summary = {

@@ -14,7 +14,7 @@ own official scorer (acc_official, what the validation gate uses).
 
 Every option is also EVAL_<OPTION> in the environment (eval_config: one dataclass is the source of flags,
 environment names, recipe keys and defaults). The pieces: eval_config (the config), eval_identity (the
-run identity), eval_run (the run and the summary), resume_log (the JSONL), grading_pool (the grading pool).
+run identity), eval_run (the run and the summary), eval_resume (the JSONL), eval_grading (the grading pool).
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ from eval_config import (BUDGETS, ROLES, EvalConfig, build_parser, config_for_re
                          config_from_args)
 from eval_identity import backend_identity, generation_config, model_fingerprint  # noqa: F401
 from eval_run import format_summary, grading_environment, load_all_samples, run_eval  # noqa: F401
-from grading_pool import GradingPool, default_grade_fn, default_grade_workers, warm_up  # noqa: F401
-from resume_log import ResumeMismatch, read_resumable  # noqa: F401
+from eval_grading import GradingPool, default_grade_fn, default_grade_workers, warm_up  # noqa: F401
+from eval_resume import ResumeMismatch, read_resumable  # noqa: F401
 
 
 def requested_backend(argv: Sequence[str]) -> str | None:
@@ -44,9 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The harness CLI: `compare`, `--regrade TAG`, `--backend llamacpp` (llama-server) or one run."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "compare":
-        import compare
+        import results_compare
 
-        return compare.main(argv[1:])
+        return results_compare.main(argv[1:])
     if any(a == "--regrade" or a.startswith("--regrade=") for a in argv):
         import results_regrade
 

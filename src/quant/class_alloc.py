@@ -9,7 +9,7 @@ Options are measured one at a time against one base build. The chooser assumes t
 so in its output as the *predicted* KL); the bench then builds the chosen combination and reports what it
 measured, never the prediction. Options in one `group` exclude each other (embed at 6 or at 5 bits).
 
-Everything here is pure: names in, names out. The bench (bench/quant_sensitivity.py) does the builds.
+Everything here is pure: names in, names out. The bench (tests/bench/quant_sensitivity.py) does the builds.
 """
 from __future__ import annotations
 

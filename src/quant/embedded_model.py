@@ -80,7 +80,7 @@ def smollm2_bf16_dir(cache_root: Path | None = None, force: bool = False, log=pr
 
 
 MOE_FORMAT_VERSION = 2  # bump when the MoE assembly changes (2: lm_head stored, llama.cpp's qwen2moe needs it)
-MOE_PIECES = Path(__file__).resolve().parents[2] / "data" / "smollm2_moe" / "pieces.safetensors"
+MOE_PIECES = Path(__file__).resolve().parents[2] / "configs" / "data" / "smollm2_moe" / "pieces.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json", "vocab.json", "merges.txt")
 

@@ -160,7 +160,7 @@ def return_freed_memory() -> None:
 
     A released layer's blocks are free but glibc keeps them in its heaps, fragmented between small live
     allocations, so a process's peak RSS wanders up by tens of MiB per layer without it (measured by
-    bench/calib_memory.py)."""
+    tests/bench/calib_memory.py)."""
     import ctypes
 
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # the symbols already loaded: libc's, on glibc
@@ -170,7 +170,7 @@ def return_freed_memory() -> None:
 
 # oneDNN's primitive cache and ideep's computation cache are keyed by shapes. Routed experts see a different
 # token count per expert per layer, so on CPU both caches fill with one entry per (expert count, weight
-# shape), each holding scratch buffers: about 27 MiB more per layer of the tiny MoE of bench/calib_memory.py,
+# shape), each holding scratch buffers: about 27 MiB more per layer of the tiny MoE of tests/bench/calib_memory.py,
 # and up to 1024 entries each. A calibration pass runs every shape once, so caching buys nothing there.
 CPU_SHAPE_CACHE_LIMITS = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0", "LRU_CACHE_CAPACITY": "1"}
 

@@ -77,8 +77,8 @@ class QuantConfig:
                                         "build refuses up front when it needs more", legacy=("MAX_DISK",), kind=str)
     size_for: str | None = option(None, "with --dry-run: size for these devices instead of the visible ones (cpu, "
                                         "4xH100, 8xH200, Nxgpu:GiB)", kind=str)
-    costs: str | None = option(None, "cost table: cpu (measured by bench/sizing_costs.py), h100 (assumed) or a JSON "
-                                     "file (bench/gpu_check.sh's); default by device kind", kind=str)
+    costs: str | None = option(None, "cost table: cpu (measured by tests/bench/sizing_costs.py), h100 (assumed) or a JSON "
+                                     "file (tests/bench/gpu_check.sh's); default by device kind", kind=str)
     list_tensors: bool = option(False, "with --dry-run: one line per tensor")
     force: bool = option(False, "overwrite an OUT holding another build or other files")
     progress: bool = option(True, "progress bar")

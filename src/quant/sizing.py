@@ -11,8 +11,8 @@ Work per layer, counted from the tensors (per-expert 2-D tensors and fused [E, R
 * calibration forward: 2 flops per active parameter per token, twice (teacher input, quantized output);
 * clip / rtn rounding: seconds per 1e9 parameters (the 16-step grid search);
 * disk: bytes / GB/s.
-Rates come from a `CostTable`: `cpu` is measured here by bench/sizing_costs.py (results/sizing/
-cost_model_cpu.json); `h100` states datasheet rates times assumed efficiencies until bench/gpu_check.sh
+Rates come from a `CostTable`: `cpu` is measured here by tests/bench/sizing_costs.py (results/sizing/
+cost_model_cpu.json); `h100` states datasheet rates times assumed efficiencies until tests/bench/gpu_check.sh
 has measured them (`--costs FILE` takes either JSON).
 """
 from __future__ import annotations
@@ -61,7 +61,7 @@ H100 = CostTable(
             "989 TFLOP/s x 0.2 for the calibration forward; clip search 16 passes over the weights at 3.35 TB/s "
             "x 0.3 (~60 GB/s of bf16 weights = 30 Gparam/s); NVMe 2 GB/s read and write; hub 0.25 GB/s; vLLM "
             "decode 2500 tok/s aggregate for a 10B-active MoE at TP 4; 100 us of kernel launches per GPTQ column step "
-            "and call. bench/gpu_check.sh measures the clip and GPTQ rates."),
+            "and call. tests/bench/gpu_check.sh measures the clip and GPTQ rates."),
     clip_s_per_gparam=1 / 30, gptq_gflops=20_000, gptq_column_s=100e-6, hessian_gflops=33_000, forward_gflops=200_000,
     read_gbps=2.0, write_gbps=2.0, download_gbps=0.25, clip_ram_factor=1.5, gen_tokens_per_s=2500.0)
 
@@ -71,7 +71,7 @@ def load_costs(name_or_path: str | None) -> CostTable:
     if name_or_path in (None, "", "cpu"):
         path = CPU_COSTS_JSON
         if not path.is_file():
-            return CostTable("cpu", "DEFAULTS (run python bench/sizing_costs.py to measure this machine)")
+            return CostTable("cpu", "DEFAULTS (run python tests/bench/sizing_costs.py to measure this machine)")
     elif name_or_path == "h100":
         return H100
     else:

@@ -130,8 +130,8 @@ def add_build_args(ap: argparse.ArgumentParser) -> None:
                                        "build refuses up front when it needs more")
     ap.add_argument("--size-for", help="with --dry-run: size for these devices instead of the visible ones "
                                        "(cpu, 4xH100, 8xH200, Nxgpu:GiB)")
-    ap.add_argument("--costs", help="cost table: cpu (measured by bench/sizing_costs.py), h100 (assumed) or a JSON "
-                                    "file (e.g. bench/gpu_check.sh's); default by device kind")
+    ap.add_argument("--costs", help="cost table: cpu (measured by tests/bench/sizing_costs.py), h100 (assumed) or a JSON "
+                                    "file (e.g. tests/bench/gpu_check.sh's); default by device kind")
 
 
 # --------------------------------------------------------------------------------------------- CLI
