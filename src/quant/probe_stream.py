@@ -16,7 +16,7 @@ import torch
 
 import calib_forward
 import layer_io
-import moe_probe
+import probe_stats
 from ckpt_source import Source, load_tensor, tensor_locations
 
 
@@ -32,8 +32,8 @@ def probe_source(source: Source, windows: torch.Tensor, device: str = "cpu", dty
     from tqdm import tqdm
 
     skel = layer_io.build_skeleton(source.root, source.config)
-    if not moe_probe.find_routers(skel.model):
-        raise moe_probe.ProbeError(f"{source.label}: {source.config.get('model_type')} has no routed experts (no "
+    if not probe_stats.find_routers(skel.model):
+        raise probe_stats.ProbeError(f"{source.label}: {source.config.get('model_type')} has no routed experts (no "
                                    f"top-k router modules); the probe needs a Mixture-of-Experts model")
     where = tensor_locations(source)
     _, slots_of = layer_io.slot_map(where, skel)
@@ -48,7 +48,7 @@ def probe_source(source: Source, windows: torch.Tensor, device: str = "cpu", dty
     for i in tqdm(range(len(skel.layers)), desc="probe", unit="layer", file=sys.stderr, disable=not progress):
         layer = skel.layers[i]
         layer_io.materialise(skel, layer, slots_of, read, device, dtype)
-        layer_acc, handles = moe_probe.attach(layer, layer_index=i, required=False)
+        layer_acc, handles = probe_stats.attach(layer, layer_index=i, required=False)
         try:
             calib_forward.run_layer(layer, x, [la[i] for la in layer_args], batch, device, dtype, capture_out=True)
         finally:
@@ -58,5 +58,5 @@ def probe_source(source: Source, windows: torch.Tensor, device: str = "cpu", dty
         layer_io.release(layer)
         layer_io.return_freed_memory()
     top_k = _top_k(source.config)
-    layers = [{"layer": layer, **moe_probe.layer_stats(a, top_k)} for layer, a in sorted(acc.items())]
-    return {"layers": layers, "summary": moe_probe.summarize(layers)}
+    layers = [{"layer": layer, **probe_stats.layer_stats(a, top_k)} for layer, a in sorted(acc.items())]
+    return {"layers": layers, "summary": probe_stats.summarize(layers)}
