@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-import layer_io
 import lora_experts
 import lora_quant
 import opd_ckpt
@@ -91,9 +90,10 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 def skeleton(student: Path, dtype: torch.dtype) -> torch.nn.Module:
     """The causal LM from the student's config.json: parameters on meta, buffers real."""
     import transformers
+    from accelerate import init_empty_weights
 
     cfg = transformers.AutoConfig.from_pretrained(str(student))
-    with layer_io._parameters_on_meta():
+    with init_empty_weights(include_buffers=False):  # parameters on meta, computed buffers real
         return transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
 
 
