@@ -67,15 +67,14 @@ def _recover_part(student: Path, source: Path, targets: list, out: Path) -> int:
 
 
 def target_to_json(t) -> dict:
-    spec = {f.name: getattr(t.spec, f.name) for f in dataclasses.fields(t.spec)}
-    spec["scale_dtype"] = str(spec["scale_dtype"]).removeprefix("torch.")
+    spec = {f.name: getattr(t.spec, f.name) for f in dataclasses.fields(t.spec)}  # scale_dtype is a name
     return {"name": t.name, "role": t.role, "shape": list(t.shape), "axis": t.axis, "spec": spec}
 
 
 def target_from_json(d: dict):
     import moe_quant
 
-    spec = dict(d["spec"], scale_dtype=getattr(torch, d["spec"]["scale_dtype"]))
+    spec = dict(d["spec"], scale_dtype=str(d["spec"]["scale_dtype"]).removeprefix("torch."))
     return lora_quant.Target(d["name"], d["role"], tuple(d["shape"]), d["axis"], moe_quant.QuantSpec(**spec))
 
 
