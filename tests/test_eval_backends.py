@@ -190,7 +190,8 @@ def vllm_engine(smollm2_dir):
     """One in-process vLLM engine for the module (an engine start is the expensive part)."""
     sampling = backend_base.Sampling(temperature=0.6, top_p=0.95, top_k=20, seed=0, max_new_tokens=32, thinking=True)
     backend = backend_vllm.VllmBackend(str(smollm2_dir), sampling, max_model_len=1024, max_num_seqs=8,
-                                        enforce_eager=True)
+                                        enforce_eager=True, seed_mode="request")  # a seed per sample, as the
+    # OpenAI server gets: the tests below compare per-sample draws (engine mode draws from one stream)
     yield backend
     backend.close()
 
@@ -199,7 +200,7 @@ def smollm2_cfg(smollm2_dir, tmp_path, tag, backend, **kw):
     return vllm_eval8.EvalConfig(model=str(smollm2_dir), tag=tag, backend=backend, benchmarks=("mmlu_pro",),
                                  data_files={"mmlu_pro": MMLU_PRO}, max_new_tokens=32, max_model_len=1024,
                                  max_num_seqs=8, enforce_eager=True, results_dir=str(tmp_path), grade_workers=0,
-                                 progress=False, **kw)
+                                 progress=False, **{"seed_mode": "request", **kw})
 
 
 def replay_summary(tmp_path, doc, smollm2_dir):
