@@ -129,19 +129,18 @@ def fidelity_cmd(teacher_dir: Path, qdir: Path, out: Path, cfg: SmokeConfig, pla
 def resolve_teacher(plan: Plan, log) -> Path:
     """A local checkpoint dir for the teacher (converting / building / downloading as needed)."""
     import embedded_model
+    import model_ref
 
     try:
         if embedded_model.is_embedded(plan.teacher_spec):
-            return embedded_model.resolve(plan.teacher_spec, log=log)
+            return model_ref.resolve(plan.teacher_spec, log=log)
         if plan.teacher_spec == TINY_MOE:
             import smoke_models
 
             return smoke_models.tiny_moe_dir(embedded_model.smollm2_bf16_dir(log=log), log=log)
-    except RuntimeError as e:  # EmbeddedModelError / SmokeModelError carry their own fix
+    except (RuntimeError, ValueError) as e:  # ModelRefError / SmokeModelError carry their own fix
         raise SmokeError(str(e)) from None
     if plan.mode == "hub":
-        import model_ref
-
         log(f"[smoke] downloading {plan.teacher_spec} from the hub (cached by huggingface_hub)")
         try:
             return model_ref.hub_snapshot(model_ref.parse(plan.teacher_spec, what="SMOKE_MODEL"), what="SMOKE_MODEL")

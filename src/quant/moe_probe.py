@@ -127,12 +127,9 @@ def check_is_moe(model_dir: Path) -> None:
 
 def resolve_source(spec: str, revision: str | None = None):
     """A checkpoint dir, a hub id (weights fetched, as quant_save does) or embedded:NAME -> ckpt_source.Source."""
-    import embedded_model
     from ckpt_source import BuildError, open_source
 
-    if embedded_model.is_embedded(spec):
-        spec = str(embedded_model.resolve(spec, log=lambda m: print(m, file=sys.stderr)))
-    try:
+    try:  # open_source resolves through model_ref, like every entry point
         source = open_source(spec, revision)
     except BuildError as e:
         raise ProbeError(str(e)) from None
