@@ -167,6 +167,9 @@ def pack(cfg: GgufConfig) -> Path:
                      .stdout.strip().splitlines()[-1])  # the input checks run before any output exists
     gguf_pack(env, "check-input", model_dir, *(["--force"] if cfg.force else []))
     gguf_pack(env, "check-tokenizer", model_dir)
+    if Path(cfg.model).is_dir():  # a pack that cannot fit stops here, in one line, before any conversion
+        if subprocess.run(sizing_cmd(cfg) + ["--check"], stdout=subprocess.DEVNULL).returncode != 0:
+            raise SystemExit(2)
     binary, tree = llama_tools(env)
     env["PYTHONPATH"] = f"{tree / 'gguf-py'}{os.pathsep}{env.get('PYTHONPATH', '')}"
     version = subprocess.run([str(binary / "llama-server"), "--version"], capture_output=True, text=True)
@@ -255,10 +258,6 @@ def main(argv=None) -> int:
         return 0
     if cfg.dry_run:
         return subprocess.run(sizing_cmd(cfg)).returncode
-    if Path(cfg.model).is_dir():  # a pack that cannot fit stops here, in one line, before any conversion
-        check = subprocess.run(sizing_cmd(cfg) + ["--check"], stdout=subprocess.DEVNULL)
-        if check.returncode != 0:
-            return 2
     try:
         print(pack(cfg))
     except SystemExit as e:
