@@ -6,9 +6,9 @@
 # Needs only CUDA torch, transformers, numba and triton (no vLLM, no network, no venv): on a GPU it runs with the
 # python on PATH; --cpu uses the project's CPU venv. Writes one JSON ($OUT/gpu_check.json when OUT is set).
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 case " $* " in *" -h "*|*" --help "*) sed -n '2,7p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 # shellcheck disable=SC1091
 source "$ROOT/env.sh"
 case " $* " in *" --cpu "*) moe_lowbit_ensure_venv ;; esac
-exec python "$ROOT/bench/gpu_check.py" "$@"
+exec python "$ROOT/tests/bench/gpu_check.py" "$@"
