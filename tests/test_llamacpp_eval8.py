@@ -296,7 +296,7 @@ def test_real_server_killed_mid_eval_is_a_clear_error(smollm2_dir, tmp_path, mon
     prefix = gf.llama_cpp_prefix()
     out, _ = gf.packed("smollm2", smollm2_dir, prefix)
     gguf = out / "smollm2-IQ3_XXS.gguf"
-    real_run_eval = llamacpp_eval8.vllm_eval8.run_eval
+    real_run_eval = llamacpp_eval8.eval_run.run_eval
 
     def kill_then_eval(cfg, argv=None):  # the server dies (SIGKILL, as the OOM killer would) before any answer
         pids = server_processes_for(gguf)
@@ -304,7 +304,7 @@ def test_real_server_killed_mid_eval_is_a_clear_error(smollm2_dir, tmp_path, mon
         os.kill(pids[0], signal.SIGKILL)
         return real_run_eval(cfg, argv=argv)
 
-    monkeypatch.setattr(llamacpp_eval8.vllm_eval8, "run_eval", kill_then_eval)
+    monkeypatch.setattr(llamacpp_eval8.eval_run, "run_eval", kill_then_eval)
     args = ["--gguf", str(gguf), "--llama-cpp", str(prefix), "--tag", "killed", "--benchmarks", "mmlu_pro",
             "--data-file", f"mmlu_pro={FIX / 'mmlu_pro.jsonl'}", "--n", "2", "--thinking", "off", "--max-new-tokens", "8",
             "--max-model-len", "2048", "--max-retries", "1", "--grade-workers", "0", "--results-dir", str(tmp_path / "res"),

@@ -44,8 +44,9 @@ def _opt_bool(value: str) -> bool | None:
     return None if v in ("", "auto", "none") else tool_config.parse_bool(v, "on|off|auto")
 
 
-def _words(items) -> tuple:
-    return tuple(b.strip() for item in items for b in str(item).split(",") if b.strip())
+def _words(text) -> tuple:
+    """'a,b' -> ('a', 'b'), each once, in order."""
+    return tuple(dict.fromkeys(b.strip() for b in str(text).split(",") if b.strip()))
 
 
 def _bench_map(items: Sequence[str]) -> dict:
@@ -122,7 +123,7 @@ class EvalConfig:
     model: str = option("", "checkpoint dir / hub id (vllm, hf) or served model name (openai)")
     tag: str = option("", "result name: <results-dir>/<tag>.json and .jsonl")
     benchmarks: tuple = option(("mmlu_pro", "gpqa", "mmmlu", "lcb", "hle"), "comma list of bench8_loaders "
-                               "benchmarks (default: the five gated axes)", parse=_words, repeat=True)
+                               "benchmarks (default: the five gated axes)", parse=_words)
     backend: str = option("vllm", f"one of {backend_registry.BACKENDS} (eval.sh: also llamacpp)")
     budget: str = option("32k", f"one of {sorted(BUDGETS)}: max new tokens / max model len / max seqs")
     n: Mapping = option(None, "samples: '40' for every benchmark, 'mmlu_pro=150' for one; repeatable",

@@ -48,8 +48,8 @@ def _bench_files(items) -> dict:
     return out
 
 
-def _benches(items) -> tuple:
-    return tuple(b.strip() for item in items for b in str(item).split(",") if b.strip())
+def _benches(text) -> tuple:
+    return tuple(dict.fromkeys(b.strip() for b in str(text).split(",") if b.strip()))
 
 
 Q = "quant recipe: "  # the quant knobs come from SMOKE_QUANT_RECIPE (a configs/*.env quant recipe) unless set here
@@ -65,7 +65,7 @@ class SmokeConfig:
     offline_fallback: bool = option(True, "without GPU/hub, run the fallback model instead of failing")
     fallback_model: str = option(EMBEDDED, f"one of {FALLBACKS}")
     data: str = option("auto", "auto (hub benchmarks iff GPU + hub) | offline (configs/data/smoke) | hub")
-    benchmarks: tuple = option(("mmlu_pro", "math500"), "comma list", parse=_benches, repeat=True)
+    benchmarks: tuple = option(("mmlu_pro", "math500"), "comma list", parse=_benches)
     data_files: Mapping = option(None, "offline files, BENCH=PATH,BENCH=PATH (repo-relative ok)", parse=_bench_files,
                                  repeat=True, factory=lambda: {"mmlu_pro": "configs/data/smoke/mmlu_pro_easy.jsonl",
                                                                "math500": "configs/data/smoke/math500_easy.jsonl"})
