@@ -323,8 +323,9 @@ def config_from(args: argparse.Namespace, env=None) -> DistillConfig:
     env.pop("OPD_CONFIG", None)
     if not getattr(args, "recipe", None) and not env.get("OPD_RECIPE"):
         args = argparse.Namespace(**{**vars(args), "recipe": str(RECIPE)})
+    bad: list = []
     try:
-        cfg = tool_config.resolve(TOOL, args, env)
+        cfg = tool_config.resolve(TOOL, args, env, errors=bad)  # bad keys/values collected, checked with the rest
     except tool_config.ConfigError as e:
         raise DistillError(str(e), "config", 2) from None
     if getattr(args, "smoke", False):
@@ -332,7 +333,7 @@ def config_from(args: argparse.Namespace, env=None) -> DistillConfig:
     train_venv = env.get("MOE_LOWBIT_TRAIN_VENV")
     if not cfg.train_python and train_venv:  # the FSDP2 step's own venv, resolved like MOE_LOWBIT_VENV
         cfg = dataclasses.replace(cfg, train_python=str(Path(train_venv) / "bin" / "python"))
-    bad = distill_steps.config_problems(cfg)  # every bad value at once, before step 1
+    bad += distill_steps.config_problems(cfg)  # every bad value at once, before step 1
     if bad:
         raise DistillError(f"{len(bad)} bad value(s): " + "; ".join(bad), "config", 2)
     return cfg
@@ -348,6 +349,8 @@ def main(argv=None) -> int:
             teacher = resolve_model(cfg.teacher, "resolve")
             student = resolve_model(cfg.student, "resolve") if cfg.student else None
             print(distill_steps.memory_plan(cfg, teacher, student))
+            if not any(Path(student or teacher).glob("*.safetensors")):  # a config-only model: no headers to size
+                return 0
             return sizing_run.main(["--stage", "distill", "--model", str(student or teacher),
                                     "--train-tokens", str(cfg.token_budget)])
         for key, value in host_env_defaults(cfg.device).items():  # once, by the entry point

@@ -179,15 +179,17 @@ def build_parser(tool: Tool, extra: Sequence[tuple[tuple, dict]] = ()) -> argpar
 
 def resolve(tool: Tool, args: argparse.Namespace, environ: Mapping[str, str] | None = None,
             cwd: Path | None = None, notice=lambda m: print(m, file=sys.stderr), legacy: bool = True,
-            default_recipe: str | Path | None = None, known_env: Sequence[str] = ()):
+            default_recipe: str | Path | None = None, known_env: Sequence[str] = (), errors: list | None = None):
     """The config from defaults < recipe < legacy env < PREFIX_ env < flags; every bad key named at once.
     `legacy=False` ignores the old unprefixed env names (a module run directly, not through its pipeline,
     must not pick up a stray MODEL or OUT; an old name under the prefix, like SMOKE_TP, is always read);
-    `default_recipe`: the recipe when none is named; `known_env`: other PREFIX_ names a companion tool reads."""
+    `default_recipe`: the recipe when none is named; `known_env`: other PREFIX_ names a companion tool reads;
+    `errors`: a list that collects every bad key and value instead of raising (the config is then built from
+    the good ones), for a tool that adds its own checks to one message."""
     env = os.environ if environ is None else environ
     cwd = Path.cwd() if cwd is None else Path(cwd)
     fields = {f.name: f for f in dataclasses.fields(tool.config) if not f.metadata.get("internal")}
-    errors, values, from_user = [], {}, set()
+    problems, values, from_user = [], {}, set()
     recipe_path = getattr(args, "recipe", None) or env.get(tool.prefix + "RECIPE") or None
     if not recipe_path and legacy and env.get("RECIPE"):
         notice(f"{tool.prog}: RECIPE is deprecated; use {tool.prefix}RECIPE")
@@ -198,7 +200,7 @@ def resolve(tool: Tool, args: argparse.Namespace, environ: Mapping[str, str] | N
         for key, (raw, no) in read_recipe(recipe_path, env).items():
             name = _recipe_field(tool, fields, key)
             if name not in fields:
-                errors.append(f"{recipe_path}:{no}: unknown key {key} (known: {', '.join(sorted(k.upper() for k in fields))})")
+                problems.append(f"{recipe_path}:{no}: unknown key {key} (known: {', '.join(sorted(k.upper() for k in fields))})")
                 continue
             values[name] = (raw, f"{recipe_path}:{no} {key}")
     for name, f in fields.items():
@@ -217,7 +219,7 @@ def resolve(tool: Tool, args: argparse.Namespace, environ: Mapping[str, str] | N
                  | {old for f in fields.values() for old in f.metadata.get("legacy", ())})
     unknown = sorted(k for k in env if k.startswith(tool.prefix) and k not in known_env)
     if unknown:
-        errors.append(f"unknown environment key(s) {', '.join(unknown)} for {tool.prog}")
+        problems.append(f"unknown environment key(s) {', '.join(unknown)} for {tool.prog}")
     out = {}
     for name, (raw, where) in values.items():
         if fields[name].metadata.get("path") and isinstance(raw, str) and raw:
@@ -225,11 +227,13 @@ def resolve(tool: Tool, args: argparse.Namespace, environ: Mapping[str, str] | N
         try:
             value = convert(fields[name], raw, where)
         except ConfigError as e:
-            errors.append(str(e))
+            problems.append(str(e))
             continue
         out[name] = value
-    if errors:
-        raise ConfigError("; ".join(errors))
+    if problems:
+        if errors is None:
+            raise ConfigError("; ".join(problems))
+        errors.extend(problems)
     try:
         return tool.config(**out)
     except (TypeError, ValueError) as e:
