@@ -231,7 +231,7 @@ def test_linear_cascade_stages_equal_the_published_regexes_on_real_outputs():
 
     import bench_cascades as ac
 
-    path = Path(__file__).resolve().parents[2] / "shared" / "configs" / "data" / "mmlu_pro_real_outputs_sample.jsonl"
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "mmlu_pro_real_outputs_sample.jsonl"
     texts = [json.loads(line)["generated_text"] or "" for line in path.read_text().splitlines()] if path.exists() else []
     texts += ["answer: Answer: B", "x\nanswer: C then answer: D\nAnswer: E", "Answer:\n\n  F", "no", "A B\nC",
               "The answer: (A)\nanswer:B answer: J"]

@@ -18,7 +18,7 @@ import bench_registry
 import results_schema
 from bench_spec import Source
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "configs" / "data" / "mmlu_pro_real_outputs_sample.jsonl"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mmlu_pro_real_outputs_sample.jsonl"
 
 
 @pytest.fixture(scope="module")

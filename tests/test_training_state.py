@@ -5,6 +5,7 @@ import pickle
 import pytest
 import torch
 
+import opd_dist
 import opd_train_fsdp
 from opd_data import OpdInputError
 
@@ -20,8 +21,8 @@ class _RunsCode:
 def test_a_planted_state_file_runs_no_code(tmp_path):
     marker = tmp_path / "pwned"
     (tmp_path / opd_train_fsdp.STATE).write_bytes(pickle.dumps({"config": {}, "x": _RunsCode(marker)}))
-    with pytest.raises(OpdInputError, match=r"state\.pt: not a training state written by this tool .*--fresh") as err:
-        opd_train_fsdp.check_resume(tmp_path, {"lr": 1e-4}, fresh=False)
+    with pytest.raises(OpdInputError, match=r"state\.pt is not a plain tensor state .*--fresh") as err:
+        opd_dist.check_resume(tmp_path, {"lr": 1e-4}, fresh=False)
     assert "\n" not in str(err.value)
     assert not marker.exists()
 
@@ -32,8 +33,7 @@ def test_a_real_state_file_still_resumes(tmp_path):
              "optim": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(4, 2)}},
                        "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "params": [0], "foreach": None}]}}
     torch.save(state, tmp_path / opd_train_fsdp.STATE)
-    assert opd_train_fsdp.check_resume(tmp_path, ident, fresh=False) == tmp_path / opd_train_fsdp.STATE
-    back = opd_train_fsdp.read_state(tmp_path / opd_train_fsdp.STATE)
+    back = opd_dist.check_resume(tmp_path, ident, fresh=False)
     assert back["optim"]["param_groups"][0]["betas"] == (0.9, 0.999) and torch.equal(back["model"]["w.A"], state["model"]["w.A"])
     with pytest.raises(OpdInputError, match="other settings"):
-        opd_train_fsdp.check_resume(tmp_path, {**ident, "lr": 2e-4}, fresh=False)
+        opd_dist.check_resume(tmp_path, {**ident, "lr": 2e-4}, fresh=False)

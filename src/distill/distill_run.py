@@ -348,6 +348,8 @@ def main(argv=None) -> int:
 
             teacher = resolve_model(cfg.teacher, "resolve")
             student = resolve_model(cfg.student, "resolve") if cfg.student else None
+            if student is not None and not ptq_meta.has_meta(student):  # a BF16 checkpoint: sized as the teacher
+                teacher, student = student, None
             print(distill_steps.memory_plan(cfg, teacher, student))
             if not any(Path(student or teacher).glob("*.safetensors")):  # a config-only model: no headers to size
                 return 0

@@ -31,6 +31,7 @@ def _text(path: Path) -> str:
         raise OpdInputError(str(err)) from None
 
 PROMPT_FIELDS = ("messages", "prompt", "problem", "question", "instruction", "text")
+STATE = "state.pt"  # the trainer's resumable state file (weights_only torch.save)
 DEFAULT_LORA_ROLES = (Role.ROUTED_EXPERT.value,)  # where a 3-bit student loses most
 LORA_ALLOWED_ROLES = tuple(r.value for r in (Role.ROUTED_EXPERT, Role.SHARED_EXPERT, Role.ATTENTION,
                                             Role.LINEAR_ATTENTION, Role.DENSE_MLP))

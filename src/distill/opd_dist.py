@@ -19,7 +19,7 @@ import opd_data
 import provenance
 from opd_data import OpdInputError
 
-STATE = "state.pt"
+STATE = opd_data.STATE
 ADAPTER = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 

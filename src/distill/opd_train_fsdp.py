@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import atomic_io
 import opd_data
 import provenance
-from opd_data import OpdInputError
+from opd_data import STATE, OpdInputError
 
 if TYPE_CHECKING:
     import opd_dist
@@ -178,8 +178,8 @@ def _train(cfg: TrainConfig, dist: opd_dist.Dist, fresh: bool, argv, stop_after:
         step0, losses, tokens_done, step_seconds = state["step"], state["losses"], state["tokens"], state["step_seconds"]
         peak_rss = state.get("peak_rss_mib", [])
         log(f"opd: resuming {out} at step {step0}/{len(plan)}")
-    elif fresh and (out / opd_dist.STATE).exists() and dist.rank == 0:
-        (out / opd_dist.STATE).unlink()
+    elif fresh and (out / STATE).exists() and dist.rank == 0:
+        (out / STATE).unlink()
     del state
     autocast = dist.device.type == "cuda"
     from tqdm import tqdm
@@ -211,7 +211,7 @@ def _train(cfg: TrainConfig, dist: opd_dist.Dist, fresh: bool, argv, stop_after:
         bar.set_postfix_str(f"loss {loss:.4f}  {tok_run / max(time.perf_counter() - t_run, 1e-9):.0f} tok/s", refresh=False)
         done = step + 1
         if done % cfg.save_every == 0 or done == len(plan):
-            opd_dist.save_state(out / opd_dist.STATE, model, opt, dist, {
+            opd_dist.save_state(out / STATE, model, opt, dist, {
                 "config": ident, "step": done, "losses": losses, "tokens": tokens_done, "step_seconds": step_seconds,
                 "peak_rss_mib": peak_rss})
         if stop_after is not None and done >= stop_after:

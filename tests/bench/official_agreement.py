@@ -22,7 +22,7 @@ from mmlu_pro_reference import reference_scores  # noqa: E402
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "configs" / "data" / "mmlu_pro_real_outputs_sample.jsonl")
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "mmlu_pro_real_outputs_sample.jsonl")
     args = ap.parse_args(argv)
     rows = [json.loads(line) for line in args.data.read_text(encoding="utf-8").splitlines() if line.strip()]
     spec = bench_registry.BENCHMARKS["mmlu_pro"]
