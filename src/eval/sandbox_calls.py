@@ -108,9 +108,10 @@ def __moe_make_proxies(names, request_fd={req}, response_fd={resp}, call_timeout
 
 
 def _is_stub(node) -> bool:
-    """A prompt's function with nothing but a docstring (or pass / ...): what the candidate writes."""
+    """A prompt's function with nothing but a docstring, pass / ... and imports (HumanEval/115 imports math
+    above its docstring): what the candidate writes."""
     body = [b for b in node.body if not (isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant))]
-    return all(isinstance(b, ast.Pass) for b in body)
+    return all(isinstance(b, (ast.Pass, ast.Import, ast.ImportFrom)) for b in body)
 
 
 def _bound_names(tree, keep_stubs: bool) -> set:
@@ -144,6 +145,41 @@ def entry_points(test_source: str, prefix_source: str = "") -> list:
     return used
 
 
+def _loaded_names(trees) -> set:
+    return {node.id for tree in trees for node in ast.walk(tree) if isinstance(node, ast.Name)}
+
+
+def prefix_for_tests(prefix_source: str, names, test_source: str) -> str:
+    """The prefix as the test process runs it: without the stubs of `names` (their proxies replace them)
+    and without the imports nothing left uses (a HumanEval prompt's `from typing import List`, there for
+    the stubs' annotations, is most of the test process's start-up). Dropped lines become blank lines, so
+    tracebacks keep their line numbers; a prefix with two statements on one line is kept as it is."""
+    try:
+        tree = ast.parse(prefix_source)
+    except SyntaxError:
+        return prefix_source  # the test process reports it, as before
+    body = tree.body
+    spans = [(min([n.lineno] + [d.lineno for d in getattr(n, "decorator_list", [])]), n.end_lineno) for n in body]
+    if any(prev[1] >= nxt[0] for prev, nxt in zip(spans, spans[1:])):
+        return prefix_source
+    stubs = {i for i, n in enumerate(body)
+             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name in names and _is_stub(n)}
+    imports = {i for i, n in enumerate(body) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    used = _loaded_names([n for i, n in enumerate(body) if i not in stubs | imports] + [ast.parse(test_source)])
+
+    def unused(node) -> bool:
+        if isinstance(node, ast.ImportFrom) and (node.module == "__future__" or any(a.name == "*" for a in node.names)):
+            return False
+        return not any((a.asname or a.name).split(".")[0] in used for a in node.names)
+
+    drop = stubs | {i for i in imports if unused(body[i])}
+    lines = prefix_source.splitlines(keepends=True)
+    for i in drop:
+        start, end = spans[i]
+        lines[start - 1:end] = ["\n"] * (end - start + 1)
+    return "".join(lines)
+
+
 def run_checked(candidate_program: str, test_prefix: str, test_body: str, names: list, limits: sandbox.SandboxLimits,
                 isolation: sandbox.Isolation | None = None, run_name: str = "__moe_program__",
                 call_timeout_s: float | None = None) -> tuple:
@@ -155,7 +191,8 @@ def run_checked(candidate_program: str, test_prefix: str, test_body: str, names:
     answers_r, answers_w = os.pipe()  # candidate -> test
     cancel_r, cancel_w = os.pipe()    # closing cancel_w stops the candidate once the tests are done
     test_source = (PROXIES.format(req=calls_w, resp=answers_r, call_timeout_s=call_timeout_s)
-                   + test_prefix + "\n\n" + f"globals().update(__moe_make_proxies({list(names)!r}))\n"
+                   + prefix_for_tests(test_prefix, names, test_body) + "\n\n"
+                   + f"globals().update(__moe_make_proxies({list(names)!r}))\n"
                    + "del __moe_make_proxies\n\n" + test_body)
     cand_source = candidate_program + SERVER.format(req=calls_r, resp=answers_w)
     results = {}
