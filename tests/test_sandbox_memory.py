@@ -3,7 +3,6 @@ the cgroup path of a run (held until the host has moved it in), and the launcher
 import dataclasses
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
