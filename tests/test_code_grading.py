@@ -352,3 +352,37 @@ def test_exceptions_cross_as_their_builtin_type():
     assert bench_grade.grade_code_program(parts, fenced("def pick(d, k):\n    return d[k]\n"), LIMITS).correct
     missing = bench_grade.grade_code_program(parts, fenced("def other(d, k):\n    return 1\n"), LIMITS)
     assert not missing.correct and "NameError" in missing.detail["error"]
+
+
+def test_the_test_process_runs_the_prefix_without_the_stubs_and_their_imports():
+    """The stubs' annotations are why a HumanEval prompt imports typing; the test process (whose stubs the
+    proxies replace) skips them and those imports, keeps every line number, and keeps what tests or
+    helpers use."""
+    import sandbox_calls
+
+    prompt = ("from typing import List\nimport math\nimport hashlib as h\n\n\n"
+              "def poly(xs: list, x: float):\n    return sum(c * math.pow(x, i) for i, c in enumerate(xs))\n\n\n"
+              "def find_zero(xs: List[float]):\n    \"\"\"A zero of poly(xs).\n    \"\"\"\n")
+    tests = "def check(candidate):\n    assert h.md5(b'').hexdigest()\n    assert candidate([1.0])\n"
+    names = sandbox_calls.entry_points(tests + "check(find_zero)\n", prompt)
+    assert names == ["find_zero"]
+    out = sandbox_calls.prefix_for_tests(prompt, names, tests)
+    assert out.count("\n") == prompt.count("\n")
+    assert "typing" not in out and "def find_zero" not in out
+    assert "import math" in out and "import hashlib as h" in out and "def poly" in out
+    # two statements on a line: kept as it is
+    assert sandbox_calls.prefix_for_tests("import os; import sys\n", [], "") == "import os; import sys\n"
+    assert sandbox_calls.prefix_for_tests("from __future__ import annotations\n", [], "") == \
+        "from __future__ import annotations\n"
+
+
+def test_a_stub_importing_above_its_docstring_is_still_the_entry_point():
+    """HumanEval/115's prompt imports math inside the function, above the docstring: still a stub, so the
+    tests reach the candidate (with names derived, as MBPP-style callers do) and the canonical code passes."""
+    import sandbox_calls
+
+    prompt = "def ceil_sum(xs, c):\n    import math\n    \"\"\"Sum of ceil(x / c).\"\"\"\n"
+    tests = "def check(candidate):\n    assert candidate([3, 4], 2) == 4\n\ncheck(ceil_sum)\n"
+    assert sandbox_calls.entry_points(tests, prompt) == ["ceil_sum"]
+    code = prompt + "    return sum(math.ceil(x / c) for x in xs)\n"
+    assert bench_grade.grade_code_program((prompt, tests), fenced(code), LIMITS).correct

@@ -118,7 +118,7 @@ def grading_environment(cfg: EvalConfig) -> dict:
 
         iso, limits = sandbox.detect_isolation(allow_weak=cfg.allow_weak_sandbox), sandbox.SandboxLimits()
         env["sandbox_memory"] = sandbox_memory.mechanisms(iso.strong, iso.seccomp, limits.workdir_mb,
-                                                          limits.file_size_mb)
+                                                          limits.file_size_mb, iso.cgroup_parent or None)
     return env
 
 

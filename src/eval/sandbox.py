@@ -10,8 +10,9 @@ the only writable place a size-limited tmpfs work dir, a new session, SIGKILL wh
 
 Memory and processes are bounded per run, not per process: the program may hold at most
 `max_processes` tasks, each with an address space of (memory_mb - workdir_mb) / max_processes, so the
-whole run, work dir included, fits in memory_mb. (cgroup v2 would allow a finer split; it is not used
-because the grading machines seen so far have no writable cgroup v2 memory controller.)
+whole run, work dir included, fits in memory_mb. Where the host delegates a cgroup v2 memory controller
+(sandbox_memory.cgroup_decision), each run also gets its own cgroup with memory.max = memory_mb, which
+counts what rlimits cannot see; the launcher holds the program until the host has moved the run in.
 
 Weak tiers (the old `unshare` launcher, or rlimits and an audit hook alone) are used only when asked
 for with allow_weak_sandbox, and every result they produce says WEAK SANDBOX in its isolation.
@@ -31,10 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import sandbox_memory
-from sandbox_exec import (BWRAP_HARNESS, BWRAP_WORKDIR, bwrap_command, collect, launcher_argument, memfd, read_available,
-                          remove_tree, stop_bwrap, stop_group)
+from sandbox_exec import (BWRAP_HARNESS, BWRAP_WORKDIR, bwrap_command, collect, compile_for, launcher_argument, memfd,
+                          read_available, remove_tree, stop_bwrap, stop_group, wait_child_pid)
 
 LAUNCHER = Path(__file__).with_name("sandbox_launcher.py")
+# Trusted modules a program may ask to find loaded (run_python's `preload`), by the name it imports.
+HARNESS_MODULES = {"sandbox_wire": Path(__file__).with_name("sandbox_wire.py")}
 LAUNCHER_SETUP_FAILED = 97
 STARTED = b"R"
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -100,13 +103,15 @@ class Isolation:
     python: str = field(default_factory=lambda: os.path.realpath(sys.executable))
     tool: str = ""  # the bwrap binary, for kind == "bwrap"
     seccomp: bool = False  # bwrap only: install sandbox_memory's filter (no memfd / SysV shm / msg queues)
+    cgroup_parent: str = ""  # bwrap only: each run gets its own cgroup v2 (memory.max = memory_mb) under this dir
 
     @property
     def strong(self) -> bool:
         return self.kind == "bwrap"
 
     def describe(self) -> str:
-        name = self.name + ("+seccomp(no memfd/SysV shm/msg queues)" if self.strong and self.seccomp else "")
+        name = self.name + ("+seccomp(no memfd/SysV shm/msg queues)" if self.strong and self.seccomp else "") + \
+            (f"+cgroup2(memory.max per run, under {self.cgroup_parent})" if self.strong and self.cgroup_parent else "")
         text = f"{name} (python={self.python})"
         return text if self.strong else WEAK_LABEL + text
 
@@ -128,8 +133,9 @@ class RunResult:
 
 # ------------------------------------------------------------------------------------- tiers
 
-def candidate_isolations(is_root: bool, pythons: tuple, bwrap: str | None = None) -> list:
-    """Strongest first: bubblewrap for each interpreter, then the weak tiers."""
+def candidate_isolations(is_root: bool, pythons: tuple, bwrap: str | None = None, cgroup_parent: str | None = None) -> list:
+    """Strongest first: bubblewrap for each interpreter (in a cgroup v2 per run where the host delegates a
+    memory controller, sandbox_memory.cgroup_decision; then without), then the weak tiers."""
     bwrap = bwrap if bwrap is not None else (shutil.which("bwrap") or "")
     strong = "bwrap(userns+netns+pidns+mountns+ipcns, ro binds, tmpfs workdir, no caps" + \
              (", throwaway uid" if is_root else "") + ")+aggregate rlimits"
@@ -137,8 +143,10 @@ def candidate_isolations(is_root: bool, pythons: tuple, bwrap: str | None = None
     user = () if is_root else ("--user", "--map-root-user")
     who = "+uid-drop" if is_root else "+userns"
     seccomp = sandbox_memory.host_machine() is not None
-    out = [Isolation(strong, "bwrap", readonly_fs=True, drop_uid=is_root, python=py, tool=bwrap, seccomp=seccomp)
-           for py in pythons] if bwrap else []
+    cgroup_parent = sandbox_memory.cgroup_v2_memory() if cgroup_parent is None else cgroup_parent
+    out = [Isolation(strong, "bwrap", readonly_fs=True, drop_uid=is_root, python=py, tool=bwrap, seccomp=seccomp,
+                     cgroup_parent=parent)
+           for py in pythons for parent in dict.fromkeys((cgroup_parent or "", ""))] if bwrap else []
     for py in pythons:
         out.append(Isolation(f"netns+pidns+mountns(ro-fs){who}+rlimits+audit-hook", "unshare", ("unshare", *user, *ns),
                              readonly_fs=True, drop_uid=is_root, python=py))
@@ -195,6 +203,16 @@ def clean_environment(workdir: str) -> dict:
 
 # ----------------------------------------------------------------------------------- running
 
+@functools.lru_cache(maxsize=8)
+def harness_pyc(python: str, modules: tuple = ()) -> dict:
+    """The launcher and the named HARNESS_MODULES compiled by the sandbox's interpreter, once per grader
+    process (memoised: the files do not change under a running grader): {"launcher" | name: .pyc bytes}."""
+    sources = {"launcher": (f"{BWRAP_HARNESS}/launcher.py", LAUNCHER.read_text(encoding="utf-8"))}
+    sources.update({name: (f"{BWRAP_HARNESS}/{name}.py", HARNESS_MODULES[name].read_text(encoding="utf-8"))
+                    for name in modules})
+    return compile_for(python, sources)
+
+
 def _status(killed, rc, started: bool) -> str:
     if killed:
         return killed
@@ -213,7 +231,7 @@ def _throwaway_uid() -> int:
 
 def run_python(source: str, stdin: str = "", limits: SandboxLimits = SandboxLimits(),
                isolation: Isolation | None = None, run_name: str = "__main__", hand_fds: tuple = (),
-               cancel_fd: int | None = None, site: bool = True) -> RunResult:
+               cancel_fd: int | None = None, site: bool = True, preload: tuple = ()) -> RunResult:
     """Run `source` as a Python program under `isolation` (probed from the limits when None).
 
     run_name is the program's __name__ (HumanEval-style test programs run as a module, not __main__, as
@@ -222,6 +240,7 @@ def run_python(source: str, stdin: str = "", limits: SandboxLimits = SandboxLimi
     hand_fds: fds the program keeps open at the same numbers (pipes to another process); this call owns
     and closes them. cancel_fd: the run stops early (status "cancelled") once this fd is readable.
     site=False starts Python with -S (no site-packages, ~15 ms less): for trusted test code only.
+    preload: names from HARNESS_MODULES the launcher loads (sys.modules[name]) before the program runs.
     """
     iso = isolation or isolation_for(limits)
     start = time.monotonic()
@@ -232,23 +251,40 @@ def run_python(source: str, stdin: str = "", limits: SandboxLimits = SandboxLimi
     report_r, report_w = os.pipe()
     stdin_fd = memfd("stdin", stdin.encode("utf-8", "surrogatepass"))
     owned = [nonce_r, report_w, stdin_fd, *hand_fds]
-    workdir = info_r = None
+    workdir = info_r = hold_w = cgroup = None
     uid = _throwaway_uid() if iso.drop_uid else None
     try:
         program = source.encode("utf-8", "surrogatepass")
         if iso.strong:
-            program_fd, launcher_fd = memfd("main.py", program), memfd("launcher.py", LAUNCHER.read_bytes())
-            owned += [program_fd, launcher_fd]
+            try:
+                pyc = harness_pyc(iso.python, tuple(preload))
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                return RunResult("sandbox_error", None, "", f"could not start sandbox: {exc}",
+                                 time.monotonic() - start, iso.describe())
+            files = {f"{BWRAP_HARNESS}/main.py": memfd("main.py", program),
+                     f"{BWRAP_HARNESS}/launcher.pyc": memfd("launcher.pyc", pyc["launcher"])}
+            files.update({f"{BWRAP_HARNESS}/{name}.pyc": memfd(name, pyc[name]) for name in preload})
+            owned += list(files.values())
             machine = sandbox_memory.host_machine() if iso.seccomp else None
             seccomp_fd = memfd("seccomp", sandbox_memory.seccomp_filter(machine)) if machine else None
             owned += [seccomp_fd] if seccomp_fd is not None else []
             config = {"workdir": BWRAP_WORKDIR, "program": f"{BWRAP_HARNESS}/main.py", "run_name": run_name,
                       "nonce_fd": nonce_r, "report_fd": report_w, "rlimits": limits.rlimits(extra_tasks=1),
-                      "keep_fds": list(hand_fds)}
+                      "keep_fds": list(hand_fds), "preload": {name: f"{BWRAP_HARNESS}/{name}.pyc" for name in preload}}
+            if iso.cgroup_parent:  # the launcher waits on hold_r until the host has moved the run in
+                hold_r, hold_w = os.pipe()
+                owned.append(hold_r)
+                config["hold_fd"] = hold_r
+                try:
+                    cgroup = sandbox_memory.make_run_cgroup(iso.cgroup_parent, limits.memory_mb << 20,
+                                                            limits.max_processes + 2, f"moe-run-{secrets.token_hex(8)}")
+                except OSError as exc:
+                    return RunResult("sandbox_error", None, "", f"could not make the run's cgroup: {exc}",
+                                     time.monotonic() - start, iso.describe())
             info_r, info_w = os.pipe()
             owned.append(info_w)
             cmd = bwrap_command(iso.tool, iso.python, limits.workdir_mb << 20, clean_environment(BWRAP_WORKDIR),
-                                program_fd, launcher_fd, config, info_w, seccomp_fd, site)
+                                files, f"{BWRAP_HARNESS}/launcher.pyc", config, info_w, seccomp_fd, site)
             stop = functools.partial(stop_bwrap, info_fd=info_r)
             popen_kw = {"cwd": "/", "env": {"PATH": SAFE_PATH}}
             if uid is not None:  # bwrap itself runs as the throwaway uid: the sandbox is never real root
@@ -257,10 +293,12 @@ def run_python(source: str, stdin: str = "", limits: SandboxLimits = SandboxLimi
             workdir = tempfile.mkdtemp(prefix="moe-sbx-")
             Path(workdir, "main.py").write_bytes(program)
             shutil.copyfile(LAUNCHER, Path(workdir, "_launcher.py"))
+            for name in preload:
+                shutil.copyfile(HARNESS_MODULES[name], Path(workdir, f"_{name}.py"))
             config = {"workdir": workdir, "program": str(Path(workdir, "main.py")), "run_name": run_name,
                       "nonce_fd": nonce_r, "report_fd": report_w, "readonly_fs": iso.readonly_fs,
                       "drop_to_uid": uid, "rlimits": limits.rlimits(), "audit_hook": True,
-                      "keep_fds": list(hand_fds)}
+                      "keep_fds": list(hand_fds), "preload": {name: str(Path(workdir, f"_{name}.py")) for name in preload}}
             if uid is not None:
                 os.chown(workdir, uid, uid)
             os.chmod(workdir, 0o755 if uid is not None else 0o700)
@@ -278,6 +316,22 @@ def run_python(source: str, stdin: str = "", limits: SandboxLimits = SandboxLimi
         for fd in owned:  # the child has them now; the report pipe reaches EOF when the sandbox is gone
             os.close(fd)
         owned = []
+        if hold_w is not None:
+            try:
+                child = wait_child_pid(info_r, limits.timeout_s)
+                sandbox_memory.enter_cgroup(cgroup, [proc.pid, child, *sandbox_memory.descendants(child)])
+                stop = functools.partial(stop_bwrap, info_fd=info_r, child_pid=child)
+                os.write(hold_w, b"G")
+            except OSError as exc:
+                stop(proc)
+                return RunResult("sandbox_error", None, "", f"could not place the run in its cgroup: {exc}",
+                                 time.monotonic() - start, iso.describe())
+            except BaseException:  # interrupted: the held run goes too
+                stop(proc)
+                raise
+            finally:
+                os.close(hold_w)
+                hold_w = None
         try:
             out, err, killed = collect(proc, limits.timeout_s, limits.max_output_bytes, stop, cancel_fd)
         except BaseException:  # interrupted (a grading budget, Ctrl-C): nothing of the run may outlive us
@@ -291,10 +345,12 @@ def run_python(source: str, stdin: str = "", limits: SandboxLimits = SandboxLimi
         return RunResult(_status(killed, rc, started), rc, out, err, time.monotonic() - start, iso.describe(),
                          completed=started and nonce in report)
     finally:
-        for fd in owned + [report_r] + ([info_r] if info_r is not None else []):
+        for fd in owned + [report_r] + [fd for fd in (info_r, hold_w) if fd is not None]:
             os.close(fd)
         if workdir is not None:
             remove_tree(workdir)
+        if cgroup is not None:
+            sandbox_memory.remove_run_cgroup(cgroup)
 
 
 def main(argv=None) -> None:

@@ -20,40 +20,37 @@ import ast
 import builtins
 import os
 import threading
-from pathlib import Path
 
 import sandbox
-import sandbox_wire
 
-WIRE_SOURCE = Path(sandbox_wire.__file__).read_text(encoding="utf-8")
+WIRE = "sandbox_wire"  # loaded by the launcher in both processes, precompiled (sandbox.HARNESS_MODULES)
 CALL_FAILED = "candidate_call_failed"
 
 # Appended to the candidate's program: after its module has run, answer calls until the tests hang up.
 SERVER = '''
 
 def __moe_serve(request_fd={req}, response_fd={resp}):
-    wire = {{}}
-    exec(compile({wire!r}, "sandbox_wire", "exec"), wire)
+    import sandbox_wire as wire
     namespace = globals()
     while True:
         try:
-            frame = wire["read_frame"](request_fd)
+            frame = wire.read_frame(request_fd)
         except OSError:
             return
         if frame is None:
             return
         try:
-            name, args, kwargs = wire["decode"](frame)
+            name, args, kwargs = wire.decode(frame)
             if name not in namespace:
                 raise NameError("name %r is not defined" % name)
             result = ("ok", namespace[name](*args, **kwargs))
         except BaseException as exc:
             result = ("raise", type(exc).__name__, str(exc)[:2000])
         try:
-            payload = wire["encode"](result)
-        except wire["WireError"] as exc:
-            payload = wire["encode"](("fail", "the result cannot cross: %s" % exc))
-        wire["write_frame"](response_fd, payload)
+            payload = wire.encode(result)
+        except wire.WireError as exc:
+            payload = wire.encode(("fail", "the result cannot cross: %s" % exc))
+        wire.write_frame(response_fd, payload)
 
 
 __moe_serve()
@@ -62,9 +59,8 @@ __moe_serve()
 # Put in front of the test program: one proxy per entry point the tests call.
 PROXIES = '''
 def __moe_make_proxies(names, request_fd={req}, response_fd={resp}, call_timeout_s={call_timeout_s!r}):
-    import builtins, os, select, time
-    wire = {{}}
-    exec(compile({wire!r}, "sandbox_wire", "exec"), wire)
+    import builtins, posix, select, time
+    import sandbox_wire as wire
 
     class CandidateCallFailed(BaseException):
         """Not an Exception: a test's own `except Exception` cannot turn a failed call into a pass."""
@@ -75,7 +71,7 @@ def __moe_make_proxies(names, request_fd={req}, response_fd={resp}, call_timeout
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([response_fd], [], [], left)[0]:
                 raise CandidateCallFailed("%s(...): no answer within %g s" % (name, call_timeout_s))
-            chunk = os.read(response_fd, min(n - len(data), 1 << 20))
+            chunk = posix.read(response_fd, min(n - len(data), 1 << 20))
             if not chunk:
                 raise CandidateCallFailed("%s(...): the candidate process died during the call" % name)
             data += chunk
@@ -85,12 +81,12 @@ def __moe_make_proxies(names, request_fd={req}, response_fd={resp}, call_timeout
         def call(*args, **kwargs):
             deadline = time.monotonic() + call_timeout_s
             try:
-                wire["write_frame"](request_fd, wire["encode"]((name, args, kwargs)))
+                wire.write_frame(request_fd, wire.encode((name, args, kwargs)))
                 size = int.from_bytes(read_by(name, 4, deadline), "big")
-                if size > wire["MAX_FRAME"]:
-                    raise wire["WireError"]("an answer of %d bytes" % size)
-                reply = wire["decode"](read_by(name, size, deadline))
-            except (OSError, wire["WireError"]) as exc:
+                if size > wire.MAX_FRAME:
+                    raise wire.WireError("an answer of %d bytes" % size)
+                reply = wire.decode(read_by(name, size, deadline))
+            except (OSError, wire.WireError) as exc:
                 raise CandidateCallFailed("%s(...): %s" % (name, exc)) from None
             if type(reply) is not tuple or not reply:
                 raise CandidateCallFailed("%s(...): not an answer" % name)
@@ -112,9 +108,10 @@ def __moe_make_proxies(names, request_fd={req}, response_fd={resp}, call_timeout
 
 
 def _is_stub(node) -> bool:
-    """A prompt's function with nothing but a docstring (or pass / ...): what the candidate writes."""
+    """A prompt's function with nothing but a docstring, pass / ... and imports (HumanEval/115 imports math
+    above its docstring): what the candidate writes."""
     body = [b for b in node.body if not (isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant))]
-    return all(isinstance(b, ast.Pass) for b in body)
+    return all(isinstance(b, (ast.Pass, ast.Import, ast.ImportFrom)) for b in body)
 
 
 def _bound_names(tree, keep_stubs: bool) -> set:
@@ -148,6 +145,41 @@ def entry_points(test_source: str, prefix_source: str = "") -> list:
     return used
 
 
+def _loaded_names(trees) -> set:
+    return {node.id for tree in trees for node in ast.walk(tree) if isinstance(node, ast.Name)}
+
+
+def prefix_for_tests(prefix_source: str, names, test_source: str) -> str:
+    """The prefix as the test process runs it: without the stubs of `names` (their proxies replace them)
+    and without the imports nothing left uses (a HumanEval prompt's `from typing import List`, there for
+    the stubs' annotations, is most of the test process's start-up). Dropped lines become blank lines, so
+    tracebacks keep their line numbers; a prefix with two statements on one line is kept as it is."""
+    try:
+        tree = ast.parse(prefix_source)
+    except SyntaxError:
+        return prefix_source  # the test process reports it, as before
+    body = tree.body
+    spans = [(min([n.lineno] + [d.lineno for d in getattr(n, "decorator_list", [])]), n.end_lineno) for n in body]
+    if any(prev[1] >= nxt[0] for prev, nxt in zip(spans, spans[1:])):
+        return prefix_source
+    stubs = {i for i, n in enumerate(body)
+             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name in names and _is_stub(n)}
+    imports = {i for i, n in enumerate(body) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    used = _loaded_names([n for i, n in enumerate(body) if i not in stubs | imports] + [ast.parse(test_source)])
+
+    def unused(node) -> bool:
+        if isinstance(node, ast.ImportFrom) and (node.module == "__future__" or any(a.name == "*" for a in node.names)):
+            return False
+        return not any((a.asname or a.name).split(".")[0] in used for a in node.names)
+
+    drop = stubs | {i for i in imports if unused(body[i])}
+    lines = prefix_source.splitlines(keepends=True)
+    for i in drop:
+        start, end = spans[i]
+        lines[start - 1:end] = ["\n"] * (end - start + 1)
+    return "".join(lines)
+
+
 def run_checked(candidate_program: str, test_prefix: str, test_body: str, names: list, limits: sandbox.SandboxLimits,
                 isolation: sandbox.Isolation | None = None, run_name: str = "__moe_program__",
                 call_timeout_s: float | None = None) -> tuple:
@@ -158,21 +190,23 @@ def run_checked(candidate_program: str, test_prefix: str, test_body: str, names:
     calls_r, calls_w = os.pipe()      # test -> candidate
     answers_r, answers_w = os.pipe()  # candidate -> test
     cancel_r, cancel_w = os.pipe()    # closing cancel_w stops the candidate once the tests are done
-    test_source = (PROXIES.format(req=calls_w, resp=answers_r, call_timeout_s=call_timeout_s, wire=WIRE_SOURCE)
-                   + test_prefix + "\n\n" + f"globals().update(__moe_make_proxies({list(names)!r}))\n"
+    test_source = (PROXIES.format(req=calls_w, resp=answers_r, call_timeout_s=call_timeout_s)
+                   + prefix_for_tests(test_prefix, names, test_body) + "\n\n"
+                   + f"globals().update(__moe_make_proxies({list(names)!r}))\n"
                    + "del __moe_make_proxies\n\n" + test_body)
-    cand_source = candidate_program + SERVER.format(req=calls_r, resp=answers_w, wire=WIRE_SOURCE)
+    cand_source = candidate_program + SERVER.format(req=calls_r, resp=answers_w)
     results = {}
 
     def serve():
         results["cand"] = sandbox.run_python(cand_source, limits=limits, isolation=iso, run_name=run_name,
-                                             hand_fds=(calls_r, answers_w), cancel_fd=cancel_r, site=False)
+                                             hand_fds=(calls_r, answers_w), cancel_fd=cancel_r, site=False,
+                                             preload=(WIRE,))
 
     candidate = threading.Thread(target=serve, daemon=True)
     try:
         candidate.start()
         test = sandbox.run_python(test_source, limits=limits, isolation=iso, hand_fds=(calls_w, answers_r),
-                                  site=False)
+                                  site=False, preload=(WIRE,))
     finally:
         os.close(cancel_w)
         candidate.join()

@@ -1,6 +1,7 @@
 """The test runner inside a sandboxed run: lock the process down, run the program, then report.
 
-Runs as `python -I -B sandbox_launcher.py CONFIG` (CONFIG: the hex of marshal.dumps(dict)) inside the child that `sandbox.py` starts
+Runs as `python -I -B launcher.pyc CONFIG` (CONFIG: the hex of marshal.dumps(dict); the .pyc compiled from
+this file by the sandbox's own interpreter, once per grader, sandbox_exec.compile_for) inside the child that `sandbox.py` starts
 (inside bubblewrap, or in a weak tier inside `unshare` or nothing). Standard library only: the
 project's PYTHONPATH is not visible here (-I), and the untrusted program runs in this same interpreter
 right after the lock-down, so every restriction below applies to it.
@@ -18,11 +19,14 @@ then rlimits (after the drop, so the program cannot raise them back); the audit 
 installing it cannot be undone.
 
 Every run pays this file's start-up twice over for HumanEval/MBPP (candidate and tests), so it imports
-only builtin modules: marshal instead of json for the config (json pulls in re and _json, ~10-40 ms here),
-and the program is compiled and executed directly instead of through runpy (importlib + pkgutil).
+only modules an interpreter started with -S has already loaded, plus resource: posix rather than os (os
+pulls in stat, posixpath and _collections_abc, ~1 ms of a cold start), marshal instead of json for the
+config (json pulls in re and _json, ~10-40 ms here), and the program is compiled and executed directly
+instead of through runpy (importlib + pkgutil). Harness modules the program relies on (the wire format of
+sandbox_calls) arrive precompiled and are loaded under their names before it runs (`preload`).
 """
 import marshal
-import os
+import posix
 import resource
 import sys
 
@@ -35,7 +39,7 @@ SYS_MOUNT_SETATTR = 442  # same number on x86_64 and aarch64 (generic syscall ta
 EXIT_SETUP_FAILED = 97
 STARTED = b"R"
 
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+WRITE_FLAGS = posix.O_WRONLY | posix.O_RDWR | posix.O_CREAT | posix.O_APPEND | posix.O_TRUNC
 PATH_MUTATING_EVENTS = {"os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.symlink", "os.link",
                         "os.truncate", "os.chmod", "os.chown", "os.utime", "shutil.rmtree",
                         "shutil.copyfile", "shutil.move", "os.mkfifo", "os.mknod"}
@@ -56,7 +60,7 @@ def make_filesystem_read_only_except(workdir: str) -> None:
     def _check(result: int, what: str) -> None:
         if result != 0:
             errno = ctypes.get_errno()
-            raise OSError(errno, f"{what}: {os.strerror(errno)}")
+            raise OSError(errno, f"{what}: {posix.strerror(errno)}")
 
     libc = ctypes.CDLL(None, use_errno=True)
     path = workdir.encode()
@@ -70,11 +74,11 @@ def make_filesystem_read_only_except(workdir: str) -> None:
 
 
 def drop_privileges(uid: int) -> None:
-    os.setgroups([])
-    os.setgid(uid)
-    os.setuid(uid)
-    if os.getuid() != uid or os.geteuid() != uid:
-        raise OSError(f"uid drop to {uid} did not hold (uid={os.getuid()}, euid={os.geteuid()})")
+    posix.setgroups([])
+    posix.setgid(uid)
+    posix.setuid(uid)
+    if posix.getuid() != uid or posix.geteuid() != uid:
+        raise OSError(f"uid drop to {uid} did not hold (uid={posix.getuid()}, euid={posix.geteuid()})")
 
 
 def apply_rlimits(limits: dict) -> None:
@@ -87,16 +91,17 @@ def apply_rlimits(limits: dict) -> None:
 
 def close_fds_except(keep: set) -> None:
     """Nothing the sandbox tool or the harness left open reaches the program but stdio and our pipes."""
-    for name in os.listdir("/proc/self/fd"):
+    for name in posix.listdir("/proc/self/fd"):
         fd = int(name)
         if fd not in keep:
             try:
-                os.close(fd)
+                posix.close(fd)
             except OSError:
                 pass  # the fd of the listdir itself, already gone
 
 
-def _inside(path, root: str) -> bool:
+def _inside(path, root: str, os) -> bool:
+    """os: the os module, imported by install_audit_hook (weak tiers only; the launcher itself uses posix)."""
     if isinstance(path, int):
         return True  # an already-open fd: its opening was checked (or it is stdin/stdout/stderr)
     try:
@@ -110,6 +115,8 @@ def install_audit_hook(workdir: str) -> None:
     """Weak tiers only: an in-interpreter guard refusing writes outside the work dir, reading other
     processes' environments and every socket connect/bind/name lookup. ctypes and gc tricks get past
     it, which is why bubblewrap is the default and these tiers need allow_weak_sandbox."""
+    import os
+
     root = os.path.realpath(workdir)
 
     def hook(event, args):
@@ -120,11 +127,11 @@ def install_audit_hook(workdir: str) -> None:
                 raise PermissionError("sandbox: reading process environments is not allowed")
             writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or \
                      (isinstance(flags, int) and flags & WRITE_FLAGS)
-            if writes and not _inside(path, root):
+            if writes and not _inside(path, root, os):
                 raise PermissionError(f"sandbox: writing outside the work dir is not allowed: {path!r}")
         elif event in PATH_MUTATING_EVENTS:
             for arg in args[:2]:
-                if isinstance(arg, (str, bytes, os.PathLike)) and not _inside(arg, root):
+                if isinstance(arg, (str, bytes, os.PathLike)) and not _inside(arg, root, os):
                     raise PermissionError(f"sandbox: {event} outside the work dir is not allowed: {arg!r}")
         elif event in NETWORK_EVENTS:
             raise PermissionError(f"sandbox: network access is not allowed ({event})")
@@ -156,6 +163,19 @@ def exit_status(exc: SystemExit) -> int:
     return 1
 
 
+def preload(modules: dict) -> None:
+    """Trusted harness modules, each executed into a fresh module registered as sys.modules[name] before
+    the program runs: a .pyc compiled by this interpreter (bubblewrap tier) or a source file (weak tiers)."""
+    for name, path in modules.items():
+        with open(path, "rb") as f:
+            data = f.read()
+        code = marshal.loads(data[16:]) if path.endswith(".pyc") else compile(data, path, "exec", dont_inherit=True)
+        module = type(sys)(name)
+        module.__file__ = path
+        exec(code, module.__dict__)
+        sys.modules[name] = module
+
+
 def run_program(program: str, run_name: str, workdir: str) -> int | None:
     """Run the program to its end. None = it returned normally; else the exit status it asked for."""
     sys.argv = [program]
@@ -183,22 +203,30 @@ def main(argv: list) -> None:
     cfg = marshal.loads(bytes.fromhex(argv[1]))
     workdir, nonce_fd, report_fd = cfg["workdir"], int(cfg["nonce_fd"]), int(cfg["report_fd"])
     # The epilogue's tools, taken before the program can rebind them in the os module.
-    read, write, close, flush_out, flush_err = os.read, os.write, os.close, sys.stdout.flush, sys.stderr.flush
+    read, write, close, flush_out, flush_err = posix.read, posix.write, posix.close, sys.stdout.flush, sys.stderr.flush
     try:
         if cfg.get("readonly_fs"):
             make_filesystem_read_only_except(workdir)
         if cfg.get("drop_to_uid") is not None:
             drop_privileges(int(cfg["drop_to_uid"]))
         apply_rlimits(cfg.get("rlimits", {}))
-        os.chdir(workdir)
-        close_fds_except({0, 1, 2, nonce_fd, report_fd, *map(int, cfg.get("keep_fds", ()))})
-        os.set_inheritable(nonce_fd, False)
-        os.set_inheritable(report_fd, False)
+        posix.chdir(workdir)
+        hold_fd = cfg.get("hold_fd")
+        close_fds_except({0, 1, 2, nonce_fd, report_fd, *map(int, cfg.get("keep_fds", ())),
+                          *(() if hold_fd is None else (int(hold_fd),))})
+        posix.set_inheritable(nonce_fd, False)
+        posix.set_inheritable(report_fd, False)
+        if hold_fd is not None:  # the host moves this run into its own cgroup first; nothing runs until then
+            released = read(int(hold_fd), 1)
+            close(int(hold_fd))
+            if released != b"G":
+                raise OSError("the host did not release the run (its cgroup could not be entered)")
+        preload(cfg.get("preload", {}))
         write(report_fd, STARTED)
     except OSError as exc:
         sys.stderr.write(f"sandbox setup failed: {exc}\n")
         sys.stderr.flush()
-        os._exit(EXIT_SETUP_FAILED)
+        posix._exit(EXIT_SETUP_FAILED)
     if cfg.get("audit_hook"):
         install_audit_hook(workdir)
     status = run_program(cfg["program"], cfg.get("run_name", "__main__"), workdir)

@@ -126,7 +126,7 @@ def decode(data: bytes):
 
 
 def write_frame(fd: int, payload: bytes, write=None) -> None:
-    write = write or __import__("os").write
+    write = write or __import__("posix").write
     view = memoryview(_LEN.pack(len(payload)) + payload)
     while view:
         view = view[write(fd, view):]
@@ -134,7 +134,7 @@ def write_frame(fd: int, payload: bytes, write=None) -> None:
 
 def read_exact(fd: int, n: int, read=None) -> bytes | None:
     """n bytes, or None at end of file before the first; WireError on a frame cut short."""
-    read = read or __import__("os").read
+    read = read or __import__("posix").read
     chunks, got = [], 0
     while got < n:
         chunk = read(fd, min(n - got, 1 << 20))
