@@ -107,12 +107,15 @@ def _build(model: Path, out: Path, tokens: int, expert_batch: int) -> dict:
     cmd = ["/usr/bin/time", "-v", sys.executable, str(ROOT / "src/quant/quant_save.py"), "--model", str(model),
            "--out", str(out), "--method", "gptq", "--calib", "pydoc-topics", "--calib-tokens", str(tokens),
            "--calib-ctx", "512", "--expert-batch", str(expert_batch), "--no-progress", "--force"]
-    t0 = time.perf_counter()
+    load0, t0 = os.getloadavg(), time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    cpu = re.search(r"User time \(seconds\): ([\d.]+)\s+System time \(seconds\): ([\d.]+)", proc.stderr)
     rec = {"expert_batch": expert_batch, "rc": proc.returncode, "wall_s": round(wall, 1),
-           "peak_rss_GB": round(int(rss.group(1)) / 2**20, 2) if rss else None}
+           "cpu_s": round(float(cpu.group(1)) + float(cpu.group(2)), 1) if cpu else None,
+           "peak_rss_GB": round(int(rss.group(1)) / 2**20, 2) if rss else None,
+           "loadavg_1m_start_end": [round(load0[0], 2), round(os.getloadavg()[0], 2)], "nproc": os.cpu_count()}
     if proc.returncode != 0:
         rec["stderr_tail"] = proc.stderr[-2000:]
         return rec
