@@ -255,7 +255,8 @@ def quantize_stages(work: ModelWork, out_bytes: int, calibrated: bool, tokens: i
         # the layer in the skeleton + the shards' pages it was read from; the non-routed H; the routed rows
         work_mem = big.bytes + big.hessian_bytes + chunk_mem + big.routed_rows_bytes
         host = big.bytes + acts + (work_mem if dev.kind == "cpu" else 0)
-        gpu = (big.bytes + big.hessian_bytes + chunk_mem + (big.routed_rows_bytes + acts) / n) if dev.kind == "gpu" else 0
+        # a GPU holds its replica of the layer and its chunk; the first also the routed rows (reduced onto it)
+        gpu = (big.bytes + big.hessian_bytes + chunk_mem + big.routed_rows_bytes + acts / n) if dev.kind == "gpu" else 0
         worst = max(per_layer, default=0.0)
         stages.append(Stage("calibrate + gptq (per layer)", disk_read=work.source_bytes,
                             disk_write=out_bytes + transient_bytes,
