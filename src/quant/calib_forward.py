@@ -161,11 +161,19 @@ def shares(n_batches: int, n_devices: int) -> list[list[int]]:
     return [list(range(d, n_batches, n_devices)) for d in range(n_devices)]
 
 
-def _each(fn, n: int) -> list:
-    if n == 1:
-        return [fn(0)]
-    with ThreadPoolExecutor(max_workers=n) as pool:
-        return list(pool.map(fn, range(n)))
+def _each(fn, devices: list) -> list:
+    """fn(d) for every device index, one thread per device, each thread with its device current (kernels that
+    launch on the current CUDA device, e.g. Triton's, then run where their tensors are)."""
+    def on(d):
+        if str(devices[d]).startswith("cuda"):
+            with torch.cuda.device(torch.device(devices[d])):
+                return fn(d)
+        return fn(d)
+
+    if len(devices) == 1:
+        return [on(0)]
+    with ThreadPoolExecutor(max_workers=len(devices)) as pool:
+        return list(pool.map(on, range(len(devices))))
 
 
 def stats_forward(replicas: list, devices: list, prefix: str, names: list[str], x: torch.Tensor, args_of: list,
@@ -197,7 +205,7 @@ def stats_forward(replicas: list, devices: list, prefix: str, names: list[str], 
                 h.remove()
         return linear, experts, record
 
-    runs = _each(one, len(devices))
+    runs = _each(one, devices)
     if not multi:
         linear, experts, record = runs[0]
         recorded = record
@@ -222,4 +230,4 @@ def output_forward(replicas: list, devices: list, x: torch.Tensor, args_of: list
     `stats_forward` (each batch's rows are written by one device: disjoint slices)."""
     split = shares(len(args_of[0]), len(devices)) if len(devices) > 1 else [None]
     _each(lambda d: run_layer(replicas[d], x, args_of[d], batch_windows, devices[d], dtype, capture_out=True,
-                              replay=replay, batches=split[d]), len(devices))
+                              replay=replay, batches=split[d]), devices)
