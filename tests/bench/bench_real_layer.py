@@ -166,7 +166,7 @@ def run(model: Path, tokens: int, modes: list[int], json_out: str | None) -> Non
                                               "bit_identical": same if len(ok) > 1 else "-"}, indent=1))
 
 
-def slice_bench(experts: int, rows: int, cols: int, tokens: int) -> dict:
+def slice_bench(experts: int, rows: int, cols: int, tokens: int, reuse: bool = True) -> dict:
     """One projection kind of `experts` experts quantized with gptq as one [E, R, K] call and as E single calls
     (what a build with --expert-batch 0 / 1 does per chunk): wall time of each, and bit-identity."""
     import torch
@@ -175,9 +175,12 @@ def slice_bench(experts: int, rows: int, cols: int, tokens: int) -> dict:
     import dataclasses
 
     import build_plan
+    import layer_io
     import model_adapters
     import weight_quant
     from ckpt_source import TensorEntry
+
+    malloc_reuse = reuse and layer_io.reuse_freed_memory()  # as the calibrated CPU build does
 
     gen = torch.Generator().manual_seed(0)
     w = (torch.randn(experts, rows, cols, generator=gen) * cols ** -0.5).to(torch.bfloat16)
@@ -202,7 +205,7 @@ def slice_bench(experts: int, rows: int, cols: int, tokens: int) -> dict:
     return {"experts": experts, "rows": rows, "cols": cols, "tokens": tokens, "bit_identical": same,
             "batched": {"wall_s": round(t_batched, 1), "cpu_s": round(c_batched, 1)},
             "single": {"wall_s": round(t_single, 1), "cpu_s": round(c_single, 1)},
-            "loadavg_1m": round(os.getloadavg()[0], 2), "nproc": os.cpu_count(),
+            "malloc_reuse": malloc_reuse, "loadavg_1m": round(os.getloadavg()[0], 2), "nproc": os.cpu_count(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
@@ -223,7 +226,7 @@ def table(paths: list[str]) -> str:
                              f"| {r.get('loadavg_1m_start_end', '-')} |" if r["rc"] == 0 else
                              f"| full layer, {rec['tokens']} tokens | {mode} | failed rc {r['rc']} | | | | | |")
         else:
-            shape = f"{rec['experts']} x [{rec['rows']}, {rec['cols']}]"
+            shape = f"{rec['experts']} x [{rec['rows']}, {rec['cols']}]" + ("" if rec.get("malloc_reuse") else ", mmap per block")
             for mode, key in (("one [E, R, K] call", "batched"), (f"{rec['experts']} single calls", "single")):
                 lines.append(f"| slice {shape}, gptq | {mode} | {rec[key]['wall_s']} s | {rec[key]['cpu_s']} s | - | - "
                              f"| {rec['bit_identical']} | {rec['loadavg_1m']} |")
@@ -248,13 +251,14 @@ def main(argv=None) -> int:
     sl.add_argument("--cols", type=int, default=1024, help="contraction (1024: down_proj; 3072: gate or up)")
     sl.add_argument("--tokens", type=int, default=2048)
     sl.add_argument("--json", help="also write the figures here")
+    sl.add_argument("--no-reuse", action="store_true", help="leave glibc's mmap per large block (the old default)")
     t = sub.add_parser("table", help="markdown rows for docs/SIZING.md from JSON files of run / slice")
     t.add_argument("json", nargs="+")
     args = ap.parse_args(argv)
     if args.cmd == "table":
         print(table(args.json))
     elif args.cmd == "slice":
-        rec = slice_bench(args.experts, args.rows, args.cols, args.tokens)
+        rec = slice_bench(args.experts, args.rows, args.cols, args.tokens, not args.no_reuse)
         if args.json:
             Path(args.json).write_text(json.dumps(rec, indent=1))
     elif args.cmd == "make":
