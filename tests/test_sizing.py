@@ -160,3 +160,26 @@ def test_hub_ids_are_sized_from_headers_before_the_download(tmp_path):
     with pytest.raises(RuntimeError, match="offline"):
         sizing_run.open_for_sizing(offline, "org/model", None, dry_run=True)
     assert sizing_run.open_for_sizing(opener, str(tmp_path), None, dry_run=False)[1] is False
+
+
+def test_calibrated_memory_counts_one_chunk_of_expert_hessians_not_every_expert():
+    """The build forms routed experts' H a chunk at a time (16 on CPU, experts / GPUs on GPUs): quadrupling the
+    experts adds their bf16 weights and nothing per-expert fp32 on the CPU, and a GPU's share shrinks with more GPUs."""
+    r, k = 64, 96
+
+    def layer(e):
+        return [(f"model.layers.0.mlp.experts.{i}.{p}.weight", (r, k) if p != "down_proj" else (k, r),
+                 r * k * 2, True, -1, True) for i in range(e) for p in ("gate_proj", "up_proj", "down_proj")]
+
+    def ram(e, dev):
+        work = sizing.model_work(layer(e), tokens=1000, top_k=2, n_experts=e)
+        st = sizing.quantize_stages(work, work.source_bytes, True, 1000, k, dev, sizing.H100, batched=True)[0]
+        return st.host_ram, st.gpu_mem, work.source_bytes
+
+    cpu = sizing.Devices("cpu")
+    (h64, _, b64), (h256, _, b256) = ram(64, cpu), ram(256, cpu)
+    assert h256 - h64 == pytest.approx(2 * (b256 - b64))  # the bf16 layer twice (skeleton + pages); no H per expert
+    _, g1, _ = ram(256, sizing.Devices("gpu", 1, 80 << 30))
+    _, g4, _ = ram(256, sizing.Devices("gpu", 4, 80 << 30))
+    chunk_bytes = lambda c: c * (4 * 4 * (k * k + r * r) + 6 * 4 * r * k)  # noqa: E731
+    assert g1 - g4 == pytest.approx(chunk_bytes(256) - chunk_bytes(64) + 1000 * k * 4 * 3 * (1 - 1 / 4))

@@ -41,9 +41,12 @@ class ForwardCache:
 
     def __init__(self):
         self.entries: dict = {}
+        self.batch = 0  # the calibration batch being run (run_layer sets it): the key of kept per-batch parts
 
-    def clear(self) -> None:
+    def clear(self, batch: int | None = None) -> None:
         self.entries.clear()
+        if batch is not None:
+            self.batch = batch
 
     def second_moment(self, x: torch.Tensor) -> torch.Tensor:
         key = (x.data_ptr(), tuple(x.shape), x._version)
@@ -56,17 +59,24 @@ class ForwardCache:
 
 
 class LinearStats:
-    """Sum of x xᵀ (fp32) over the rows a Linear sees (a forward pre-hook)."""
+    """Sum of x xᵀ (fp32) over the rows a Linear sees (a forward pre-hook).
 
-    def __init__(self, cache: ForwardCache | None = None):
+    `keep`: a replica's stats on one of several devices keep each call's x xᵀ with its batch index instead of
+    the running sum, so `reduce_linear_stats` can add them in the one-device order (the same bits)."""
+
+    def __init__(self, cache: ForwardCache | None = None, keep: bool = False):
         self.h = None
         self.n = 0
         self.cache = cache or ForwardCache()
+        self.parts: list | None = [] if keep else None  # (batch, x xᵀ) per call
 
     def hook(self, module, args):
         x = args[0].detach()
         hh = self.cache.second_moment(x)
-        self.h = hh.clone() if self.h is None else self.h.add_(hh)
+        if self.parts is not None:
+            self.parts.append((self.cache.batch, hh))
+        else:
+            self.h = hh.clone() if self.h is None else self.h.add_(hh)
         self.n += x.numel() // x.shape[-1]
 
     def mean(self):
@@ -76,10 +86,15 @@ class LinearStats:
 class ExpertStats:
     """Per routed expert: the gate/up input rows and down input rows from the tokens routed to it, per batch.
 
-    One host sync per batch (the per-expert counts), none per expert."""
+    One host sync per batch (the per-expert counts), none per expert. `keep` (a replica on one of several
+    devices): the pooled input's x xᵀ and the router mass are kept per call with the batch index (`cache.batch`)
+    for `reduce_expert_stats`, instead of summed."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, cache: ForwardCache | None = None, keep: bool = False):
         self.module = module
+        self.cache = cache
+        self.parts: list | None = [] if keep else None  # (batch, pooled x xᵀ, router mass) per call
+        self.batch_ids: list = []  # the batch of each entry of self.batches
         self.num = module.gate_up_proj.shape[0]
         self.transposed = bool(getattr(module, "is_transposed", False))
         self.batches: list = []  # per batch: (counts list, rows_in per expert, rows_mid per expert)
@@ -112,7 +127,8 @@ class ExpertStats:
         n = x.shape[0]
         if self.pooled_in is None:
             self.pooled_in = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-        self.pooled_in += second_moment(x)
+        if self.parts is None:
+            self.pooled_in += second_moment(x)
         self.total += n
         flat = idx.reshape(n, -1).reshape(-1)
         k = flat.numel() // n
@@ -123,12 +139,17 @@ class ExpertStats:
         rows = x[order // k]
         picked = weights.reshape(-1)[order].double()
         with torch.no_grad():
-            self.mass += torch.zeros(self.num, dtype=torch.float64, device=picked.device).index_add_(
+            mass = torch.zeros(self.num, dtype=torch.float64, device=picked.device).index_add_(
                 0, experts_sorted, picked).cpu()
+            if self.parts is None:
+                self.mass += mass
+            else:
+                self.parts.append((self.cache.batch if self.cache is not None else 0, second_moment(x), mass))
             self.counts += counts.cpu()
             rows_in = list(rows.split(c))
             rows_mid = [self._expert_mid(r.float(), e).float() if c[e] else None for e, r in enumerate(rows_in)]
         self.batches.append((c, rows_in, rows_mid))
+        self.batch_ids.append(self.cache.batch if self.cache is not None else len(self.batch_ids))
 
     def hessian_sums(self, e0: int, e1: int, which: str) -> torch.Tensor:
         """[e1 - e0, K, K] fp32 sums of x xᵀ for experts e0..e1-1 ("in": gate/up input, "mid": down input),
@@ -157,7 +178,46 @@ class ExpertStats:
         return (acc / total).float() if total > 0 else torch.zeros_like(acc, dtype=torch.float32)
 
     def release(self) -> None:
-        self.batches = []
+        self.batches, self.batch_ids, self.parts = [], [], (None if self.parts is None else [])
+
+
+def reduce_linear_stats(replicas: list[LinearStats], device) -> LinearStats:
+    """One Linear's stats from its replicas on several devices (each with `keep`), onto `device`: every call's
+    x xᵀ added in batch order, exactly as the one-device running sum adds them (the same fp32 bits)."""
+    parts = sorted(((b, rank, i, hh) for rank, r in enumerate(replicas) for i, (b, hh) in enumerate(r.parts)),
+                   key=lambda p: p[:3])
+    out = LinearStats()
+    for _, _, _, hh in parts:
+        hh = hh.to(device)
+        out.h = hh.clone() if out.h is None else out.h.add_(hh)
+    out.n = sum(r.n for r in replicas)
+    return out
+
+
+def reduce_expert_stats(replicas: list[ExpertStats], module: nn.Module, device) -> ExpertStats:
+    """One experts module's stats from its replicas (each with `keep`), onto `device` and the primary `module`:
+    routed rows in batch order, the pooled H and the router mass summed in batch order (the one-device bits;
+    counts and totals are integers)."""
+    out = ExpertStats(module)
+    ran = [r for r in replicas if r.ran]
+    if not ran:
+        return out
+    rows = sorted(((b, rank, i) for rank, r in enumerate(replicas) for i, b in enumerate(r.batch_ids)))
+    for _, rank, i in rows:
+        c, rows_in, rows_mid = replicas[rank].batches[i]
+        out.batches.append((c, [t.to(device) for t in rows_in],
+                            [None if t is None else t.to(device) for t in rows_mid]))
+        out.batch_ids.append(len(out.batch_ids))
+    k = ran[0].pooled_in.shape[0]
+    out.pooled_in = torch.zeros(k, k, device=device)
+    for _, _, _, sm, mass in sorted(((b, rank, i, sm, m) for rank, r in enumerate(replicas)
+                                     for i, (b, sm, m) in enumerate(r.parts)), key=lambda p: p[:3]):
+        out.pooled_in += sm.to(device)
+        out.mass += mass
+    for r in replicas:
+        out.counts += r.counts
+        out.total += r.total
+    return out
 
 
 def blend_expert_stats(h_sum: torch.Tensor, counts: torch.Tensor, min_tokens: int,

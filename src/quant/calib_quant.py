@@ -30,7 +30,7 @@ import store_pack
 import weight_quant
 from calib_accum import ExpertStats, LinearStats, blend_expert_stats
 
-CPU_EXPERT_CHUNK = 16
+from sizing import CPU_EXPERT_CHUNK  # one source: the sizing model counts the same chunk
 
 
 @dataclass

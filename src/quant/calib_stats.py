@@ -41,7 +41,7 @@ import layer_io
 import store_pack
 import weight_quant
 from build_plan import TensorPlan
-from calib_accum import ForwardCache, LinearStats
+from calib_accum import LinearStats
 from calib_checkpoint import LayerCheckpoints
 from calib_source import CalibWindows
 from ckpt_source import BuildError, Source, load_tensor, tensor_locations
@@ -62,8 +62,9 @@ class CalibConfig:
     min_tokens: int = DEFAULT_MIN_TOKENS
     progress: bool = True
     dtype_name: str = "bfloat16"  # forward dtype: the checkpoint's own (and 5x faster than fp32 on AVX512-BF16)
-    devices: tuple = ()  # every device the experts' chunks are spread over (default: (device,))
+    devices: tuple = ()  # every device (default: (device,)): the forward's batches and the experts' chunks are split over them
     expert_chunk: int = 0  # experts per batched call (0 = auto: 16 on CPU, experts / devices on GPUs; 1 = unbatched)
+    reuse_freed_memory: bool = True  # on CPU: glibc keeps freed blocks for reuse (layer_io.reuse_freed_memory)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -164,40 +165,41 @@ class _Pass:
         parts = calib_forward.ATTENTION_PARTS
         stages = [[n for n in names if any(p in n[len(prefix):].split(".") for p in parts)]]
         stages.append([n for n in names if n not in stages[0]])
+        devices = self.ctx.devices
         t0 = time.perf_counter()
         layer_io.materialise(skel, layer, self.slots_of, self.read, cfg.device, cfg.dtype)
         self._tick("materialise", t0)
+        t0 = time.perf_counter()  # one replica per further device; its batches' arguments there
+        replicas = [layer] + [calib_forward.replicate(layer, d) for d in devices[1:]]
+        args_of = [layer_args if str(d) == str(cfg.device) else calib_forward.to_device(layer_args, d)
+                   for d in devices]
+        self._tick("replicate", t0)
         shas, stats, experts = {}, {}, {}
         attn = list(calib_forward.attention_children(layer))
         recorded = None
-        cache = ForwardCache()
         for k, stage in enumerate(stages):
             if not stage:
                 continue
-            linear, stage_experts, handles = calib_forward.install_stat_hooks(
-                skel.model, sorted({self.slot[n].name for n in stage}), cache)
-            hooked = [skel.model.get_submodule(p) for p in list(linear) + list(stage_experts)]
-            record = {n: [] for n in attn} if k == 1 else None
             t0 = time.perf_counter()
-            try:
-                calib_forward.run_layer(layer, x, layer_args, cfg.batch_windows, cfg.device, cfg.dtype, cache,
-                                        stop_after=hooked if k == 0 else None, record=record)
-            finally:
-                for h in handles:
-                    h.remove()
+            linear, stage_experts, record = calib_forward.stats_forward(
+                replicas, devices, prefix, sorted({self.slot[n].name for n in stage}), x, args_of, cfg.batch_windows,
+                cfg.dtype, stop_early=(k == 0), record_children=attn if k == 1 else None)
             self._tick("forward_stats", t0)
             s, st, ex = calib_quant.quantize_stage(self.ctx, stage, linear, stage_experts)
             shas.update(s)
             stats.update(st)
             experts.update(ex)
             del linear, stage_experts
+            t0 = time.perf_counter()
+            for rep in replicas[1:]:  # the stage's quantized weights, for the next stage and the output pass
+                calib_forward.refresh(rep, layer)
+            self._tick("replicate", t0)
             recorded = record if k == 1 else recorded
         t0 = time.perf_counter()
         usable = recorded if recorded and all(len(v) == len(layer_args) for v in recorded.values()) else None
-        calib_forward.run_layer(layer, x, layer_args, cfg.batch_windows, cfg.device, cfg.dtype, capture_out=True,
-                                replay=usable)
+        calib_forward.output_forward(replicas, devices, x, args_of, cfg.batch_windows, cfg.dtype, replay=usable)
         self._tick("forward_out", t0)
-        del recorded, usable
+        del recorded, usable, replicas, args_of
         t0 = time.perf_counter()
         layer_io.release(layer)
         layer_io.return_freed_memory()
@@ -273,4 +275,6 @@ def quantize_head(name, w, plan, recipe, h, device) -> weight_quant.WeightResult
 def run_calibration(source: Source, plans: dict, recipe: Recipe, cfg: CalibConfig, store) -> CalibOutput:
     """Quantize every tensor a decoder layer (or the head) owns with its activation statistics; each is written
     once, in place, through `store` (shard_writer.InPlaceShards)."""
+    if cfg.reuse_freed_memory and "cpu" in [str(d) for d in (cfg.devices or (cfg.device,))]:
+        layer_io.reuse_freed_memory()
     return _Pass(source, plans, recipe, cfg, store).run()

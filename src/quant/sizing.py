@@ -134,7 +134,10 @@ class LayerWork:
     gptq_flops: float = 0.0
     hessian_flops: float = 0.0
     forward_flops: float = 0.0
-    hessian_bytes: int = 0  # fp32 Hessians held at once (one per distinct input)
+    hessian_bytes: int = 0  # fp32 Hessians of the non-routed linears held at once (one per distinct input)
+    expert_h_bytes: int = 0  # fp32 H of ONE routed expert (its distinct inputs: gate/up's and down's)
+    expert_rk: int = 0  # the largest routed matrix, R x K elements (a chunk holds ~6 fp32 copies of it)
+    routed_rows_bytes: float = 0.0  # the rows the router sends the experts, kept until H is formed per chunk
     largest_bytes: int = 0
     columns_per_tensor: int = 0  # GPTQ column steps when every tensor is its own call (per-expert 2-D: B=1)
     columns_batched: int = 0  # ... when a layer's experts of one projection are one [E, R, K] call
@@ -146,11 +149,13 @@ class ModelWork:
     source_bytes: int = 0
     params: int = 0
     largest_bytes: int = 0
+    n_experts: int = 0
 
 
 def model_work(tensors, tokens: int, top_k: int, n_experts: int) -> ModelWork:
     """tensors: (name, shape, bytes, quantized, axis, routed) per tensor. Pure."""
-    work = ModelWork()
+    work = ModelWork(n_experts=n_experts)
+    seen_routed: set = set()
     seen_inputs: set = set()
     seen_kinds: set = set()
     share = top_k / n_experts if n_experts else 1.0
@@ -184,11 +189,29 @@ def model_work(tensors, tokens: int, top_k: int, n_experts: int) -> ModelWork:
             seen_inputs.add(input_key)
             lw.gptq_flops += mats * k**3
             lw.hessian_flops += 2 * k * k * seen * (mats if routed and mats > 1 else 1)
-            lw.hessian_bytes += 4 * k * k * mats
+            if not routed:
+                lw.hessian_bytes += 4 * k * k * mats
+        if routed:  # H is formed a chunk of experts at a time (calib_quant), from rows kept per expert
+            lw.expert_rk = max(lw.expert_rk, r * k)
+            routed_key = (key, k)
+            if routed_key not in seen_routed:
+                seen_routed.add(routed_key)
+                lw.expert_h_bytes += 4 * k * k
+                lw.routed_rows_bytes += tokens * top_k * k * 4
     return work
 
 
 # ------------------------------------------------------------------------------------------- stages
+CPU_EXPERT_CHUNK = 16  # calib_quant's auto chunk on CPU (experts per H chunk and per batched call)
+
+
+def expert_chunk(n_experts: int, dev: "Devices") -> int:
+    """Experts whose H is held at once per device: 16 on CPU, experts / GPUs on GPUs (calib_quant's auto)."""
+    if not n_experts:
+        return 0
+    return min(n_experts, CPU_EXPERT_CHUNK) if dev.kind == "cpu" else -(-n_experts // max(dev.count, 1))
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -225,9 +248,15 @@ def quantize_stages(work: ModelWork, out_bytes: int, calibrated: bool, tokens: i
         per_layer = [layer_s(lw, batched) for lw in layers]
         other = max((layer_s(lw, not batched) for lw in layers), default=0)
         acts = tokens * hidden * 4 * 3  # layer input, output and the quantized stream, fp32
-        work_mem = big.bytes * 2 + big.hessian_bytes  # bf16 layer + an fp32 chunk of it + its Hessians
+        chunk = expert_chunk(work.n_experts, dev)
+        # per chunk of C experts: ~4 fp32 copies of their H (sums/blended, damped, Cholesky factor, inverse) and
+        # ~6 of the largest matrix (weights, error-updated, dequant, clip's candidate, the guard's products)
+        chunk_mem = chunk * (4 * big.expert_h_bytes + 6 * 4 * big.expert_rk)
+        # the layer in the skeleton + the shards' pages it was read from; the non-routed H; the routed rows
+        work_mem = big.bytes + big.hessian_bytes + chunk_mem + big.routed_rows_bytes
         host = big.bytes + acts + (work_mem if dev.kind == "cpu" else 0)
-        gpu = (work_mem / n + acts) if dev.kind == "gpu" else 0
+        # a GPU holds its replica of the layer and its chunk; the first also the routed rows (reduced onto it)
+        gpu = (big.bytes + big.hessian_bytes + chunk_mem + big.routed_rows_bytes + acts / n) if dev.kind == "gpu" else 0
         worst = max(per_layer, default=0.0)
         stages.append(Stage("calibrate + gptq (per layer)", disk_read=work.source_bytes,
                             disk_write=out_bytes + transient_bytes,

@@ -9,7 +9,8 @@ The checkpoint (random bf16 weights, made here): Qwen3.5-MoE text, hidden 3072, 
     python tests/bench/bench_real_layer.py make DIR            # write the checkpoint
     python tests/bench/bench_real_layer.py make DIR --experts 16 --vocab 8192   # a slice: the same expert shapes
     python tests/bench/bench_real_layer.py run DIR [--tokens 4096] [--modes 0,1] [--json OUT.json]
-    python tests/bench/bench_real_layer.py slice [--experts 16 --rows 3072 --cols 1024]   # one kind, no checkpoint
+    python tests/bench/bench_real_layer.py slice [--experts 16 --rows 3072 --cols 1024] [--json OUT.json]   # one kind
+    python tests/bench/bench_real_layer.py table OUT.json ...   # the rows of docs/SIZING.md's real-layer table
 
 `run` builds with `quant_save --method gptq --expert-batch N` for each N of --modes (0 = batched, auto chunk;
 1 = one call per expert tensor) under `/usr/bin/time -v` (peak RSS = its "Maximum resident set size"), one
@@ -107,12 +108,15 @@ def _build(model: Path, out: Path, tokens: int, expert_batch: int) -> dict:
     cmd = ["/usr/bin/time", "-v", sys.executable, str(ROOT / "src/quant/quant_save.py"), "--model", str(model),
            "--out", str(out), "--method", "gptq", "--calib", "pydoc-topics", "--calib-tokens", str(tokens),
            "--calib-ctx", "512", "--expert-batch", str(expert_batch), "--no-progress", "--force"]
-    t0 = time.perf_counter()
+    load0, t0 = os.getloadavg(), time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    cpu = re.search(r"User time \(seconds\): ([\d.]+)\s+System time \(seconds\): ([\d.]+)", proc.stderr)
     rec = {"expert_batch": expert_batch, "rc": proc.returncode, "wall_s": round(wall, 1),
-           "peak_rss_GB": round(int(rss.group(1)) / 2**20, 2) if rss else None}
+           "cpu_s": round(float(cpu.group(1)) + float(cpu.group(2)), 1) if cpu else None,
+           "peak_rss_GB": round(int(rss.group(1)) / 2**20, 2) if rss else None,
+           "loadavg_1m_start_end": [round(load0[0], 2), round(os.getloadavg()[0], 2)], "nproc": os.cpu_count()}
     if proc.returncode != 0:
         rec["stderr_tail"] = proc.stderr[-2000:]
         return rec
@@ -151,16 +155,18 @@ def run(model: Path, tokens: int, modes: list[int], json_out: str | None) -> Non
             print(json.dumps(rec), flush=True)
             results.append(rec)
     ok = [r for r in results if r["rc"] == 0]
+    same = None
     if len(ok) > 1:
         same = all(r["shards_sha256"] == ok[0]["shards_sha256"] for r in ok)
         print(f"batched and unbatched outputs bit-identical: {same}")
     for r in results:
         print(f"expert_batch={r['expert_batch']}: rc {r['rc']}  wall {r['wall_s']} s  peak RSS {r['peak_rss_GB']} GB")
     if json_out:
-        Path(json_out).write_text(json.dumps({"tokens": tokens, "dims": DIMS, "runs": results}, indent=1))
+        Path(json_out).write_text(json.dumps({"tokens": tokens, "dims": DIMS, "runs": results,
+                                              "bit_identical": same if len(ok) > 1 else "-"}, indent=1))
 
 
-def slice_bench(experts: int, rows: int, cols: int, tokens: int) -> None:
+def slice_bench(experts: int, rows: int, cols: int, tokens: int, reuse: bool = True) -> dict:
     """One projection kind of `experts` experts quantized with gptq as one [E, R, K] call and as E single calls
     (what a build with --expert-batch 0 / 1 does per chunk): wall time of each, and bit-identity."""
     import torch
@@ -169,9 +175,12 @@ def slice_bench(experts: int, rows: int, cols: int, tokens: int) -> None:
     import dataclasses
 
     import build_plan
+    import layer_io
     import model_adapters
     import weight_quant
     from ckpt_source import TensorEntry
+
+    malloc_reuse = reuse and layer_io.reuse_freed_memory()  # as the calibrated CPU build does
 
     gen = torch.Generator().manual_seed(0)
     w = (torch.randn(experts, rows, cols, generator=gen) * cols ** -0.5).to(torch.bfloat16)
@@ -193,6 +202,35 @@ def slice_bench(experts: int, rows: int, cols: int, tokens: int) -> None:
     print(f"{experts} experts of [{rows}, {cols}] (gptq, {tokens} tokens of H): one [E, R, K] call {t_batched:.1f} s "
           f"wall / {c_batched:.1f} s CPU, {experts} single calls {t_single:.1f} s wall / {c_single:.1f} s CPU; "
           f"bit-identical: {same} (CPU time: all threads of this process; wall depends on the box's load)")
+    return {"experts": experts, "rows": rows, "cols": cols, "tokens": tokens, "bit_identical": same,
+            "batched": {"wall_s": round(t_batched, 1), "cpu_s": round(c_batched, 1)},
+            "single": {"wall_s": round(t_single, 1), "cpu_s": round(c_single, 1)},
+            "malloc_reuse": malloc_reuse, "loadavg_1m": round(os.getloadavg()[0], 2), "nproc": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def table(paths: list[str]) -> str:
+    """Markdown rows for docs/SIZING.md from the JSON files `run --json` and `slice --json` wrote."""
+    lines = ["| what | mode | wall | CPU | peak RSS | calls x batch | bit-identical | load avg (2 cores) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        rec = json.loads(Path(path).read_text())
+        if "runs" in rec:
+            same = rec.get("bit_identical", "-")
+            for r in rec["runs"]:
+                calls = [f"{k}: {v['calls']} x {sorted(set(v['batch_sizes']))}" for m in (r.get("calls") or {}).values()
+                         for k, v in (m or {}).items()]
+                mode = "batched (auto chunk)" if r["expert_batch"] == 0 else f"--expert-batch {r['expert_batch']}"
+                lines.append(f"| full layer, {rec['tokens']} tokens | {mode} | {r['wall_s']} s | {r.get('cpu_s', '-')} s "
+                             f"| {r['peak_rss_GB']} GiB | {'; '.join(calls) or '-'} | {same} "
+                             f"| {r.get('loadavg_1m_start_end', '-')} |" if r["rc"] == 0 else
+                             f"| full layer, {rec['tokens']} tokens | {mode} | failed rc {r['rc']} | | | | | |")
+        else:
+            shape = f"{rec['experts']} x [{rec['rows']}, {rec['cols']}]" + ("" if rec.get("malloc_reuse") else ", mmap per block")
+            for mode, key in (("one [E, R, K] call", "batched"), (f"{rec['experts']} single calls", "single")):
+                lines.append(f"| slice {shape}, gptq | {mode} | {rec[key]['wall_s']} s | {rec[key]['cpu_s']} s | - | - "
+                             f"| {rec['bit_identical']} | {rec['loadavg_1m']} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -212,9 +250,17 @@ def main(argv=None) -> int:
     sl.add_argument("--rows", type=int, default=3072, help="output rows (3072: down_proj; 1024: gate or up)")
     sl.add_argument("--cols", type=int, default=1024, help="contraction (1024: down_proj; 3072: gate or up)")
     sl.add_argument("--tokens", type=int, default=2048)
+    sl.add_argument("--json", help="also write the figures here")
+    sl.add_argument("--no-reuse", action="store_true", help="leave glibc's mmap per large block (the old default)")
+    t = sub.add_parser("table", help="markdown rows for docs/SIZING.md from JSON files of run / slice")
+    t.add_argument("json", nargs="+")
     args = ap.parse_args(argv)
-    if args.cmd == "slice":
-        slice_bench(args.experts, args.rows, args.cols, args.tokens)
+    if args.cmd == "table":
+        print(table(args.json))
+    elif args.cmd == "slice":
+        rec = slice_bench(args.experts, args.rows, args.cols, args.tokens, not args.no_reuse)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rec, indent=1))
     elif args.cmd == "make":
         make(Path(args.dir), num_experts=args.experts, vocab_size=args.vocab)
     else:
