@@ -64,7 +64,6 @@ class CalibConfig:
     dtype_name: str = "bfloat16"  # forward dtype: the checkpoint's own (and 5x faster than fp32 on AVX512-BF16)
     devices: tuple = ()  # every device (default: (device,)): the forward's batches and the experts' chunks are split over them
     expert_chunk: int = 0  # experts per batched call (0 = auto: 16 on CPU, experts / devices on GPUs; 1 = unbatched)
-    reuse_freed_memory: bool = True  # on CPU: glibc keeps freed blocks for reuse (layer_io.reuse_freed_memory)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -275,6 +274,4 @@ def quantize_head(name, w, plan, recipe, h, device) -> weight_quant.WeightResult
 def run_calibration(source: Source, plans: dict, recipe: Recipe, cfg: CalibConfig, store) -> CalibOutput:
     """Quantize every tensor a decoder layer (or the head) owns with its activation statistics; each is written
     once, in place, through `store` (shard_writer.InPlaceShards)."""
-    if cfg.reuse_freed_memory and "cpu" in [str(d) for d in (cfg.devices or (cfg.device,))]:
-        layer_io.reuse_freed_memory()
     return _Pass(source, plans, recipe, cfg, store).run()

@@ -176,8 +176,8 @@ def reuse_freed_memory() -> bool:
     automatic trim); True when it took. A batched expert chunk allocates GB-sized temporaries per call; mmap'd,
     each is page-faulted and zeroed anew by the kernel: a [16, 3072, 1024] gptq call took 2.1M minor faults and
     4-6 s of system time against 0.4M and 2.3 s this way, the same bytes (tests/bench/bench_real_layer.py slice).
-    `return_freed_memory` still hands the pages back after each layer. Process-wide: the calibrated CPU build
-    calls it once (CalibConfig.reuse_freed_memory)."""
+    `return_freed_memory` still hands the pages back after each layer. Process-wide: only an entry point calls
+    it (quant_save's main on CPU), never library code."""
     import ctypes
 
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)

@@ -319,6 +319,9 @@ def main(argv=None) -> int:
         import layer_io
 
         layer_io.limit_cpu_shape_caches(os.environ)  # before the calibration pass's first forward
+        if qcfg.device == "cpu" and qcfg.method in ("wclip", "gptq", "awq"):  # the calibrated build's
+            # GB-sized temporaries; process-wide, so set here at the process edge, never by library code
+            layer_io.reuse_freed_memory()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             build(to_build_config(probe_plan(qcfg) if qcfg.probe else qcfg))
