@@ -49,7 +49,11 @@ LEGACY_TYPES = {"Q4_0": 4, "Q5_0": 5, "Q8_0": 8}
 # a row that 256 does not divide -> llama-quantize's own fallback type, a legacy block (gguf_types.SHAPE_FALLBACK)
 K_FALLBACK = {"Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q6_K": "Q8_0"}
 GGUF_PREFIX = "gguf:"
-GRIDS = FLAT_GRIDS + tuple(GGUF_PREFIX + t for t in (*LEGACY_TYPES, *K_TYPES))
+# "gguf:K": the K-quant family, the type picked by each tensor's bits, so roles (--role-bits) and a bits plan mix
+# types as llama.cpp's Q*_K_M recipes do; nominal group 256 (a Q8_0 tensor is then stored in its blocks of 32)
+K_FAMILY = GGUF_PREFIX + "K"
+K_FAMILY_TYPES = {3: "Q3_K", 4: "Q4_K", 6: "Q6_K", 8: "Q8_0"}
+GRIDS = FLAT_GRIDS + tuple(GGUF_PREFIX + t for t in (*LEGACY_TYPES, *K_TYPES)) + (K_FAMILY,)
 
 
 def gguf_type(grid: str) -> str | None:
@@ -60,6 +64,8 @@ def gguf_type(grid: str) -> str | None:
 def gguf_bits_group(grid: str) -> tuple[int, int]:
     """The (bits, group) a gguf:TYPE grid implies."""
     t = gguf_type(grid)
+    if grid == K_FAMILY:
+        return 0, QK_K
     return (K_TYPES[t].bits, QK_K) if t in K_TYPES else (LEGACY_TYPES[t], 32)
 
 
@@ -74,6 +80,7 @@ class QuantSpec:
     scale_dtype: str = "float16"  # the stored scale dtype, by torch name
     chunk_groups: int = 1 << 15  # groups per work chunk: bounds the fp32 temporaries (~40 MiB at g128)
     grid: str = "sym"
+    fallback_from: str = ""  # e.g. "gguf:Q4_K": this spec replaces that grid for a row 256 does not divide
 
     def __post_init__(self):
         bits = float(self.bits)
@@ -91,6 +98,15 @@ class QuantSpec:
             raise ValueError(f"chunk_groups must be > 0, got {self.chunk_groups}")
         if self.is_identity:
             return
+        if self.grid == K_FAMILY:
+            if bits not in K_FAMILY_TYPES or self.group != QK_K:
+                raise ValueError(f"grid {K_FAMILY} picks llama.cpp's type by bits ("
+                                 f"{', '.join(f'{b} {t}' for b, t in K_FAMILY_TYPES.items())}) with group {QK_K}; "
+                                 f"got bits={bits:g}, group={self.group}")
+            t = K_FAMILY_TYPES[int(bits)]
+            object.__setattr__(self, "grid", GGUF_PREFIX + t)
+            if t in LEGACY_TYPES:
+                object.__setattr__(self, "group", 32)
         if gguf_type(self.grid):
             self._check_gguf(bits)
             if gguf_type(self.grid) in LEGACY_TYPES:
