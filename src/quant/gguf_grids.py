@@ -121,12 +121,12 @@ def search(x: torch.Tensor, kt: KType, ratios: torch.Tensor, importance: torch.T
     for f in SUPER_STEPS:
         d = (smax * f / sc_top).to(torch.float16).to(torch.float32)
         sc = torch.round(best_s / torch.where(d > 0, d, torch.ones_like(d))[:, None]).clamp_(kt.sc_lo, kt.sc_hi)
-        sc = torch.where(d[:, None] > 0, sc, torch.zeros_like(sc))
+        sc = torch.where(d[:, None] > 0, sc + 0.0, torch.zeros_like(sc))  # + 0.0: the stored integer 0, never -0
         dmin = m = None
         if omax is not None:
             dmin = (omax * f / sc_top).to(torch.float16).to(torch.float32)
             m = torch.round(best_o / torch.where(dmin > 0, dmin, torch.ones_like(dmin))[:, None]).clamp_(0, kt.sc_hi)
-            m = torch.where(dmin[:, None] > 0, m, torch.zeros_like(m))
+            m = torch.where(dmin[:, None] > 0, m + 0.0, torch.zeros_like(m))
         p = KParams(d, sc, dmin, m)
         scale, off = effective(p)
         q = assign_codes(xs, scale[..., None].expand_as(xs), None if off is None else off[..., None].expand_as(xs), kt)
