@@ -95,6 +95,32 @@ def _weighted_err(x, imp, q, scale, off):
     return _sum_rows(e if imp is None else e * imp)
 
 
+def _refit(xs, imp, s, o, err, kt: KType):
+    """One weighted least-squares refit of each sub-block's real scale (and Q4_K offset) to the codes its best
+    candidate gave, kept where it lowers the weighted error (llama.cpp's make_q*_quants refit the same way)."""
+    x = xs
+    w = torch.ones_like(x) if imp is None else imp
+    q = assign_codes(x, s[..., None].expand_as(x), None if o is None else o[..., None].expand_as(x), kt)
+    a, d = _sum_rows(w * q * q), _sum_rows(w * q * x)
+    if o is None:
+        ok = a > 0
+        s2 = torch.where(ok, d / torch.where(ok, a, torch.ones_like(a)), s)
+        o2 = None
+    else:
+        b, c, e = _sum_rows(w * q), _sum_rows(w), _sum_rows(w * x)
+        det = a * c - b * b
+        ok = det > 0
+        safe = torch.where(ok, det, torch.ones_like(det))
+        s2 = (c * d - b * e) / safe
+        o2 = (b * d - a * e) / safe
+        ok = ok & (s2 > 0) & (o2 >= 0)
+        s2, o2 = torch.where(ok, s2, s), torch.where(ok, o2, o)
+    q2 = assign_codes(x, s2[..., None].expand_as(x), None if o2 is None else o2[..., None].expand_as(x), kt)
+    err2 = _weighted_err(x, imp, q2, s2[..., None], None if o2 is None else o2[..., None])
+    better = ok & (err2 < err)
+    return torch.where(better, s2, s), (None if o is None else torch.where(better, o2, o))
+
+
 def search(x: torch.Tensor, kt: KType, ratios: torch.Tensor, importance: torch.Tensor | None = None) -> KParams:
     """[S, 256] fp32 super-blocks (optional [S, 256] importance >= 0) -> the fixed scales (module docstring)."""
     S = x.shape[0]
@@ -114,6 +140,7 @@ def search(x: torch.Tensor, kt: KType, ratios: torch.Tensor, importance: torch.T
         best_s = torch.where(better, s[..., 0], best_s)
         if o is not None:
             best_o = torch.where(better, o[..., 0], best_o)
+    best_s, best_o = _refit(xs, imp, best_s, best_o, best_err, kt)
     smax = best_s.abs().amax(dim=-1)  # [S]
     sc_top = float(kt.sc_hi)
     omax = None if best_o is None else best_o.amax(dim=-1)
