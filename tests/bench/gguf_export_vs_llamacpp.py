@@ -87,7 +87,7 @@ def plan_like(types: dict, teacher: Path, work: Path, base: str) -> Path:
         with safe_open(str(f), "pt") as st:
             for hf in st.keys():
                 g = names.get_name(hf, try_suffixes=(".weight", ".bias"))
-                t = types.get(f"{g}.weight") if g else None
+                t = types.get(g) if g else None  # get_name keeps the suffix it matched
                 if t and t.lower() in BITS_OF_TYPE and "embed" not in hf:
                     plan[hf] = BITS_OF_TYPE[t.lower()]
     out = work / f"plan_{base}.json"
