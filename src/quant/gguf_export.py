@@ -61,8 +61,8 @@ def block_type(info: dict) -> tuple[str | None, str]:
             return None, f"row of {info['shape'][1]} is not a multiple of the {qtype} block"
         return qtype, ""
     if info["grid"] not in ("full", "sym") or info["group"] != BLOCK or info["width"] not in LEGACY_BY_WIDTH:
-        return None, f"grid {info['grid']} {info['bits']:g}-bit group {info['group']} is no GGUF block type (Q4_0/Q5_0/" \
-                     f"Q8_0 are grid full/sym, 4/5/8 bits, group 32; gguf:Q3_K/Q4_K/Q6_K are their own grids)"
+        return None, (f"grid {info['grid']} {info['bits']:g}-bit group {info['group']} is no GGUF block type (Q4_0/"
+                      f"Q5_0/Q8_0 are grid full/sym, 4/5/8 bits, group 32; gguf:Q3_K/Q4_K/Q6_K are their own grids)")
     if info["shape"][1] % BLOCK:
         return None, f"row of {info['shape'][1]} is not a multiple of the block {BLOCK}"
     return LEGACY_BY_WIDTH[info["width"]], ""
@@ -70,9 +70,8 @@ def block_type(info: dict) -> tuple[str | None, str]:
 
 def pack_blocks(codes: torch.Tensor, scales: torch.Tensor, qtype: str) -> np.ndarray:
     """codes int [R, K], fp16 scales [R, K/32] -> uint8 [R, K/32 * block bytes] in llama.cpp's block layout."""
-    r, k = codes.shape
     q = codes.reshape(-1, BLOCK).numpy()
-    return gguf_blocks.pack_legacy(q, scales.to(torch.float16).numpy().reshape(-1), qtype).reshape(r, -1)
+    return gguf_blocks.pack_legacy(q, scales.to(torch.float16).numpy().reshape(-1), qtype).reshape(codes.shape[0], -1)
 
 
 def pack_entry(parts: dict, info: dict, qtype: str, perm: list[int] | None = None) -> np.ndarray:
@@ -81,7 +80,6 @@ def pack_entry(parts: dict, info: dict, qtype: str, perm: list[int] | None = Non
     rows = slice(None) if perm is None else perm
     if "sub" not in info:
         return pack_blocks(codes[rows], parts["scales"][rows], qtype)
-    r, k = codes.shape
     n_sub = info["group"] // info["sub"]  # sub-blocks per super-block
     sub = store_pack.unpacked_sub(parts, info)[rows].reshape(-1, n_sub)
     mins = store_pack.unpacked_sub(parts, info, "sub_mins")
@@ -89,7 +87,7 @@ def pack_entry(parts: dict, info: dict, qtype: str, perm: list[int] | None = Non
                                 parts["scales"][rows].numpy().reshape(-1), sub.numpy(),
                                 None if "dmin" not in parts else parts["dmin"][rows].numpy().reshape(-1),
                                 None if mins is None else mins[rows].reshape(sub.shape).numpy())
-    return blocks.reshape(r, -1)
+    return blocks.reshape(codes.shape[0], -1)
 
 
 def _row_keys(t: torch.Tensor) -> list[bytes]:

@@ -30,7 +30,6 @@ import torch
 
 from quant_spec import K_FALLBACK, K_TYPES, QK_K, KType  # noqa: F401  (the types' table lives with QuantSpec)
 
-
 SUPER_STEPS = (1.0, 0.96, 0.92, 0.88, 0.84)
 
 

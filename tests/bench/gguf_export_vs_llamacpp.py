@@ -85,7 +85,7 @@ def plan_like(types: dict, teacher: Path, work: Path, base: str) -> Path:
     plan = {}
     for f in sorted(teacher.glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
-            for hf in st.keys():
+            for hf in st.keys():  # noqa: SIM118 (safe_open is no dict)
                 g = names.get_name(hf, try_suffixes=(".weight", ".bias"))
                 t = types.get(g) if g else None  # get_name keeps the suffix it matched
                 if t and t.lower() in BITS_OF_TYPE and "embed" not in hf:
