@@ -16,7 +16,7 @@ from ckpt_source import BuildError
 from quant_spec import K_TYPES, QuantSpec
 
 gguf = pytest.importorskip("gguf")
-BPW = {"Q3_K": 3.4375, "Q4_K": 4.5, "Q6_K": 6.5625}
+BPW = {"Q3_K": 3.4375, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625}
 
 
 def spec_of(t: str) -> QuantSpec:
@@ -66,7 +66,7 @@ def test_quantized_error_is_the_types_order():
     w = weight(64, 512, seed=3, dtype=torch.float32)
     res = {t: moe_quant.quantize_tensor(w, spec_of(t)) for t in K_TYPES}
     rel = {t: r.sq_err / r.sq_ref for t, r in res.items()}
-    assert rel["Q6_K"] < rel["Q4_K"] < rel["Q3_K"] < 0.05
+    assert rel["Q6_K"] < rel["Q5_K"] < rel["Q4_K"] < rel["Q3_K"] < 0.05
 
 
 def test_search_never_loses_to_plain_absmax():
@@ -125,7 +125,7 @@ def test_bits_or_group_contradicting_the_type_is_one_line():
     with pytest.raises(ValueError, match="group=128"):
         QuantSpec(bits=6, group=128, grid="gguf:Q6_K")
     with pytest.raises(ValueError, match="picks llama.cpp's type by bits"):
-        QuantSpec(bits=5, group=256, grid="gguf:K")
+        QuantSpec(bits=2, group=256, grid="gguf:K")
     assert QuantSpec(bits=3, group=256, grid="gguf:K").grid == "gguf:Q3_K"
     q8 = QuantSpec(bits=8, group=256, grid="gguf:K")
     assert (q8.grid, q8.group) == ("full", 32)  # Q8_0 is the full grid in blocks of 32 exactly
@@ -143,6 +143,7 @@ def test_rows_no_k_block_divides_fall_back_or_are_refused():
     assert (fb.grid, fb.bits, fb.group, fb.fallback_from) == ("full", 5.0, 32, "gguf:Q4_K")  # llama-quantize: Q5_0
     assert build_plan.gguf_row_fallback("x", 576, spec_of("Q3_K")).bits == 4.0
     assert build_plan.gguf_row_fallback("x", 576, spec_of("Q6_K")).bits == 8.0
+    assert build_plan.gguf_row_fallback("x", 576, spec_of("Q5_K")).bits == 5.0
     assert build_plan.gguf_row_fallback("x", 512, spec_of("Q4_K")) == spec_of("Q4_K")
     with pytest.raises(BuildError, match="tensor odd.weight: rows of 100 weights fit neither Q4_K"):
         build_plan.gguf_row_fallback("odd.weight", 100, spec_of("Q4_K"))

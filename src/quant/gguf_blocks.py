@@ -14,6 +14,8 @@ tests/test_gguf_grids.py):
 * Q4_K (144 B / 256): fp16 d, fp16 dmin, scales[12] (sc, m for 8 sub-blocks: j < 4 in the low 6 bits of bytes
   j and 4 + j; j >= 4 low nibbles in byte 8 + j - 4 (sc low, m high), top two bits in the top of bytes j - 4
   and j), qs[128] (sub-blocks 2c and 2c + 1 as low and high nibbles of bytes 32 c ..);
+* Q5_K (176 B / 256): Q4_K's d, dmin and scales[12], qh[32] (bit i of byte l = bit 4 of the code of weight 32 i + l),
+  then Q4_K's qs[128] of the low four bits;
 * Q6_K (210 B / 256): ql[128] (weight 128 h + 64 s + l: nibble s of byte 64 h + l, low 4 bits of u = q + 32),
   qh[64] (weight 128 h + 32 s + l: bits 2s.. of byte 32 h + l, top two bits of u), int8 scales[16], fp16 d.
 """
@@ -21,8 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
-TYPE_SIZE = {"Q4_0": 18, "Q5_0": 22, "Q8_0": 34, "Q3_K": 110, "Q4_K": 144, "Q6_K": 210}
-BLOCK_SIZE = {"Q4_0": 32, "Q5_0": 32, "Q8_0": 32, "Q3_K": 256, "Q4_K": 256, "Q6_K": 256}
+TYPE_SIZE = {"Q4_0": 18, "Q5_0": 22, "Q8_0": 34, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+BLOCK_SIZE = {"Q4_0": 32, "Q5_0": 32, "Q8_0": 32, "Q3_K": 256, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
 
 
 def _f16_bytes(d) -> np.ndarray:
@@ -61,6 +63,18 @@ def pack_q4_k(q: np.ndarray, d, dmin, sc: np.ndarray, m: np.ndarray) -> np.ndarr
     return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _six_bit_pairs(sc, m), qs], axis=1)
 
 
+def pack_q5_k(q: np.ndarray, d, dmin, sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    n = q.shape[0]
+    u = q.astype(np.uint8)
+    top = ((u >> 4) & 1).reshape(n, 8, 32)
+    qh = np.zeros((n, 32), dtype=np.uint8)
+    for i in range(8):
+        qh |= top[:, i] << i
+    low = (u & 0x0F).reshape(n, 4, 2, 32)
+    qs = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(n, 128)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _six_bit_pairs(sc, m), qh, qs], axis=1)
+
+
 def pack_q3_k(q: np.ndarray, d, sc: np.ndarray) -> np.ndarray:
     n = q.shape[0]
     u = (q.astype(np.int16) + 4).astype(np.uint8)  # 0..7
@@ -93,6 +107,8 @@ def pack_k(qtype: str, q: np.ndarray, d, sc: np.ndarray, dmin=None, m: np.ndarra
     """codes [n, 256], fp16 d [n], sub-scales [n, n_sub] (+ Q4_K's dmin, mins) -> blocks [n, type size]."""
     if qtype == "Q4_K":
         return pack_q4_k(q, d, dmin, sc, m)
+    if qtype == "Q5_K":
+        return pack_q5_k(q, d, dmin, sc, m)
     if qtype == "Q3_K":
         return pack_q3_k(q, d, sc)
     if qtype == "Q6_K":

@@ -1,10 +1,10 @@
-"""llama.cpp's two-level K-quant grids (Q3_K, Q4_K, Q6_K) as pure math on tensors: fix the scales by a weighted
+"""llama.cpp's two-level K-quant grids (Q3_K, Q4_K, Q5_K, Q6_K) as pure math on tensors: fix the scales by a weighted
 search on the type's own rules, assign codes under fixed scales, decode in gguf-py's arithmetic order.
 
 A K-quant super-block holds 256 weights of one row, cut into sub-blocks (Q4_K: 8 of 32; Q3_K, Q6_K: 16 of 16):
 
 * Q4_K: fp16 d and dmin, per sub-block a 6-bit scale sc and a 6-bit min m (0..63), codes q in 0..15;
-        w = (d * sc) * q - (dmin * m);
+        w = (d * sc) * q - (dmin * m);   Q5_K: the same with codes in 0..31;
 * Q3_K: fp16 d, per sub-block a 6-bit signed scale sc in -32..31, codes q in -4..3;  w = (d * sc) * q;
 * Q6_K: fp16 d, per sub-block an int8 scale sc in -128..127, codes q in -32..31;   w = (d * sc) * q.
 

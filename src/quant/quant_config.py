@@ -41,8 +41,8 @@ class QuantConfig:
     method: str = option("clip", "rounding method (wclip/gptq/awq need calibration text)", choices=METHODS,
                          legacy=("METHOD",))
     grid: str = option("sym", "code grid: sym [-qmax, qmax]; full: all 2^b levels; asym: zero point; gguf:TYPE "
-                              "llama.cpp's Q4_0/Q5_0/Q8_0/Q3_K/Q4_K/Q6_K block exactly (bits and group implied); "
-                              "gguf:K the K-quant picked by each role's bits (3 Q3_K, 4 Q4_K, 6 Q6_K, 8 Q8_0)",
+                              "llama.cpp's Q4_0/Q5_0/Q8_0/Q3_K/Q4_K/Q5_K/Q6_K block exactly (bits and group implied); "
+                              "gguf:K the K-quant picked by each role's bits (3 Q3_K, 4 Q4_K, 5 Q5_K, 6 Q6_K, 8 Q8_0)",
                        choices=GRIDS, legacy=("GRID",))
     group: int = option(128, "quantization group size along the input axis", legacy=("GROUP",))
     clip_steps: int = option(16, "clip-ratio candidates in the MSE search (0 = absmax)", legacy=("CLIP_STEPS",))

@@ -42,17 +42,19 @@ class KType:
 K_TYPES = {
     "Q3_K": KType("Q3_K", 3, 16, -4, 3, -32, 31, 6, False),
     "Q4_K": KType("Q4_K", 4, 32, 0, 15, 0, 63, 6, True),
+    "Q5_K": KType("Q5_K", 5, 32, 0, 31, 0, 63, 6, True),
     "Q6_K": KType("Q6_K", 6, 16, -32, 31, -128, 127, 8, False),
 }
 # llama.cpp's legacy 32-blocks ARE the `full` grid at group 32 (d * q, codes [-2^(b-1), 2^(b-1) - 1]): aliases
 LEGACY_TYPES = {"Q4_0": 4, "Q5_0": 5, "Q8_0": 8}
-# a row that 256 does not divide -> llama-quantize's own fallback type, a legacy block (gguf_types.SHAPE_FALLBACK)
-K_FALLBACK = {"Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q6_K": "Q8_0"}
+# a row that 256 does not divide -> llama-quantize's own fallback type, a legacy block (gguf_types.SHAPE_FALLBACK);
+# Q5_K's is Q5_1 there (d * q + m, no grid of ours): Q5_0 here, the same 5-bit codes without the offset
+K_FALLBACK = {"Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_0", "Q6_K": "Q8_0"}
 GGUF_PREFIX = "gguf:"
 # "gguf:K": the K-quant family, the type picked by each tensor's bits, so roles (--role-bits) and a bits plan mix
 # types as llama.cpp's Q*_K_M recipes do; nominal group 256 (a Q8_0 tensor is then stored in its blocks of 32)
 K_FAMILY = GGUF_PREFIX + "K"
-K_FAMILY_TYPES = {3: "Q3_K", 4: "Q4_K", 6: "Q6_K", 8: "Q8_0"}
+K_FAMILY_TYPES = {3: "Q3_K", 4: "Q4_K", 5: "Q5_K", 6: "Q6_K", 8: "Q8_0"}
 GRIDS = FLAT_GRIDS + tuple(GGUF_PREFIX + t for t in (*LEGACY_TYPES, *K_TYPES)) + (K_FAMILY,)
 
 
