@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import gguf_fixtures as gf
 import ptq_meta
@@ -79,3 +80,74 @@ def test_a_grid_without_a_gguf_type_stays_dense_with_its_reason(smollm2_dir, tmp
     assert dense and all(r["type"] in ("BF16", "F32") and "no GGUF block type" in r["dense_because"] for r in dense)
     assert not list(out.glob("*.safetensors"))  # dequant not emitted: the working shards are gone
     assert np.isfinite(meta["store"]["effective_bits_quantized"])
+
+
+# --------------------------------------------------------------- K-quant grid (gguf:Q4_K), gptq codes
+@pytest.fixture(scope="module")
+def q4_k(smollm2_dir, tmp_path_factory):
+    gf.llama_cpp_prefix()
+    root = tmp_path_factory.mktemp("gguf_k")
+    calib = root / "calib.txt"
+    calib.write_text(gf.CALIB_PROSE * 8)
+    out = root / "q4_k"
+    meta = quant_save.build({"model": str(smollm2_dir), "out": str(out), "progress": False, "grid": "gguf:Q4_K",
+                             "group": 256, "linear_bits": 4.0, "expert_bits": 4.0, "method": "gptq",
+                             "calib_file": str(calib), "calib_tokens": 1024, "calib_ctx": 128, "emit": "gguf"})
+    return out, meta
+
+
+def test_q4_k_gptq_codes_are_written_as_q4_k_blocks_and_verified(q4_k):
+    out, meta = q4_k
+    rec = meta["exports"]["gguf"]
+    assert rec["verified"]["ok"] and rec["verified"]["tensors_checked"] == meta["source"]["tensors"]
+    tmap = json.loads((out / "gguf" / "model.gguf.map.json").read_text())
+    types = {r["store"]: r["type"] for r in tmap.values() if r.get("store")}
+    store = ptq_store.open_store(out)
+    for name in store.names():
+        info = next(iter(store.specs(name).values()))
+        if info["kind"] != "quant":
+            continue
+        if info["shape"][1] % 256 == 0:  # ffn_down (1536 wide): Q4_K
+            assert info["grid"] == "gguf:Q4_K" and types[name] == "Q4_K", name
+        else:  # 576-wide rows: llama-quantize's fallback, recorded
+            assert (info["grid"], info["bits"], info.get("fallback_from")) == ("full", 5.0, "gguf:Q4_K")
+            assert types[name] == "Q5_0", name
+    assert sum(t == "Q4_K" for t in types.values()) == 30
+    assert meta["store"]["effective_bits_quantized"] == pytest.approx(
+        (30 * 576 * 1536 * 4.5 + (meta["store"]["quantized_weights"] - 30 * 576 * 1536) * 5.5)
+        / meta["store"]["quantized_weights"], rel=1e-12)
+
+
+def test_llama_cpp_runs_the_q4_k_export(q4_k, tmp_path):
+    out, _ = q4_k
+    text = tmp_path / "t.txt"
+    text.write_text(gf.CALIB_PROSE * 4)
+    ppl = gf.llama_cpp_prefix() / "bin" / "llama-perplexity"
+    r = subprocess.run([str(ppl), "-m", str(out / "gguf" / "model.gguf"), "-f", str(text), "-c", "128", "--chunks", "2",
+                        "-t", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "Final estimate: PPL" in r.stdout + r.stderr, (r.stdout + r.stderr)[-2000:]
+
+
+def test_one_corrupted_q4_k_code_is_named(q4_k, tmp_path):
+    import gguf
+
+    import store_pack
+
+    out, _ = q4_k
+    name = "model.layers.2.mlp.down_proj.weight"
+    (info, parts), = ptq_store.open_store(out).entries(name).values()
+    sc = store_pack.unpacked_sub(parts, info)[0, :8]  # row 0, super-block 0's eight sub-block scales
+    j = int(torch.nonzero(sc).flatten()[0])  # a sub-block whose codes matter (d * sc != 0)
+    copy = tmp_path / "gguf"
+    copy.mkdir()
+    for f in (out / "gguf").iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    t = next(t for t in gguf.GGUFReader(str(copy / "model.gguf")).tensors if t.name == "blk.2.ffn_down.weight")
+    raw = bytearray((copy / "model.gguf").read_bytes())
+    pos = int(t.data_offset) + 16 + (j // 2) * 32  # after d, dmin, 12 scale bytes: weight 32 j's nibble
+    shift = 4 * (j % 2)
+    nib = (raw[pos] >> shift) & 0x0F
+    raw[pos] = (raw[pos] & (0xFF ^ (0x0F << shift))) | (((nib + 1) & 0x0F) << shift)
+    (copy / "model.gguf").write_bytes(bytes(raw))
+    r = subprocess.run([sys.executable, str(VERIFY), str(out), str(copy), "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 1 and name in r.stderr and "1 element(s) differ" in r.stderr, r.stderr

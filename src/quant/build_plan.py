@@ -7,6 +7,11 @@ A bits plan (`--bits-plan PLAN.json`, written by `moe_alloc.py`) overrides the r
 names: `{"format": "moe-lowbit/bits-plan/1", "strategy": ..., "budget_bits": 3.0, "tensors": {NAME: BITS or
 [BITS per expert]}}`. A per-expert list applies to a fused 3-D expert tensor slice by slice (expert 0 at
 4 bits, expert 1 at 2 bits), and the footprint counts each slice at its own bits.
+
+A gguf:Q*_K grid on a tensor whose rows 256 does not divide (SmolLM2's 576-wide projections) is planned as the
+type llama-quantize itself falls back to (Q3_K -> Q4_0, Q4_K -> Q5_0, Q6_K -> Q8_0: the `full` grid in blocks of
+32, which the GGUF export writes exactly); the entry records `fallback_from`, and the build prints one line.
+A row that 32 does not divide either is refused, naming the tensor.
 """
 from __future__ import annotations
 
@@ -90,6 +95,19 @@ def _spec_or_none(recipe: Recipe, bits: float, where: str):
     return None if spec.is_identity else spec
 
 
+def gguf_row_fallback(name: str, k: int, spec: quant_spec.QuantSpec | None) -> quant_spec.QuantSpec | None:
+    """`spec`, or for a K-quant whose 256-block does not divide the row of k weights, llama-quantize's fallback type."""
+    kt = None if spec is None else spec.k_type
+    if kt is None or k % quant_spec.QK_K == 0:
+        return spec
+    fb = quant_spec.K_FALLBACK[kt.name]
+    if k % 32:
+        raise BuildError(f"tensor {name}: rows of {k} weights fit neither {kt.name}'s blocks of {quant_spec.QK_K} nor "
+                         f"the fallback {fb}'s blocks of 32; give its role another grid")
+    return quant_spec.QuantSpec(bits=float(quant_spec.LEGACY_TYPES[fb]), group=32, clip_steps=spec.clip_steps,
+                                clip_lo=spec.clip_lo, grid="full", fallback_from=spec.grid)
+
+
 def plan_source(source: Source, recipe: Recipe, bits_plan: BitsPlan | None = None
                 ) -> tuple[model_adapters.BaseAdapter, dict[str, list[TensorPlan]], list[str]]:
     """Role and spec for every tensor; refuses sources it would quantize wrongly (fp8 weights) and plans
@@ -107,6 +125,7 @@ def plan_source(source: Source, recipe: Recipe, bits_plan: BitsPlan | None = Non
                              f"{source.label} lacks ({len(missing)} such name(s))")
     plans: dict[str, list[TensorPlan]] = {}
     unclassified = []
+    fallbacks = []
     for shard in source.shards:
         rows = []
         for t in shard.tensors:
@@ -122,10 +141,22 @@ def plan_source(source: Source, recipe: Recipe, bits_plan: BitsPlan | None = Non
             slice_specs = None
             if bits_plan is not None and t.name in bits_plan.tensors:
                 spec, slice_specs = _planned_spec(t, role, is_float, recipe, bits_plan)
+            if role.quantizable and (spec is not None or slice_specs is not None):
+                k = int(t.shape[role.axis])
+                was = spec
+                spec = gguf_row_fallback(t.name, k, spec)
+                if slice_specs is not None:
+                    slice_specs = tuple(gguf_row_fallback(t.name, k, s) for s in slice_specs)
+                if spec is not was:
+                    fallbacks.append((t.name, was.grid, spec.bits))
             if role.role == Role.OTHER and is_float and len(t.shape) >= 2:
                 unclassified.append(t.name)
             rows.append(TensorPlan(t, role, spec, slice_specs))
         plans[shard.file] = rows
+    if fallbacks:
+        name, grid, bits = fallbacks[0]
+        print(f"quant_save: {len(fallbacks)} tensor(s) have rows the 256-block of {grid} does not divide; they are "
+              f"stored as llama.cpp's fallback type (full grid, {bits:g}-bit, blocks of 32), e.g. {name}", file=sys.stderr)
     return adapter, plans, unclassified
 
 

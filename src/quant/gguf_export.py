@@ -1,12 +1,13 @@
 """GGUF export of the store's own codes (`--emit gguf`): the blocks llama.cpp runs are the codes we measured.
 
-Two store grids are llama.cpp block types exactly, so their codes and scales go into the file unchanged:
+These store grids are llama.cpp block types exactly, so their codes and scales go into the file unchanged
+(byte layouts: gguf_blocks.py):
 
-* `--grid full` (or `sym`) at 4 bits, group 32  ->  Q4_0: per 32 weights one fp16 d, codes q in [-8, 7]
-  stored as q + 8 in nibbles (byte j: weight j low, weight j + 16 high); llama.cpp decodes d * (nibble - 8);
-* the same at 8 bits, group 32  ->  Q8_0: one fp16 d, int8 codes; decoded d * q.
-
-Both decode to d * q in fp32, the store's own arithmetic, so the GGUF equals the store after the same cast.
+* `--grid full` (or `sym`, or the alias `gguf:Q4_0`) at 4 bits, group 32 -> Q4_0 (fp16 d, codes [-8, 7]); at 5
+  bits -> Q5_0 (codes [-16, 15]); at 8 bits -> Q8_0 (int8 codes): all decode d * q in fp32, as the store does;
+* `gguf:Q3_K`, `gguf:Q4_K`, `gguf:Q6_K` (or `gguf:K`, the type picked by bits) -> those types' 256-blocks: the
+  store keeps the codes, the fp16 d (and dmin) and the integer sub-scales (and mins), decoded in gguf-py's
+  order (gguf_grids.py), so the GGUF equals the store after the same cast.
 
 The metadata, the tokenizer, the tensor names, the tensor order and the converter's row permutations (e.g.
 llama's q/k rope order) come from llama.cpp's own converter: `gguf_convert` writes a BF16 GGUF of the
@@ -14,8 +15,7 @@ dequantized view, and this module replaces each tensor it can by its blocks, cop
 (GGUF names -> store names by gguf-py's TensorNameMap; rows matched by content, which the converter only
 permutes). A tensor with no exact GGUF type (another grid or group, a row that 32 does not divide, the
 converter's stacked 3-D experts) keeps the converter's BF16/F32: exact too, but dense; each such tensor is
-listed in the record with its reason. K-quants (Q4_K, Q3_K, ...) and i-quants are not written from the
-store yet: see docs/GGUF.md.
+listed in the record with its reason. i-quants are not written from the store: see docs/GGUF.md.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import torch
 
 import ptq_meta
 
+import gguf_blocks
 import ptq_store
 import store_pack
 
@@ -43,31 +44,50 @@ class GgufExportError(ValueError):
     pass
 
 
+LEGACY_BY_WIDTH = {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}
+
+
 def block_type(info: dict) -> tuple[str | None, str]:
     """(GGUF type, '') for an entry whose grid is a GGUF block type exactly, else (None, why not)."""
     if info["kind"] != "quant":
         return None, "kept by the recipe"
-    if info["grid"] not in ("full", "sym") or info["group"] != BLOCK or info["width"] not in (4, 8):
-        return None, f"grid {info['grid']} {info['bits']:g}-bit group {info['group']} is no GGUF block type (Q4_0/Q8_0 " \
-                     f"are grid full/sym, 4/8 bits, group 32)"
+    if info["method"] == "awq":
+        return None, "awq's per-input-channel scale has no slot in a GGUF block"
     if len(info["shape"]) != 2 or info["axis"] != 1:
         return None, "not a 2-D weight grouped along its rows"
+    if "sub" in info:  # a gguf:Q*_K grid: the entry is that type's blocks exactly
+        qtype = info["grid"].split(":", 1)[1]
+        if info["shape"][1] % gguf_blocks.BLOCK_SIZE[qtype]:
+            return None, f"row of {info['shape'][1]} is not a multiple of the {qtype} block"
+        return qtype, ""
+    if info["grid"] not in ("full", "sym") or info["group"] != BLOCK or info["width"] not in LEGACY_BY_WIDTH:
+        return None, (f"grid {info['grid']} {info['bits']:g}-bit group {info['group']} is no GGUF block type (Q4_0/"
+                      f"Q5_0/Q8_0 are grid full/sym, 4/5/8 bits, group 32; gguf:Q3_K/Q4_K/Q6_K are their own grids)")
     if info["shape"][1] % BLOCK:
         return None, f"row of {info['shape'][1]} is not a multiple of the block {BLOCK}"
-    return ("Q4_0" if info["width"] == 4 else "Q8_0"), ""
+    return LEGACY_BY_WIDTH[info["width"]], ""
 
 
 def pack_blocks(codes: torch.Tensor, scales: torch.Tensor, qtype: str) -> np.ndarray:
     """codes int [R, K], fp16 scales [R, K/32] -> uint8 [R, K/32 * block bytes] in llama.cpp's block layout."""
-    r, k = codes.shape
-    q = codes.reshape(r, k // BLOCK, BLOCK).numpy().astype(np.int16)
-    d = scales.to(torch.float16).numpy().reshape(r, k // BLOCK, 1).view(np.uint8)  # 2 bytes, little endian
-    if qtype == "Q8_0":
-        body = q.astype(np.int8).view(np.uint8)
-    else:
-        u = (q + 8).astype(np.uint8)
-        body = u[..., :16] | (u[..., 16:] << np.uint8(4))
-    return np.concatenate([d, body], axis=-1).reshape(r, -1)
+    q = codes.reshape(-1, BLOCK).numpy()
+    return gguf_blocks.pack_legacy(q, scales.to(torch.float16).numpy().reshape(-1), qtype).reshape(codes.shape[0], -1)
+
+
+def pack_entry(parts: dict, info: dict, qtype: str, perm: list[int] | None = None) -> np.ndarray:
+    """A 2-D store entry (rows in `perm` order) -> uint8 [R, row bytes] blocks of `qtype`."""
+    codes = store_pack.unpacked_codes(parts, info)
+    rows = slice(None) if perm is None else perm
+    if "sub" not in info:
+        return pack_blocks(codes[rows], parts["scales"][rows], qtype)
+    n_sub = info["group"] // info["sub"]  # sub-blocks per super-block
+    sub = store_pack.unpacked_sub(parts, info)[rows].reshape(-1, n_sub)
+    mins = store_pack.unpacked_sub(parts, info, "sub_mins")
+    blocks = gguf_blocks.pack_k(qtype, codes[rows].reshape(-1, info["group"]).numpy(),
+                                parts["scales"][rows].numpy().reshape(-1), sub.numpy(),
+                                None if "dmin" not in parts else parts["dmin"][rows].numpy().reshape(-1),
+                                None if mins is None else mins[rows].reshape(sub.shape).numpy())
+    return blocks.reshape(codes.shape[0], -1)
 
 
 def _row_keys(t: torch.Tensor) -> list[bytes]:
@@ -158,8 +178,7 @@ def write(store: ptq_store.Store, meta: ptq_meta.PtqMeta, target: Path) -> list[
                 if perm is None and qtype:
                     qtype, why = None, "rows differ from the store's (the converter changed values)"
             if qtype:
-                codes = store_pack.unpacked_codes(parts, info)[perm]
-                blocks = pack_blocks(codes, parts["scales"][perm], qtype)
+                blocks = pack_entry(parts, info, qtype, perm)
                 writer.add_tensor(t.name, blocks, raw_dtype=getattr(gguf.GGMLQuantizationType, qtype))
                 record[t.name] = {"store": hf, "type": qtype, "rows": None if perm == sorted(perm) else perm}
             else:

@@ -220,3 +220,66 @@ def _gptq_cpu_kernel(kernels, W, U, imp, spec: QuantSpec, group_scale, group_zer
         if group_zero is not None:
             group_zero.copy_(gz.view(B, R, n_groups))
     return codes.view(B, R, K).to(cd), deq.view(B, R, K)
+
+
+@torch.no_grad()
+def gptq_k_grid(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float = 0.01, act_order: bool = False,
+                block: int = 128):
+    """GPTQ onto a gguf:Q*_K grid for [B, R, K] weights under [B, K, K] H.
+
+    The two-level scales are fixed first, by the type's weighted search (gguf_grids.search) on the original
+    weights with the damped diag(H) as importance; then the columns are rounded one by one onto that fixed grid
+    (each value's (d * sc, dmin * m)) with GPTQ's error feedback, in blocks of `block` columns (lazy batch), in
+    decreasing diag(H) order with act_order. Returns (codes int8 [B, R, K], gguf_grids.KParams over the flat
+    super-blocks, dequant fp32 [B, R, K] recomputed from the codes in gguf-py's arithmetic).
+    """
+    import gguf_grids
+
+    kt = spec.k_type
+    B, R, K = w.shape
+    if K % gguf_grids.QK_K:
+        raise ValueError(f"rows of {K} weights are not a multiple of the {kt.name} super-block {gguf_grids.QK_K}")
+    cd = torch.float64 if w.dtype == torch.float64 else torch.float32
+    W = w.to(cd).clone()
+    H = prepare_hessian(h, damp, cd)
+    imp = H.diagonal(dim1=-2, dim2=-1).clone()  # [B, K]
+    x = W.float().reshape(-1, gguf_grids.QK_K)
+    wts = imp.float()[:, None, :].expand(B, R, K).reshape(-1, gguf_grids.QK_K)
+    params = gguf_grids.search(x, kt, moe_quant.clip_ratios(spec).to(w.device), wts)
+    scale, off = gguf_grids.per_value(params, kt)
+    S = scale.reshape(B, R, K).to(cd)
+    M = off.reshape(B, R, K).to(cd) if off is not None else None
+    perm = None
+    if act_order:
+        perm = torch.argsort(-imp, dim=-1, stable=True)
+        idx = perm[:, None, :].expand(B, R, K)
+        W, S = W.gather(-1, idx), S.gather(-1, idx)
+        M = M.gather(-1, idx) if M is not None else None
+        H = H.gather(-1, perm[:, None, :].expand(B, K, K)).gather(-2, perm[:, :, None].expand(B, K, K))
+    U = upper_inverse_cholesky(H, damp)
+    del H
+    codes = torch.empty((B, R, K), dtype=cd, device=w.device)
+    for j0 in range(0, K, block):
+        j1 = min(K, j0 + block)
+        n = j1 - j0
+        Wb = W[..., j0:j1].clone()
+        Ub = U[:, j0:j1, j0:j1]
+        Err = torch.empty((B, R, n), dtype=cd, device=w.device)
+        diag_u = Ub.diagonal(dim1=-2, dim2=-1)
+        for i in range(n):
+            col = j0 + i
+            xcol = Wb[..., i]
+            s, o = S[..., col], (M[..., col] if M is not None else None)
+            q = gguf_grids.assign_codes(xcol, s, o, kt)
+            codes[..., col] = q
+            e = (xcol - gguf_grids.dequant(q, s, o)) / diag_u[:, None, i]
+            Err[..., i] = e
+            if i + 1 < n:
+                Wb[..., i + 1:] -= e[..., None] * Ub[:, None, i, i + 1:]
+        if j1 < K:
+            W[..., j1:] -= Err @ U[:, j0:j1, j1:]
+    if perm is not None:
+        codes = codes.gather(-1, torch.argsort(perm, dim=-1)[:, None, :].expand(B, R, K))
+    codes = codes.float()
+    deq = gguf_grids.decode(codes.reshape(-1, gguf_grids.QK_K), params, kt).reshape(B, R, K)
+    return codes.to(torch.int8), params, deq

@@ -49,6 +49,11 @@ class QuantResult(NamedTuple):
     sq_ref: float = 0.0  # sum of w^2: sq_err / sq_ref is the relative error the builder reports
     zeros: torch.Tensor | None = None  # asym grid: int8 zero-points shaped like scales; dequant = (code - zero) * scale
     in_scale: torch.Tensor | None = None  # awq: per-input-channel scale s; dequant = ((code - zero) * scale) / s
+    # gguf:Q*_K grids (gguf_grids.py): scales is the fp16 super-block d [*lead, n_super]; the 256-blocks' sub-scales
+    # (and Q4_K's fp16 dmin and 6-bit mins) are [*lead, n_super * n_sub] int16; dequant = (d * sc) * q - dmin * m
+    dmin: torch.Tensor | None = None
+    sub_scales: torch.Tensor | None = None
+    sub_mins: torch.Tensor | None = None
 
 
 def clip_ratios(spec: QuantSpec) -> torch.Tensor:
@@ -279,6 +284,10 @@ def quantize_tensor(w: torch.Tensor, spec: QuantSpec, axis: int = -1, use_kernel
         raise ValueError("bits=16 means 'leave untouched': the caller should not quantize this tensor")
     if not w.is_floating_point():
         raise ValueError(f"only floating-point tensors can be quantized, got {w.dtype}")
+    if spec.k_type is not None:
+        import gguf_grids
+
+        return gguf_grids.quantize_tensor(w, spec, axis, clip_ratios(spec), return_codes, importance)
     axis = axis % w.ndim
     moved = w.movedim(axis, -1)
     lead, k = tuple(moved.shape[:-1]), moved.shape[-1]

@@ -40,7 +40,9 @@ class QuantConfig:
                                          "keep their role bits", path=True, legacy=("BITS_PLAN",), kind=str)
     method: str = option("clip", "rounding method (wclip/gptq/awq need calibration text)", choices=METHODS,
                          legacy=("METHOD",))
-    grid: str = option("sym", "code grid: sym [-qmax, qmax]; full: all 2^b levels; asym: zero point",
+    grid: str = option("sym", "code grid: sym [-qmax, qmax]; full: all 2^b levels; asym: zero point; gguf:TYPE "
+                              "llama.cpp's Q4_0/Q5_0/Q8_0/Q3_K/Q4_K/Q5_K/Q6_K block exactly (bits and group implied); "
+                              "gguf:K the K-quant picked by each role's bits (3 Q3_K, 4 Q4_K, 5 Q5_K, 6 Q6_K, 8 Q8_0)",
                        choices=GRIDS, legacy=("GRID",))
     group: int = option(128, "quantization group size along the input axis", legacy=("GROUP",))
     clip_steps: int = option(16, "clip-ratio candidates in the MSE search (0 = absmax)", legacy=("CLIP_STEPS",))
@@ -82,6 +84,25 @@ class QuantConfig:
     list_tensors: bool = option(False, "with --dry-run: one line per tensor")
     force: bool = option(False, "overwrite an OUT holding another build or other files")
     progress: bool = option(True, "progress bar")
+
+    def __post_init__(self):
+        """A gguf:TYPE grid implies its bits and group: the knobs left at their defaults take them, a value that
+        contradicts the type is refused (a value given equal to the default counts as not given)."""
+        import quant_spec
+
+        if not quant_spec.gguf_type(self.grid):
+            return
+        bits, group = quant_spec.gguf_bits_group(self.grid)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        implied = {"group": group} if self.grid == quant_spec.K_FAMILY else \
+            {"group": group, "expert_bits": float(bits), "linear_bits": float(bits)}
+        for name, want in implied.items():
+            have = getattr(self, name)
+            if have == defaults[name]:
+                object.__setattr__(self, name, want)
+            elif have != want:
+                raise ValueError(f"--{name.replace('_', '-')} {have:g} contradicts --grid {self.grid} (llama.cpp's "
+                                 f"{quant_spec.gguf_type(self.grid)}: {bits}-bit codes, group {group}); drop it")
 
     def calib_source(self) -> dict:
         """The one calibration source a build uses: a file, else a hub dataset, else a named text."""

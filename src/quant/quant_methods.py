@@ -146,12 +146,18 @@ def quantize_with_baseline(w: torch.Tensor, spec: QuantSpec, method: MethodSpec,
     _check_weight(w)
     wb, axis = _as_batched(w, axis)
     h = check_hessian(hessian, w, axis, method.name)
+    if method.name == "awq" and spec.k_type is not None:
+        raise ValueError(f"awq on grid {spec.grid}: its per-input-channel scale has no slot in a GGUF block, so the "
+                         f"file could not hold the measured weights; use gptq or wclip on gguf grids")
     if method.name == "awq":
         return awq(w, spec, method, axis, h, use_kernel), None, None
     if method.name == "wclip":
         imp = channel_importance(h, method.damp)  # [B, K]
         res = moe_quant.quantize_tensor(w, spec, axis, use_kernel=use_kernel,
                                         importance=imp[:, None, :] if w.ndim == 3 else imp[0])
+    elif spec.k_type is not None:
+        res = _finish_k(w, axis, *gptq.gptq_k_grid(wb, h, spec, damp=method.damp, act_order=method.act_order,
+                                                         block=method.block))
     else:
         res = _finish(w, axis, *gptq.gptq_batched(wb, h, spec, damp=method.damp, act_order=method.act_order,
                                                   block=method.block, use_kernel=use_kernel))
@@ -185,10 +191,13 @@ def keep_better_than_clip(w: torch.Tensor, axis: int, h: torch.Tensor, res: Quan
     pick3 = use_clip[:, None, None]
     deq = torch.where(pick3, _as_batched(clip.dequant, axis)[0], _as_batched(res.dequant, axis)[0])
     codes = torch.where(pick3, _as_batched(clip.codes, axis)[0], _as_batched(res.codes, axis)[0])
-    scales = unlead(torch.where(pick3, lead(clip.scales), lead(res.scales)))
-    zeros = None if res.zeros is None else unlead(torch.where(pick3, lead(clip.zeros), lead(res.zeros)))
+
+    def pick(field: str):  # per-group (per super-block) tensors [*lead, n]: the same expert choice
+        a, b = getattr(clip, field), getattr(res, field)
+        return None if b is None else unlead(torch.where(pick3, lead(a), lead(b)))
     return QuantResult(_from_batched(deq, w.ndim, axis).contiguous(), _from_batched(codes, w.ndim, axis).contiguous(),
-                       scales, sum_sq_fp64(deq, wb), res.sq_ref, zeros, None)
+                       pick("scales"), sum_sq_fp64(deq, wb), res.sq_ref, pick("zeros"), None, pick("dmin"),
+                       pick("sub_scales"), pick("sub_mins"))
 
 
 def sum_sq_fp64(a: torch.Tensor, b: torch.Tensor | None = None, rows: int = 4096) -> float:
@@ -215,6 +224,18 @@ def _finish(w: torch.Tensor, axis: int, codes, scales, zeros, deq, in_scale=None
     lead = (lambda t: t if w.ndim == 3 else t.squeeze(0))
     return QuantResult(dequant.contiguous(), codes.contiguous(), lead(scales), sq_err, sq_ref,
                        None if zeros is None else lead(zeros), None if in_scale is None else lead(in_scale))
+
+
+def _finish_k(w: torch.Tensor, axis: int, codes, params, deq) -> QuantResult:
+    """gptq_k_grid's [B, R, K] result -> a QuantResult in w's layout (the K grid's parts [*lead, n] like scales)."""
+    B, R, _ = codes.shape
+    unlead = (lambda t: t if w.ndim == 3 else t.squeeze(0))
+
+    def shaped(t, dtype):
+        return None if t is None else unlead(t.reshape(B, R, -1).to(dtype))
+    res = _finish(w, axis, codes, params.d.reshape(B, R, -1).to(torch.float16), None, deq)
+    return res._replace(dmin=shaped(params.dmin, torch.float16), sub_scales=shaped(params.sc, torch.int16),
+                        sub_mins=shaped(params.m, torch.int16))
 
 
 def awq(w: torch.Tensor, spec: QuantSpec, method: MethodSpec, axis: int, h: torch.Tensor,

@@ -10,6 +10,11 @@ One quantized tensor (or one expert slice of a fused tensor quantized at its own
 * `KEY.in_scale` fp16 `[*lead[:-1], K]`, AWQ's per-input-channel scale (dequant divides by it);
 * `KEY.raw`      a tensor the recipe leaves alone (norms, routers, bits=16), verbatim.
 
+A `gguf:Q*_K` grid (llama.cpp's two-level blocks, gguf_grids.py) stores `scales` as the fp16 super-block d
+`[*lead, K / 256]`, `KEY.dmin` (Q4_K) the same shape, and `KEY.sub_scales` / `KEY.sub_mins` (Q4_K) the integer
+sub-block scales offset by `-sub_lo` and packed at `sub_width` bits (6; Q6_K's int8: 8), so the bytes are
+exactly llama.cpp's: 4.5 / 3.4375 / 6.5625 bits per weight for Q4_K / Q3_K / Q6_K.
+
 `entry_spec` is the JSON-able description (bits, code range, grid, group, axis, shape, dtype) that makes
 an entry decodable alone. `decode` recomputes exactly the quantizer's arithmetic - `(code [- zero]) *
 scale` in fp32 (`/ in_scale` for AWQ), then one cast to the checkpoint dtype - so the store and the
@@ -25,7 +30,8 @@ import numpy as np
 import torch
 
 STORE_FORMAT = "moe-lowbit/store/1"
-PARTS = ("codes", "scales", "zeros", "in_scale")
+PARTS = ("codes", "scales", "zeros", "in_scale", "dmin", "sub_scales", "sub_mins")
+SUB_PARTS = ("sub_scales", "sub_mins")  # a K-quant's integer sub-block scales, packed like codes
 TERNARY_PER_BYTE = 5
 CHUNK_CODES = 40 << 19  # codes packed per step (a multiple of 40: whole 8-code and 5-trit blocks)
 
@@ -132,9 +138,15 @@ def unpack_codes(packed: np.ndarray, n: int, width: int) -> np.ndarray:
 def entry_spec(spec, axis: int, shape, dtype: torch.dtype, method: str) -> dict:
     """What an entry's decoder needs, JSON-able (spec: a moe_quant.QuantSpec)."""
     lo, hi = spec.code_range
-    return {"kind": "quant", "bits": float(spec.bits), "width": code_width(spec.bits), "lo": lo, "hi": hi,
+    info = {"kind": "quant", "bits": float(spec.bits), "width": code_width(spec.bits), "lo": lo, "hi": hi,
             "grid": spec.grid, "group": spec.group, "axis": axis % len(shape), "shape": list(shape),
             "dtype": str(dtype).replace("torch.", ""), "method": method}
+    kt = getattr(spec, "k_type", None)
+    if kt is not None:
+        info.update(sub=kt.sub, sub_width=kt.sc_width, sub_lo=kt.sc_lo)
+    if getattr(spec, "fallback_from", ""):
+        info["fallback_from"] = spec.fallback_from
+    return info
 
 
 def raw_spec(t: torch.Tensor) -> dict:
@@ -160,7 +172,24 @@ def encode(result, info: dict) -> dict[str, torch.Tensor]:
         parts["zeros"] = torch.from_numpy(pack_codes(zu, width))
     if result.in_scale is not None:
         parts["in_scale"] = result.in_scale.to(torch.float16).cpu().contiguous()
+    if "sub" in info:
+        off = np.uint8(-info["sub_lo"] % 256)
+        if result.dmin is not None:
+            parts["dmin"] = result.dmin.to(torch.float16).cpu().contiguous()
+        for part, t in (("sub_scales", result.sub_scales), ("sub_mins", result.sub_mins)):
+            if t is not None:
+                u = t.cpu().to(torch.int16).contiguous().numpy().astype(np.uint8) + off
+                parts[part] = torch.from_numpy(pack_codes(u, info["sub_width"]))
     return parts
+
+
+def unpacked_sub(parts: dict, info: dict, part: str = "sub_scales") -> torch.Tensor | None:
+    """A K-quant entry's integer sub-scales (or mins) [*lead, n_super * n_sub], int16; None when absent."""
+    if part not in parts:
+        return None
+    n = parts["scales"].numel() * (info["group"] // info["sub"])
+    u = unpack_codes(parts[part].numpy(), n, info["sub_width"])
+    return torch.from_numpy(u.astype(np.int16)).reshape(*parts["scales"].shape[:-1], -1) + info["sub_lo"]
 
 
 def unpacked_codes(parts: dict, info: dict) -> torch.Tensor:
@@ -186,6 +215,15 @@ def decode(parts: dict, info: dict, dtype: torch.dtype | None = None) -> torch.T
     if info["kind"] == "raw":
         return parts["raw"]
     lead, k = _moved_shape(info)
+    if "sub" in info:
+        import gguf_grids
+        from quant_spec import K_TYPES, gguf_type
+
+        kt = K_TYPES[gguf_type(info["grid"])]
+        p = gguf_grids.params_of(parts["scales"], unpacked_sub(parts, info), parts.get("dmin"),
+                                 unpacked_sub(parts, info, "sub_mins"), kt)
+        deq = gguf_grids.decode(unpacked_codes(parts, info).reshape(-1, info["group"]), p, kt).reshape(*lead, k)
+        return deq.to(dtype).movedim(-1, info["axis"]).contiguous()
     g = info["group"]
     n_groups = -(-k // g)
     codes = unpacked_codes(parts, info).float().reshape(-1, k)
@@ -279,6 +317,11 @@ def concat_rows(name: str, blocks: list[tuple[dict, dict]]) -> tuple[dict, dict]
         if any((r * i["width"]) % 8 for r, i in zip(per_row, infos)):
             raise ValueError(f"{name}: {part} of a row block do not end on a byte; it cannot be stored in blocks")
         parts[part] = torch.cat(got)
+    for part in SUB_PARTS:  # whole super-blocks per row: 8 or 16 six-bit values, a whole number of bytes
+        if all(part in p for _, p in blocks):
+            parts[part] = torch.cat([p[part] for _, p in blocks])
+    if all("dmin" in p for _, p in blocks):
+        parts["dmin"] = torch.cat([p["dmin"] for _, p in blocks])
     parts["scales"] = torch.cat([p["scales"] for _, p in blocks])
     if any("in_scale" in p for _, p in blocks):
         raise ValueError(f"{name}: a per-channel input scale (awq) differs between row blocks; quantize it whole")
@@ -304,4 +347,10 @@ def slice_leading(info: dict, parts: dict, i: int) -> tuple[dict, dict]:
     if "in_scale" in parts:
         s_in = parts["in_scale"]
         out["in_scale"] = (s_in[i] if s_in.ndim > 1 else s_in).contiguous()
+    if "dmin" in parts:
+        out["dmin"] = parts["dmin"][i].contiguous()
+    for part in SUB_PARTS:
+        if part in parts:
+            sub = unpacked_sub(parts, info, part)[i] - info["sub_lo"]
+            out[part] = torch.from_numpy(pack_codes(sub.numpy().astype(np.uint8), info["sub_width"]))
     return out_info, out

@@ -14,7 +14,7 @@ import json
 import store_pack
 
 AGREE_BITS = 0.02  # |on disk - computed| effective bits (quantized tensors) allowed
-QUANT_PARTS = ("codes", "scales", "zeros")  # what the grid costs (AWQ's in_scale is counted beside it)
+QUANT_PARTS = ("codes", "scales", "zeros", "dmin", "sub_scales", "sub_mins")  # what the grid costs (K-quants: d, dmin, sub-scales, mins; AWQ's in_scale is counted beside it)
 
 
 class StoreMismatch(ValueError):
