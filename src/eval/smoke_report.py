@@ -117,7 +117,7 @@ def render_rows(docs: Mapping) -> list[str]:
     def kl(i):
         return _f(students[i]["kl_mean"], ".5f") if i is not None and i < len(students) else "-"
 
-    head = f"{'model (same samples; acc (delta vs teacher))':<52} " + " ".join(f"{b:>13}" for b in benches)
+    head = f"{'model (same samples: acc (delta vs teacher))':<52} " + " ".join(f"{b:>13}" for b in benches)
     lines = [head + f" {'KL':>8} {'gen tok/s':>9}",
              f"{'teacher BF16':<52} {cells(t, None)} {'-':>8} {_f(tok.get('teacher'), '.1f'):>9}",
              f"{'quant, dequantized view (the SMOKE OK gates)':<52} {cells(docs['quant_eval'], s['comparison'])} "
@@ -126,7 +126,7 @@ def render_rows(docs: Mapping) -> list[str]:
     for r in s.get("rows") or []:
         doc = docs.get("rows", {}).get(r["key"])
         eb = (r.get("footprint_total") or {}).get("effective_bits")
-        label = f"{r['label']} {_f(eb, '.2f')} bpw"
+        label = f"{r['label']}, {_f(eb, '.2f')} bpw"
         if r.get("error"):
             lines.append(f"{label[:52]:<52} {'NOT SERVED: falls back to the dequantized view above':>{14 * len(benches)}}")
             notes.append(f"{r['label']}: vLLM could not serve it: {r['error']}")
@@ -139,7 +139,9 @@ def render_rows(docs: Mapping) -> list[str]:
             more = f" (+{len(ag['differ']) - 6} more)" if len(ag["differ"]) > 6 else ""
             notes.append(f"{r['key']} vs {ag['with']}: same answer {ag['same_answer']}/{ag['n']}, same text "
                          f"{ag['same_text']}/{ag['n']}, same verdict {ag['same_verdict']}/{ag['n']}"
-                         + (f"; answers differ: {differ}{more}" if differ else "") + f"; {ag['why']}")
+                         + (f"; answers differ: {differ}{more}" if differ else "") + f"; {ag['why']} (for scale: "
+                         f"teacher vs {ag['with']}, other weights, same answer {ag.get('teacher_vs_pair_same_answer')}"
+                         f"/{ag['n']})")
         ex = r.get("export")
         if ex:
             v = ex.get("verified") or {}
@@ -163,6 +165,8 @@ def render_rows(docs: Mapping) -> list[str]:
                          f"top-1 {_f(st.get('top1_agree'), '.4f')}")
         elif g.get("skipped"):
             notes.append(f"GGUF not scored: {g['skipped']}")
+    notes.append("KL: moe_eval on the fidelity text, each build's weights in torch (an export holds its view's "
+                 "weights, verified); gen tok/s: generated tokens / generation wall of vLLM's batched greedy run")
     return lines + [f"  {n}" for n in notes]
 
 

@@ -25,8 +25,9 @@ from smoke_plan import QUANT_KNOBS, REPO_ROOT, SmokeConfig, SmokeError, recipe_s
 
 CT_DIR = "compressed-tensors"  # export_run.EXPORT_DIRS: where quant_save writes each export inside the build
 GGUF_FILE = "gguf/model.gguf"
-KERNEL_WHY = ("both serve the same store, verified bit-exact: a difference is kernel arithmetic (vLLM's WNA16 int4 "
-              "GEMM, scales cast to bf16, vs a BF16 GEMM on the dequantized weights)")
+KERNEL_WHY = ("both serve the same store, verified bit-exact, so a difference is kernel arithmetic: vLLM casts the "
+              "export's scales to bf16 and runs int4 WNA16 GEMMs, the view holds bf16(code x fp16 scale) for BF16 "
+              "GEMMs; greedy decoding of a 135M model turns such small logit differences into other tokens")
 
 
 @dataclass(frozen=True)
@@ -62,16 +63,16 @@ def plan_rows(cfg: SmokeConfig, compare_cfg: SmokeConfig | None, work: Path, slu
         scfg = ship_config(cfg)
         name = recipe_slug(scfg, cfg.kind) + "-ship"
         build = work / f"{slug}_{name}"
-        rows.append(Row("ship-dequant", "int4 store, dequantized view (vLLM BF16)", str(build), str(build),
+        rows.append(Row("ship-dequant", "int4 store: dequantized view", str(build), str(build),
                         f"{base_tag}_{name}", "dequantized BF16 safetensors"))
         if "compressed-tensors" in cfg.ship_exports:
-            rows.append(Row("ship-ct", "int4 store, compressed-tensors W4A16 (vLLM WNA16)", str(build),
+            rows.append(Row("ship-ct", "int4 store: compressed-tensors W4A16", str(build),
                             str(build / CT_DIR), f"{base_tag}_{name}-ct", "compressed-tensors pack-quantized",
                             paired_with="ship-dequant", may_fall_back=cfg.kind == "moe"))
     if compare_cfg is not None:
         name = recipe_slug(compare_cfg, cfg.kind)
         build = work / f"{slug}_{name}"
-        rows.append(Row("compare", f"comparison recipe {Path(cfg.compare_recipe).name} ({compare_cfg.method})",
+        rows.append(Row("compare", f"comparison: {Path(cfg.compare_recipe).stem} ({compare_cfg.method})",
                         str(build), str(build), f"{base_tag}_{name}", "dequantized BF16 safetensors"))
     return rows
 
@@ -191,13 +192,15 @@ def row_records(rows: Sequence[Row], docs: Mapping, errors: Mapping, metas: Mapp
 
     students = {s["dir"]: i for i, s in enumerate(fid_doc.get("students") or [])}
     samples = {r.key: read_samples(eval_dir / f"{r.tag}.jsonl") for r in rows if r.key in docs}
+    teacher = read_samples(eval_dir / f"{teacher_doc['tag']}.jsonl")
     out = []
     for r in rows:
         doc, meta = docs.get(r.key), metas.get(r.build) or {}
         rec = {**dataclasses.asdict(r), "eval": os.path.relpath(eval_dir / f"{r.tag}.json", results) if doc else None,
                "error": errors.get(r.key), "recipe": meta.get("recipe"),
                "footprint_total": (meta.get("footprint") or {}).get("total"),
-               "fidelity_student": students.get(r.build), "comparison": None, "agreement": None, "gen_tok_s": None,
+               # moe_eval scores a build's weights in torch; the export's are the view's (verified), so it has none
+               "fidelity_student": None if r.key == "ship-ct" else students.get(r.build), "comparison": None, "agreement": None, "gen_tok_s": None,
                "export": export_record(meta, "compressed-tensors") if r.key == "ship-ct" else None}
         if doc:
             try:
@@ -206,8 +209,9 @@ def row_records(rows: Sequence[Row], docs: Mapping, errors: Mapping, metas: Mapp
                 raise SmokeError(f"teacher and {r.label} cannot be paired: {e}", step="compare", code=1) from None
             rec["gen_tok_s"] = gen_tok_s(doc, samples[r.key])
             if r.paired_with in samples:
+                scale = agreement(teacher, samples[r.paired_with])  # what a change of weights does, for scale
                 rec["agreement"] = {"with": r.paired_with, **agreement(samples[r.paired_with], samples[r.key]),
-                                    "why": KERNEL_WHY}
+                                    "why": KERNEL_WHY, "teacher_vs_pair_same_answer": scale["same_answer"]}
         out.append(rec)
     return out
 
