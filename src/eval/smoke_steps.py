@@ -117,7 +117,8 @@ def eval_cmd(model_dir: Path, tag: str, role: str, plan: Plan, cfg: SmokeConfig,
 def fidelity_cmd(teacher_dir: Path, qdir: Path, out: Path, cfg: SmokeConfig, plan: Plan, extra=()) -> list:
     """moe_eval on the quant (students[0]) and the extra rows' builds (one teacher pass for all)."""
     cmd = [sys.executable, REPO_ROOT / "src/eval/moe_eval.py", "--teacher", teacher_dir, "--student", qdir,
-           *[a for d in extra for a in ("--student", d)], "--out", out, "--ctx", cfg.fidelity_ctx, "--max-tokens", cfg.fidelity_tokens, "--device", plan.device]
+           *[a for d in extra for a in ("--student", d)], "--out", out, "--ctx", cfg.fidelity_ctx,
+           "--max-tokens", cfg.fidelity_tokens, "--device", plan.device]
     if plan.fidelity_text == "teacher-sample":
         return cmd + ["--text", "teacher-sample", "--n-tokens", cfg.fidelity_tokens, "--seed", "0"]
     path = Path(plan.fidelity_text)
