@@ -182,3 +182,17 @@ def test_missing_row_numbers_block_smoke_ok_unless_the_row_may_fall_back():
     if summary.get("gguf"):
         broken["gguf_fidelity"]["students"][0]["kl_mean"] = float("nan")
         assert "GGUF KLD" in smoke.missing_numbers(broken)
+
+
+def test_a_vllm_engine_failure_is_reported_with_its_root_cause_and_the_fix():
+    """vLLM prints the worker's exception long before its summary; the table's error line names it."""
+    tail = ["(Worker pid=1) ERROR 12-06 13:45:55 [multiproc_executor.py:953]     raise NotImplementedError(",
+            "(Worker pid=1) ERROR 12-06 13:45:55 [multiproc_executor.py:953] NotImplementedError: No WNA16 MoE "
+            "backend supports the deployment configuration.",
+            *[f"(EngineCore pid=2) ERROR [core.py:1510]   frame {i}" for i in range(60)],
+            "Exception: WorkerProc initialization failed due to an exception in a background process.",
+            "vllm_eval8: Engine core initialization failed. See root cause above."]
+    msg = smoke.explain_failure(tail)
+    assert msg.startswith("NotImplementedError: No WNA16 MoE backend supports the deployment configuration.")
+    assert "vllm_eval8: Engine core initialization failed" in msg and "AMX" in msg
+    assert "AMX" not in smoke.explain_failure(["vllm_eval8: error: --model x: no such dir"])

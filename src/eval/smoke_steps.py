@@ -31,7 +31,8 @@ def run_step(name: str, cmd: Sequence[str], env: Mapping, timeout_s: float, log)
     """Run one step's CLI (step_runner), streaming its output to stderr; a failure names its fix."""
     log(f"[smoke] {name}: {' '.join(str(c) for c in cmd)}")
     try:
-        return step_runner.run_step(name, cmd, REPO_ROOT, timeout_s, env=env, echo=sys.stderr)
+        # a long tail: vLLM prints the root cause (e.g. NotImplementedError) well before its engine-start summary
+        return step_runner.run_step(name, cmd, REPO_ROOT, timeout_s, env=env, echo=sys.stderr, tail_lines=400)
     except step_runner.StepFailed as e:
         if e.timed_out:
             raise SmokeError(f"step {name} did not finish within {timeout_s:.0f} s; fix: raise SMOKE_STEP_TIMEOUT_S "
@@ -51,7 +52,12 @@ def explain_failure(tail: Sequence[str]) -> str:
         hints.append("a directory is not writable: set SMOKE_WORK_DIR / SMOKE_RESULTS_DIR to a writable one")
     if re.search(r"out of memory|OutOfMemory|Cannot allocate memory", text, re.IGNORECASE):
         hints.append("out of memory: lower SMOKE_N / SMOKE_MAX_NEW_TOKENS or VLLM_CPU_KVCACHE_SPACE")
-    msg = " | ".join(step_runner.error_lines(tail))
+    if re.search(r"No WNA16 MoE backend supports", text):
+        hints.append("vllm-cpu's int4 MoE experts (CPUExpertsInt4) need an x86 CPU with AMX tiles (Sapphire Rapids "
+                     "or later); on this CPU serve the dequantized view")
+    root = [ln.split("] ", 1)[-1].strip() for ln in tail  # vLLM's worker exception, under its log prefix
+            if re.search(r"\b(NotImplementedError|ValueError|RuntimeError|AssertionError|TypeError): ", ln)]
+    msg = " | ".join([*root[-1:], *step_runner.error_lines(tail)])
     return msg + (f"; fix: {'; '.join(hints)}" if hints else "")
 
 
