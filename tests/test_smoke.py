@@ -415,6 +415,10 @@ def test_smoke_pipeline_reduced_end_to_end(tmp_path, smollm2_dir):
     assert teacher["benchmarks"]["mmlu_pro"]["dataset"]["source"]["sources"][0]["data_file"].endswith(
         "configs/data/smoke/mmlu_pro_easy.jsonl")
     _assert_results_md_cites(results, summary, teacher, quant)
+    from test_smoke_ship import assert_rows_match_json  # the int4 store's view, CT export and GGUF rows
+
+    assert [r["key"] for r in summary["rows"]] == ["ship-dequant", "ship-ct"] and not summary["rows"][1]["error"]
+    assert_rows_match_json(summary, results / "smoke" / "smoke_smollm2-135m-instruct.json", res.stdout)
 
 
 @pytest.mark.slow
@@ -424,7 +428,9 @@ def test_smoke_moe_pipeline_reduced_end_to_end(tmp_path, smollm2_dir):
     res = run_pipeline(SMOKE_MOE_SH, {"SMOKE_FALLBACK_MODEL": "tiny:qwen3_moe",  # the plumbing fixture
                                       "SMOKE_N": "2", "SMOKE_MAX_NEW_TOKENS": "8", "SMOKE_FIDELITY_TOKENS": "126",
                                       "SMOKE_FIDELITY_CTX": "64", "SMOKE_RESULTS_DIR": str(results),
-                                      "SMOKE_WORK_DIR": str(tmp_path / "work")}, timeout=1500)
+                                      "SMOKE_WORK_DIR": str(tmp_path / "work"), "CALIB_TOKENS": "2048",
+                                      # the plumbing run: the export / comparison rows are the dense test's
+                                      "SMOKE_SHIP_EXPORTS": "", "SMOKE_COMPARE_RECIPE": ""}, timeout=1500)
     assert res.returncode == 0, res.stderr[-4000:]
     assert res.stdout.rstrip().endswith("SMOKE OK") and "RANDOM-WEIGHT MoE" in res.stdout
     summary = json.loads((results / "smoke" / "smoke_moe_tiny-qwen3-moe-random.json").read_text())

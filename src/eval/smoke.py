@@ -33,7 +33,7 @@ import tool_config
 from smoke_plan import (  # noqa: F401  (re-exported: `import smoke` is the public API)
     EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_STEP_FAILED,
     EMBEDDED, EMBEDDED_MOE, FALLBACKS, Facts, HUB_ID, MOE_FALLBACKS,
-    PROMPT_ROOM, Plan, REPO_ROOT, SCHEMA, SRC_DIRS, STEPS,
+    PROMPT_ROOM, Plan, QUANT_KNOBS, REPO_ROOT, SCHEMA, SRC_DIRS, STEPS,
     SmokeConfig, SmokeError, TINY_MOE, classify_model, hub_unusable_reasons, plan_smoke,
     recipe_slug, slug_of, tags_for)
 from smoke_preflight import (  # noqa: F401  (re-exported: `import smoke` is the public API)
@@ -48,8 +48,6 @@ from smoke_report import (  # noqa: F401  (re-exported: `import smoke` is the pu
 
 # ---------------------------------------------------------------------------------------------- CLI
 TOOL = tool_config.Tool("smoke", "SMOKE_", SmokeConfig, __doc__)
-QUANT_KNOBS = ("expert_bits", "linear_bits", "mtp_bits", "group", "clip_steps", "clip_lo", "method", "grid",
-               "act_order", "role_bits", "bits_plan", "calib", "calib_tokens", "calib_ctx")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,6 +22,9 @@ TINY_MOE = "tiny:qwen3_moe"  # random weights: plumbing tests only
 FALLBACKS = (EMBEDDED, EMBEDDED_MOE, TINY_MOE)
 MOE_FALLBACKS = (EMBEDDED_MOE, TINY_MOE)
 STEPS = ("resolve", "preflight", "quantize", "eval-teacher", "eval-quant", "fidelity", "compare", "results-md")
+QUANT_KNOBS = ("expert_bits", "linear_bits", "mtp_bits", "group", "clip_steps", "clip_lo", "method", "grid",
+               "act_order", "role_bits", "bits_plan", "calib", "calib_tokens", "calib_ctx")  # from the quant recipe
+SHIP_EXPORTS = ("compressed-tensors", "gguf")  # exports of the shipped int4 store the smoke can evaluate
 PROMPT_ROOM = 1024  # tokens reserved for the prompt on top of max_new_tokens
 EXIT_BAD_INPUT, EXIT_STEP_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
@@ -102,6 +105,12 @@ class SmokeConfig:
     hub_timeout_s: float = option(5.0, "bound of the hub reachability check")
     step_timeout_s: float = option(1800.0, "a step running longer is killed and named")
     resume: bool = option(False, "reuse finished generations of an identical earlier smoke (default: regenerate)")
+    ship_exports: tuple = option(SHIP_EXPORTS, "exports of the shipped int4 store to build, verify and evaluate: "
+                                 "compressed-tensors (vLLM's WNA16 kernels), gguf (llama-perplexity KLD); empty = none",
+                                 parse=_benches)
+    ship_group: int = option(32, "group of the shipped int4 store (32: both compressed-tensors W4A16 and GGUF Q4_0 "
+                             "hold it)")
+    compare_recipe: str = option("", "a second quant recipe (configs/*.env) built and evaluated as a comparison row")
 
     def __post_init__(self):
         if self.kind not in ("dense", "moe"):
@@ -121,6 +130,12 @@ class SmokeConfig:
                              f"tokens={self.fidelity_tokens}")
         if not self.benchmarks:
             raise SmokeError("SMOKE_BENCHMARKS is empty; e.g. mmlu_pro,math500")
+        bad = [x for x in self.ship_exports if x not in SHIP_EXPORTS]
+        if bad:
+            raise SmokeError(f"SMOKE_SHIP_EXPORTS={','.join(self.ship_exports)}: {bad[0]!r} is not one of "
+                             f"{','.join(SHIP_EXPORTS)} (empty for none)")
+        if self.ship_group <= 0:
+            raise SmokeError(f"ship_group must be > 0, got {self.ship_group}")
 
 
 @dataclass(frozen=True)

