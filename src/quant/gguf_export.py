@@ -119,7 +119,10 @@ def llama_tree() -> Path:
 
 
 def convert_bf16(model_dir: Path, out: Path) -> None:
-    cmd = [sys.executable, "-m", "gguf_convert", "--tree", str(llama_tree()), "--router-type", "f16", "--",
+    """The converter's BF16 GGUF of the dequantized view. The router is kept BF16 like every other dense weight:
+    the store's router is BF16, and F16 would round its values below fp16's normal floor (the verifier caught it
+    on the MoE fixture's router)."""
+    cmd = [sys.executable, "-m", "gguf_convert", "--tree", str(llama_tree()), "--router-type", "bf16", "--",
            str(model_dir), "--outtype", "bf16", "--outfile", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
