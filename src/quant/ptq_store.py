@@ -110,3 +110,19 @@ def open_store(build_dir: str | Path, meta: PtqMeta | None = None) -> Store:
             raise MetaError(f"store file {f} has {f.stat().st_size} bytes, the meta records {rec['bytes']} (truncated?)")
         files.append(f)
     return Store(build_dir, files)
+
+
+def read_parts(store: Store, name: str, parts=("scales", "zeros")) -> dict[str, tuple[dict, dict]]:
+    """Entry key -> (spec, {part: tensor}) of tensor `name`, reading only the parts asked (OPD reads the grid,
+    scales and zero points, without the codes)."""
+    from safetensors import safe_open
+
+    if name not in store.index:
+        raise MetaError(f"tensor {name} is not in the store at {store.dir / STORE_DIR}")
+    f, specs = store.index[name]
+    out = {}
+    with safe_open(str(f), framework="pt", device="cpu") as st:
+        keys = set(st.keys())
+        for key, info in specs.items():
+            out[key] = (info, {p: st.get_tensor(f"{key}.{p}") for p in parts if f"{key}.{p}" in keys})
+    return out
