@@ -129,8 +129,8 @@ def test_bits_plan_student_trains_on_its_per_tensor_bits(gptq_setup, tmp_path):
 
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"format": "moe-lowbit/bits-plan/1", "strategy": "test", "budget_bits": None,
-                                "tensors": {"model.layers.0.mlp.experts.0.up_proj.weight": 3.0,
-                                            "model.layers.1.mlp.experts.1.down_proj.weight": 2.0}}))
+                                "tensors": {"model.layers.0.mlp.experts.0.up_proj.weight": 4.0,
+                                            "model.layers.1.mlp.experts.1.down_proj.weight": 6.0}}))
     student = tmp_path / "planned"
     assert quant_save.main(["--model", str(gptq_setup["source"]), "--out", str(student), "--clip-steps", "4",
                             "--bits-plan", str(plan), "--no-progress"]) == 0
@@ -142,15 +142,17 @@ def test_bits_plan_student_trains_on_its_per_tensor_bits(gptq_setup, tmp_path):
                                                   torch.float32)
     grid = mods["model.layers.0.mlp.experts.gate_up_proj"].grid
     assert isinstance(grid.hi, torch.Tensor) and set(grid.hi.unique().tolist()) == {3.0, 7.0}  # 3-bit and 4-bit slices
-    assert store.specs("model.layers.0.mlp.experts.0.up_proj.weight")["model.layers.0.mlp.experts.0.up_proj.weight"]["bits"] == 3.0
+    assert store.specs("model.layers.0.mlp.experts.0.up_proj.weight")["model.layers.0.mlp.experts.0.up_proj.weight"]["bits"] == 4.0
     run = tmp_path / "run"
     train(gptq_setup, student, run, steps="2")
     import merge_adapter
 
     rec = merge_adapter.merge(run, tmp_path / "merged")
     assert rec["same_footprint"] and rec["tensors"]["changed"] > 0
-    assert isinstance(lora_quant.recipe_from_meta(json.loads((student / "_ptq_meta.json").read_text())),
-                      object)
+    merged = opd_grid.open_student_store(tmp_path / "merged")
+    for key, info in merged.specs("model.layers.1.mlp.experts.1.down_proj.weight").items():
+        assert info["bits"] == 6.0  # the plan's bits survive the merge
+    assert lora_quant.recipe_from_meta(json.loads((student / "_ptq_meta.json").read_text())).method == "clip"
 
 
 def test_store_less_and_awq_students_are_refused_in_one_line(gptq_setup, tmp_path):
