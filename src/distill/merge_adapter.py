@@ -206,9 +206,12 @@ def merge(run: str | Path, out: str | Path, student: str | None = None, source: 
             for shard, rec in write_dequant(student_dir, new, out).items():
                 new["shards"][shard]["output"] = rec
         new = export_run.finish(new, records, out, emit)
-    except (BuildError, lora_quant.LoraTargetError, OpdInputError) as e:
+    except (BuildError, lora_quant.LoraTargetError, OpdInputError, ValueError) as e:  # MetaError, VerifyError too
         shutil.rmtree(out, ignore_errors=True)  # nothing half-written is kept
         raise OpdInputError(f"merge into {out}: {e}") from None
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
     before, after = meta["store"], new["store"]
     same_footprint = (before["quantized_bytes"] == after["quantized_bytes"]
                       and before["effective_bits_quantized"] == after["effective_bits_quantized"]
