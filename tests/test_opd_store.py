@@ -173,3 +173,11 @@ def test_store_less_and_awq_students_are_refused_in_one_line(gptq_setup, tmp_pat
     awq = dict(meta, recipe=dict(meta["recipe"], method="awq"))
     with pytest.raises(lora_quant.LoraTargetError, match="'awq'"):
         lora_quant.recipe_from_meta(awq)
+
+
+def test_a_recipe_with_role_bits_reads_back():
+    """The meta stores role_bits as {role: bits} (gptq_122b.env's embed=8,lm_head=8): the recipe reader accepts it."""
+    import ptq_store
+
+    rec = ptq_store.recipe_of({"recipe": {"method": "gptq", "grid": "full", "role_bits": {"embed": 8.0, "lm_head": 8.0}}})
+    assert rec.role_bits == (("embed", 8.0), ("lm_head", 8.0)) and rec.calibrated

@@ -46,7 +46,10 @@ def base_is_source(meta: dict) -> bool:
     """Whether W in Q_s(W + BA) is the BF16 source (a round-to-nearest build: clip, rtn, where Q_s(source) is the
     student and the source's position inside each rounding cell is kept) or the student's own decoded weight (a
     calibrated build, gptq/wclip: its codes are not the source's nearest, so only Q_s(student) is the student)."""
-    return not ptq_store.recipe_of(meta).calibrated
+    try:
+        return not ptq_store.recipe_of(meta).calibrated
+    except ptq_meta.MetaError as e:
+        raise opd_data.OpdInputError(f"the student's {e}") from None
 
 
 def entry_slots(store: ptq_store.Store, params) -> dict[str, list[tuple[str, str, layer_io.Slot]]]:

@@ -24,7 +24,7 @@ def recipe_of(meta: dict):
     if unknown:
         raise MetaError(f"the recipe has fields {unknown} this model_adapters.Recipe does not know; "
                         f"the grid cannot be promised")
-    if "role_bits" in rec:
+    if isinstance(rec.get("role_bits"), list):  # JSON pairs; a {role: bits} dict is Recipe's own form
         rec["role_bits"] = tuple(tuple(x) for x in rec["role_bits"])
     try:
         return Recipe(**rec)
