@@ -98,7 +98,8 @@ def test_merged_gptq_student_is_a_new_store_that_verifies_and_exports_to_gguf(gp
     assert after["store"]["effective_bits_quantized"] == before["store"]["effective_bits_quantized"]
     assert after["store"]["bytes"] == before["store"]["bytes"]
     assert after["store"]["files"] != before["store"]["files"]  # new codes
-    assert set(after["exports"]) == {"dequant", "gguf"} and after["exports"]["gguf"]["verified"]["ok"]
+    assert set(after["exports"]) == {"dequant", "gguf"}
+    assert after["exports"]["gguf"]["verified"]["ok"] and after["exports"]["dequant"]["verified"]["ok"]
     for export in (merged, merged / "gguf"):
         p = subprocess.run([sys.executable, "-m", "verify_export", str(merged), str(export), "--no-record",
                             "--no-progress"], capture_output=True, text=True, cwd=ROOT / "src" / "quant")

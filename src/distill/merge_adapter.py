@@ -206,6 +206,13 @@ def merge(run: str | Path, out: str | Path, student: str | None = None, source: 
             for shard, rec in write_dequant(student_dir, new, out).items():
                 new["shards"][shard]["output"] = rec
         new = export_run.finish(new, records, out, emit)
+        if "dequant" in emit:  # written from the new store above; checked like every other export
+            import ptq_meta
+            import ptq_store
+            import verify_export
+
+            pm = ptq_meta.parse_meta(new, out / ptq_meta.META_NAME, require_complete=False)
+            new["exports"]["dequant"]["verified"] = verify_export.verify(ptq_store.open_store(out, pm), out, "dequant")
     except (BuildError, lora_quant.LoraTargetError, OpdInputError, ValueError) as e:  # MetaError, VerifyError too
         shutil.rmtree(out, ignore_errors=True)  # nothing half-written is kept
         raise OpdInputError(f"merge into {out}: {e}") from None
