@@ -113,7 +113,7 @@ def test_merged_checkpoint_logits_equal_the_training_forward(opd_setup, tmp_path
     # the training forward with the trained adapter loaded ...
     root, targets, mods = opd_model.build_student(opd_setup["student"], opd_setup["source"],
                                                   ("routed_expert", "attention"), 4, 8.0, 0, torch.float32,
-                                                  grid_cache=tmp_path / "grid")
+                                                  )
     model = root.lm
     ad = load_file(str(run / "adapter.safetensors"))
     with torch.no_grad():

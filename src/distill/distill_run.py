@@ -97,6 +97,12 @@ class DistillConfig:
     group: int = option(128, "student recipe: group size")
     clip_steps: int = option(8, "student recipe: clip search steps")
     clip_lo: float = option(0.65, "student recipe: lowest clip ratio")
+    method: str = option("clip", "student recipe: rounding method (clip, rtn, gptq, wclip; gptq/wclip calibrate)")
+    grid: str = option("sym", "student recipe: code grid (sym, full, asym)")
+    role_bits: str = option("", "student recipe: ROLE=BITS overrides, e.g. embed=8,lm_head=8")
+    calib: str = option("pydoc-topics", "student recipe: named calibration text of a calibrated method (offline)")
+    calib_tokens: int = option(8192, "student recipe: calibration tokens")
+    calib_ctx: int = option(512, "student recipe: calibration window length")
     benchmarks: str = option("mmlu_pro,math500", "evaluation benchmarks (same samples for every arm)")
     data_files: str = option("mmlu_pro=configs/data/smoke/mmlu_pro_easy.jsonl,math500=configs/data/smoke/math500_easy.jsonl",
                              "BENCH=PATH,... offline evaluation files")
@@ -266,7 +272,10 @@ def run(cfg: DistillConfig, fresh: bool) -> dict:
         student_dir = work / "student"
         student = quant_config.QuantConfig(model=str(teacher_dir), out=str(student_dir), expert_bits=cfg.expert_bits,
                                            linear_bits=cfg.linear_bits, group=cfg.group, clip_steps=cfg.clip_steps,
-                                           clip_lo=cfg.clip_lo, progress=False)
+                                           clip_lo=cfg.clip_lo, method=cfg.method, grid=cfg.grid,
+                                           role_bits=cfg.role_bits, calib_tokens=cfg.calib_tokens,
+                                           calib_ctx=cfg.calib_ctx, progress=False,
+                                           **({"calib": cfg.calib} if cfg.method in ("gptq", "wclip", "awq") else {}))
         timed("student-build", lambda: run_step("student-build", [
             sys.executable, REPO_ROOT / "src/quant/quant_save.py", *quant_config.argv(student)], logs, T))
     paths = {"roll_student": work / "rollouts_student.jsonl", "roll_teacher": work / "rollouts_teacher.jsonl",

@@ -1,11 +1,13 @@
 """LoRA through the student's fake quantizer: W_eff = Q_s(W + B A), with the build's scales s fixed.
 
 Why this shape:
-* what is trained is what is shipped. The forward uses the student's own grid: the per-group fp16
-  scales the builder chose for the source weight W (recomputed here with `moe_quant.quantize_tensor`
-  and the recipe from `_ptq_meta.json`, and checked bit for bit against the student's tensor), the
-  same codes range and the same rounding. `merge_adapter.py` applies exactly this function once more
-  and writes the result, so the merged checkpoint's logits are the training forward's logits;
+* what is trained is what is shipped. The forward uses the student's own grid as its packed store holds
+  it (`opd_grid.student_grid`: the fp16 scales, zero points and code range of every tensor, per-tensor
+  bits of a bits plan included; no scale search is re-run), the same rounding. W is the SOURCE weight for
+  a round-to-nearest build (clip/rtn: Q_s(source) is the student) and the student's own decoded weight for
+  a calibrated one (gptq/wclip: their codes are not the nearest ones, Q_s(student) is the student).
+  `merge_adapter.py` applies exactly this function once more and stores the codes, so the merged
+  checkpoint's logits are the training forward's logits;
 * the straight-through estimator: forward value = Q_s(W + BA) exactly, gradient = identity through Q,
   so A and B learn from the quantized model's loss;
 * targets are chosen by tensor ROLE (`model_adapters.adapter_for(config).classify`), never by family
@@ -49,21 +51,23 @@ class Target:
 
 
 def recipe_from_meta(meta: dict) -> Recipe:
-    """The student's Recipe from its _ptq_meta.json; refuses builds this fake-quant cannot reproduce."""
+    """The student's Recipe from its _ptq_meta.json. Any rounding method and a per-tensor bits plan are
+    accepted (the grid is read from the packed store, `opd_grid`), except AWQ, refused by name."""
     try:
         recipe = ptq_store.recipe_of(meta)
     except ptq_meta.MetaError as e:
         raise LoraTargetError(f"the student's {e}") from None
-    if getattr(recipe, "calibrated", False) or meta.get("bits_plan"):
-        raise LoraTargetError(f"the student was built with method {getattr(recipe, 'method', '?')!r}"
-                              f"{' and a per-tensor bits plan' if meta.get('bits_plan') else ''}: OPD trains through "
-                              f"fixed-scale round-to-nearest on the recipe's grid, which reproduces only clip/rtn builds")
+    if getattr(recipe, "method", None) == "awq":
+        raise LoraTargetError("the student was built with method 'awq': its per-input-channel scale (in_scale) is "
+                              "not part of OPD's fixed grid yet; distill a gptq or wclip build of the same source")
     return recipe
 
 
-def choose_targets(named_shapes, config: dict, recipe: Recipe, roles=DEFAULT_ROLES) -> list[Target]:
-    """Parameters whose role is in `roles` and that the recipe quantizes (a LoRA on a BF16 tensor would
-    still be trainable, but then merging could not keep the footprint: those are refused by omission)."""
+def choose_targets(named_shapes, config: dict, recipe: Recipe, roles=DEFAULT_ROLES,
+                   stored: set | None = None) -> list[Target]:
+    """Parameters whose role is in `roles` and that the build quantized (`stored`: the names the packed store
+    holds quantized in full, which a bits plan decides per tensor; else the recipe). A LoRA on a BF16 tensor
+    would still train, but merging could not keep the footprint: those are left out."""
     bad = sorted(set(roles) - set(ALLOWED_ROLES))
     if bad:
         raise LoraTargetError(f"--lora-roles {bad} not allowed; choose from {list(ALLOWED_ROLES)}")
@@ -71,7 +75,7 @@ def choose_targets(named_shapes, config: dict, recipe: Recipe, roles=DEFAULT_ROL
     out = []
     for name, shape in named_shapes:
         tr = adapter.classify(name, shape)
-        if tr.role.value not in roles or not tr.quantizable:
+        if tr.role.value not in roles or not tr.quantizable or (stored is not None and name not in stored):
             continue
         spec = recipe.spec_for(tr, True, len(shape))
         if spec is None:
@@ -128,10 +132,14 @@ class FixedGrid:
     gives +0 as in the builder. Why it matters: every forward re-quantizes every adapted expert, and
     that elementwise pass over all expert weights costs more than the 135M fixture's matmuls."""
 
+    PER_GROUP = ("scale", "safe", "zero", "zero_scale", "lo", "hi")
+
     def __init__(self, scales: torch.Tensor, zeros: torch.Tensor | None, axis: int, spec: moe_quant.QuantSpec,
-                 shape: tuple[int, ...]):
+                 shape: tuple[int, ...], code_range: tuple | None = None):
+        """`code_range`: (lo, hi) as numbers, or as tensors shaped like `scales` when a bits plan gives the
+        slices of one weight (experts of a fused tensor) different bits; default: the spec's range."""
         self.axis, self.group = axis % len(shape), spec.group
-        self.lo, self.hi = getattr(spec, "code_range", (-spec.qmax, spec.qmax))
+        self.lo, self.hi = code_range or getattr(spec, "code_range", (-spec.qmax, spec.qmax))
         k = shape[self.axis]
         self.n_full, self.rem = divmod(k, self.group)
         s = scales.float().reshape(*[d for i, d in enumerate(shape) if i != self.axis], -1)
@@ -142,6 +150,8 @@ class FixedGrid:
         self.scale = s.contiguous()
         self.safe = torch.where(s != 0, s, torch.ones_like(s)).contiguous()
         self.zero = None if zeros is None else zeros.float().reshape(s.shape).contiguous()
+        if isinstance(self.lo, torch.Tensor):  # per group, like the scales
+            self.lo, self.hi = (t.float().reshape(s.shape).contiguous() for t in (self.lo, self.hi))
 
     def select(self, e: int) -> "FixedGrid":
         """The grid of expert e of a fused [E, ...] weight (views of this one; axis must not be the expert dim)."""
@@ -149,14 +159,14 @@ class FixedGrid:
             raise LoraTargetError("a grid along the expert axis cannot be split per expert")
         out = copy.copy(self)
         out.axis = self.axis - 1
-        for name in ("scale", "safe", "zero", "zero_scale"):
-            if getattr(self, name) is not None:
+        for name in self.PER_GROUP:
+            if isinstance(getattr(self, name), torch.Tensor):
                 setattr(out, name, getattr(self, name)[e])
         return out
 
     def to(self, device) -> "FixedGrid":
-        for name in ("scale", "safe", "zero", "zero_scale"):
-            if getattr(self, name) is not None:
+        for name in self.PER_GROUP:
+            if isinstance(getattr(self, name), torch.Tensor):
                 setattr(self, name, getattr(self, name).to(device))
         return self
 
@@ -168,15 +178,32 @@ class FixedGrid:
         if self.rem:  # [..., 1, rem] view of the tail group
             yield m.narrow(-1, cut, self.rem).unsqueeze(-2), slice(self.n_full, self.n_full + 1)
 
+    def _range(self, groups):
+        if isinstance(self.lo, torch.Tensor):
+            return self.lo[..., groups, None], self.hi[..., groups, None]
+        return self.lo, self.hi
+
+    def codes_(self, x: torch.Tensor) -> torch.Tensor:
+        """x (fp32, the weight's shape) -> its integer codes on this grid (as floats), in place: the stored
+        `codes` of Q_s(x) (dequant = (code - zero) * scale)."""
+        for view, groups in self._views(x):
+            lo, hi = self._range(groups)
+            view.div_(self.safe[..., groups, None]).round_()
+            if self.zero is not None:
+                view.add_(self.zero[..., groups, None])
+            view.clamp_(lo, hi)
+        return x
+
     def quantize_(self, x: torch.Tensor) -> torch.Tensor:
         """x (fp32, the weight's shape) -> Q_s(x), in place; returns x."""
         for view, groups in self._views(x):
+            lo, hi = self._range(groups)
             view.div_(self.safe[..., groups, None]).round_()
             if self.zero is not None:
                 z = self.zero[..., groups, None]
-                view.add_(z).clamp_(self.lo, self.hi).sub_(z)
+                view.add_(z).clamp_(lo, hi).sub_(z)
             else:
-                view.clamp_(self.lo, self.hi)
+                view.clamp_(lo, hi)
             view.mul_(self.scale[..., groups, None])
             if self.zero_scale is not None:  # code * 0 can be -0.0; the builder writes +0.0 there
                 view.masked_fill_(self.zero_scale[..., groups, None], 0.0)
@@ -230,7 +257,7 @@ class QuantLora(torch.nn.Module):
     """Parametrization: original W -> Q_s(W + scale * B A) with the straight-through estimator."""
 
     def __init__(self, target: Target, scales: torch.Tensor, zeros: torch.Tensor | None, rank: int, alpha: float,
-                 generator=None, store_dtype: torch.dtype = torch.bfloat16, device=None):
+                 generator=None, store_dtype: torch.dtype = torch.bfloat16, device=None, code_range: tuple | None = None):
         super().__init__()
         a_shape, b_shape = lora_shapes(target.shape, rank)
         if device is None:
@@ -242,7 +269,7 @@ class QuantLora(torch.nn.Module):
         self.register_buffer("scales", scales, persistent=False)
         self.register_buffer("zeros", zeros, persistent=False)
         self.axis, self.spec, self.scaling, self.store_dtype = target.axis, target.spec, alpha / rank, store_dtype
-        self.grid = FixedGrid(scales, zeros, target.axis, target.spec, target.shape)
+        self.grid = FixedGrid(scales, zeros, target.axis, target.spec, target.shape, code_range)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.grid.scale.device != w.device:
@@ -261,15 +288,17 @@ def merged_weight(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: fl
 
 def attach(model: torch.nn.Module, targets: list[Target], scales: dict, rank: int, alpha: float,
            seed: int = 0, store_dtype: torch.dtype = torch.bfloat16, zeros: dict | None = None,
-           device=None) -> dict[str, QuantLora]:
+           device=None, code_ranges: dict | None = None) -> dict[str, QuantLora]:
     """Register a QuantLora on each target parameter (in place); returns name -> module. With device="meta"
-    A and B are left empty (the sharded build fills each rank's rows afterwards)."""
+    A and B are left empty (the sharded build fills each rank's rows afterwards). `code_ranges`: name ->
+    (lo, hi) from the store (a bits plan's per-tensor bits); default: each target's spec."""
     gen = torch.Generator().manual_seed(seed)
     mods = {}
     for t in targets:
         owner_name, _, param = t.name.rpartition(".")
         owner = model.get_submodule(owner_name)
-        mod = QuantLora(t, scales[t.name], (zeros or {}).get(t.name), rank, alpha, gen, store_dtype, device)
+        mod = QuantLora(t, scales[t.name], (zeros or {}).get(t.name), rank, alpha, gen, store_dtype, device,
+                        (code_ranges or {}).get(t.name))
         parametrize.register_parametrization(owner, param, mod, unsafe=True)
         mods[t.name] = mod
     return mods

@@ -136,14 +136,16 @@ class RowReader:
 
 def load_shards(model: torch.nn.Module, student: Path, source: Path, target_names: set[str]) -> int:
     """Fill every frozen parameter of `model` (already on its device, FSDP-sharded or not) with this rank's
-    rows: LoRA targets' originals from the SOURCE checkpoint, everything else from the student.
+    rows: the parameters in `target_names` (LoRA targets whose W is the source's) from the SOURCE checkpoint,
+    everything else from the student.
     Returns the number of bytes read."""
     named = [(n, p) for n, p in model.named_parameters() if memory_name(n) is not None]
     mem = [memory_name(n) for n, _ in named]
     read = 0
     with contextlib.ExitStack() as stack:
-        readers = {"student": RowReader(student, [m for m in mem if m not in target_names], stack),
-                   "source": RowReader(source, [m for m in mem if m in target_names], stack)}
+        readers = {"student": RowReader(student, [m for m in mem if m not in target_names], stack)}
+        if target_names:
+            readers["source"] = RowReader(source, [m for m in mem if m in target_names], stack)
         for (n, p), m in zip(named, mem):
             local, lo = shard_rows(p)
             r = readers["source" if m in target_names else "student"]

@@ -1,128 +1,135 @@
-"""The student's grid (per-group scales, zero-points) of every LoRA target: the ONE reader all consumers share.
+"""The student's grid (fp16 scales, zero points, code range) of every LoRA target, read from its packed store:
+the ONE reader the trainer and the merge share.
 
-Today the scales are recovered, as before, by re-running the build's recipe on the SOURCE weight
-(`lora_quant.build_scales`) and checking that this reproduces the student's tensor bit for bit. What is
-new is who does it: the targets are split over the ranks (rank r recovers targets r, r + world, ...),
-each part is written once to `<cache>/grid-<key>/part-<r>-of-<world>.safetensors`, and every rank then
-reads all parts. So the recipe's clip search runs once per target in total, never once per rank, and a
-resumed run (same student, source, targets) reads the parts instead of searching again.
+Why from the store: the scales a build chose (a clip search, GPTQ's error feedback, a bits plan's per-tensor
+bits) are written there exactly (`_ptq_store/`, store_pack), so nothing is searched again, on any rank, and a
+calibrated or bits-plan student trains on its own grid. Only scales and zero points are read (no codes):
+~1/group of the weights in fp16. Every rank reads every target's grid, because FSDP2 gathers a whole layer
+before its forward and the fake quantizer runs on the gathered weight; the weights themselves are read
+per rank, rows only (`opd_ckpt.load_shards`).
 
-When the packed codes+scales store lands (quant/ptq_meta.py), `student_grid` reads the stored scales
-instead and the search disappears; every caller (trainer, merge, tests) keeps calling this one function.
+Names: LoRA targets are in-memory parameters (transformers 5 fuses experts: `...experts.gate_up_proj`
+[E, 2I, H]); the store is keyed by the checkpoint's disk names (`...experts.3.up_proj.weight`, or a fused
+disk tensor's expert slices `NAME#3`). `layer_io.memory_slot` maps one onto the other.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import json
-import os
-import subprocess
-import sys
+import math
 from pathlib import Path
 
 import torch
 
-import atomic_io
+import layer_io
 import lora_quant
-import opd_ckpt
 import opd_data
-import provenance
+import ptq_meta
+import ptq_store
+import store_pack
+
+REBUILD = ("rebuild it with bash pipelines/quantize.sh (or src/quant/quant_save.py) and the same recipe: "
+           "a current build writes the packed store OPD reads the grid from")
 
 
-def grid_key(student: Path, source: Path, targets) -> str:
-    return provenance.sha256_json({"student_meta": provenance.sha256_file(Path(student) / opd_data.PTQ_META),
-                                   "source": str(Path(source).resolve()),
-                                   "targets": [[t.name, list(t.shape), t.axis] for t in targets]})[:16]
-
-
-def recover_one(target, src: opd_ckpt.RowReader, stu: opd_ckpt.RowReader) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(scales, zeros) of one target from its source weight, checked against the student's tensor."""
-    n = target.shape[0]
-    w = src.rows(target.name, target.shape, 0, n, torch.float32)
-    s, z, dq = lora_quant.build_scales(w, target)
-    student_w = stu.rows(target.name, target.shape, 0, n, torch.bfloat16)
-    lora_quant.check_base_is_student(target, dq, student_w)
-    grid = lora_quant.FixedGrid(s, z, target.axis, target.spec, target.shape)  # the training grid at B = 0, too
-    lora_quant.check_base_is_student(target, grid.quantize_(w), student_w)
-    return s, z
-
-
-def _recover_part(student: Path, source: Path, targets: list, out: Path) -> int:
-    """Recover and write one rank's share (runs in a spawned child, see student_grid)."""
-    from safetensors.torch import save
-
-    tensors = {}
-    with contextlib.ExitStack() as stack:
-        names = [t.name for t in targets]
-        src = opd_ckpt.RowReader(source, names, stack)
-        stu = opd_ckpt.RowReader(student, names, stack)
-        for t in targets:
-            s, z = recover_one(t, src, stu)
-            tensors[f"{t.name}::scales"] = s.contiguous()
-            if z is not None:
-                tensors[f"{t.name}::zeros"] = z.contiguous()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_io.write_bytes(out, save(tensors))
-    return len(targets)
-
-
-def target_to_json(t) -> dict:
-    spec = {f.name: getattr(t.spec, f.name) for f in dataclasses.fields(t.spec)}  # scale_dtype is a name
-    return {"name": t.name, "role": t.role, "shape": list(t.shape), "axis": t.axis, "spec": spec}
-
-
-def target_from_json(d: dict):
-    import moe_quant
-
-    spec = dict(d["spec"], scale_dtype=str(d["spec"]["scale_dtype"]).removeprefix("torch."))
-    return lora_quant.Target(d["name"], d["role"], tuple(d["shape"]), d["axis"], moe_quant.QuantSpec(**spec))
-
-
-def _child_main() -> int:
-    """`python opd_grid.py` with a JSON job on stdin: recover one rank's share (see student_grid)."""
-    job = json.loads(sys.stdin.read())
+def open_student_store(student: str | Path) -> ptq_store.Store:
+    """The student's packed store; a build without one (older than the store) is refused in one line."""
     try:
-        _recover_part(Path(job["student"]), Path(job["source"]), [target_from_json(t) for t in job["targets"]],
-                      Path(job["out"]))
-    except (opd_data.OpdInputError, lora_quant.LoraTargetError) as e:
-        print(f"opd_grid: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        meta = ptq_meta.read_meta(student)
+        if not meta.store:
+            raise opd_data.OpdInputError(f"student {student} has no packed store ({ptq_meta.STORE_DIR}/): it was "
+                                         f"built before the store existed; {REBUILD}")
+        return ptq_store.open_store(student, meta)
+    except ptq_meta.MetaError as e:
+        raise opd_data.OpdInputError(f"student {student}: {e}") from None
 
 
-def _part(cache: Path, rank: int, world: int) -> Path:
-    return cache / f"part-{rank}-of-{world}.safetensors"
+def base_is_source(meta: dict) -> bool:
+    """Whether W in Q_s(W + BA) is the BF16 source (a round-to-nearest build: clip, rtn, where Q_s(source) is the
+    student and the source's position inside each rounding cell is kept) or the student's own decoded weight (a
+    calibrated build, gptq/wclip: its codes are not the source's nearest, so only Q_s(student) is the student)."""
+    try:
+        return not ptq_store.recipe_of(meta).calibrated
+    except ptq_meta.MetaError as e:
+        raise opd_data.OpdInputError(f"the student's {e}") from None
 
 
-def student_grid(student: Path, source: Path, targets, cache_dir: Path, rank: int = 0, world: int = 1,
-                 barrier=lambda: None, log=lambda m: None) -> tuple[dict, dict]:
-    """({target name: scales}, {target name: zeros or None}) for every target, identical on every rank."""
-    from safetensors.torch import load_file
-
-    cache = Path(cache_dir) / f"grid-{grid_key(student, source, targets)}"
-    mine = _part(cache, rank, world)
-    if not mine.is_file():
-        # In a child process: the numba clip-search kernels change this process's floating-point state
-        # (measured: the same training step then gives a loss 1e-3 apart), so a run that recovers the
-        # grid and a resumed run that reads it would not reproduce each other's loss curve.
-        job = {"student": str(student), "source": str(source), "out": str(mine),
-               "targets": [target_to_json(t) for t in targets[rank::world]]}
-        p = subprocess.run([sys.executable, str(Path(__file__).resolve())], input=json.dumps(job), text=True,
-                           capture_output=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-        if p.returncode != 0:
-            lines = p.stderr.strip().splitlines()
-            raise opd_data.OpdInputError(lines[-1] if lines else f"grid recovery exited with {p.returncode}")
-        log(f"opd: grid of {len(job['targets'])} targets recovered by rank {rank}, checked against the student")
-    barrier()
-    found = {}
-    for r in range(world):
-        found.update(load_file(str(_part(cache, r, world))))
-    missing = [t.name for t in targets if f"{t.name}::scales" not in found]
-    if missing:
-        raise opd_data.OpdInputError(f"grid cache {cache} lacks {len(missing)} targets (first {missing[0]}); delete it")
-    return ({t.name: found[f"{t.name}::scales"] for t in targets},
-            {t.name: found.get(f"{t.name}::zeros") for t in targets})
+def entry_slots(store: ptq_store.Store, params) -> dict[str, list[tuple[str, str, layer_io.Slot]]]:
+    """In-memory parameter -> [(entry key, store tensor name, slot)] for the parameters in `params`."""
+    wanted = set(params)
+    out: dict[str, list] = {}
+    for name in store.names():
+        slot = layer_io.memory_slot(name, wanted)
+        if slot is None:
+            continue
+        for key in store.specs(name):
+            s = slot
+            if "#" in key:  # expert slice of a fused disk tensor
+                if slot.expert is not None:
+                    raise opd_data.OpdInputError(f"store entry {key}: an expert slice of a per-expert tensor")
+                s = layer_io.Slot(slot.name, int(key.split("#", 1)[1]), slot.part)
+            out.setdefault(slot.name, []).append((key, name, s))
+    return out
 
 
-if __name__ == "__main__":
-    sys.exit(_child_main())
+def stored_quantized(store: ptq_store.Store, params) -> set[str]:
+    """The in-memory parameters every store entry of which is quantized (bits < 16 for all their slices)."""
+    return {p for p, slots in entry_slots(store, params).items()
+            if all(store.specs(name)[key]["kind"] == "quant" for key, name, _ in slots)}
+
+
+def _fill(full: torch.Tensor, slot: layer_io.Slot, value: torch.Tensor | float, what: str) -> None:
+    view = layer_io.slot_view(full, slot)
+    if isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(view.shape):
+        raise lora_quant.LoraTargetError(f"{what}: stored shape {list(value.shape)} does not fit its slot "
+                                         f"{list(view.shape)} in {slot.name}")
+    view.copy_(value) if isinstance(value, torch.Tensor) else view.fill_(value)
+
+
+def target_grid(store: ptq_store.Store, target, slots) -> tuple[torch.Tensor, torch.Tensor | None, tuple]:
+    """(fp16 scales [*lead, n_groups], zero points or None, (lo, hi)) of one target from its store entries."""
+    nd = len(target.shape)
+    if target.axis != nd - 1:
+        raise lora_quant.LoraTargetError(f"tensor {target.name}: grouped along axis {target.axis}; OPD reads stored "
+                                         f"grids grouped along the last (input) axis only")
+    groups = {store.specs(name)[key]["group"] for key, name, _ in slots}
+    if len(groups) != 1:
+        raise lora_quant.LoraTargetError(f"tensor {target.name}: its slices were stored with groups {sorted(groups)}; "
+                                         f"one fake quantizer needs one group size")
+    group = groups.pop()
+    shape = (*target.shape[:-1], math.ceil(target.shape[-1] / group))
+    scales, lo, hi = (torch.full(shape, math.nan) for _ in range(3))
+    zeros = None
+    read: dict[str, dict] = {}
+    for key, name, slot in slots:
+        if name not in read:
+            read[name] = ptq_store.read_parts(store, name, ("scales", "zeros"))
+        info, parts = read[name][key]
+        if info["axis"] != len(info["shape"]) - 1:
+            raise lora_quant.LoraTargetError(f"store entry {key}: grouped along axis {info['axis']}, not the last")
+        _fill(scales, slot, parts["scales"].float(), key)
+        _fill(lo, slot, float(info["lo"]), key)
+        _fill(hi, slot, float(info["hi"]), key)
+        if "zeros" in parts:
+            zeros = torch.full(shape, math.nan) if zeros is None else zeros
+            _fill(zeros, slot, store_pack.unpacked_zeros(parts, info).float(), key)
+    if torch.isnan(scales).any():
+        raise lora_quant.LoraTargetError(f"tensor {target.name}: the store's entries cover only part of it "
+                                         f"({int(torch.isnan(scales).sum())} groups have no scale)")
+    if zeros is not None and torch.isnan(zeros).any():
+        raise lora_quant.LoraTargetError(f"tensor {target.name}: some slices have zero points and others not")
+    rng = (lo, hi)
+    if bool((lo == lo.flatten()[0]).all()) and bool((hi == hi.flatten()[0]).all()):
+        rng = (float(lo.flatten()[0]), float(hi.flatten()[0]))
+    return scales.to(torch.float16), zeros, rng
+
+
+def student_grid(store: ptq_store.Store, targets, log=lambda m: None) -> tuple[dict, dict, dict]:
+    """({name: scales}, {name: zeros or None}, {name: (lo, hi)}) of every target, identical on every rank."""
+    slots = entry_slots(store, [t.name for t in targets])
+    scales, zeros, ranges = {}, {}, {}
+    for t in targets:
+        if t.name not in slots:
+            raise lora_quant.LoraTargetError(f"tensor {t.name}: not in the student's store {store.dir}")
+        scales[t.name], zeros[t.name], ranges[t.name] = target_grid(store, t, slots[t.name])
+    bits = sorted({store.specs(n)[k]["bits"] for t in targets for k, n, _ in slots[t.name]})
+    log(f"opd: grid of {len(targets)} targets read from the store (bits {bits}); no scale search")
+    return scales, zeros, ranges

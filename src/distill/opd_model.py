@@ -6,7 +6,8 @@
   3. `fully_shard` per decoder layer, then on the root (the `StudentLoss` wrapper, so the embedding, final
      norm and LM head are the root unit and are gathered while the loss runs);
   4. `to_empty` on the device, then each rank reads from the safetensors only its rows (`opd_ckpt`):
-     LoRA targets from the SOURCE (W of Q_s(W + BA)), everything else from the student;
+     LoRA targets' W from the SOURCE for a clip/rtn student, from the student for a calibrated one
+     (opd_grid.base_is_source), everything else from the student;
   5. A filled from a per-target seeded generator (the same values at any world size), B = 0.
 
 LoRA parameters are SHARDED like everything else in their layer's unit (FSDP2 dim 0: for fused experts
@@ -15,7 +16,7 @@ replicating them, saves one all-gather per layer but costs world x their optimiz
 The frozen base weights are sharded with `shard_frozen` (default on GPU), else replicated (`ignored_params`;
 the cheaper choice on CPU/gloo for a model that fits). `cpu_offload` keeps the sharded parameters, their
 gradients and the optimizer step on the host (FSDP2 CPUOffloadPolicy).
-The grid (scales) comes from `opd_grid.student_grid`, the one reader every consumer shares.
+The grid (scales, zero points, code range) comes from the student's packed store (`opd_grid.student_grid`).
 """
 from __future__ import annotations
 
@@ -38,7 +39,11 @@ def model_dtype(device: str, dtype: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
 
 
-def source_dir(meta: dict, override: str | None) -> Path:
+def source_dir(meta: dict, override: str | None) -> Path | None:
+    """The BF16 source W of Q_s(W + BA) comes from (a clip/rtn student); None for a calibrated student, whose
+    own decoded weights are W (opd_grid.base_is_source)."""
+    if not override and not opd_grid.base_is_source(meta):
+        return None
     path = Path(override or meta.get("source", {}).get("path") or "")
     if not override and not (path / "config.json").is_file():
         raise opd_data.OpdInputError(f"the student's source {path} (from its _ptq_meta.json) is not on this machine; "
@@ -148,23 +153,27 @@ def shard(root: StudentLoss, setup: Setup) -> None:
     fully_shard(root, ignored_params=ignored, offload_policy=policy)
 
 
-def build_student(student: str | Path, source: str | Path, roles, rank: int, alpha: float, seed: int,
-                  dtype: torch.dtype, log=lambda m: None, setup: Setup = Setup(), grid_cache: Path | None = None,
-                  dist=None):
-    """(StudentLoss root, targets, name -> QuantLora). At B = 0 the forward is the student's (the grid reader
-    checks each target's Q_s(source) against the student's tensor)."""
-    student, source = Path(student), Path(source)
+def build_student(student: str | Path, source: str | Path | None, roles, rank: int, alpha: float, seed: int,
+                  dtype: torch.dtype, log=lambda m: None, setup: Setup = Setup(), dist=None):
+    """(StudentLoss root, targets, name -> QuantLora). The grid comes from the student's packed store; at B = 0
+    the forward is the student's (tests/test_opd_train.py)."""
+    student = Path(student)
     meta = opd_data.read_student_meta(student)
     recipe = lora_quant.recipe_from_meta(meta)
     config = opd_data.read_config(student, "student")
+    store = opd_grid.open_student_store(student)
     lm = skeleton(student, dtype)
-    targets = lora_quant.choose_targets([(n, tuple(p.shape)) for n, p in lm.named_parameters()], config, recipe, roles)
-    r, world = (dist.rank, dist.world) if dist is not None else (0, 1)
-    scales, zeros = opd_grid.student_grid(student, source, targets, grid_cache or student.parent / ".opd-grid", r, world,
-                                          dist.barrier if dist is not None else (lambda: None), log)
+    named = [(n, tuple(p.shape)) for n, p in lm.named_parameters()]
+    targets = lora_quant.choose_targets(named, config, recipe, roles,
+                                        stored=opd_grid.stored_quantized(store, [n for n, _ in named]))
+    scales, zeros, ranges = opd_grid.student_grid(store, targets, log)
+    from_source = {t.name for t in targets} if opd_grid.base_is_source(meta) else set()
+    if from_source and source is None:
+        raise opd_data.OpdInputError(f"the student {student} was built with method {recipe.method!r}: W of "
+                                     f"Q_s(W + BA) is its BF16 source; pass --source DIR")
     for p in lm.parameters():
         p.requires_grad_(False)
-    mods = lora_quant.attach(lm, targets, scales, rank, alpha, seed, zeros=zeros, device="meta")
+    mods = lora_quant.attach(lm, targets, scales, rank, alpha, seed, zeros=zeros, device="meta", code_ranges=ranges)
     routed = lora_experts.install_routed(lm, targets)
     root = StudentLoss(lm, setup.token_chunk, setup.vocab_chunk)
     shard(root, setup)
@@ -177,8 +186,9 @@ def build_student(student: str | Path, source: str | Path, roles, rank: int, alp
     for name, b in buffers.items():  # to_empty left them uninitialized: the computed values go back
         owner, _, attr = name.rpartition(".")
         root.get_submodule(owner)._buffers[attr] = b.to(setup.device)
-    nbytes = opd_ckpt.load_shards(lm, student, source, {t.name for t in targets})
+    nbytes = opd_ckpt.load_shards(lm, student, source, from_source)
     init_lora_(mods, targets, seed)
     log(f"opd: {len(targets)} LoRA targets ({', '.join(sorted({t.role for t in targets}))}), {routed} expert modules "
-        f"routed-only; this rank read {nbytes / 2**20:.1f} MiB of weights")
+        f"routed-only; W from the {'source' if from_source else 'student'}; this rank read "
+        f"{nbytes / 2**20:.1f} MiB of weights")
     return root.eval(), targets, mods

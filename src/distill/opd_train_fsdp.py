@@ -167,8 +167,7 @@ def _train(cfg: TrainConfig, dist: opd_dist.Dist, fresh: bool, argv, stop_after:
                                                else dist.device.type == "cuda"), cpu_offload=cfg.cpu_offload,
                             token_chunk=cfg.token_chunk, vocab_chunk=cfg.vocab_chunk)
     model, targets, mods = opd_model.build_student(cfg.student, source, cfg.lora_roles, cfg.rank, cfg.alpha, cfg.seed,
-                                                   opd_model.model_dtype(cfg.device, cfg.dtype), log, setup,
-                                                   out / "grid", dist)
+                                                   opd_model.model_dtype(cfg.device, cfg.dtype), log, setup, dist)
     rss_loaded = opd_dist.rss_mib()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -228,7 +227,7 @@ def _train(cfg: TrainConfig, dist: opd_dist.Dist, fresh: bool, argv, stop_after:
               "targets": len(targets), "trainable_params": sum(int(math.prod(p.shape)) for p in trainable),
               "device": str(dist.device), "resumed_from_step": step0, "provenance": provenance.record(argv=argv)}
     if len(losses) == len(plan):
-        opd_dist.write_adapter(out, model, mods, targets, cfg, dist, {"source_dir": str(source), "recipe": meta["recipe"]})
+        opd_dist.write_adapter(out, model, mods, targets, cfg, dist, {"source_dir": str(source or ""), "recipe": meta["recipe"]})
         if dist.rank == 0:
             atomic_io.write_json(out / TRAIN_LOG, result)
             plot_losses(out / "loss.png", losses, f"OPD {cfg.loss} ({len(targets)} LoRA targets)")

@@ -24,7 +24,7 @@ def recipe_of(meta: dict):
     if unknown:
         raise MetaError(f"the recipe has fields {unknown} this model_adapters.Recipe does not know; "
                         f"the grid cannot be promised")
-    if "role_bits" in rec:
+    if isinstance(rec.get("role_bits"), list):  # JSON pairs; a {role: bits} dict is Recipe's own form
         rec["role_bits"] = tuple(tuple(x) for x in rec["role_bits"])
     try:
         return Recipe(**rec)
@@ -110,3 +110,19 @@ def open_store(build_dir: str | Path, meta: PtqMeta | None = None) -> Store:
             raise MetaError(f"store file {f} has {f.stat().st_size} bytes, the meta records {rec['bytes']} (truncated?)")
         files.append(f)
     return Store(build_dir, files)
+
+
+def read_parts(store: Store, name: str, parts=("scales", "zeros")) -> dict[str, tuple[dict, dict]]:
+    """Entry key -> (spec, {part: tensor}) of tensor `name`, reading only the parts asked (OPD reads the grid,
+    scales and zero points, without the codes)."""
+    from safetensors import safe_open
+
+    if name not in store.index:
+        raise MetaError(f"tensor {name} is not in the store at {store.dir / STORE_DIR}")
+    f, specs = store.index[name]
+    out = {}
+    with safe_open(str(f), framework="pt", device="cpu") as st:
+        keys = set(st.keys())
+        for key, info in specs.items():
+            out[key] = (info, {p: st.get_tensor(f"{key}.{p}") for p in parts if f"{key}.{p}" in keys})
+    return out
