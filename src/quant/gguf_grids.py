@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import torch
 
+from quant_result import QuantResult, fixed_order_total, lane_sum
 from quant_spec import K_FALLBACK, K_TYPES, QK_K, KType  # noqa: F401  (the types' table lives with QuantSpec)
 
 SUPER_STEPS = (1.0, 0.96, 0.92, 0.88, 0.84)
@@ -43,10 +44,8 @@ class KParams(NamedTuple):
 
 
 def _sum_rows(v: torch.Tensor) -> torch.Tensor:
-    """Sum over the last axis in one fixed order (moe_quant.lane_sum), any leading shape."""
-    import moe_quant
-
-    return moe_quant.lane_sum(v.reshape(-1, v.shape[-1])).reshape(v.shape[:-1])
+    """Sum over the last axis in one fixed order (quant_result.lane_sum), any leading shape."""
+    return lane_sum(v.reshape(-1, v.shape[-1])).reshape(v.shape[:-1])
 
 
 def effective(p: KParams) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -195,8 +194,6 @@ def quantize_tensor(w: torch.Tensor, spec, axis: int, ratios: torch.Tensor, retu
                     importance: torch.Tensor | None = None):
     """moe_quant.quantize_tensor for a gguf:Q*_K spec: super-blocks of 256 along `axis`, rows in chunks of about
     `spec.chunk_groups` super-blocks (bounded fp32 temporaries), every row of a chunk at once."""
-    import moe_quant
-
     kt = spec.k_type
     axis = axis % w.ndim
     moved = w.movedim(axis, -1)
@@ -232,8 +229,8 @@ def quantize_tensor(w: torch.Tensor, spec, axis: int, ratios: torch.Tensor, retu
             raise ValueError(f"rows {r0}..{r1}: a super-block scale exceeds fp16's range; this tensor cannot be "
                              f"stored as {kt.name}")
         diff = deq - x
-        sq_err += moe_quant.fixed_order_total(moe_quant.lane_sum(diff * diff))
-        sq_ref += moe_quant.fixed_order_total(moe_quant.lane_sum(x * x))
+        sq_err += fixed_order_total(lane_sum(diff * diff))
+        sq_ref += fixed_order_total(lane_sum(x * x))
         out[r0:r1] = deq.reshape(r1 - r0, k)
         if codes is not None:
             codes[r0:r1] = q.reshape(r1 - r0, k).to(torch.int8)
@@ -249,7 +246,7 @@ def quantize_tensor(w: torch.Tensor, spec, axis: int, ratios: torch.Tensor, retu
     def lead_shape(t):
         return None if t is None else t.reshape(*lead, t.shape[-1])
 
-    return moe_quant.QuantResult(restore(out), restore(codes) if codes is not None else torch.empty(0, dtype=torch.int8),
+    return QuantResult(restore(out), restore(codes) if codes is not None else torch.empty(0, dtype=torch.int8),
                                  lead_shape(d), sq_err, sq_ref, None, None, lead_shape(dmin), lead_shape(sc),
                                  lead_shape(m))
 

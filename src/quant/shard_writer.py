@@ -41,7 +41,8 @@ NON_FINITE_MASKS = {"BF16": ("<u2", 0x7F80), "F16": ("<u2", 0x7C00), "F32": ("<u
 STORE_DIR = "_ptq_store"  # OUT/_ptq_store/<shard file>: the packed codes + scales (store_pack.py)
 QUANTIZER_FILES = ("store_pack.py", "moe_quant.py", "quant_kernels_cpu.py", "quant_methods.py", "model_adapters.py", "footprint.py",
                    "build_plan.py", "weight_quant.py", "shard_writer.py", "calib_stats.py", "calib_accum.py", "layer_io.py",
-                   "calib_source.py", "calib_quant.py", "calib_forward.py", "calib_checkpoint.py", "gguf_grids.py", "gptq.py")
+                   "calib_source.py", "calib_quant.py", "calib_forward.py", "calib_checkpoint.py", "gguf_grids.py", "gptq.py",
+                   "quant_result.py")
 
 
 def quantizer_sha256() -> str:
