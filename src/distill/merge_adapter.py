@@ -23,13 +23,15 @@ import struct
 import sys
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 import atomic_io
 import opd_data
 import provenance
 from opd_data import OpdInputError
+
+if TYPE_CHECKING:
+    import torch
 
 MERGE_RECORD = "_opd_merge.json"
 EXPORT_DIRS = ("gguf", "compressed-tensors")
@@ -44,6 +46,8 @@ def read_header(path: Path) -> tuple[bytes, dict]:
 
 def expert_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, expert: int | None) -> torch.Tensor:
     """scaling * B A of one weight (or one expert of a fused one), fp32: the order lora_delta_into uses."""
+    import torch  # here, not at the top: --help must not load it
+
     if expert is not None:
         A, B = A[expert], B[expert]
     return torch.matmul(B.float(), A.float()).mul_(scaling)
@@ -51,6 +55,8 @@ def expert_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, expert: int |
 
 def merged_codes(w: torch.Tensor, delta: torch.Tensor, info: dict, parts: dict) -> torch.Tensor:
     """Packed codes of Q_s(w + delta) on the entry's stored grid (w, delta: the entry's shape, fp32)."""
+    import torch  # here, not at the top: --help must not load it
+
     import lora_quant
     import moe_quant
     import store_pack
@@ -92,6 +98,8 @@ class BaseReader:
 
 def merge_store(store, adapter: dict, targets: list, scaling: float, base: BaseReader, out: Path) -> tuple[dict, dict]:
     """Write OUT/_ptq_store/* with the adapted entries' codes re-rounded; (shard records, stats)."""
+    import torch  # here, not at the top: --help must not load it
+
     import layer_io
     import opd_grid
     import shard_writer
@@ -134,6 +142,8 @@ def merge_store(store, adapter: dict, targets: list, scaling: float, base: BaseR
 def write_dequant(student: Path, meta: dict, out: Path) -> dict:
     """The dequantized view of the NEW store, in the student's exact shard layout (headers reused verbatim);
     returns the shards' new {bytes, sha256} (the meta's `shards[*].output`)."""
+    import torch  # here, not at the top: --help must not load it
+
     import ptq_meta
     import ptq_store
 
