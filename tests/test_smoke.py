@@ -396,7 +396,8 @@ def _assert_results_md_cites(results: Path, summary: dict, teacher: dict, quant:
 @pytest.mark.vllm
 def test_smoke_pipeline_reduced_end_to_end(tmp_path, smollm2_dir):
     results = tmp_path / "results"
-    res = run_pipeline(SMOKE_SH, {"SMOKE_N": "3", "SMOKE_MAX_NEW_TOKENS": "24", "SMOKE_FIDELITY_TOKENS": "126",
+    # 4 fidelity windows of 64: llama-perplexity's KL summary needs >= 100 scored tokens (the GGUF row)
+    res = run_pipeline(SMOKE_SH, {"SMOKE_N": "3", "SMOKE_MAX_NEW_TOKENS": "24", "SMOKE_FIDELITY_TOKENS": "256",
                                   "SMOKE_FIDELITY_CTX": "64", "SMOKE_RESULTS_DIR": str(results),
                                   "SMOKE_WORK_DIR": str(tmp_path / "work"),
                                   "CALIB_TOKENS": "2048"},  # smoke.env's gptq recipe, on fewer calibration tokens

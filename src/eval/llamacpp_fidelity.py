@@ -48,6 +48,9 @@ class FidelityError(RuntimeError):
     pass
 
 
+MIN_KLD_TOKENS = 100  # llama-perplexity prints its KL summary only from this many scored tokens
+
+
 def scored_tokens(ctx: int, n_chunks: int) -> int:
     """Tokens llama-perplexity scores: the second half of each chunk."""
     return n_chunks * (ctx - 1 - ctx // 2)
@@ -129,6 +132,11 @@ def run_fidelity(binary: Path, base: Path, students: Mapping[str, Path], text_fi
     """Base logits once, then KL of every student GGUF against them -> fidelity JSON (moe_eval's shape)."""
     if ctx < 8 or chunks < 1:
         raise ValueError(f"need ctx >= 8 and chunks >= 1, got ctx={ctx}, chunks={chunks}")
+    if scored_tokens(ctx, chunks) < MIN_KLD_TOKENS:
+        per_chunk = scored_tokens(ctx, 1)
+        raise ValueError(f"llama-perplexity reports no KL statistics under {MIN_KLD_TOKENS} scored tokens; ctx {ctx} x "
+                         f"{chunks} chunks scores {scored_tokens(ctx, chunks)}: ask for at least "
+                         f"{-(-MIN_KLD_TOKENS // per_chunk)} chunks (or a longer ctx)")
     for path in (base, text_file, *students.values()):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path} not found")

@@ -158,7 +158,7 @@ def gguf_base_cmd(teacher_dir: Path, out: Path) -> list:
     same router type as gguf_export's own conversion of the view)."""
     import gguf_export
 
-    return [sys.executable, "-m", "gguf_convert", "--tree", gguf_export.llama_tree(), "--router-type", "f16", "--",
+    return [sys.executable, "-m", "gguf_convert", "--tree", gguf_export.llama_tree(), "--router-type", "bf16", "--",
             teacher_dir, "--outtype", "bf16", "--outfile", out]
 
 
