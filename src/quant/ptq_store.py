@@ -64,18 +64,7 @@ class Store:
 
     def entries(self, name: str) -> dict[str, tuple[dict, dict]]:
         """Entry key -> (spec, parts) of tensor `name` (one entry, or one per expert slice `name#E`)."""
-        from safetensors import safe_open
-
-        if name not in self.index:
-            raise MetaError(f"tensor {name} is not in the store at {self.dir / STORE_DIR}")
-        f, specs = self.index[name]
-        out = {}
-        with safe_open(str(f), framework="pt", device="cpu") as st:
-            keys = set(st.keys())
-            for key, info in specs.items():
-                parts = {p: st.get_tensor(f"{key}.{p}") for p in (*store_pack.PARTS, "raw") if f"{key}.{p}" in keys}
-                out[key] = (info, parts)
-        return out
+        return read_parts(self, name, (*store_pack.PARTS, "raw"))
 
     def decode(self, name: str):
         """Tensor `name` exactly as the build's dequantized view holds it (codes x scales, one cast)."""
