@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import export_ct
 import ptq_meta
 
 import ptq_store
@@ -106,6 +107,14 @@ def test_fused_experts_and_odd_bits_are_refused(tmp_path, capsys):
                           "2", "--grid", "full", "--emit", "compressed-tensors", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "2-bit codes" in err and ".weight" in err
+
+
+def test_a_k_quant_grid_is_refused_as_two_level():
+    """A gguf:Q4_K tensor is refused for what it is (two-level scales), not for its 256-group."""
+    info = {"grid": "gguf:Q4_K", "shape": [512, 256], "axis": 1, "width": 4, "bits": 4.5, "group": 256}
+    with pytest.raises(export_ct.CtExportError, match=r"model.layers.0.mlp.down_proj.weight: grid gguf:Q4_K .*two-level"):
+        export_ct.check_entry("model.layers.0.mlp.down_proj.weight", info)
+    export_ct.check_entry("model.layers.0.mlp.down_proj.weight", {**info, "grid": "full", "group": 128, "bits": 4})
 
 
 def test_int3_experts_are_written_for_humming(tmp_path):

@@ -28,6 +28,7 @@ import atomic_io
 import ptq_meta
 import ptq_store
 import store_pack
+from quant_spec import K_TYPES, gguf_type
 
 CT_BITS = (3, 4, 8)
 STOCK_VLLM_BITS = (4, 8)
@@ -46,7 +47,12 @@ def scheme_key(info: dict) -> tuple[int, int, bool]:
 def check_entry(name: str, info: dict) -> None:
     """Refuse (naming the tensor) a quantized weight this format cannot hold."""
     why = None
-    if len(info["shape"]) != 2 or not name.endswith(".weight"):
+    k_type = gguf_type(info.get("grid", ""))
+    if k_type in K_TYPES:
+        why = (f"grid gguf:{k_type} is llama.cpp's two-level block (fp16 d x 6-bit sub-scales per 256), which "
+               f"compressed-tensors' one scale per group cannot hold; export it with --emit gguf, or build a "
+               f"full/sym grid at group 32/64/128 for this format")
+    elif len(info["shape"]) != 2 or not name.endswith(".weight"):
         why = f"shape {info['shape']} is not a 2-D Linear weight (fused 3-D experts: split them into per-expert Linears)"
     elif info["axis"] != 1:
         why = "its groups do not run along the input (last) axis"
