@@ -14,11 +14,10 @@ import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-for sub in ("src/quant", "src/eval"):
-    sys.path.insert(0, str(ROOT / sub))
+import bench_paths  # tests/bench/ is on the path of a script run from it
+
+ROOT = bench_paths.use_project_modules()
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 FIX = ROOT / "tests" / "fixtures" / "bench"

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-for sub in ("src/quant", "src/eval", "tests"):
-    sys.path.insert(0, str(ROOT / sub))
+import bench_paths  # tests/bench/ is on the path of a script run from it
+
+ROOT = bench_paths.use_project_modules()
 
 TARGET_PCT = 5.0
 

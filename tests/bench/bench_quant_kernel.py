@@ -12,7 +12,11 @@ import time
 
 import torch
 
-import moe_quant as mq
+import bench_paths  # tests/bench/ is on the path of a script run from it
+
+bench_paths.use_project_modules()
+
+import moe_quant as mq  # noqa: E402
 
 
 def timed(fn, repeat):

@@ -29,11 +29,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-# tests/bench/quant_methods_matrix.py shares its name with src/quant/quant_methods.py: keep tests/bench/ itself off the path
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-for sub in ("src/eval", "src/quant"):
-    sys.path.insert(0, str(ROOT / sub))
+import bench_paths  # tests/bench/ is on the path of a script run from it
+
+ROOT = bench_paths.use_project_modules()
 
 import moe_quant as mq  # noqa: E402
 import quant_methods as qm  # noqa: E402

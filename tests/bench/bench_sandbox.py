@@ -35,8 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "src" / "eval"))
+import bench_paths  # tests/bench/ is on the path of a script run from it
+
+ROOT = bench_paths.use_project_modules()
 
 import bench_grade  # noqa: E402
 import sandbox  # noqa: E402

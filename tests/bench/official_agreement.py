@@ -10,9 +10,9 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-for sub in ("src/quant", "src/eval", "tests"):
-    sys.path.insert(0, str(ROOT / sub))
+import bench_paths  # tests/bench/ is on the path of a script run from it
+
+ROOT = bench_paths.use_project_modules()
 
 import bench_registry  # noqa: E402
 import results_schema  # noqa: E402

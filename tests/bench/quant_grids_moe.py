@@ -28,10 +28,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-for sub in ("src/quant", "src/eval"):
-    sys.path.insert(0, str(ROOT / sub))
-sys.path.append(str(Path(__file__).resolve().parent))  # last: tests/bench/ shadows src/quant names
+import bench_paths  # tests/bench/ is on the path of a script run from it
+
+ROOT = bench_paths.use_project_modules()
 
 import atomic_io  # noqa: E402
 import embedded_model  # noqa: E402

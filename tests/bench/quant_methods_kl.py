@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import torch
 
-import fidelity_math as fm
+import bench_paths  # tests/bench/ is on the path of a script run from it
+
+bench_paths.use_project_modules()
+
+import fidelity_math as fm  # noqa: E402
 
 
 def lp_first_position(ctx: int) -> int:

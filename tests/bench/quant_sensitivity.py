@@ -31,11 +31,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-BENCH = Path(__file__).resolve().parent
-for sub in ("src/quant", "src/eval"):
-    sys.path.insert(0, str(ROOT / sub))
-sys.path.append(str(BENCH))
+import bench_paths  # tests/bench/ is on the path of a script run from it
+
+ROOT = bench_paths.use_project_modules()
+BENCH = bench_paths.BENCH
 
 import atomic_io  # noqa: E402
 import class_alloc  # noqa: E402

@@ -6,7 +6,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import quant_config
+import bench_paths  # tests/bench/ is on the path of a script run from it
+
+bench_paths.use_project_modules()
+
+import quant_config  # noqa: E402
 
 
 def recipe_from_env(path: Path) -> dict:

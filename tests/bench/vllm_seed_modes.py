@@ -15,12 +15,10 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-for sub in ("src/eval", "src/quant"):
-    sys.path.insert(0, str(ROOT / sub))
+import bench_paths  # tests/bench/ is on the path of a script run from it
+
+ROOT = bench_paths.use_project_modules()
 
 import backend_base
 
