@@ -146,16 +146,21 @@ def llama_tree() -> Path:
     return Path(tree)
 
 
-def convert_bf16(model_dir: Path, out: Path) -> None:
-    """The converter's BF16 GGUF of the dequantized view. The router is kept BF16 like every other dense weight:
-    the store's router is BF16, and F16 would round its values below fp16's normal floor (the verifier caught it
-    on the MoE fixture's router)."""
+def converter_cmd(model_dir: Path, out: Path) -> list[str]:
+    """llama.cpp's converter to a BF16 GGUF. The router is kept BF16 like every other dense weight: the store's
+    router is BF16, and F16 would round its values below fp16's normal floor (the verifier caught it on the MoE
+    fixture's router). MTP dropped as pack_gguf's default (Qwen3.5's converter asserts without --no-mtp)."""
     import gguf_source
 
-    tree = llama_tree()  # MTP dropped as pack_gguf's default (Qwen3.5's converter asserts without --no-mtp)
+    tree = llama_tree()
     mtp = gguf_source.converter_flags(model_dir, "drop", gguf_source.converter_supports_mtp(model_dir, tree))
-    cmd = [sys.executable, "-m", "gguf_convert", "--tree", str(tree), "--router-type", "bf16", "--",
-           str(model_dir), "--outtype", "bf16", "--outfile", str(out), *mtp]
+    return [sys.executable, "-m", "gguf_convert", "--tree", str(tree), "--router-type", "bf16", "--",
+            str(model_dir), "--outtype", "bf16", "--outfile", str(out), *mtp]
+
+
+def convert_bf16(model_dir: Path, out: Path) -> None:
+    """The converter's BF16 GGUF of the dequantized view (`converter_cmd`)."""
+    cmd = converter_cmd(model_dir, out)
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise GgufExportError(f"llama.cpp's converter failed on {model_dir}: {res.stderr.strip().splitlines()[-1:]}")
