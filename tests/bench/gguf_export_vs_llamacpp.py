@@ -59,7 +59,8 @@ DOC = ROOT / "docs" / "GGUF.md"
 SCHEMA = "moe-lowbit/gguf-export-vs-llamacpp/v1"
 TYPES = ("Q4_0", "Q4_K_M", "Q3_K_M", "122B_MIX")
 STOCK = {"Q4_0": "q4_0", "Q4_K_M": "q4_k", "Q3_K_M": "q3_k"}
-BITS_OF_TYPE = {"q3_k": 3, "q4_0": 3, "q4_k": 4, "q5_0": 4, "q5_k": 4, "q5_1": 4, "q6_k": 6, "q8_0": 8}
+BITS_OF_TYPE = {"q3_k": 3, "q4_0": 3, "q4_k": 4, "q5_0": 4, "q5_k": 4, "q5_1": 4, "q6_k": 6, "q8_0": 8}  # gguf:K
+BITS_OF_LEGACY = {"q4_0": 4, "q4_1": 4, "q8_0": 8}  # the `full` grid in blocks of 32 (Q4_1 has no grid of ours)
 MIX_122B = {"recipe": "configs/gptq_122b.env on gguf:K", "grid": "gguf:K", "group": 256, "expert_bits": 3.0,
             "linear_bits": 4.0, "role_bits": "embed=8,lm_head=8"}  # gptq_122b.env's bits, on llama.cpp's K types
 IQ3_RECIPE = ROOT / "configs" / "gguf_tensor_types_iq3.txt"
@@ -130,7 +131,8 @@ def pack_theirs(model: Model, work: Path, base: str, calib: Path, prefix: Path, 
 
 def plan_like(model: Model, types: dict, teacher: Path, work: Path, base: str) -> Path:
     """Our bits plan giving every HF tensor llama.cpp's type for it (through gguf-py's tensor-name map; a routed
-    expert's disk tensor through its layer's stacked `*_exps` name)."""
+    expert's disk tensor through its layer's stacked `*_exps` name). Q4_0: bits on the `full` grid (llama.cpp's
+    Q4_0 mix puts a MoE's attn_k/attn_v at Q8_0), else bits on `gguf:K`."""
     import gguf
 
     import gguf_experts
@@ -139,6 +141,7 @@ def plan_like(model: Model, types: dict, teacher: Path, work: Path, base: str) -
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, model.arch), cfg["num_hidden_layers"])
     from safetensors import safe_open
 
+    bits_of = BITS_OF_LEGACY if base == "Q4_0" else BITS_OF_TYPE
     plan = {}
     for f in sorted(teacher.glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
@@ -146,8 +149,8 @@ def plan_like(model: Model, types: dict, teacher: Path, work: Path, base: str) -
                 m = gguf_experts.PER_EXPERT.match(hf)
                 g = names.get_name(f"{m['prefix']}.{m['proj']}.weight" if m else hf, try_suffixes=(".weight", ".bias"))
                 t = types.get(g) if g else None  # get_name keeps the suffix it matched
-                if t and t.lower() in BITS_OF_TYPE and "embed" not in hf:
-                    plan[hf] = BITS_OF_TYPE[t.lower()]
+                if t and t.lower() in bits_of and "embed" not in hf:
+                    plan[hf] = bits_of[t.lower()]
     out = work / f"plan_{base}.json"
     atomic_io.write_text(out, json.dumps({"format": "moe-lowbit/bits-plan/1", "strategy": f"llama.cpp {base} types",
                                           "tensors": plan}, indent=1, sort_keys=True) + "\n")
@@ -159,7 +162,8 @@ def build_ours(model: Model, teacher: Path, work: Path, base: str, plan: Path | 
 
     role_bits = "embed=8" if model.key == "smollm2" else "embed=8,lm_head=8"  # SmolLM2 ties its head to embed
     if base == "Q4_0":
-        opts = {"grid": "full", "group": 32, "linear_bits": 4.0, "expert_bits": 4.0, "role_bits": role_bits}
+        opts = {"grid": "full", "group": 32, "linear_bits": 4.0, "expert_bits": 4.0, "role_bits": role_bits,
+                **({"bits_plan": str(plan)} if plan else {})}
     elif base == "122B_MIX":
         opts = {k: v for k, v in MIX_122B.items() if k != "recipe"}
     else:
@@ -301,7 +305,8 @@ def main(argv=None) -> int:
     for base in types:
         step(f"llama-quantize {base} (imatrix from the calibration text)")
         theirs = pack_theirs(model, work, base, calib, prefix, args.calib_tokens // args.ctx, args.ctx)
-        plan = None if base in ("Q4_0", "122B_MIX") else plan_like(model, theirs["types"], teacher, work, base)
+        plan = None if base == "122B_MIX" or (base, model.key) == ("Q4_0", "smollm2") else \
+            plan_like(model, theirs["types"], teacher, work, base)  # (the SmolLM2 run predates the Q4_0 plan)
         step(f"our gptq codes on {base}'s types")
         ours = build_ours(model, teacher, work, base, plan, args.calib_tokens)
         students[f"ours_{base}"], students[f"theirs_{base}"] = Path(ours["gguf"]), Path(theirs["gguf"])
