@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 import gguf_fixtures as gf
@@ -153,3 +154,21 @@ def test_one_corrupted_code_in_a_fused_expert_is_named(fused_k, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 1, r.stderr
     assert gate_up in r.stderr and "element(s) differ" in r.stderr and "first at [2, 256, 0]" in r.stderr, r.stderr
+
+
+def test_byte_slice_is_slice_leading_without_the_unpack(fused_k):
+    """A [E, R, K] entry's expert i as a byte range of its bitstreams: the same parts as store_pack's unpacking
+    slicer (which is E^2 work over a 256-expert stack), and None where a slice does not fill whole bytes."""
+    import gguf_experts
+    import store_pack
+
+    out, _, gate_up, _ = fused_k
+    (info, parts), = ptq_store.open_store(out).entries(gate_up).values()
+    for i in range(info["shape"][0]):
+        fast_info, fast = gguf_experts.byte_slice(info, parts, i)
+        ref_info, ref = store_pack.slice_leading(info, parts, i)
+        assert fast_info == ref_info and sorted(fast) == sorted(ref)
+        assert all(torch.equal(fast[k], ref[k]) for k in ref), i
+    odd = {**info, "shape": [info["shape"][0], 3, info["shape"][2] // 256 * 256 + 0], "width": 3}
+    assert gguf_experts.byte_slice(odd, {"codes": torch.zeros(4 * 3 * 256 * 3 // 8 + 1, dtype=torch.uint8),
+                                         "scales": parts["scales"]}, 0) is None

@@ -99,7 +99,32 @@ def expert_entry(entries: dict, piece: Piece) -> tuple[dict, dict]:
     if info["kind"] != "quant":
         raw = parts["raw"][piece.lead].contiguous()
         return store_pack.raw_spec(raw), {"raw": raw}
-    return store_pack.slice_leading(info, parts, piece.lead)
+    return byte_slice(info, parts, piece.lead) or store_pack.slice_leading(info, parts, piece.lead)
+
+
+def byte_slice(info: dict, parts: dict, i: int) -> tuple[dict, dict] | None:
+    """store_pack.slice_leading without unpacking: when each slice's codes (zeros, sub-scales) fill whole bytes of
+    the little-endian bitstream, slice i is a byte range of it. slice_leading unpacks the whole [E, R, K] entry per
+    call, i.e. E^2 work for a 122B stack of 256 experts. None when a part is not byte-aligned (or ternary)."""
+    if info["axis"] != len(info["shape"]) - 1 or not info.get("width") or "in_scale" in parts:
+        return None
+    n_exp = info["shape"][0]
+    out = {}
+    for part, t in parts.items():
+        if part in ("codes", "zeros", *store_pack.SUB_PARTS):
+            per, rem = divmod(t.numel(), n_exp)
+            if rem:
+                return None
+            out[part] = t[i * per:(i + 1) * per].contiguous()
+        else:  # scales, dmin: [E, ...] tensors
+            out[part] = t[i].contiguous()
+    rows, k = info["shape"][1], info["shape"][2]
+    counts = {"codes": (rows * k, info["width"]), "zeros": (parts["scales"][0].numel(), info["width"]),
+              **{p: (rows * k // info["sub"], info.get("sub_width", 0)) for p in store_pack.SUB_PARTS if "sub" in info}}
+    for part, t in out.items():
+        if part in counts and counts[part][0] * counts[part][1] != 8 * t.numel():
+            return None
+    return {**info, "shape": info["shape"][1:], "axis": info["axis"] - 1}, out
 
 
 def _match_rows(gguf_rows: torch.Tensor, store_rows: torch.Tensor, row_order) -> list[int] | None:
