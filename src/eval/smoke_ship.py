@@ -158,8 +158,7 @@ def gguf_base_cmd(teacher_dir: Path, out: Path) -> list:
     same router type as gguf_export's own conversion of the view)."""
     import gguf_export
 
-    return [sys.executable, "-m", "gguf_convert", "--tree", gguf_export.llama_tree(), "--router-type", "bf16", "--",
-            teacher_dir, "--outtype", "bf16", "--outfile", out]
+    return gguf_export.converter_cmd(teacher_dir, out)
 
 
 def gguf_fidelity_cmd(base: Path, student: Path, text_file: Path, ctx: int, chunks: int, out: Path) -> list:

@@ -13,9 +13,11 @@ The metadata, the tokenizer, the tensor names, the tensor order and the converte
 llama's q/k rope order) come from llama.cpp's own converter: `gguf_convert` writes a BF16 GGUF of the
 dequantized view, and this module replaces each tensor it can by its blocks, copying everything else
 (GGUF names -> store names by gguf-py's TensorNameMap; rows matched by content, which the converter only
-permutes). A tensor with no exact GGUF type (another grid or group, a row that 32 does not divide, the
-converter's stacked 3-D experts) keeps the converter's BF16/F32: exact too, but dense; each such tensor is
-listed in the record with its reason. i-quants are not written from the store: see docs/GGUF.md.
+permutes). The converter's stacked routed experts (`*_exps`, [E, rows, K]) are written from the store's
+per-expert entries by gguf_experts.py. A tensor with no exact GGUF type (another grid or group, a row that 32
+does not divide, experts of one stack on different types) keeps the converter's BF16/F32: exact too, but dense;
+each such tensor is listed in the record with its reason. i-quants are not written from the store: see
+docs/GGUF.md.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import torch
 import ptq_meta
 
 import gguf_blocks
+import gguf_experts
 import ptq_store
 import store_pack
 
@@ -75,15 +78,15 @@ def pack_blocks(codes: torch.Tensor, scales: torch.Tensor, qtype: str) -> np.nda
 
 
 def pack_entry(parts: dict, info: dict, qtype: str, perm: list[int] | None = None) -> np.ndarray:
-    """A 2-D store entry (rows in `perm` order) -> uint8 [R, row bytes] blocks of `qtype`."""
-    codes = store_pack.unpacked_codes(parts, info)
+    """A 2-D store entry (its rows `perm`, in that order; all when None) -> uint8 [rows, row bytes] of `qtype`."""
     rows = slice(None) if perm is None else perm
+    codes = store_pack.unpacked_codes(parts, info)[rows]  # `perm` may pick a subset (a fused gate_up's half)
     if "sub" not in info:
-        return pack_blocks(codes[rows], parts["scales"][rows], qtype)
+        return pack_blocks(codes, parts["scales"][rows], qtype)
     n_sub = info["group"] // info["sub"]  # sub-blocks per super-block
     sub = store_pack.unpacked_sub(parts, info)[rows].reshape(-1, n_sub)
     mins = store_pack.unpacked_sub(parts, info, "sub_mins")
-    blocks = gguf_blocks.pack_k(qtype, codes[rows].reshape(-1, info["group"]).numpy(),
+    blocks = gguf_blocks.pack_k(qtype, codes.reshape(-1, info["group"]).numpy(),
                                 parts["scales"][rows].numpy().reshape(-1), sub.numpy(),
                                 None if "dmin" not in parts else parts["dmin"][rows].numpy().reshape(-1),
                                 None if mins is None else mins[rows].reshape(sub.shape).numpy())
@@ -109,6 +112,31 @@ def row_order(gguf_rows: torch.Tensor, store_rows: torch.Tensor) -> list[int] | 
     return perm
 
 
+DENSE_NP = {"BF16": np.uint16, "F32": np.float32, "F16": np.float16}
+
+
+def dense_tensor(t, index=None) -> torch.Tensor:
+    """A dense GGUF tensor (or its slice `index` along the leading axis) as torch, in its own dtype; gguf-py
+    gives BF16 data as raw bytes (uint8) or uint16 depending on its version: viewed, never converted."""
+    data = np.array(t.data if index is None else t.data[index])
+    out = torch.from_numpy(np.ascontiguousarray(data.view(DENSE_NP[t.tensor_type.name])))
+    return out.view(torch.bfloat16) if t.tensor_type.name == "BF16" else out
+
+
+def converter_order(t, shape, want: torch.Tensor) -> list[int] | None:
+    """How the converter's dense tensor `t` holds the store's values `want`: [] in order, a 2-D tensor's row
+    permutation (gguf rows[i] == store rows[perm[i]]), or None when the values differ (or `t` is not dense)."""
+    if t.tensor_type.name not in DENSE_NP:
+        return None
+    got = dense_tensor(t)
+    if got.numel() != want.numel():  # e.g. a vocabulary the converter padded
+        return None
+    got = got.reshape(shape)
+    if torch.equal(got.float(), want.float()):
+        return []
+    return row_order(got, want) if len(shape) == 2 else None
+
+
 def llama_tree() -> Path:
     tree = os.environ.get("MOE_LOWBIT_LLAMA_TREE")
     if not tree:
@@ -118,15 +146,30 @@ def llama_tree() -> Path:
     return Path(tree)
 
 
+def converter_cmd(model_dir: Path, out: Path) -> list[str]:
+    """llama.cpp's converter to a BF16 GGUF. The router is kept BF16 like every other dense weight: the store's
+    router is BF16, and F16 would round its values below fp16's normal floor (the verifier caught it on the MoE
+    fixture's router). MTP dropped as pack_gguf's default (Qwen3.5's converter asserts without --no-mtp)."""
+    import gguf_source
+
+    tree = llama_tree()
+    mtp = gguf_source.converter_flags(model_dir, "drop", gguf_source.converter_supports_mtp(model_dir, tree))
+    return [sys.executable, "-m", "gguf_convert", "--tree", str(tree), "--router-type", "bf16", "--",
+            str(model_dir), "--outtype", "bf16", "--outfile", str(out), *mtp]
+
+
 def convert_bf16(model_dir: Path, out: Path) -> None:
-    """The converter's BF16 GGUF of the dequantized view. The router is kept BF16 like every other dense weight:
-    the store's router is BF16, and F16 would round its values below fp16's normal floor (the verifier caught it
-    on the MoE fixture's router)."""
-    cmd = [sys.executable, "-m", "gguf_convert", "--tree", str(llama_tree()), "--router-type", "bf16", "--",
-           str(model_dir), "--outtype", "bf16", "--outfile", str(out)]
+    """The converter's BF16 GGUF of the dequantized view (`converter_cmd`)."""
+    cmd = converter_cmd(model_dir, out)
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise GgufExportError(f"llama.cpp's converter failed on {model_dir}: {res.stderr.strip().splitlines()[-1:]}")
+
+
+def converter_name(hf_name: str) -> str:
+    """The name the converter maps through gguf-py's TensorNameMap: it drops `language_model.` first (a
+    multimodal checkpoint such as Qwen3.5's `model.language_model.layers.N...`; ModelBase.filter_tensors)."""
+    return hf_name.replace("language_model.", "")
 
 
 def _copy_fields(reader, writer) -> None:
@@ -162,32 +205,41 @@ def write(store: ptq_store.Store, meta: ptq_meta.PtqMeta, target: Path) -> list[
         names = gguf.get_tensor_name_map(arch, n_blocks)
         to_store = {}
         for name in store.names():
-            g = names.get_name(name, try_suffixes=(".weight", ".bias"))
+            g = names.get_name(converter_name(name), try_suffixes=(".weight", ".bias"))
             if g is not None:
                 to_store.setdefault(g, name)
+        stacked = gguf_experts.stacked_sources(store, lambda hf: names.get_name(converter_name(hf),
+                                                                                try_suffixes=(".weight",)))
         writer = gguf.GGUFWriter(str(tmp / GGUF_NAME), arch_name)
         _copy_fields(reader, writer)
         record = {}
         for t in reader.tensors:
+            if t.name in stacked:  # the converter's stack of routed experts (gguf_experts.py)
+                blocks, rec = gguf_experts.write_stacked(t, stacked[t.name], store)
+                if blocks is None:
+                    writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+                else:
+                    writer.add_tensor(t.name, blocks, raw_dtype=getattr(gguf.GGMLQuantizationType, rec["type"]))
+                record[t.name] = {"store": None, **rec}
+                continue
             hf = to_store.get(t.name)
-            qtype, why = block_type(next(iter(store.specs(hf).values()))) if hf and hf in store.specs(hf) else \
-                (None, "no one-to-one store tensor (stacked or renamed by the converter)")
-            perm = None
-            if hf and hf in store.specs(hf) and len(store.specs(hf)[hf]["shape"]) == 2 and t.tensor_type.name in ("BF16", "F32"):
-                (info, parts), = store.entries(hf).values()
-                rows = torch.from_numpy(np.array(t.data)).view(torch.bfloat16) if t.tensor_type.name == "BF16" else \
-                    torch.from_numpy(np.array(t.data, dtype=np.float32))
-                perm = row_order(rows.reshape(info["shape"]), store.decode(hf))  # the converter's row order
-                if perm is None and qtype:
-                    qtype, why = None, "rows differ from the store's (the converter changed values)"
+            hf = hf if hf and hf in store.specs(hf) else None  # a store tensor held as one entry
+            qtype, why, perm = None, "no one-to-one store tensor (stacked or renamed by the converter)", None
+            if hf:
+                qtype, why = block_type(store.specs(hf)[hf])
+                perm = converter_order(t, store.specs(hf)[hf]["shape"], store.decode(hf))
+                if perm is None:  # not the store's values: the verifier cannot hold it to the store
+                    hf, qtype, why = None, None, ("values differ from the store's (the converter transforms this "
+                                                  "tensor, e.g. Qwen3.5's norm weight + 1 or a column reorder)")
+            rows = None if not perm or perm == sorted(perm) else perm
             if qtype:
-                blocks = pack_entry(parts, info, qtype, perm)
-                writer.add_tensor(t.name, blocks, raw_dtype=getattr(gguf.GGMLQuantizationType, qtype))
-                record[t.name] = {"store": hf, "type": qtype, "rows": None if perm == sorted(perm) else perm}
+                (info, parts), = store.entries(hf).values()
+                writer.add_tensor(t.name, pack_entry(parts, info, qtype, perm or None),
+                                  raw_dtype=getattr(gguf.GGMLQuantizationType, qtype))
+                record[t.name] = {"store": hf, "type": qtype, "rows": rows}
             else:
                 writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)  # shape from the byte shape
-                record[t.name] = {"store": hf, "type": t.tensor_type.name, "dense_because": why,
-                                  "rows": None if perm is None or perm == sorted(perm) else perm}
+                record[t.name] = {"store": hf, "type": t.tensor_type.name, "dense_because": why, "rows": rows}
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -204,27 +256,35 @@ def write(store: ptq_store.Store, meta: ptq_meta.PtqMeta, target: Path) -> list[
 
 
 def reader(export: Path, store: ptq_store.Store):
-    """name -> the GGUF's tensor for store tensor `name`, dequantized by gguf-py, rows back in store order;
-    None for a store tensor the GGUF does not hold one-to-one (e.g. stacked experts)."""
+    """name -> the GGUF's tensor for store tensor `name`, dequantized by gguf-py, rows back in store order (a
+    routed expert: its slices of the stacked `*_exps` tensors); None for a store tensor the GGUF does not hold."""
     import gguf
 
     path = export / GGUF_NAME if export.is_dir() else export
     record = json.loads((path.parent / MAP_NAME).read_text())
     by_store = {r["store"]: (g, r) for g, r in record.items() if r.get("store")}
+    experts = gguf_experts.pieces_by_store(record)
     tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
 
+    def dequantized(t, rows=None) -> torch.Tensor:
+        data = np.array(t.data if rows is None else t.data[rows])
+        if t.tensor_type.name == "BF16":
+            return torch.from_numpy(data.view(np.uint16).astype(np.int16)).view(torch.bfloat16).float()
+        if t.tensor_type.name == "F32":
+            return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+        return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, t.tensor_type), dtype=np.float32))
+
     def get(name: str):
+        specs = store.specs(name)
+        info = next(iter(specs.values()))
+        if name in experts:  # routed experts: slices of the stacked tensors, back in the store's layout
+            shape = info["shape"] if name in specs else [len(specs), *info["shape"]]
+            out = gguf_experts.assemble(shape, experts[name], lambda g, e: dequantized(tensors[g], e))
+            return out.to(getattr(torch, info["dtype"]))
         if name not in by_store:
             return None
         g, r = by_store[name]
-        t = tensors[g]
-        info = next(iter(store.specs(name).values()))
-        if t.tensor_type.name == "BF16":
-            out = torch.from_numpy(np.array(t.data).view(np.uint16).astype(np.int16)).view(torch.bfloat16).float()
-        else:
-            out = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(np.array(t.data), t.tensor_type),
-                                                        dtype=np.float32))
-        out = out.reshape(info["shape"])
+        out = dequantized(tensors[g]).reshape(info["shape"])
         if r.get("rows") is not None:
             inv = torch.empty(len(r["rows"]), dtype=torch.long)
             inv[torch.tensor(r["rows"])] = torch.arange(len(r["rows"]))
