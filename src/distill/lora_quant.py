@@ -3,7 +3,8 @@
 Why this shape:
 * what is trained is what is shipped. The forward uses the student's own grid as its packed store holds
   it (`opd_grid.student_grid`: the fp16 scales, zero points and code range of every tensor, per-tensor
-  bits of a bits plan included; no scale search is re-run), the same rounding. W is the SOURCE weight for
+  bits of a bits plan included, or a llama.cpp K type's d / sub-scales / sub-mins, `opd_kgrid`; no scale
+  search is re-run), the same rounding. W is the SOURCE weight for
   a round-to-nearest build (clip/rtn: Q_s(source) is the student) and the student's own decoded weight for
   a calibrated one (gptq/wclip: their codes are not the nearest ones, Q_s(student) is the student).
   `merge_adapter.py` applies exactly this function once more and stores the codes, so the merged

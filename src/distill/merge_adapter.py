@@ -3,7 +3,8 @@
 build emitted (the dequantized view, GGUF, compressed-tensors: `export_run.finish`, each verified).
 
 Why this way: the store is the product, so the merge writes codes, not a BF16 file. The rounding is plain
-round-to-nearest onto the stored scales: exactly the training forward's function (lora_quant.FixedGrid), so
+round-to-nearest onto the stored scales: exactly the training forward's function (lora_quant.FixedGrid, or
+opd_kgrid.KFixedGrid on a K type: the same d, sub-scales and sub-mins, new codes), so
 the merged model's logits are the trained ones. W is what training used (opd_grid.base_is_source): the
 source for a clip/rtn student, the student's decoded weight for a calibrated one. Only the codes of the
 adapted tensors change; scales, zero points and every other entry are copied, so the footprint is the

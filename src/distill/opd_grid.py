@@ -1,10 +1,12 @@
-"""The student's grid (fp16 scales, zero points, code range) of every LoRA target, read from its packed store:
-the ONE reader the trainer and the merge share.
+"""The student's fixed grid of every LoRA target, read from its packed store: the ONE reader the trainer and the
+merge share. A flat grid (fp16 scales, zero points, code range per group: sym/full/asym, llama.cpp's legacy blocks
+and the K types' row fallbacks) becomes a lora_quant.FixedGrid; llama.cpp's two-level K types (d, dmin, 6-bit
+sub-scales and sub-mins) an opd_kgrid.KFixedGrid.
 
 Why from the store: the scales a build chose (a clip search, GPTQ's error feedback, a bits plan's per-tensor
 bits) are written there exactly (`_ptq_store/`, store_pack), so nothing is searched again, on any rank, and a
-calibrated or bits-plan student trains on its own grid. Only scales and zero points are read (no codes):
-~1/group of the weights in fp16. Every rank reads every target's grid, because FSDP2 gathers a whole layer
+calibrated or bits-plan student trains on its own grid. Only the grid's parts are read (no codes):
+~1/group of the weights in fp16 (a K type: 2-4 bytes per 256 weights + 6 bits per sub-block). Every rank reads every target's grid, because FSDP2 gathers a whole layer
 before its forward and the fake quantizer runs on the gathered weight; the weights themselves are read
 per rank, rows only (`opd_ckpt.load_shards`).
 
