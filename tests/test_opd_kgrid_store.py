@@ -109,6 +109,19 @@ def test_k_grid_student_trains_and_merges_onto_the_same_grid_with_a_verified_ggu
     p = subprocess.run([sys.executable, "-m", "verify_export", str(tmp_path / "merged"), str(tmp_path / "merged" / "gguf"),
                         "--no-record", "--no-progress"], capture_output=True, text=True, cwd=ROOT / "src" / "quant")
     assert p.returncode == 0 and "OK" in p.stdout + p.stderr, p.stderr[-2000:]
+    # the merged model's logits are the training forward's with the trained adapter
+    root2, _, mods2 = opd_model.build_student(student, None, ROLES, 4, 8.0, 0, torch.float32)
+    ad = load_file(str(run / "adapter.safetensors"))
+    ids = torch.tensor([[1, 200, 3000, 45, 9, 777, 12, 5]])
+    with torch.no_grad():
+        for name, m in mods2.items():
+            m.A.copy_(ad[f"{name}::A"])
+            m.B.copy_(ad[f"{name}::B"])
+        trained = root2.lm(input_ids=ids).logits
+        got = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()(input_ids=ids).logits
+        before = AutoModelForCausalLM.from_pretrained(str(student), dtype=torch.float32).eval()(input_ids=ids).logits
+    assert torch.allclose(trained, got, atol=1e-4) and not torch.allclose(before, got, atol=1e-4)
+    assert "model.layers.0.mlp.experts.gate_up_proj::sub_scales" in ad  # the adapter records the fixed K grid
     # a zero adapter: every code stays the student's
     zero_run = tmp_path / "zero_run"
     shutil.copytree(run, zero_run)
