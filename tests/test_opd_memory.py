@@ -87,3 +87,17 @@ def test_every_bad_value_is_named_in_one_error_before_step_1():
     err = out.stderr.strip().splitlines()[-1]
     for name in ("OPD_LOSS", "OPD_RANK", "OPD_BATCH_SEQS", "OPD_ENGINE_ARG", "OPD_PROMPTS", "OPD_LR"):
         assert name in err, err
+
+
+def test_a_k_grid_students_grid_is_counted_as_kfixedgrid_holds_it():
+    # gguf:K at the 122B: routed experts Q3_K (rows 3072 and 1024: 256 divides both), held as fp32 d per 256
+    # weights + int8 sub-scales per 16 (20 B per super-block), not fp32 scales per sub-block (128 B)
+    recipe = Recipe(expert_bits=3.0, linear_bits=4.0, group=256, grid="gguf:K")
+    inv = opd_memory.inventory_from_config(QWEN35_122B, ("routed_expert",), recipe, 8)
+    assert inv.grid_bytes == sum(inv.target_numels) // 256 * 20
+    flat = Recipe(expert_bits=3.0, linear_bits=4.0, group=128)
+    inv_flat = opd_memory.inventory_from_config(QWEN35_122B, ("routed_expert",), flat, 8)
+    o = opd_memory.Options(world=4)
+    k_gib, flat_gib = (opd_memory.train_peak(i, o)["grid"] for i in (inv, inv_flat))
+    assert k_gib <= flat_gib and 7.0 < k_gib < 9.0, (k_gib, flat_gib)  # the same as g128's fp32 scale + divisor
+    assert k_gib * 6 < sum(inv.target_numels) / 16 * 8 / 2**30  # fp32 S and divisor per sub-block: ~54 GiB

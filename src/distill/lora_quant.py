@@ -3,7 +3,8 @@
 Why this shape:
 * what is trained is what is shipped. The forward uses the student's own grid as its packed store holds
   it (`opd_grid.student_grid`: the fp16 scales, zero points and code range of every tensor, per-tensor
-  bits of a bits plan included; no scale search is re-run), the same rounding. W is the SOURCE weight for
+  bits of a bits plan included, or a llama.cpp K type's d / sub-scales / sub-mins, `opd_kgrid`; no scale
+  search is re-run), the same rounding. W is the SOURCE weight for
   a round-to-nearest build (clip/rtn: Q_s(source) is the student) and the student's own decoded weight for
   a calibrated one (gptq/wclip: their codes are not the nearest ones, Q_s(student) is the student).
   `merge_adapter.py` applies exactly this function once more and stores the codes, so the merged
@@ -135,10 +136,11 @@ class FixedGrid:
     PER_GROUP = ("scale", "safe", "zero", "zero_scale", "lo", "hi")
 
     def __init__(self, scales: torch.Tensor, zeros: torch.Tensor | None, axis: int, spec: moe_quant.QuantSpec,
-                 shape: tuple[int, ...], code_range: tuple | None = None):
+                 shape: tuple[int, ...], code_range: tuple | None = None, group: int | None = None):
         """`code_range`: (lo, hi) as numbers, or as tensors shaped like `scales` when a bits plan gives the
-        slices of one weight (experts of a fused tensor) different bits; default: the spec's range."""
-        self.axis, self.group = axis % len(shape), spec.group
+        slices of one weight (experts of a fused tensor) different bits; default: the spec's range. `group`:
+        the stored group when it is not the spec's (a K type's row fallback: blocks of 32 under gguf:K)."""
+        self.axis, self.group = axis % len(shape), group or spec.group
         self.lo, self.hi = code_range or getattr(spec, "code_range", (-spec.qmax, spec.qmax))
         k = shape[self.axis]
         self.n_full, self.rem = divmod(k, self.group)
@@ -152,6 +154,13 @@ class FixedGrid:
         self.zero = None if zeros is None else zeros.float().reshape(s.shape).contiguous()
         if isinstance(self.lo, torch.Tensor):  # per group, like the scales
             self.lo, self.hi = (t.float().reshape(s.shape).contiguous() for t in (self.lo, self.hi))
+
+    def record(self) -> dict[str, torch.Tensor]:
+        """The fixed grid as stored in the adapter file (fp16 scales, zero points when asymmetric)."""
+        out = {"scales": self.scale.to(torch.float16)}
+        if self.zero is not None:
+            out["zeros"] = self.zero
+        return out
 
     def select(self, e: int) -> "FixedGrid":
         """The grid of expert e of a fused [E, ...] weight (views of this one; axis must not be the expert dim)."""
@@ -257,7 +266,10 @@ class QuantLora(torch.nn.Module):
     """Parametrization: original W -> Q_s(W + scale * B A) with the straight-through estimator."""
 
     def __init__(self, target: Target, scales: torch.Tensor, zeros: torch.Tensor | None, rank: int, alpha: float,
-                 generator=None, store_dtype: torch.dtype = torch.bfloat16, device=None, code_range: tuple | None = None):
+                 generator=None, store_dtype: torch.dtype = torch.bfloat16, device=None, code_range: tuple | None = None,
+                 grid=None):
+        """`grid`: the target's fixed grid as read from the store (opd_grid.target_grid: a FixedGrid or an
+        opd_kgrid.KFixedGrid); default: a FixedGrid from `scales`, `zeros` and the target's spec."""
         super().__init__()
         a_shape, b_shape = lora_shapes(target.shape, rank)
         if device is None:
@@ -266,10 +278,9 @@ class QuantLora(torch.nn.Module):
         else:  # meta: sharded first, filled by init_lora_ on each rank's rows
             self.A = torch.nn.Parameter(torch.empty(a_shape, device=device))
             self.B = torch.nn.Parameter(torch.empty(b_shape, device=device))
-        self.register_buffer("scales", scales, persistent=False)
-        self.register_buffer("zeros", zeros, persistent=False)
         self.axis, self.spec, self.scaling, self.store_dtype = target.axis, target.spec, alpha / rank, store_dtype
-        self.grid = FixedGrid(scales, zeros, target.axis, target.spec, target.shape, code_range)
+        self.grid = grid if grid is not None else FixedGrid(scales, zeros, target.axis, target.spec, target.shape,
+                                                            code_range)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.grid.scale.device != w.device:
@@ -286,19 +297,23 @@ def merged_weight(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: fl
     return grid.quantize_(lora_delta_into(w.float(), A, B, scaling)).to(dtype)
 
 
-def attach(model: torch.nn.Module, targets: list[Target], scales: dict, rank: int, alpha: float,
+def attach(model: torch.nn.Module, targets: list[Target], scales: dict | None, rank: int, alpha: float,
            seed: int = 0, store_dtype: torch.dtype = torch.bfloat16, zeros: dict | None = None,
-           device=None, code_ranges: dict | None = None) -> dict[str, QuantLora]:
+           device=None, code_ranges: dict | None = None, grids: dict | None = None) -> dict[str, QuantLora]:
     """Register a QuantLora on each target parameter (in place); returns name -> module. With device="meta"
-    A and B are left empty (the sharded build fills each rank's rows afterwards). `code_ranges`: name ->
-    (lo, hi) from the store (a bits plan's per-tensor bits); default: each target's spec."""
+    A and B are left empty (the sharded build fills each rank's rows afterwards). `grids`: name -> fixed grid
+    read from the store (opd_grid.student_grid); else `scales`, `zeros` and `code_ranges` (name -> (lo, hi))
+    with each target's spec."""
     gen = torch.Generator().manual_seed(seed)
     mods = {}
     for t in targets:
         owner_name, _, param = t.name.rpartition(".")
         owner = model.get_submodule(owner_name)
-        mod = QuantLora(t, scales[t.name], (zeros or {}).get(t.name), rank, alpha, gen, store_dtype, device,
-                        (code_ranges or {}).get(t.name))
+        if grids is not None:
+            mod = QuantLora(t, None, None, rank, alpha, gen, store_dtype, device, grid=grids[t.name])
+        else:
+            mod = QuantLora(t, scales[t.name], (zeros or {}).get(t.name), rank, alpha, gen, store_dtype, device,
+                            (code_ranges or {}).get(t.name))
         parametrize.register_parametrization(owner, param, mod, unsafe=True)
         mods[t.name] = mod
     return mods

@@ -3,7 +3,8 @@
 build emitted (the dequantized view, GGUF, compressed-tensors: `export_run.finish`, each verified).
 
 Why this way: the store is the product, so the merge writes codes, not a BF16 file. The rounding is plain
-round-to-nearest onto the stored scales: exactly the training forward's function (lora_quant.FixedGrid), so
+round-to-nearest onto the stored scales: exactly the training forward's function (lora_quant.FixedGrid, or
+opd_kgrid.KFixedGrid on a K type: the same d, sub-scales and sub-mins, new codes), so
 the merged model's logits are the trained ones. W is what training used (opd_grid.base_is_source): the
 source for a clip/rtn student, the student's decoded weight for a calibrated one. Only the codes of the
 adapted tensors change; scales, zero points and every other entry are copied, so the footprint is the
@@ -53,20 +54,30 @@ def expert_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, expert: int |
     return torch.matmul(B.float(), A.float()).mul_(scaling)
 
 
-def merged_codes(w: torch.Tensor, delta: torch.Tensor, info: dict, parts: dict) -> torch.Tensor:
-    """Packed codes of Q_s(w + delta) on the entry's stored grid (w, delta: the entry's shape, fp32)."""
+def merged_codes(w: torch.Tensor, delta: torch.Tensor, info: dict, parts: dict, key: str = "") -> torch.Tensor:
+    """Packed codes of Q_s(w + delta) on the entry's stored grid (w, delta: the entry's shape, fp32): the flat
+    grids through lora_quant.FixedGrid, llama.cpp's K types through opd_kgrid (the same d, sub-scales and
+    sub-mins, new codes), each the training forward's own arithmetic."""
     import torch  # here, not at the top: --help must not load it
 
     import lora_quant
     import moe_quant
+    import opd_kgrid
     import store_pack
 
-    zeros = store_pack.unpacked_zeros(parts, info)
-    spec = moe_quant.QuantSpec(bits=info["bits"], group=info["group"])
-    grid = lora_quant.FixedGrid(parts["scales"], None if zeros is None else zeros.float(), info["axis"], spec,
-                                tuple(info["shape"]), (float(info["lo"]), float(info["hi"])))
-    x = grid.codes_(delta.add(w))
-    u = (x.movedim(info["axis"], -1).to(torch.int16) - int(info["lo"])).to(torch.uint8)
+    try:
+        is_k = opd_kgrid.entry_type(info) is not None
+        if is_k:  # K grids hold the contraction axis last
+            x = opd_kgrid.entry_grid(key, info, parts).codes_(delta.add(w).movedim(info["axis"], -1).contiguous())
+    except opd_kgrid.KGridError as e:
+        raise OpdInputError(str(e) if key in str(e) else f"store entry {key}: {e}") from None
+    if not is_k:
+        zeros = store_pack.unpacked_zeros(parts, info)
+        spec = moe_quant.QuantSpec(bits=info["bits"], group=info["group"])
+        grid = lora_quant.FixedGrid(parts["scales"], None if zeros is None else zeros.float(), info["axis"], spec,
+                                    tuple(info["shape"]), (float(info["lo"]), float(info["hi"])))
+        x = grid.codes_(delta.add(w)).movedim(info["axis"], -1)
+    u = (x.to(torch.int16) - int(info["lo"])).to(torch.uint8)
     return torch.from_numpy(store_pack.pack_codes(u.contiguous().numpy(), info["width"]))
 
 
@@ -130,7 +141,7 @@ def merge_store(store, adapter: dict, targets: list, scaling: float, base: BaseR
                 w = base.weight(name, key, info, parts)
                 if tuple(delta.shape) != tuple(w.shape):
                     raise OpdInputError(f"adapter of {slot.name} gives {list(delta.shape)} for {key}, stored {list(w.shape)}")
-                codes = merged_codes(w, delta, info, parts)
+                codes = merged_codes(w, delta, info, parts, key)
                 stats["replaced"] += 1
                 stats["changed"] += int(not torch.equal(codes, parts["codes"]))
                 entries[key] = (info, {**parts, "codes": codes})

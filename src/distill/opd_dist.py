@@ -154,9 +154,8 @@ def write_adapter(out: Path, model, mods: dict, targets, cfg, dist: Dist, meta: 
         prefix = f"lm.{owner}.parametrizations.{param}.0"  # the root is opd_model.StudentLoss
         tensors[f"{t.name}::A"] = msd[f"{prefix}.A"].float().contiguous()
         tensors[f"{t.name}::B"] = msd[f"{prefix}.B"].float().contiguous()
-        tensors[f"{t.name}::scales"] = mods[t.name].scales.contiguous()
-        if mods[t.name].zeros is not None:
-            tensors[f"{t.name}::zeros"] = mods[t.name].zeros.contiguous()
+        for part, v in mods[t.name].grid.record().items():  # fp16 scales (+ zeros; a K grid's d, sub-scales, mins)
+            tensors[f"{t.name}::{part}"] = v.contiguous()
     atomic_io.write_bytes(out / ADAPTER, save(tensors))
     atomic_io.write_json(out / ADAPTER_CONFIG, {
         "format": "moe-lowbit/opd-adapter/1", "student": str(Path(cfg.student).resolve()),

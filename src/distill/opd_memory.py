@@ -5,8 +5,8 @@ device, so the counts are transformers' own, never a hand formula). What it coun
 
 * train (FSDP2): frozen weights / world (or all of them with --replicate-frozen; none with --cpu-offload),
   + the unsharded units in flight (the root unit = embedding, head, norm; two decoder layers: the one
-  computing and the one prefetched), + the grid (fp32 scale and divisor + the fp16 copy per group,
-  replicated: the fake-quant runs on the unsharded weight), + LoRA A/B fp32 with grad and two AdamW
+  computing and the one prefetched), + the grid (fp32 scale and divisor + the fp16 copy per group; a K
+  type's fp32 d + int8 sub-scales, `grid_bytes`; replicated: the fake-quant runs on the unsharded weight), + LoRA A/B fp32 with grad and two AdamW
   moments / world, + activations (one [tokens, hidden] checkpoint per layer with AC, or every layer's
   working set without), + one layer's recompute working set (the largest routed expert's fp32
   W + sBA and its bf16 Q, attention/MLP intermediates), + the chunked loss ([token_chunk, vocab_chunk]
@@ -38,6 +38,7 @@ class Inventory:
     lora_params: int
     largest_expert: int  # numel of the largest single-expert slice of a fused target (0: none)
     moe_tokens_factor: int = 8  # experts per token (top-k): the routed MLP working set
+    grid_bytes: int | None = None  # resident bytes of every target's fixed grid (None: target_groups x 10)
 
 
 @dataclass(frozen=True)
@@ -73,11 +74,27 @@ def inventory(lm, targets, rank: int, group_of=lambda t: t.spec.group) -> Invent
         lora += math.prod(a) + math.prod(b)
     groups = sum(math.prod(t.shape) // t.shape[t.axis] * -(-t.shape[t.axis] // group_of(t)) for t in targets)
     expert = max((math.prod(t.shape[1:]) for t in targets if len(t.shape) == 3), default=0)
+    grid = sum(grid_bytes(t, group_of(t)) for t in targets)
     return Inventory(total=total, root=total - sum(per_layer), largest_layer=max(per_layer, default=0),
                      n_layers=len(layers), hidden=cfg.hidden_size, vocab=cfg.vocab_size,
                      target_numels=tuple(math.prod(t.shape) for t in targets), target_groups=groups,
                      lora_params=lora, largest_expert=expert,
-                     moe_tokens_factor=getattr(cfg, "num_experts_per_tok", 1) or 1)
+                     moe_tokens_factor=getattr(cfg, "num_experts_per_tok", 1) or 1, grid_bytes=grid)
+
+
+def grid_bytes(t, group: int) -> int:
+    """Resident bytes of one target's fixed grid: a flat grid's fp32 scale and divisor + the fp16 copy per group
+    (lora_quant.FixedGrid); a K type's fp32 d (and dmin) per 256 weights + int8 sub-scales (and mins)
+    (opd_kgrid.KFixedGrid, S = d * sc formed per call); a row 256 does not divide: the fallback's blocks of 32."""
+    import math
+
+    kt = getattr(t.spec, "k_type", None)
+    k = t.shape[t.axis]
+    rows = math.prod(t.shape) // k
+    if kt is None or k % 256:
+        g = 32 if kt is not None else group
+        return rows * -(-k // g) * (4 + 4 + 2)
+    return rows * k // 256 * (4 + kt.n_sub) * (2 if kt.has_min else 1)
 
 
 def train_peak(inv: Inventory, o: Options) -> dict:
@@ -86,7 +103,7 @@ def train_peak(inv: Inventory, o: Options) -> dict:
     frozen = inv.total * wb
     parts = {"frozen_weights": 0.0 if o.cpu_offload else (frozen / o.world if o.shard_frozen else frozen)}
     parts["unsharded_units"] = (inv.root + 2 * inv.largest_layer) * wb if o.shard_frozen or o.cpu_offload else 0.0
-    parts["grid"] = inv.target_groups * (4 + 4 + 2)
+    parts["grid"] = inv.target_groups * (4 + 4 + 2) if inv.grid_bytes is None else inv.grid_bytes
     parts["lora_adamw"] = 0.0 if o.cpu_offload else inv.lora_params * 4 * 4 / o.world
     act_layer = o.micro_tokens * inv.hidden * wb
     work = o.micro_tokens * (inv.hidden * 12 + inv.moe_tokens_factor * o.moe_intermediate * 4) * wb \

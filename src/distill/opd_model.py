@@ -166,14 +166,14 @@ def build_student(student: str | Path, source: str | Path | None, roles, rank: i
     named = [(n, tuple(p.shape)) for n, p in lm.named_parameters()]
     targets = lora_quant.choose_targets(named, config, recipe, roles,
                                         stored=opd_grid.stored_quantized(store, [n for n, _ in named]))
-    scales, zeros, ranges = opd_grid.student_grid(store, targets, log)
+    grids = opd_grid.student_grid(store, targets, log)
     from_source = {t.name for t in targets} if opd_grid.base_is_source(meta) else set()
     if from_source and source is None:
         raise opd_data.OpdInputError(f"the student {student} was built with method {recipe.method!r}: W of "
                                      f"Q_s(W + BA) is its BF16 source; pass --source DIR")
     for p in lm.parameters():
         p.requires_grad_(False)
-    mods = lora_quant.attach(lm, targets, scales, rank, alpha, seed, zeros=zeros, device="meta", code_ranges=ranges)
+    mods = lora_quant.attach(lm, targets, None, rank, alpha, seed, device="meta", grids=grids)
     routed = lora_experts.install_routed(lm, targets)
     root = StudentLoss(lm, setup.token_chunk, setup.vocab_chunk)
     shard(root, setup)
