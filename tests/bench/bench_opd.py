@@ -19,8 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT / d) for d in ("src/quant", "src/eval", "src/distill", "tests")]
+from bench_paths import use_project_modules
+
+ROOT = use_project_modules()
 
 import atomic_io  # noqa: E402
 import provenance  # noqa: E402

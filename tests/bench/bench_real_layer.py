@@ -28,7 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from bench_paths import use_project_modules
+
+ROOT = use_project_modules()
 DIMS = dict(hidden_size=3072, num_hidden_layers=1, layer_types=["linear_attention"], num_experts=256,
             num_experts_per_tok=8, moe_intermediate_size=1024, shared_expert_intermediate_size=1024,
             vocab_size=248320, tie_word_embeddings=False, linear_num_key_heads=16, linear_num_value_heads=64,
@@ -171,7 +173,6 @@ def slice_bench(experts: int, rows: int, cols: int, tokens: int, reuse: bool = T
     (what a build with --expert-batch 0 / 1 does per chunk): wall time of each, and bit-identity."""
     import torch
 
-    sys.path[:0] = [str(ROOT / "src" / "quant")]
     import dataclasses
 
     import build_plan

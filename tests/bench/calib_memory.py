@@ -21,7 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from bench_paths import use_project_modules
+
+ROOT = use_project_modules()
 CHILD = r"""
 import json, resource, sys, threading, time
 from pathlib import Path
@@ -66,7 +68,6 @@ def main(argv=None) -> int:
     ap.add_argument("--default-caches", action="store_true",
                     help="stock oneDNN/ideep cache sizes (1024) instead of quant_save's limits")
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(ROOT / "tests"))
     import tiny_models
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(ROOT / "src" / d) for d in ("quant", "eval", "distill"))}

@@ -43,11 +43,9 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-ROOT = Path(__file__).resolve().parents[2]
-BENCH = Path(__file__).resolve().parent
-for sub in ("src/quant", "src/eval"):
-    sys.path.insert(0, str(ROOT / sub))
-sys.path.append(str(BENCH))
+from bench_paths import use_project_modules
+
+ROOT = use_project_modules()
 
 import atomic_io  # noqa: E402
 import cache_paths  # noqa: E402
