@@ -214,10 +214,12 @@ def table(paths: list[str]) -> str:
     """Markdown rows for docs/SIZING.md from the JSON files `run --json` and `slice --json` wrote."""
     lines = ["| what | mode | wall | CPU | peak RSS | calls x batch | bit-identical | load avg (2 cores) |",
              "|---|---|---|---|---|---|---|---|"]
-    for path in paths:
-        rec = json.loads(Path(path).read_text())
+    recs = [json.loads(Path(path).read_text()) for path in paths]
+    builds = [r["shards_sha256"] for rec in recs for r in rec.get("runs", []) if r["rc"] == 0]
+    across = all(b == builds[0] for b in builds) if len(builds) > 1 else "-"  # runs from separate files too
+    for rec in recs:
         if "runs" in rec:
-            same = rec.get("bit_identical", "-")
+            same = across
             for r in rec["runs"]:
                 calls = [f"{k}: {v['calls']} x {sorted(set(v['batch_sizes']))}" for m in (r.get("calls") or {}).values()
                          for k, v in (m or {}).items()]
