@@ -110,28 +110,25 @@ class FakeStore:
         return {k: v[0] for k, v in self.entries[name].items()}
 
 
-def grid_of(entries: dict, target):
+def grid_of(entries: dict, target, monkeypatch):
     store = FakeStore(entries)
     slots = [(key, name, layer_io.Slot(target.name, int(key.split("#")[1]) if "#" in key else None))
              for name, ents in entries.items() for key in ents]
-    orig = opd_grid.ptq_store.read_parts
-    opd_grid.ptq_store.read_parts = lambda st, name, parts: st.entries[name]
-    try:
-        return opd_grid.target_grid(store, target, slots)
-    finally:
-        opd_grid.ptq_store.read_parts = orig
+    monkeypatch.setattr(opd_grid.ptq_store, "read_parts", lambda st, name, parts: st.entries[name])
+    return opd_grid.target_grid(store, target, slots)
 
 
-def test_a_tensor_mixing_k_types_is_held_at_the_finest_sub_block():
+def test_a_tensor_mixing_k_types_is_held_at_the_finest_sub_block(monkeypatch):
     e3, e4 = entry("Q3_K", (8, 512), seed=6), entry("Q4_K", (8, 512), seed=7)
     target = lora_quant.Target("m.experts.w", "routed_expert", (2, 8, 512), 2, QuantSpec(bits=3, group=256, grid="gguf:K"))
-    grid = grid_of({"m.experts.w": {"m.experts.w#0": e3[:2], "m.experts.w#1": e4[:2]}}, target)
+    grid = grid_of({"m.experts.w": {"m.experts.w#0": e3[:2], "m.experts.w#1": e4[:2]}}, target, monkeypatch)
     assert isinstance(grid, opd_kgrid.KFixedGrid) and grid.gran == 16 and isinstance(grid.hi, torch.Tensor)
+    assert grid.hi.shape == (2, 8, 1) and grid.hi[0].unique().tolist() == [3.0] and grid.hi[1].unique().tolist() == [15.0]
     student = torch.stack([store_pack.decode(e[1], e[0], torch.float32) for e in (e3, e4)])
     assert torch.equal(grid.quantize_(student.clone()).view(torch.int32), student.view(torch.int32))
 
 
-def test_planted_wrong_parts_and_mixed_families_are_refused_naming_the_tensor():
+def test_planted_wrong_parts_and_mixed_families_are_refused_naming_the_tensor(monkeypatch):
     info, parts, _ = entry("Q4_K")
     target = lora_quant.Target("m.w", "attention", (6, 512), 1, QuantSpec(bits=4, group=256, grid="gguf:Q4_K"))
     for what, bad_info, bad_parts in [
@@ -141,7 +138,7 @@ def test_planted_wrong_parts_and_mixed_families_are_refused_naming_the_tensor():
             ("says \\{'sub': 16\\}", dict(info, sub=16), parts),
             ("non-finite", info, dict(parts, scales=torch.full_like(parts["scales"], float("inf"))))]:
         with pytest.raises(lora_quant.LoraTargetError, match=f"tensor m.w: store entry m.w: .*{what}"):
-            grid_of({"m.w": {"m.w": (bad_info, bad_parts)}}, target)
+            grid_of({"m.w": {"m.w": (bad_info, bad_parts)}}, target, monkeypatch)
         with pytest.raises(merge_adapter.OpdInputError, match=f"store entry m.w: .*{what}"):
             merge_adapter.merged_codes(torch.zeros(6, 512), torch.zeros(6, 512), bad_info, bad_parts, "m.w")
     flat_spec = QuantSpec(bits=4, group=32, grid="full")
@@ -152,10 +149,10 @@ def test_planted_wrong_parts_and_mixed_families_are_refused_naming_the_tensor():
     e3 = entry("Q3_K", (8, 512), seed=6)
     mixed = lora_quant.Target("m.experts.w", "routed_expert", (2, 8, 512), 2, QuantSpec(bits=3, group=256, grid="gguf:K"))
     with pytest.raises(lora_quant.LoraTargetError, match="tensor m.experts.w: its slices mix llama.cpp K-quant"):
-        grid_of({"m.experts.w": {"m.experts.w#0": e3[:2], "m.experts.w#1": flat}}, mixed)
+        grid_of({"m.experts.w": {"m.experts.w#0": e3[:2], "m.experts.w#1": flat}}, mixed, monkeypatch)
 
 
-def test_a_k_types_row_fallback_keeps_its_own_group_under_the_k_spec():
+def test_a_k_types_row_fallback_keeps_its_own_group_under_the_k_spec(monkeypatch):
     # gguf:K's fallback (Q4_0: full grid, blocks of 32) inside a target whose recipe spec says group 256
     spec = QuantSpec(bits=4, group=32, grid="full", fallback_from="gguf:Q3_K")
     w = weight((8, 576), 9)
@@ -163,7 +160,20 @@ def test_a_k_types_row_fallback_keeps_its_own_group_under_the_k_spec():
     info = store_pack.entry_spec(spec, 1, (8, 576), w.dtype, "gptq")
     parts = store_pack.encode(res, info)
     target = lora_quant.Target("m.w", "routed_expert", (8, 576), 1, QuantSpec(bits=3, group=256, grid="gguf:K"))
-    grid = grid_of({"m.w": {"m.w": (info, parts)}}, target)
+    grid = grid_of({"m.w": {"m.w": (info, parts)}}, target, monkeypatch)
     assert isinstance(grid, lora_quant.FixedGrid) and grid.group == 32
     student = store_pack.decode(parts, info)
     assert torch.equal(grid.quantize_(student.float()).to(torch.bfloat16), student)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_the_memory_model_counts_the_bytes_a_k_grid_holds(qtype):
+    """opd_memory.grid_bytes (the dry run's per-rank grid figure) against the tensors a built KFixedGrid keeps."""
+    import opd_memory
+
+    info, parts, _ = entry(qtype, (6, 512))
+    grid = opd_kgrid.entry_grid("m.w", info, parts)
+    held = sum(t.numel() * t.element_size() for t in (grid.d, grid.sc, grid.dmin, grid.m) if t is not None)
+    target = lora_quant.Target("m.w", "attention", (6, 512), 1, QuantSpec(bits=K_TYPES[qtype].bits, group=256,
+                                                                          grid="gguf:" + qtype))
+    assert opd_memory.grid_bytes(target, 256) == held

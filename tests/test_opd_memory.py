@@ -99,5 +99,5 @@ def test_a_k_grid_students_grid_is_counted_as_kfixedgrid_holds_it():
     inv_flat = opd_memory.inventory_from_config(QWEN35_122B, ("routed_expert",), flat, 8)
     o = opd_memory.Options(world=4)
     k_gib, flat_gib = (opd_memory.train_peak(i, o)["grid"] for i in (inv, inv_flat))
-    assert k_gib <= flat_gib and 7.0 < k_gib < 9.0, (k_gib, flat_gib)  # the same as g128's fp32 scale + divisor
+    assert k_gib <= flat_gib, (k_gib, flat_gib)  # no more than g128's fp32 scale + divisor (test_opd_kgrid: held bytes)
     assert k_gib * 6 < sum(inv.target_numels) / 16 * 8 / 2**30  # fp32 S and divisor per sub-block: ~54 GiB

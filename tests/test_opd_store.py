@@ -1,6 +1,7 @@
 """OPD on calibrated and planned students through the packed store: the grid is read from `_ptq_store/` (no
 scale search), a gptq student trains and merges into a NEW store whose dequantized view and GGUF export verify
-bit for bit, the footprint is unchanged, and a bits-plan student trains on its per-tensor bits.
+bit for bit, the footprint is unchanged, a bits-plan student trains on its per-tensor bits, and an awq student
+trains and merges through its stored input scale.
 
 Fixture: the tiny random qwen3_moe (SmolLM2 tokenizer) with its routers scaled x1000 (random init leaves them
 ~1e-6, fp16-subnormal, which a GGUF F16 router cannot hold exactly), built with gptq on Q4_0's grid (full
@@ -156,8 +157,7 @@ def test_bits_plan_student_trains_on_its_per_tensor_bits(gptq_setup, tmp_path):
     assert lora_quant.recipe_from_meta(json.loads((student / "_ptq_meta.json").read_text())).method == "clip"
 
 
-def test_store_less_and_awq_students_are_refused_in_one_line(gptq_setup, tmp_path):
-    import lora_quant
+def test_a_store_less_student_is_refused_in_one_line(gptq_setup, tmp_path):
     import opd_data
     import opd_grid
 
@@ -171,9 +171,77 @@ def test_store_less_and_awq_students_are_refused_in_one_line(gptq_setup, tmp_pat
     (old / "_ptq_meta.json").write_text(json.dumps(meta))
     with pytest.raises(opd_data.OpdInputError, match="no packed store.*rebuild it"):
         opd_grid.open_student_store(old)
-    awq = dict(meta, recipe=dict(meta["recipe"], method="awq"))
-    with pytest.raises(lora_quant.LoraTargetError, match="'awq'"):
-        lora_quant.recipe_from_meta(awq)
+
+
+@pytest.fixture(scope="module")
+def awq_student(gptq_setup):
+    """An awq build of the same source (its store holds each matrix's per-input-channel scale, `in_scale`)."""
+    import quant_save
+
+    student = gptq_setup["root"] / "awq_student"
+    assert quant_save.main(["--model", str(gptq_setup["source"]), "--out", str(student), "--method", "awq",
+                            "--grid", "full", "--group", "32", "--expert-bits", "4", "--linear-bits", "4",
+                            "--calib-file", str(ROOT / "docs" / "OPD.md"), "--calib-tokens", "1024",
+                            "--calib-ctx", "64", "--no-progress"]) == 0
+    return student
+
+
+def test_awq_student_trains_on_its_stored_input_scale(gptq_setup, awq_student):
+    """Q_s(W) with the stored scales AND the stored input scale is the awq student bit for bit; a fused gate_up
+    keeps one input scale per half (its gate and up were two disk tensors); without the input scale it is not."""
+    import opd_model
+    from transformers import AutoModelForCausalLM
+
+    root, targets, mods = opd_model.build_student(awq_student, None, ("routed_expert", "attention"), 4, 8.0, 0,
+                                                  torch.float32)
+    want = dict(AutoModelForCausalLM.from_pretrained(str(awq_student), dtype=torch.bfloat16).named_parameters())
+    params = dict(root.lm.named_parameters())
+    halves = 0
+    for t in targets:
+        owner, _, attr = t.name.rpartition(".")
+        w = params[f"{owner}.parametrizations.{attr}.original"].detach()
+        grid = mods[t.name].grid
+        assert grid.in_scale is not None, t.name
+        halves += grid.in_scale.shape[-3] == 2
+        assert torch.equal(grid.quantize_(w.float().clone()).to(torch.bfloat16), want[t.name]), t.name
+    assert halves > 0  # the routed experts' fused gate_up
+    t = targets[0]
+    grid = mods[t.name].grid
+    owner, _, attr = t.name.rpartition(".")
+    w = params[f"{owner}.parametrizations.{attr}.original"].detach()
+    grid.in_scale = None  # the same grid without s: no longer the student
+    assert not torch.equal(grid.quantize_(w.float().clone()).to(torch.bfloat16), want[t.name])
+
+
+def test_merged_awq_student_is_the_training_forward(gptq_setup, awq_student, tmp_path):
+    """Train, merge: a new store of the same footprint whose dequantized view verifies, and whose logits are the
+    training forward's with the trained adapter (the merge re-rounds onto Q(x * s) / s exactly as training)."""
+    import merge_adapter
+    import opd_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    run, merged = tmp_path / "run", tmp_path / "merged"
+    train(gptq_setup, awq_student, run)
+    assert "::in_scale" in " ".join(load_file(str(run / "adapter.safetensors")))
+    rec = merge_adapter.merge(run, merged)
+    assert rec["same_footprint"] and rec["tensors"]["changed"] > 0
+    p = subprocess.run([sys.executable, "-m", "verify_export", str(merged), str(merged), "--no-record", "--no-progress"],
+                       capture_output=True, text=True, cwd=ROOT / "src" / "quant")
+    assert p.returncode == 0 and "OK" in p.stdout + p.stderr, p.stderr[-2000:]
+    root, targets, mods = opd_model.build_student(awq_student, None, ("routed_expert", "attention"), 4, 8.0, 0,
+                                                  torch.float32)
+    ad = load_file(str(run / "adapter.safetensors"))
+    ids = torch.tensor([[1, 200, 3000, 45, 9, 777, 12, 5]])
+    with torch.no_grad():
+        for name, m in mods.items():
+            m.A.copy_(ad[f"{name}::A"])
+            m.B.copy_(ad[f"{name}::B"])
+        trained = root.lm(input_ids=ids).logits
+        got = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()(input_ids=ids).logits
+        stu = AutoModelForCausalLM.from_pretrained(str(awq_student), dtype=torch.float32).eval()(input_ids=ids).logits
+    assert torch.allclose(trained, got, atol=1e-4)
+    assert not torch.allclose(stu, got, atol=1e-4)
 
 
 def test_a_recipe_with_role_bits_reads_back():

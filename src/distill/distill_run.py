@@ -97,7 +97,7 @@ class DistillConfig:
     group: int = option(128, "student recipe: group size")
     clip_steps: int = option(8, "student recipe: clip search steps")
     clip_lo: float = option(0.65, "student recipe: lowest clip ratio")
-    method: str = option("clip", "student recipe: rounding method (clip, rtn, gptq, wclip; gptq/wclip calibrate)")
+    method: str = option("clip", "student recipe: rounding method (clip, rtn, gptq, wclip, awq; gptq/wclip/awq calibrate)")
     grid: str = option("sym", "student recipe: code grid (sym, full, asym, gguf:TYPE, gguf:K: llama.cpp's K types by bits)")
     role_bits: str = option("", "student recipe: ROLE=BITS overrides, e.g. embed=8,lm_head=8")
     calib: str = option("pydoc-topics", "student recipe: named calibration text of a calibrated method (offline)")

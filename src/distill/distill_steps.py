@@ -19,7 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 ON_OFF_AUTO = ("auto", "on", "off")
 CHOICES = {"loss": ("reverse_kl", "forward_kl", "jsd"), "offpolicy_loss": ("reverse_kl", "forward_kl", "jsd"),
            "device": ("cpu", "cuda"), "enforce_eager": ON_OFF_AUTO, "score_backend": ("auto", "hf", "vllm"),
-           "shard_frozen": ON_OFF_AUTO, "method": ("clip", "rtn", "gptq", "wclip"), "grid": GRIDS}
+           "shard_frozen": ON_OFF_AUTO, "method": ("clip", "rtn", "gptq", "wclip", "awq"), "grid": GRIDS}
 POSITIVE = ("n", "max_new_tokens", "k", "rank", "batch_seqs", "micro_seqs", "token_budget", "nproc", "group",
             "clip_steps", "calib_tokens", "calib_ctx", "eval_max_new_tokens", "fidelity_ctx", "fidelity_tokens", "step_timeout_s",
             "tensor_parallel_size")

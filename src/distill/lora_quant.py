@@ -3,10 +3,10 @@
 Why this shape:
 * what is trained is what is shipped. The forward uses the student's own grid as its packed store holds
   it (`opd_grid.student_grid`: the fp16 scales, zero points and code range of every tensor, per-tensor
-  bits of a bits plan included, or a llama.cpp K type's d / sub-scales / sub-mins, `opd_kgrid`; no scale
-  search is re-run), the same rounding. W is the SOURCE weight for
+  bits of a bits plan included, AWQ's input scale, or a llama.cpp K type's d / sub-scales / sub-mins,
+  `opd_kgrid`; no scale search is re-run), the same rounding. W is the SOURCE weight for
   a round-to-nearest build (clip/rtn: Q_s(source) is the student) and the student's own decoded weight for
-  a calibrated one (gptq/wclip: their codes are not the nearest ones, Q_s(student) is the student).
+  a calibrated one (gptq/wclip/awq: their codes are not the nearest ones, Q_s(student) is the student).
   `merge_adapter.py` applies exactly this function once more and stores the codes, so the merged
   checkpoint's logits are the training forward's logits;
 * the straight-through estimator: forward value = Q_s(W + BA) exactly, gradient = identity through Q,
@@ -52,16 +52,12 @@ class Target:
 
 
 def recipe_from_meta(meta: dict) -> Recipe:
-    """The student's Recipe from its _ptq_meta.json. Any rounding method and a per-tensor bits plan are
-    accepted (the grid is read from the packed store, `opd_grid`), except AWQ, refused by name."""
+    """The student's Recipe from its _ptq_meta.json. Every rounding method and a per-tensor bits plan are
+    accepted: the grid, AWQ's input scale included, is read from the packed store (`opd_grid`)."""
     try:
-        recipe = ptq_store.recipe_of(meta)
+        return ptq_store.recipe_of(meta)
     except ptq_meta.MetaError as e:
         raise LoraTargetError(f"the student's {e}") from None
-    if getattr(recipe, "method", None) == "awq":
-        raise LoraTargetError("the student was built with method 'awq': its per-input-channel scale (in_scale) is "
-                              "not part of OPD's fixed grid yet; distill a gptq or wclip build of the same source")
-    return recipe
 
 
 def choose_targets(named_shapes, config: dict, recipe: Recipe, roles=DEFAULT_ROLES,
@@ -131,16 +127,29 @@ class FixedGrid:
     without its per-call copies: no movedim/pad/reshape copy (the groups along `axis` are views of the
     tensor), no `torch.where` per element, scales as fp32 once. A zero scale (an all-zero source group)
     gives +0 as in the builder. Why it matters: every forward re-quantizes every adapted expert, and
-    that elementwise pass over all expert weights costs more than the 135M fixture's matmuls."""
+    that elementwise pass over all expert weights costs more than the 135M fixture's matmuls.
 
-    PER_GROUP = ("scale", "safe", "zero", "zero_scale", "lo", "hi")
+    An AWQ student adds its per-input-channel scale s (the store's `in_scale`): Q_s(x) = Q(x * s) / s, the
+    store's decode order (codes * scale in fp32, then / s)."""
+
+    PER_GROUP = ("scale", "safe", "zero", "zero_scale", "lo", "hi", "in_scale")
 
     def __init__(self, scales: torch.Tensor, zeros: torch.Tensor | None, axis: int, spec: moe_quant.QuantSpec,
-                 shape: tuple[int, ...], code_range: tuple | None = None, group: int | None = None):
+                 shape: tuple[int, ...], code_range: tuple | None = None, group: int | None = None,
+                 in_scale: torch.Tensor | None = None):
         """`code_range`: (lo, hi) as numbers, or as tensors shaped like `scales` when a bits plan gives the
         slices of one weight (experts of a fused tensor) different bits; default: the spec's range. `group`:
-        the stored group when it is not the spec's (a K type's row fallback: blocks of 32 under gguf:K)."""
+        the stored group when it is not the spec's (a K type's row fallback: blocks of 32 under gguf:K).
+        `in_scale`: AWQ's input scale as [*lead, P, K] for a [*lead, R, K] weight, one row of scales per P equal
+        row blocks (P = 2: a fused gate_up whose halves were two disk tensors with their own s)."""
         self.axis, self.group = axis % len(shape), group or spec.group
+        self.in_scale = None
+        if in_scale is not None:
+            if self.axis != len(shape) - 1 or len(shape) < 2 or tuple(in_scale.shape[:-2]) != tuple(shape[:-2]) \
+                    or in_scale.shape[-1] != shape[-1] or shape[-2] % in_scale.shape[-2]:
+                raise LoraTargetError(f"an input scale of shape {list(in_scale.shape)} does not fit a weight "
+                                      f"{list(shape)} grouped along axis {self.axis}")
+            self.in_scale = in_scale.float().unsqueeze(-2).contiguous()  # [*lead, P, 1, K]
         self.lo, self.hi = code_range or getattr(spec, "code_range", (-spec.qmax, spec.qmax))
         k = shape[self.axis]
         self.n_full, self.rem = divmod(k, self.group)
@@ -156,11 +165,18 @@ class FixedGrid:
             self.lo, self.hi = (t.float().reshape(s.shape).contiguous() for t in (self.lo, self.hi))
 
     def record(self) -> dict[str, torch.Tensor]:
-        """The fixed grid as stored in the adapter file (fp16 scales, zero points when asymmetric)."""
+        """The fixed grid as stored in the adapter file (fp16 scales, zero points when asymmetric, AWQ's input
+        scale)."""
         out = {"scales": self.scale.to(torch.float16)}
         if self.zero is not None:
             out["zeros"] = self.zero
+        if self.in_scale is not None:
+            out["in_scale"] = self.in_scale.squeeze(-2).to(torch.float16)
         return out
+
+    def _row_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """x [*lead, R, K] as [*lead, P, R / P, K] (a view), to meet the input scale [*lead, P, 1, K]."""
+        return x.unflatten(-2, (self.in_scale.shape[-3], -1))
 
     def select(self, e: int) -> "FixedGrid":
         """The grid of expert e of a fused [E, ...] weight (views of this one; axis must not be the expert dim)."""
@@ -194,7 +210,9 @@ class FixedGrid:
 
     def codes_(self, x: torch.Tensor) -> torch.Tensor:
         """x (fp32, the weight's shape) -> its integer codes on this grid (as floats), in place: the stored
-        `codes` of Q_s(x) (dequant = (code - zero) * scale)."""
+        `codes` of Q_s(x) (dequant = (code - zero) * scale, / in_scale for AWQ)."""
+        if self.in_scale is not None:
+            self._row_blocks(x).mul_(self.in_scale)
         for view, groups in self._views(x):
             lo, hi = self._range(groups)
             view.div_(self.safe[..., groups, None]).round_()
@@ -205,6 +223,8 @@ class FixedGrid:
 
     def quantize_(self, x: torch.Tensor) -> torch.Tensor:
         """x (fp32, the weight's shape) -> Q_s(x), in place; returns x."""
+        if self.in_scale is not None:
+            self._row_blocks(x).mul_(self.in_scale)
         for view, groups in self._views(x):
             lo, hi = self._range(groups)
             view.div_(self.safe[..., groups, None]).round_()
@@ -216,6 +236,8 @@ class FixedGrid:
             view.mul_(self.scale[..., groups, None])
             if self.zero_scale is not None:  # code * 0 can be -0.0; the builder writes +0.0 there
                 view.masked_fill_(self.zero_scale[..., groups, None], 0.0)
+        if self.in_scale is not None:
+            self._row_blocks(x).div_(self.in_scale)
         return x
 
 

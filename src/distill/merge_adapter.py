@@ -74,8 +74,11 @@ def merged_codes(w: torch.Tensor, delta: torch.Tensor, info: dict, parts: dict, 
     if not is_k:
         zeros = store_pack.unpacked_zeros(parts, info)
         spec = moe_quant.QuantSpec(bits=info["bits"], group=info["group"])
+        shape = tuple(info["shape"])
+        in_scale = parts.get("in_scale")  # AWQ: [*lead, K], one row block
         grid = lora_quant.FixedGrid(parts["scales"], None if zeros is None else zeros.float(), info["axis"], spec,
-                                    tuple(info["shape"]), (float(info["lo"]), float(info["hi"])))
+                                    shape, (float(info["lo"]), float(info["hi"])),
+                                    in_scale=None if in_scale is None else in_scale.reshape(*shape[:-2], 1, shape[-1]))
         x = grid.codes_(delta.add(w)).movedim(info["axis"], -1)
     u = (x.to(torch.int16) - int(info["lo"])).to(torch.uint8)
     return torch.from_numpy(store_pack.pack_codes(u.contiguous().numpy(), info["width"]))

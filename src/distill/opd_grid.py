@@ -30,7 +30,7 @@ import ptq_store
 import quant_spec
 import store_pack
 
-GRID_PARTS = ("scales", "zeros", "dmin", "sub_scales", "sub_mins")  # no codes
+GRID_PARTS = ("scales", "zeros", "in_scale", "dmin", "sub_scales", "sub_mins")  # no codes
 REBUILD = ("rebuild it with bash pipelines/quantize.sh (or src/quant/quant_save.py) and the same recipe: "
            "a current build writes the packed store OPD reads the grid from")
 
@@ -114,7 +114,31 @@ def _flat_grid(store: ptq_store.Store, target, slots, read: dict) -> lora_quant.
         raise lora_quant.LoraTargetError(f"tensor {target.name}: some slices have zero points and others not")
     rng = _code_range(lo, hi)
     return lora_quant.FixedGrid(scales.to(torch.float16), zeros, target.axis, target.spec, target.shape, rng,
-                                group=group)
+                                group=group, in_scale=_in_scale(target, slots, read))
+
+
+def _in_scale(target, slots, read: dict) -> torch.Tensor | None:
+    """AWQ's per-input-channel scale of one target as [*lead, P, K] (FixedGrid's layout), or None when no slice
+    has one. P = 2 for a fused gate_up whose gate and up halves were stored as two tensors, each with its own."""
+    has = {key: "in_scale" in read[name][key][1] for key, name, _ in slots}
+    if not any(has.values()):
+        return None
+    if not all(has.values()):
+        missing = next(key for key, h in has.items() if not h)
+        raise lora_quant.LoraTargetError(f"tensor {target.name}: some slices have an AWQ input scale and {missing} "
+                                         f"has none; one fake quantizer needs it everywhere or nowhere")
+    p = 2 if any(slot.part is not None for _, _, slot in slots) else 1
+    full = torch.full((*target.shape[:-2], p, target.shape[-1]), math.nan)
+    for key, name, slot in slots:
+        value = read[name][key][1]["in_scale"].float()
+        view = layer_io.slot_view(full, slot)
+        if value.numel() != view.numel():
+            raise lora_quant.LoraTargetError(f"{key}: stored input scale {list(value.shape)} does not fit its slot "
+                                             f"{list(view.shape)} in {slot.name}")
+        view.copy_(value.reshape(view.shape))
+    if torch.isnan(full).any():
+        raise lora_quant.LoraTargetError(f"tensor {target.name}: the store's entries cover only part of its input scale")
+    return full
 
 
 def _code_range(lo: torch.Tensor, hi: torch.Tensor) -> tuple:
@@ -135,7 +159,7 @@ def _k_grid(target, slots, read: dict, types: dict) -> opd_kgrid.KFixedGrid:
     dmin = torch.zeros_like(d) if has_min else None
     sc = torch.zeros((*lead, n_gran), dtype=torch.int16)
     m = torch.zeros_like(sc) if has_min else None
-    lo, hi = (torch.full((*lead, n_gran), math.nan) for _ in range(2))
+    lo, hi = (torch.full((*lead, 1), math.nan) for _ in range(2))  # per row: one K type per slice
     for key, name, slot in slots:
         info, parts = read[name][key]
         try:

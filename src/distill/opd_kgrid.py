@@ -88,7 +88,8 @@ class KFixedGrid:
     def __init__(self, d: torch.Tensor, sc: torch.Tensor, dmin: torch.Tensor | None, m: torch.Tensor | None,
                  gran: int, code_range: tuple):
         """d, dmin: fp32 [*lead, n_super]; sc, m: integer [*lead, n_super * QK_K / gran]; code_range: (lo, hi)
-        numbers or tensors shaped like sc (slices of several K types)."""
+        numbers, or per-row tensors [*lead, 1] when slices (experts) of one weight have different K types: one
+        value per row, not per sub-block (fp32 per 16 weights would be 0.5 B per weight on every rank)."""
         if sc.shape[-1] * gran != d.shape[-1] * QK_K or sc.shape[:-1] != d.shape[:-1]:
             raise KGridError(f"sub-scales {list(sc.shape)} at {gran} weights do not fit super-blocks {list(d.shape)}")
         self.gran = gran
@@ -98,7 +99,7 @@ class KFixedGrid:
         self.m = None if m is None else m.to(torch.int8).contiguous()
         self.lo, self.hi = code_range
         if isinstance(self.lo, torch.Tensor):
-            self.lo, self.hi = (t.float().reshape(sc.shape).contiguous() for t in (self.lo, self.hi))
+            self.lo, self.hi = (t.float().reshape(*sc.shape[:-1], 1).contiguous() for t in (self.lo, self.hi))
 
     @property
     def scale(self) -> torch.Tensor:  # the tensor callers check the device of (lora_experts, QuantLora)
