@@ -70,6 +70,37 @@ def test_one_corrupted_block_is_named(q4_0, tmp_path):
         r.stderr
 
 
+def test_a_converter_value_that_is_not_the_stores_stops_the_export(q4_0, tmp_path):
+    """The converter reads the dequantized view; one changed element of a norm (which llama's converter copies
+    as is) makes the GGUF differ from the store: the export refuses, naming both tensors, and leaves nothing."""
+    import shutil
+
+    import gguf_export
+    from safetensors.torch import load_file, save_file
+
+    out, _ = q4_0
+    copy = tmp_path / "q4_0"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("gguf"))
+    name = "model.norm.weight"
+    shard = next(f for f in copy.glob("*.safetensors") if name in load_file(str(f)))
+    tensors = load_file(str(shard))
+    tensors[name] = tensors[name].clone()
+    tensors[name][0] += 1
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(gguf_export.GgufExportError, match=r"output_norm.*model\.norm\.weight.*not be the measured model"):
+        gguf_export.write(ptq_store.open_store(copy), ptq_meta.read_meta(copy), copy / "gguf")
+    assert not (copy / "gguf").exists() and not (copy / "gguf.partial").exists()
+
+
+def test_only_known_converter_transforms_may_differ_from_the_store():
+    import gguf_export
+
+    assert gguf_export.converter_transformed("qwen35moe", "blk.3.attn_norm.weight")
+    assert gguf_export.converter_transformed("qwen35", "blk.0.ssm_out.weight")
+    assert not gguf_export.converter_transformed("qwen35moe", "blk.0.ffn_down_exps.weight")
+    assert not gguf_export.converter_transformed("llama", "blk.3.attn_norm.weight")
+
+
 def test_a_grid_without_a_gguf_type_stays_dense_with_its_reason(smollm2_dir, tmp_path):
     out = tmp_path / "int3"
     meta = quant_save.build({"model": str(smollm2_dir), "out": str(out), "progress": False, "linear_bits": 3.0,

@@ -169,6 +169,11 @@ def test_byte_slice_is_slice_leading_without_the_unpack(fused_k):
         ref_info, ref = store_pack.slice_leading(info, parts, i)
         assert fast_info == ref_info and sorted(fast) == sorted(ref)
         assert all(torch.equal(fast[k], ref[k]) for k in ref), i
-    odd = {**info, "shape": [info["shape"][0], 3, info["shape"][2] // 256 * 256 + 0], "width": 3}
-    assert gguf_experts.byte_slice(odd, {"codes": torch.zeros(4 * 3 * 256 * 3 // 8 + 1, dtype=torch.uint8),
-                                         "scales": parts["scales"]}, 0) is None
+    # 2 experts of 1 x 5 three-bit codes: 15 bits each, 30 in all = 4 bytes, an even split that is still not a
+    # byte range per expert (expert 1 starts at bit 15): only the bit count can tell
+    odd = {**info, "shape": [2, 1, 5], "width": 3}
+    assert gguf_experts.byte_slice(odd, {"codes": torch.zeros(4, dtype=torch.uint8),
+                                         "scales": torch.ones(2, 1, 1, dtype=torch.float16)}, 0) is None
+    aligned = {**info, "shape": [2, 1, 8], "width": 3}  # 24 bits each: whole bytes
+    assert gguf_experts.byte_slice(aligned, {"codes": torch.zeros(6, dtype=torch.uint8),
+                                             "scales": torch.ones(2, 1, 1, dtype=torch.float16)}, 1) is not None

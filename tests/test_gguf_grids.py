@@ -8,7 +8,7 @@ import torch
 
 import build_plan
 import gguf_blocks
-import gguf_export
+import gguf_tensors
 import moe_quant
 import quant_methods as qm
 import store_pack
@@ -34,7 +34,7 @@ def weight(rows: int, k: int, seed: int = 0, dtype=torch.bfloat16) -> torch.Tens
 
 
 def gguf_py_dequant(parts: dict, info: dict, qtype: str) -> np.ndarray:
-    blocks = gguf_export.pack_entry(parts, info, qtype)
+    blocks = gguf_tensors.pack_entry(parts, info, qtype)
     assert blocks.shape[1] == info["shape"][1] // 256 * gguf_blocks.TYPE_SIZE[qtype]
     return gguf.quants.dequantize(blocks, getattr(gguf.GGMLQuantizationType, qtype))
 
@@ -148,7 +148,7 @@ def test_rows_no_k_block_divides_fall_back_or_are_refused():
     with pytest.raises(BuildError, match="tensor odd.weight: rows of 100 weights fit neither Q4_K"):
         build_plan.gguf_row_fallback("odd.weight", 100, spec_of("Q4_K"))
     info = store_pack.entry_spec(fb, 1, (4, 576), torch.bfloat16, "clip")
-    assert info["fallback_from"] == "gguf:Q4_K" and gguf_export.block_type(info) == ("Q5_0", "")
+    assert info["fallback_from"] == "gguf:Q4_K" and gguf_tensors.block_type(info) == ("Q5_0", "")
 
 
 def test_q5_0_blocks_equal_gguf_py():
@@ -157,6 +157,6 @@ def test_q5_0_blocks_equal_gguf_py():
     res = moe_quant.quantize_tensor(w, spec, axis=1)
     info = store_pack.entry_spec(spec, 1, tuple(w.shape), w.dtype, "clip")
     parts = store_pack.encode(res, info)
-    ref = gguf.quants.dequantize(gguf_export.pack_entry(parts, info, "Q5_0"), gguf.GGMLQuantizationType.Q5_0)
+    ref = gguf.quants.dequantize(gguf_tensors.pack_entry(parts, info, "Q5_0"), gguf.GGMLQuantizationType.Q5_0)
     ours = (res.dequant + 0.0).view(torch.int16)  # + 0.0: the verifier's rule, +0 == -0
     assert torch.equal((torch.from_numpy(ref.reshape(5, 96)).to(w.dtype) + 0.0).view(torch.int16), ours)

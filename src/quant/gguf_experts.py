@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import store_pack
+from gguf_tensors import DENSE_NP, GgufExportError, block_type, dense_tensor, pack_entry, row_order
 
 PER_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<idx>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)"
                         r"\.weight$")
@@ -106,7 +107,7 @@ def byte_slice(info: dict, parts: dict, i: int) -> tuple[dict, dict] | None:
     """store_pack.slice_leading without unpacking: when each slice's codes (zeros, sub-scales) fill whole bytes of
     the little-endian bitstream, slice i is a byte range of it. slice_leading unpacks the whole [E, R, K] entry per
     call, i.e. E^2 work for a 122B stack of 256 experts. None when a part is not byte-aligned (or ternary)."""
-    if info["axis"] != len(info["shape"]) - 1 or not info.get("width") or "in_scale" in parts:
+    if info["axis"] != len(info["shape"]) - 1 or not info.get("width"):
         return None
     n_exp = info["shape"][0]
     out = {}
@@ -116,7 +117,9 @@ def byte_slice(info: dict, parts: dict, i: int) -> tuple[dict, dict] | None:
             if rem:
                 return None
             out[part] = t[i * per:(i + 1) * per].contiguous()
-        else:  # scales, dmin: [E, ...] tensors
+        elif part == "in_scale" and t.ndim == 1:  # one AWQ input scale shared by every expert
+            out[part] = t.contiguous()
+        else:  # scales, dmin, in_scale: [E, ...] tensors
             out[part] = t[i].contiguous()
     rows, k = info["shape"][1], info["shape"][2]
     counts = {"codes": (rows * k, info["width"]), "zeros": (parts["scales"][0].numel(), info["width"]),
@@ -127,8 +130,8 @@ def byte_slice(info: dict, parts: dict, i: int) -> tuple[dict, dict] | None:
     return {**info, "shape": info["shape"][1:], "axis": info["axis"] - 1}, out
 
 
-def _match_rows(gguf_rows: torch.Tensor, store_rows: torch.Tensor, row_order) -> list[int] | None:
-    """None-or-perm like gguf_export.row_order, the identity returned as [] (the common case: one compare)."""
+def _match_rows(gguf_rows: torch.Tensor, store_rows: torch.Tensor) -> list[int] | None:
+    """None-or-perm like gguf_tensors.row_order, the identity returned as [] (the common case: one compare)."""
     if torch.equal(gguf_rows.float(), store_rows.float()):
         return []
     return row_order(gguf_rows, store_rows)
@@ -137,14 +140,13 @@ def _match_rows(gguf_rows: torch.Tensor, store_rows: torch.Tensor, row_order) ->
 def write_stacked(t, pieces: list[Piece], store) -> tuple[np.ndarray | None, dict]:
     """(uint8 blocks [E, R, row bytes] or None, record) for GGUF tensor `t` (the converter's BF16/F32 stack).
     None: keep the converter's tensor; the record then says why in `dense_because`. The record's `experts` lists
-    each expert's store source (only when the slices match the store, so the verifier can check them)."""
-    from gguf_export import block_type, dense_tensor, pack_entry, row_order  # the 2-D path's helpers
-
+    each expert's store source, so the verifier checks every slice; a stack whose slices are not the store's
+    stops the export (GgufExportError), since nothing could verify it."""
     n_exp = len(pieces)
     data = np.asarray(t.data)
-    if t.tensor_type.name not in ("BF16", "F32") or data.ndim != 3 or data.shape[0] != n_exp:
-        return None, {"type": t.tensor_type.name, "dense_because": f"stacked tensor of shape {list(data.shape)} "
-                      f"({t.tensor_type.name}) does not hold the store's {n_exp} experts as BF16/F32 slices"}
+    if t.tensor_type.name not in DENSE_NP or data.ndim != 3 or data.shape[0] != n_exp:
+        raise GgufExportError(f"GGUF tensor {t.name}: the converter's stack of shape {list(data.shape)} "
+                              f"({t.tensor_type.name}) does not hold the store's {n_exp} experts as dense slices")
     by_store = defaultdict(list)
     for e, p in enumerate(pieces):
         by_store[p.store].append(e)
@@ -157,10 +159,10 @@ def write_stacked(t, pieces: list[Piece], store) -> tuple[np.ndarray | None, dic
             info, parts = expert_entry(entries, p)
             want = store_pack.decode(parts, info)[p.r0:p.r1]
             got = dense_tensor(t, e)  # one expert's slice at a time (a 122B stack is 1.5 GB of BF16)
-            perm = _match_rows(got, want, row_order) if tuple(want.shape) == tuple(got.shape) else None
-            if perm is None:
-                return None, {"type": t.tensor_type.name, "dense_because": f"expert {e} ({name} rows {p.r0}:{p.r1}) "
-                              "differs from the converter's slice (another expert or row order than the store's)"}
+            perm = _match_rows(got, want) if tuple(want.shape) == tuple(got.shape) else None
+            if perm is None:  # the verifier could not hold this stack to the store: stop, never ship it unchecked
+                raise GgufExportError(f"GGUF tensor {t.name}: expert {e} ({name} rows {p.r0}:{p.r1}) differs from "
+                                      "the converter's slice (another expert, row order or values than the store's)")
             chosen[e] = (info, parts, perm)
     for e, p in enumerate(pieces):
         refs.append({"store": p.store, "lead": p.lead, "row_range": [p.r0, p.r1], "rows": chosen[e][2] or None})

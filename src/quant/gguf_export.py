@@ -33,108 +33,28 @@ import torch
 
 import ptq_meta
 
-import gguf_blocks
 import gguf_experts
 import ptq_store
-import store_pack
+from gguf_tensors import DENSE_NP, GgufExportError, block_type, converter_order, dense_tensor, pack_entry
 
-BLOCK = 32
 GGUF_NAME = "model.gguf"
 MAP_NAME = "model.gguf.map.json"
 
 
-class GgufExportError(ValueError):
-    pass
+# GGUF tensors that llama.cpp's converter writes as a function of the checkpoint's values, per architecture
+# (Qwen3.5 / Qwen3-Next: RMSNorm weights + 1, ssm_a = -exp(A_log), ssm_conv1d reshaped with its V channels
+# reordered, ssm_out's columns reordered by V head). Only these may differ from the store: they are kept dense and
+# recorded as unverifiable; any other difference stops the export (the file would not be the measured model).
+_QWEN35_TRANSFORMED = ("attn_norm", "post_attention_norm", "attn_q_norm", "attn_k_norm", "ssm_norm", "output_norm",
+                       "ssm_a", "ssm_conv1d", "ssm_out")
+CONVERTER_TRANSFORMED = {"qwen35": _QWEN35_TRANSFORMED, "qwen35moe": _QWEN35_TRANSFORMED,
+                         "qwen3next": _QWEN35_TRANSFORMED}
 
 
-LEGACY_BY_WIDTH = {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}
-
-
-def block_type(info: dict) -> tuple[str | None, str]:
-    """(GGUF type, '') for an entry whose grid is a GGUF block type exactly, else (None, why not)."""
-    if info["kind"] != "quant":
-        return None, "kept by the recipe"
-    if info["method"] == "awq":
-        return None, "awq's per-input-channel scale has no slot in a GGUF block"
-    if len(info["shape"]) != 2 or info["axis"] != 1:
-        return None, "not a 2-D weight grouped along its rows"
-    if "sub" in info:  # a gguf:Q*_K grid: the entry is that type's blocks exactly
-        qtype = info["grid"].split(":", 1)[1]
-        if info["shape"][1] % gguf_blocks.BLOCK_SIZE[qtype]:
-            return None, f"row of {info['shape'][1]} is not a multiple of the {qtype} block"
-        return qtype, ""
-    if info["grid"] not in ("full", "sym") or info["group"] != BLOCK or info["width"] not in LEGACY_BY_WIDTH:
-        return None, (f"grid {info['grid']} {info['bits']:g}-bit group {info['group']} is no GGUF block type (Q4_0/"
-                      f"Q5_0/Q8_0 are grid full/sym, 4/5/8 bits, group 32; gguf:Q3_K/Q4_K/Q6_K are their own grids)")
-    if info["shape"][1] % BLOCK:
-        return None, f"row of {info['shape'][1]} is not a multiple of the block {BLOCK}"
-    return LEGACY_BY_WIDTH[info["width"]], ""
-
-
-def pack_blocks(codes: torch.Tensor, scales: torch.Tensor, qtype: str) -> np.ndarray:
-    """codes int [R, K], fp16 scales [R, K/32] -> uint8 [R, K/32 * block bytes] in llama.cpp's block layout."""
-    q = codes.reshape(-1, BLOCK).numpy()
-    return gguf_blocks.pack_legacy(q, scales.to(torch.float16).numpy().reshape(-1), qtype).reshape(codes.shape[0], -1)
-
-
-def pack_entry(parts: dict, info: dict, qtype: str, perm: list[int] | None = None) -> np.ndarray:
-    """A 2-D store entry (its rows `perm`, in that order; all when None) -> uint8 [rows, row bytes] of `qtype`."""
-    rows = slice(None) if perm is None else perm
-    codes = store_pack.unpacked_codes(parts, info)[rows]  # `perm` may pick a subset (a fused gate_up's half)
-    if "sub" not in info:
-        return pack_blocks(codes, parts["scales"][rows], qtype)
-    n_sub = info["group"] // info["sub"]  # sub-blocks per super-block
-    sub = store_pack.unpacked_sub(parts, info)[rows].reshape(-1, n_sub)
-    mins = store_pack.unpacked_sub(parts, info, "sub_mins")
-    blocks = gguf_blocks.pack_k(qtype, codes.reshape(-1, info["group"]).numpy(),
-                                parts["scales"][rows].numpy().reshape(-1), sub.numpy(),
-                                None if "dmin" not in parts else parts["dmin"][rows].numpy().reshape(-1),
-                                None if mins is None else mins[rows].reshape(sub.shape).numpy())
-    return blocks.reshape(codes.shape[0], -1)
-
-
-def _row_keys(t: torch.Tensor) -> list[bytes]:
-    f = (t.float() + 0.0).contiguous().numpy()  # + 0.0: -0 and +0 are the same row value
-    return [row.tobytes() for row in f]
-
-
-def row_order(gguf_rows: torch.Tensor, store_rows: torch.Tensor) -> list[int] | None:
-    """perm with gguf_rows[i] == store_rows[perm[i]], or None when some row has no match."""
-    where: dict[bytes, list[int]] = {}
-    for i, key in enumerate(_row_keys(store_rows)):
-        where.setdefault(key, []).append(i)
-    perm = []
-    for key in _row_keys(gguf_rows):
-        hits = where.get(key)
-        if not hits:
-            return None
-        perm.append(hits.pop() if len(hits) > 1 else hits[0])
-    return perm
-
-
-DENSE_NP = {"BF16": np.uint16, "F32": np.float32, "F16": np.float16}
-
-
-def dense_tensor(t, index=None) -> torch.Tensor:
-    """A dense GGUF tensor (or its slice `index` along the leading axis) as torch, in its own dtype; gguf-py
-    gives BF16 data as raw bytes (uint8) or uint16 depending on its version: viewed, never converted."""
-    data = np.array(t.data if index is None else t.data[index])
-    out = torch.from_numpy(np.ascontiguousarray(data.view(DENSE_NP[t.tensor_type.name])))
-    return out.view(torch.bfloat16) if t.tensor_type.name == "BF16" else out
-
-
-def converter_order(t, shape, want: torch.Tensor) -> list[int] | None:
-    """How the converter's dense tensor `t` holds the store's values `want`: [] in order, a 2-D tensor's row
-    permutation (gguf rows[i] == store rows[perm[i]]), or None when the values differ (or `t` is not dense)."""
-    if t.tensor_type.name not in DENSE_NP:
-        return None
-    got = dense_tensor(t)
-    if got.numel() != want.numel():  # e.g. a vocabulary the converter padded
-        return None
-    got = got.reshape(shape)
-    if torch.equal(got.float(), want.float()):
-        return []
-    return row_order(got, want) if len(shape) == 2 else None
+def converter_transformed(arch_name: str, gguf_name: str) -> bool:
+    """Whether the converter writes GGUF tensor `gguf_name` of `arch_name` transformed (CONVERTER_TRANSFORMED)."""
+    base = gguf_name.rsplit(".", 1)[0] if gguf_name.endswith((".weight", ".bias")) else gguf_name
+    return base.rsplit(".", 1)[-1] in CONVERTER_TRANSFORMED.get(arch_name, ())
 
 
 def llama_tree() -> Path:
@@ -227,10 +147,18 @@ def write(store: ptq_store.Store, meta: ptq_meta.PtqMeta, target: Path) -> list[
             qtype, why, perm = None, "no one-to-one store tensor (stacked or renamed by the converter)", None
             if hf:
                 qtype, why = block_type(store.specs(hf)[hf])
-                perm = converter_order(t, store.specs(hf)[hf]["shape"], store.decode(hf))
-                if perm is None:  # not the store's values: the verifier cannot hold it to the store
-                    hf, qtype, why = None, None, ("values differ from the store's (the converter transforms this "
-                                                  "tensor, e.g. Qwen3.5's norm weight + 1 or a column reorder)")
+                shape = store.specs(hf)[hf]["shape"]
+                perm = converter_order(t, shape, store.decode(hf))
+                if perm is None and t.tensor_type.name in DENSE_NP and np.prod(t.shape) != np.prod(shape):
+                    hf, qtype, why = None, None, (f"the converter changed its shape ({list(map(int, t.shape))} "
+                                                  f"against the store's {shape}, e.g. a padded vocabulary)")
+                elif perm is None and not converter_transformed(arch_name, t.name):
+                    raise GgufExportError(f"GGUF tensor {t.name} (store tensor {hf}): llama.cpp's converter wrote "
+                                          f"values that differ from the store's, and {arch_name}'s converter is not "
+                                          f"known to transform it; the file would not be the measured model")
+                elif perm is None:  # a known converter transform: the verifier cannot hold it to the store
+                    hf, qtype, why = None, None, (f"the converter transforms this tensor on {arch_name} (e.g. norm "
+                                                  "weight + 1, a column reorder): not the store's values")
             rows = None if not perm or perm == sorted(perm) else perm
             if qtype:
                 (info, parts), = store.entries(hf).values()
@@ -267,11 +195,9 @@ def reader(export: Path, store: ptq_store.Store):
     tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
 
     def dequantized(t, rows=None) -> torch.Tensor:
+        if t.tensor_type.name in DENSE_NP:
+            return dense_tensor(t, rows).float()
         data = np.array(t.data if rows is None else t.data[rows])
-        if t.tensor_type.name == "BF16":
-            return torch.from_numpy(data.view(np.uint16).astype(np.int16)).view(torch.bfloat16).float()
-        if t.tensor_type.name == "F32":
-            return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
         return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, t.tensor_type), dtype=np.float32))
 
     def get(name: str):
