@@ -426,8 +426,9 @@ def test_smoke_pipeline_reduced_end_to_end(tmp_path, smollm2_dir):
 @pytest.mark.vllm
 def test_smoke_moe_pipeline_reduced_end_to_end(tmp_path, smollm2_dir):
     results = tmp_path / "results"
+    # 4 fidelity windows of 64: the MoE smoke scores its GGUF too, and llama-perplexity needs >= 100 scored tokens
     res = run_pipeline(SMOKE_MOE_SH, {"SMOKE_FALLBACK_MODEL": "tiny:qwen3_moe",  # the plumbing fixture
-                                      "SMOKE_N": "2", "SMOKE_MAX_NEW_TOKENS": "8", "SMOKE_FIDELITY_TOKENS": "126",
+                                      "SMOKE_N": "2", "SMOKE_MAX_NEW_TOKENS": "8", "SMOKE_FIDELITY_TOKENS": "256",
                                       "SMOKE_FIDELITY_CTX": "64", "SMOKE_RESULTS_DIR": str(results),
                                       "SMOKE_WORK_DIR": str(tmp_path / "work"), "CALIB_TOKENS": "2048",
                                       # the plumbing run: the export / comparison rows are the dense test's
