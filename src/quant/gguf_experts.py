@@ -13,7 +13,8 @@ Where the experts come from in the store:
 GGUF blocks run along the contraction axis (the last one), so each expert's rows are independent and the
 stacked tensor's blocks are its experts' blocks in order. Expert order and row order are not assumed: each
 expert's slice of the converter's BF16 tensor must equal the store's decoded rows (in order, or matched row by
-row by content, as the 2-D path does), else the tensor keeps the converter's BF16 with the reason recorded.
+row by content, as the 2-D path does), else the export stops naming the tensor and the expert (nothing could
+verify such a stack against the store).
 One stacked tensor has one GGUF type, so when its experts' store grids give different block types (a bits plan
 giving experts different bits) or one has none, the whole tensor keeps the converter's BF16 (exact, dense) and
 the record names the types: re-rounding an expert onto another grid would ship weights nobody measured.
