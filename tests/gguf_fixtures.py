@@ -52,6 +52,30 @@ def llama_cpp_prefix() -> Path:
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
+def llama_perplexity_runs(model: Path, tmp: Path) -> subprocess.CompletedProcess:
+    """llama-perplexity over a little prose with GGUF `model` (2 chunks of 128): proof llama.cpp loads and runs it."""
+    text = tmp / "t.txt"
+    text.write_text(CALIB_PROSE * 4)
+    ppl = llama_cpp_prefix() / "bin" / "llama-perplexity"
+    return subprocess.run([str(ppl), "-m", str(model), "-f", str(text), "-c", "128", "--chunks", "2", "-t", "2"],
+                          capture_output=True, text=True, timeout=300)
+
+
+def corrupt_copy(export_dir: Path, dst: Path, tensor: str, offset: int, edit) -> Path:
+    """A copy of a GGUF export directory in `dst` whose byte `offset` of tensor `tensor`'s data is `edit(byte)`."""
+    import gguf
+
+    dst.mkdir()
+    for f in export_dir.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    t = next(t for t in gguf.GGUFReader(str(dst / "model.gguf")).tensors if t.name == tensor)
+    raw = bytearray((dst / "model.gguf").read_bytes())
+    pos = int(t.data_offset) + offset
+    raw[pos] = edit(raw[pos])
+    (dst / "model.gguf").write_bytes(bytes(raw))
+    return dst
+
+
 def calibration_file(path: Path, repeats: int = 6) -> Path:
     """Plain text for llama-imatrix: the prose above, repeated with numbered paragraphs (~3k tokens)."""
     path.write_text("\n\n".join(f"Section {i + 1}.\n{CALIB_PROSE}" for i in range(repeats)), encoding="utf-8")

@@ -43,28 +43,15 @@ def test_q4_0_grid_is_written_as_our_blocks_and_verified(q4_0):
 
 def test_llama_cpp_runs_the_export(q4_0, tmp_path):
     out, _ = q4_0
-    text = tmp_path / "t.txt"
-    text.write_text(gf.CALIB_PROSE * 4)
-    ppl = gf.llama_cpp_prefix() / "bin" / "llama-perplexity"
-    r = subprocess.run([str(ppl), "-m", str(out / "gguf" / "model.gguf"), "-f", str(text), "-c", "128", "--chunks", "2",
-                        "-t", "2"], capture_output=True, text=True, timeout=300)
+    r = gf.llama_perplexity_runs(out / "gguf" / "model.gguf", tmp_path)
     assert r.returncode == 0 and "Final estimate: PPL" in r.stdout + r.stderr, (r.stdout + r.stderr)[-2000:]
 
 
 def test_one_corrupted_block_is_named(q4_0, tmp_path):
-    import gguf
-
     out, _ = q4_0
-    copy = tmp_path / "gguf"
-    copy.mkdir()
-    for f in (out / "gguf").iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
-    reader = gguf.GGUFReader(str(copy / "model.gguf"))
-    t = next(t for t in reader.tensors if t.name == "blk.2.ffn_down.weight")
-    raw = bytearray((copy / "model.gguf").read_bytes())
-    pos = int(t.data_offset) + 2  # first block, first nibble byte: weight 0 of row 0
-    raw[pos] = (raw[pos] & 0xF0) | ((raw[pos] + 1) & 0x0F)
-    (copy / "model.gguf").write_bytes(bytes(raw))
+    # first block, first nibble byte: weight 0 of row 0
+    copy = gf.corrupt_copy(out / "gguf", tmp_path / "gguf", "blk.2.ffn_down.weight", 2,
+                           lambda b: (b & 0xF0) | ((b + 1) & 0x0F))
     r = subprocess.run([sys.executable, str(VERIFY), str(out), str(copy), "--no-progress"], capture_output=True, text=True)
     assert r.returncode == 1 and "model.layers.2.mlp.down_proj.weight" in r.stderr and "1 element(s) differ" in r.stderr, \
         r.stderr

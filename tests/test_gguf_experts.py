@@ -69,33 +69,15 @@ def test_a_stack_whose_experts_differ_in_type_stays_bf16_with_the_types_named(mo
 
 def test_llama_cpp_runs_the_moe_export(moe_q4_0, tmp_path):
     out, _ = moe_q4_0
-    text = tmp_path / "t.txt"
-    text.write_text(gf.CALIB_PROSE * 4)
-    ppl = gf.llama_cpp_prefix() / "bin" / "llama-perplexity"
-    r = subprocess.run([str(ppl), "-m", str(out / "gguf" / "model.gguf"), "-f", str(text), "-c", "128", "--chunks", "2",
-                        "-t", "2"], capture_output=True, text=True, timeout=300)
+    r = gf.llama_perplexity_runs(out / "gguf" / "model.gguf", tmp_path)
     assert r.returncode == 0 and "Final estimate: PPL" in r.stdout + r.stderr, (r.stdout + r.stderr)[-2000:]
-
-
-def _corrupt_copy(out: Path, dst: Path, tensor: str, offset: int, edit) -> Path:
-    import gguf
-
-    dst.mkdir()
-    for f in (out / "gguf").iterdir():
-        (dst / f.name).write_bytes(f.read_bytes())
-    t = next(t for t in gguf.GGUFReader(str(dst / "model.gguf")).tensors if t.name == tensor)
-    raw = bytearray((dst / "model.gguf").read_bytes())
-    pos = int(t.data_offset) + offset
-    raw[pos] = edit(raw[pos])
-    (dst / "model.gguf").write_bytes(bytes(raw))
-    return dst
 
 
 def test_one_corrupted_element_of_one_expert_is_named(moe_q4_0, tmp_path):
     out, _ = moe_q4_0
     row_bytes = 128 // 32 * 18  # ffn_down: K = 128, Q4_0 blocks of 32 weights in 18 bytes
     # expert 5, row 0, first block, byte 2: the nibble of weight 0
-    copy = _corrupt_copy(out, tmp_path / "gguf", "blk.7.ffn_down_exps.weight", 5 * 576 * row_bytes + 2,
+    copy = gf.corrupt_copy(out / "gguf", tmp_path / "gguf", "blk.7.ffn_down_exps.weight", 5 * 576 * row_bytes + 2,
                          lambda b: (b & 0xF0) | ((b + 1) & 0x0F))
     r = subprocess.run([sys.executable, str(VERIFY), str(out), str(copy), "--no-progress", "--no-record"],
                        capture_output=True, text=True)
@@ -148,7 +130,7 @@ def test_one_corrupted_code_in_a_fused_expert_is_named(fused_k, tmp_path):
     out, _, gate_up, _ = fused_k
     row_bytes = 110  # Q3_K: one 256-block per row (K = 256)
     # up half, expert 2, row 0: qs byte 0 holds the low two bits of weight 0 (Q3_K: hmask[32], then qs[64])
-    copy = _corrupt_copy(out, tmp_path / "gguf", "blk.0.ffn_up_exps.weight", 2 * 256 * row_bytes + 32,
+    copy = gf.corrupt_copy(out / "gguf", tmp_path / "gguf", "blk.0.ffn_up_exps.weight", 2 * 256 * row_bytes + 32,
                          lambda b: b ^ 0x01)
     r = subprocess.run([sys.executable, str(VERIFY), str(out), str(copy), "--no-progress", "--no-record"],
                        capture_output=True, text=True)

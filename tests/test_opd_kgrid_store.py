@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from test_opd_store import assert_fixed_grids_give_the_student, scored_student, trained_and_merged_logits
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 DIMS = dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=160, num_experts=4, num_experts_per_tok=2,
@@ -38,20 +40,10 @@ def tiny_k_moe(tokenizer_dir: Path, out: Path, seed: int) -> Path:
 
 @pytest.fixture(scope="module")
 def kgrid_setup(smollm2_dir, tmp_path_factory):
-    import opd_score
-    import quant_save
-    from test_opd_train import write_rollouts
-
     root = tmp_path_factory.mktemp("opd_kgrid")
     source, teacher = tiny_k_moe(smollm2_dir, root / "source", 0), tiny_k_moe(smollm2_dir, root / "teacher", 1)
-    student = root / "student"
-    assert quant_save.main(["--model", str(source), "--out", str(student), "--method", "gptq", "--grid", "gguf:K",
-                            "--group", "256", "--expert-bits", "3", "--linear-bits", "4", "--calib-file",
-                            str(ROOT / "docs" / "OPD.md"), "--calib-tokens", "1024", "--calib-ctx", "64",
-                            "--emit", "dequant,gguf", "--no-progress"]) == 0
-    write_rollouts(root / "rollouts.jsonl", 8, seed=0)
-    opd_score.score(opd_score.ScoreConfig(teacher=str(teacher), rollouts=(str(root / "rollouts.jsonl"),),
-                                          out=str(root / "scores"), student=str(student), k=8))
+    student = scored_student(root, source, teacher, ["--method", "gptq", "--grid", "gguf:K", "--group", "256",
+                                                     "--expert-bits", "3", "--linear-bits", "4", "--emit", "dequant,gguf"])
     return {"root": root, "student": student, "scores": root / "scores"}
 
 
@@ -62,29 +54,17 @@ def test_k_grid_student_trains_and_merges_onto_the_same_grid_with_a_verified_ggu
     import merge_adapter
     import opd_grid
     import opd_kgrid
-    import opd_model
     import opd_train_fsdp
     import ptq_meta
     from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForCausalLM
 
     student = kgrid_setup["student"]
     store = opd_grid.open_student_store(student)
     grids = {i["grid"] for n in store.names() for i in store.specs(n).values() if i["kind"] == "quant"}
     assert {"gguf:Q3_K", "gguf:Q4_K", "full"} <= grids  # K types and the fallback's legacy blocks
     # Q(W) on the grid read from the store is the student, bit for bit, on every target
-    root, targets, mods = opd_model.build_student(student, None, ROLES, 4, 8.0, 0, torch.float32)
-    want = dict(AutoModelForCausalLM.from_pretrained(str(student), dtype=torch.bfloat16).named_parameters())
-    params = dict(root.lm.named_parameters())
-    kinds = set()
-    for t in targets:
-        owner, _, attr = t.name.rpartition(".")
-        w = params[f"{owner}.parametrizations.{attr}.original"].detach()
-        grid = mods[t.name].grid
-        kinds.add(type(grid).__name__)
-        assert torch.equal(grid.quantize_(w.float().clone()).to(torch.bfloat16).view(torch.int16),
-                           want[t.name].view(torch.int16)), t.name
-    assert kinds == {"KFixedGrid", "FixedGrid"}
+    _, targets, mods = assert_fixed_grids_give_the_student(student, ROLES)
+    assert {type(mods[t.name].grid).__name__ for t in targets} == {"KFixedGrid", "FixedGrid"}
     assert isinstance(mods["model.layers.0.mlp.experts.gate_up_proj"].grid, opd_kgrid.KFixedGrid)
 
     run = tmp_path / "run"
@@ -110,16 +90,8 @@ def test_k_grid_student_trains_and_merges_onto_the_same_grid_with_a_verified_ggu
                         "--no-record", "--no-progress"], capture_output=True, text=True, cwd=ROOT / "src" / "quant")
     assert p.returncode == 0 and "OK" in p.stdout + p.stderr, p.stderr[-2000:]
     # the merged model's logits are the training forward's with the trained adapter
-    root2, _, mods2 = opd_model.build_student(student, None, ROLES, 4, 8.0, 0, torch.float32)
+    trained, got, before = trained_and_merged_logits(student, run, tmp_path / "merged", ROLES)
     ad = load_file(str(run / "adapter.safetensors"))
-    ids = torch.tensor([[1, 200, 3000, 45, 9, 777, 12, 5]])
-    with torch.no_grad():
-        for name, m in mods2.items():
-            m.A.copy_(ad[f"{name}::A"])
-            m.B.copy_(ad[f"{name}::B"])
-        trained = root2.lm(input_ids=ids).logits
-        got = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()(input_ids=ids).logits
-        before = AutoModelForCausalLM.from_pretrained(str(student), dtype=torch.float32).eval()(input_ids=ids).logits
     assert torch.allclose(trained, got, atol=1e-4) and not torch.allclose(before, got, atol=1e-4)
     assert "model.layers.0.mlp.experts.gate_up_proj::sub_scales" in ad  # the adapter records the fixed K grid
     # a zero adapter: every code stays the student's

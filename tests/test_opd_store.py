@@ -33,24 +33,69 @@ def scaled_router_source(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.fixture(scope="module")
-def gptq_setup(smollm2_dir, tmp_path_factory):
+IDS = torch.tensor([[1, 200, 3000, 45, 9, 777, 12, 5]])
+
+
+def scored_student(root: Path, source: Path, teacher: Path, build_args: list[str]) -> Path:
+    """root/student built from `source` by quant_save `build_args` (calibrated on docs/OPD.md), and root/scores:
+    `teacher`'s top-k over 8 random rollouts (the trainer's input)."""
     import opd_score
     import quant_save
-    import smoke_models
     from test_opd_train import write_rollouts
+
+    student = root / "student"
+    assert quant_save.main(["--model", str(source), "--out", str(student), *build_args, "--calib-file",
+                            str(ROOT / "docs" / "OPD.md"), "--calib-tokens", "1024", "--calib-ctx", "64",
+                            "--no-progress"]) == 0
+    write_rollouts(root / "rollouts.jsonl", 8, seed=0)
+    opd_score.score(opd_score.ScoreConfig(teacher=str(teacher), rollouts=(str(root / "rollouts.jsonl"),),
+                                          out=str(root / "scores"), student=str(student), k=8))
+    return student
+
+
+def assert_fixed_grids_give_the_student(student: Path, roles, dtype=torch.bfloat16):
+    """Q(W) on each target's grid read from the store is the student's weight, bit for bit (W: the training base);
+    returns (root, targets, mods) of the built student."""
+    import opd_model
+    from transformers import AutoModelForCausalLM
+
+    root, targets, mods = opd_model.build_student(student, None, roles, 4, 8.0, 0, torch.float32)
+    want = dict(AutoModelForCausalLM.from_pretrained(str(student), dtype=dtype).named_parameters())
+    params = dict(root.lm.named_parameters())
+    for t in targets:
+        owner, _, attr = t.name.rpartition(".")
+        w = params[f"{owner}.parametrizations.{attr}.original"].detach()
+        got = mods[t.name].grid.quantize_(w.float().clone()).to(dtype)
+        assert torch.equal(got.view(torch.int16), want[t.name].view(torch.int16)), t.name
+    return root, targets, mods
+
+
+def trained_and_merged_logits(student: Path, run: Path, merged: Path, roles):
+    """(the training forward with run's adapter, the merged checkpoint, the student) logits on IDS, fp32."""
+    import opd_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    root, _, mods = opd_model.build_student(student, None, roles, 4, 8.0, 0, torch.float32)
+    ad = load_file(str(run / "adapter.safetensors"))
+    with torch.no_grad():
+        for name, m in mods.items():
+            m.A.copy_(ad[f"{name}::A"])
+            m.B.copy_(ad[f"{name}::B"])
+        return tuple(m(input_ids=IDS).logits for m in (
+            root.lm, AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval(),
+            AutoModelForCausalLM.from_pretrained(str(student), dtype=torch.float32).eval()))
+
+
+@pytest.fixture(scope="module")
+def gptq_setup(smollm2_dir, tmp_path_factory):
+    import smoke_models
 
     root = tmp_path_factory.mktemp("opd_store")
     source = scaled_router_source(smoke_models.tiny_moe_dir(smollm2_dir, seed=0, log=lambda m: None), root / "source")
     teacher = smoke_models.tiny_moe_dir(smollm2_dir, seed=1, log=lambda m: None)
-    student = root / "student"
-    assert quant_save.main(["--model", str(source), "--out", str(student), "--method", "gptq", "--grid", "full",
-                            "--group", "32", "--expert-bits", "4", "--linear-bits", "4", "--calib-file",
-                            str(ROOT / "docs" / "OPD.md"), "--calib-tokens", "1024", "--calib-ctx", "64",
-                            "--emit", "dequant,gguf", "--no-progress"]) == 0
-    write_rollouts(root / "rollouts.jsonl", 8, seed=0)
-    opd_score.score(opd_score.ScoreConfig(teacher=str(teacher), rollouts=(str(root / "rollouts.jsonl"),),
-                                          out=str(root / "scores"), student=str(student), k=8))
+    student = scored_student(root, source, teacher, ["--method", "gptq", "--grid", "full", "--group", "32",
+                                                     "--expert-bits", "4", "--linear-bits", "4", "--emit", "dequant,gguf"])
     return {"root": root, "source": source, "student": student, "scores": root / "scores"}
 
 
@@ -64,26 +109,18 @@ def train(s, student, out, steps="3"):
 
 def test_gptq_student_grid_comes_from_the_store_without_a_scale_search(gptq_setup, monkeypatch):
     import moe_quant
-    import opd_model
     from transformers import AutoModelForCausalLM
 
     def no_search(*a, **k):
         raise AssertionError("a scale search ran")
 
     monkeypatch.setattr(moe_quant, "quantize_tensor", no_search)
-    root, targets, mods = opd_model.build_student(gptq_setup["student"], None, ("routed_expert", "attention"), 4, 8.0,
-                                                  0, torch.float32)
-    student = AutoModelForCausalLM.from_pretrained(str(gptq_setup["student"]), dtype=torch.bfloat16)
-    want = dict(student.named_parameters())
-    params = dict(root.lm.named_parameters())
-    for t in targets:  # W = the student's decoded weight, and Q_s(W) on the stored grid is the student, bit for bit
-        owner, _, attr = t.name.rpartition(".")
-        w = params[f"{owner}.parametrizations.{attr}.original"].detach()
-        assert torch.equal(mods[t.name].grid.quantize_(w.float().clone()).to(torch.bfloat16), want[t.name]), t.name
-    ids = torch.tensor([[1, 200, 3000, 45, 9, 777, 12, 5]])
+    # W = the student's decoded weight, and Q_s(W) on the stored grid is the student, bit for bit
+    root, _, _ = assert_fixed_grids_give_the_student(gptq_setup["student"], ("routed_expert", "attention"))
+    student = AutoModelForCausalLM.from_pretrained(str(gptq_setup["student"]), dtype=torch.float32)
     with torch.no_grad():
-        a = root.lm(input_ids=ids).logits
-        b = student.float()(input_ids=ids).logits
+        a = root.lm(input_ids=IDS).logits
+        b = student(input_ids=IDS).logits
     assert torch.allclose(a, b, atol=1e-4)
 
 
@@ -106,21 +143,7 @@ def test_merged_gptq_student_is_a_new_store_that_verifies_and_exports_to_gguf(gp
                             "--no-progress"], capture_output=True, text=True, cwd=ROOT / "src" / "quant")
         assert p.returncode == 0 and "OK" in p.stdout + p.stderr, p.stderr[-2000:]
     # the merged model's logits are the training forward's with the trained adapter
-    import opd_model
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
-    root, targets, mods = opd_model.build_student(gptq_setup["student"], None, ("routed_expert", "attention"), 4, 8.0,
-                                                  0, torch.float32)
-    ad = load_file(str(run / "adapter.safetensors"))
-    with torch.no_grad():
-        for name, m in mods.items():
-            m.A.copy_(ad[f"{name}::A"])
-            m.B.copy_(ad[f"{name}::B"])
-        ids = torch.tensor([[1, 200, 3000, 45, 9, 777, 12, 5]])
-        trained = root.lm(input_ids=ids).logits
-        got = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()(input_ids=ids).logits
-        stu = AutoModelForCausalLM.from_pretrained(str(gptq_setup["student"]), dtype=torch.float32).eval()(input_ids=ids).logits
+    trained, got, stu = trained_and_merged_logits(gptq_setup["student"], run, merged, ("routed_expert", "attention"))
     assert torch.allclose(trained, got, atol=1e-4)
     assert not torch.allclose(stu, got, atol=1e-4)
 
@@ -189,26 +212,16 @@ def awq_student(gptq_setup):
 def test_awq_student_trains_on_its_stored_input_scale(gptq_setup, awq_student):
     """Q_s(W) with the stored scales AND the stored input scale is the awq student bit for bit; a fused gate_up
     keeps one input scale per half (its gate and up were two disk tensors); without the input scale it is not."""
-    import opd_model
     from transformers import AutoModelForCausalLM
 
-    root, targets, mods = opd_model.build_student(awq_student, None, ("routed_expert", "attention"), 4, 8.0, 0,
-                                                  torch.float32)
-    want = dict(AutoModelForCausalLM.from_pretrained(str(awq_student), dtype=torch.bfloat16).named_parameters())
-    params = dict(root.lm.named_parameters())
-    halves = 0
-    for t in targets:
-        owner, _, attr = t.name.rpartition(".")
-        w = params[f"{owner}.parametrizations.{attr}.original"].detach()
-        grid = mods[t.name].grid
-        assert grid.in_scale is not None, t.name
-        halves += grid.in_scale.shape[-3] == 2
-        assert torch.equal(grid.quantize_(w.float().clone()).to(torch.bfloat16), want[t.name]), t.name
-    assert halves > 0  # the routed experts' fused gate_up
+    root, targets, mods = assert_fixed_grids_give_the_student(awq_student, ("routed_expert", "attention"))
+    assert all(mods[t.name].grid.in_scale is not None for t in targets)
+    assert any(mods[t.name].grid.in_scale.shape[-3] == 2 for t in targets)  # the routed experts' fused gate_up
     t = targets[0]
     grid = mods[t.name].grid
     owner, _, attr = t.name.rpartition(".")
-    w = params[f"{owner}.parametrizations.{attr}.original"].detach()
+    w = dict(root.lm.named_parameters())[f"{owner}.parametrizations.{attr}.original"].detach()
+    want = dict(AutoModelForCausalLM.from_pretrained(str(awq_student), dtype=torch.bfloat16).named_parameters())
     grid.in_scale = None  # the same grid without s: no longer the student
     assert not torch.equal(grid.quantize_(w.float().clone()).to(torch.bfloat16), want[t.name])
 
@@ -217,9 +230,7 @@ def test_merged_awq_student_is_the_training_forward(gptq_setup, awq_student, tmp
     """Train, merge: a new store of the same footprint whose dequantized view verifies, and whose logits are the
     training forward's with the trained adapter (the merge re-rounds onto Q(x * s) / s exactly as training)."""
     import merge_adapter
-    import opd_model
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
     run, merged = tmp_path / "run", tmp_path / "merged"
     train(gptq_setup, awq_student, run)
@@ -229,17 +240,7 @@ def test_merged_awq_student_is_the_training_forward(gptq_setup, awq_student, tmp
     p = subprocess.run([sys.executable, "-m", "verify_export", str(merged), str(merged), "--no-record", "--no-progress"],
                        capture_output=True, text=True, cwd=ROOT / "src" / "quant")
     assert p.returncode == 0 and "OK" in p.stdout + p.stderr, p.stderr[-2000:]
-    root, targets, mods = opd_model.build_student(awq_student, None, ("routed_expert", "attention"), 4, 8.0, 0,
-                                                  torch.float32)
-    ad = load_file(str(run / "adapter.safetensors"))
-    ids = torch.tensor([[1, 200, 3000, 45, 9, 777, 12, 5]])
-    with torch.no_grad():
-        for name, m in mods.items():
-            m.A.copy_(ad[f"{name}::A"])
-            m.B.copy_(ad[f"{name}::B"])
-        trained = root.lm(input_ids=ids).logits
-        got = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()(input_ids=ids).logits
-        stu = AutoModelForCausalLM.from_pretrained(str(awq_student), dtype=torch.float32).eval()(input_ids=ids).logits
+    trained, got, stu = trained_and_merged_logits(awq_student, run, merged, ("routed_expert", "attention"))
     assert torch.allclose(trained, got, atol=1e-4)
     assert not torch.allclose(stu, got, atol=1e-4)
 
